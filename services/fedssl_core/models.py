@@ -1,0 +1,164 @@
+"""The fedssl model: a torchvision ResNet encoder with task heads.
+
+`FedSSLModel` is what a hospital trains. Its state-dict keys are grouped by prefix
+(`names.PARAM_GROUPS`): the `encoder` is shared by every hospital, the heads are
+task-specific. Serving builds a smaller module with only the groups it needs
+(`build_inference_model`), with the same key names, so a state dict saved from
+`FedSSLModel` filtered to those groups loads into it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from . import names
+from .errors import ConfigError
+
+_BACKBONES = {
+    names.ARCH_RESNET18: (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    names.ARCH_RESNET50: (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+}
+
+
+def build_encoder(arch: str = names.ARCH_RESNET18, pretrained: bool = False) -> tuple[nn.Module, int]:
+    """A torchvision ResNet with its `fc` dropped, and the width of its features.
+
+    `pretrained=True` downloads ImageNet weights through torchvision: only where the
+    cluster has internet.
+    """
+    if arch not in _BACKBONES:
+        raise ConfigError(f"unknown architecture {arch!r}; expected one of {', '.join(names.ARCHITECTURES)}")
+    factory, weights = _BACKBONES[arch]
+    backbone = factory(weights=weights if pretrained else None)
+    feature_dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    return backbone, feature_dim
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR projection head: Linear → BN → ReLU → Linear (Chen et al. 2020)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int = 512, output_dim: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, output_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class FedSSLModel(nn.Module):
+    """Encoder + SimCLR projection head + rotation head (4 classes) + classifier."""
+
+    def __init__(
+        self,
+        arch: str = names.ARCH_RESNET18,
+        num_classes: int = len(names.HAM10000_CLASSES),
+        projection_dim: int = 128,
+        projection_hidden_dim: int = 512,
+        pretrained: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+        self.arch = arch
+        self.num_classes = num_classes
+        self.encoder, self.feature_dim = build_encoder(arch, pretrained)
+        self.projection_head = ProjectionHead(self.feature_dim, projection_hidden_dim, projection_dim)
+        self.rotation_head = nn.Linear(self.feature_dim, 4)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (the diagnosis model)."""
+        return self.classifier(self.encoder(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class EncoderModel(nn.Module):
+    """Serving module for an `embedding` model: image → encoder features."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        self.encoder, self.feature_dim = build_encoder(arch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class ClassifierModel(nn.Module):
+    """Serving module for a `classification` model: image → class logits."""
+
+    def __init__(self, arch: str, num_classes: int) -> None:
+        super().__init__()
+        self.encoder, self.feature_dim = build_encoder(arch)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(x))
+
+
+# The parameter groups each registry task stores.
+TASK_GROUPS = {
+    names.TASK_EMBEDDING: (names.GROUP_ENCODER,),
+    names.TASK_CLASSIFICATION: (names.GROUP_ENCODER, names.GROUP_CLASSIFIER),
+}
+
+
+def build_inference_model(task: str, arch: str, num_classes: int | None = None) -> nn.Module:
+    """The serving module for a registry `task`, in eval mode, with random weights."""
+    if task == names.TASK_EMBEDDING:
+        model: nn.Module = EncoderModel(arch)
+    elif task == names.TASK_CLASSIFICATION:
+        if not num_classes or num_classes < 2:
+            raise ConfigError(f"a classification model needs num_classes >= 2, got {num_classes}")
+        model = ClassifierModel(arch, num_classes)
+    else:
+        raise ConfigError(f"unknown model task {task!r}; expected one of {', '.join(names.MODEL_TASKS)}")
+    return model.eval()
+
+
+def select_groups(state: Mapping[str, torch.Tensor], groups: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose key starts with one of the parameter `groups`."""
+    prefixes = tuple(f"{g}." for g in groups)
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def set_torch_threads(requested: int | None = None) -> int:
+    """Use as many intra-op threads as CPUs this process may run on (its cgroup/affinity).
+
+    Kubernetes CPU limits and `taskset` both shrink what the process may use;
+    torch's default (all host cores) oversubscribes them.
+    """
+    import os
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        available = max(1, min(available, quota))
+    threads = max(1, min(requested or available, available))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` limit, rounded up; None when unlimited."""
+    import math
+    from pathlib import Path
+
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))

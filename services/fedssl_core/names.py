@@ -1,0 +1,80 @@
+"""Names that every fedssl service agrees on: one place, so a word means one thing.
+
+The Flower app, the registry, the dashboard, the chart and the tests all import these
+instead of repeating the strings.
+"""
+
+from __future__ import annotations
+
+# --- Phases of a federated run ------------------------------------------------------
+PHASE_SSL = "ssl"  # self-supervised pre-training of the shared encoder
+PHASE_FINETUNE = "finetune"  # federated supervised training of the classifier
+PHASES = (PHASE_SSL, PHASE_FINETUNE)
+
+# --- Self-supervised tasks a hospital can run (node config `ssl-task`) ----------------
+SSL_SIMCLR = "simclr"
+SSL_ROTATION = "rotation"
+SSL_TASKS = (SSL_SIMCLR, SSL_ROTATION)
+
+# --- Model tasks in the registry -----------------------------------------------------
+TASK_EMBEDDING = "embedding"
+TASK_CLASSIFICATION = "classification"
+MODEL_TASKS = (TASK_EMBEDDING, TASK_CLASSIFICATION)
+
+# --- Registered model names and aliases the aggregator uses -------------------------
+ENCODER_MODEL = "fedssl-encoder"
+CLASSIFIER_MODEL = "fedssl-classifier"
+ALIAS_PRODUCTION = "production"
+ALIAS_STAGING = "staging"
+
+# --- Parameter groups of FedSSLModel (state-dict key prefixes) -----------------------
+# `encoder` is shared by every hospital; heads are task-specific.
+GROUP_ENCODER = "encoder"
+GROUP_PROJECTION_HEAD = "projection_head"  # SimCLR
+GROUP_ROTATION_HEAD = "rotation_head"  # rotation prediction, 4 classes
+GROUP_CLASSIFIER = "classifier"  # diagnosis head
+PARAM_GROUPS = (GROUP_ENCODER, GROUP_PROJECTION_HEAD, GROUP_ROTATION_HEAD, GROUP_CLASSIFIER)
+
+# --- Architectures --------------------------------------------------------------------
+ARCH_RESNET18 = "resnet18"
+ARCH_RESNET50 = "resnet50"
+ARCHITECTURES = (ARCH_RESNET18, ARCH_RESNET50)
+
+# --- HAM10000 ----------------------------------------------------------------------------
+HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+HAM10000_KAGGLE_DATASET = "kmader/skin-cancer-mnist-ham10000"
+
+# --- Data sources at a hospital (node config `data-source`) -------------------------
+DATA_HAM10000 = "ham10000"
+DATA_IMAGEFOLDER = "imagefolder"
+DATA_SYNTHETIC = "synthetic"
+DATA_SOURCES = (DATA_HAM10000, DATA_IMAGEFOLDER, DATA_SYNTHETIC)
+
+# --- Metric keys (round records, CSV columns, registry lineage, dashboard) ----------
+M_LOSS = "loss"  # training loss of the phase's objective
+M_SSL_LOSS = "ssl_loss"  # per task: f"{M_SSL_LOSS}_{task}", e.g. ssl_loss_simclr
+M_FINETUNE_LOSS = "finetune_loss"
+M_ACCURACY = "accuracy"
+M_BALANCED_ACCURACY = "balanced_accuracy"
+M_MACRO_AUC = "macro_auc"
+M_PRECISION = "precision"  # list, one per class
+M_RECALL = "recall"  # list, one per class
+M_F1 = "f1"  # list, one per class
+M_CONFUSION_MATRIX = "confusion_matrix"  # list of lists, rows = true class
+M_EXAMPLES = "examples"  # number of training examples used this round
+M_TEST_EXAMPLES = "test_examples"
+LOCAL_ONLY_PREFIX = "local_only_"  # a hospital's local-only model: local_only_balanced_accuracy…
+
+# --- Environment variables shared across services ----------------------------------
+ENV_REGISTRY_URL = "FEDSSL_REGISTRY_URL"
+ENV_REGISTRY_TOKEN = "FEDSSL_REGISTRY_TOKEN"
+ENV_RUNS_DIR = "FEDSSL_RUNS_DIR"
+
+# ImageNet statistics: the normalisation every fedssl model is trained and served with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def ssl_loss_key(task: str) -> str:
+    """Metric key of one SSL task's loss, e.g. ``ssl_loss_rotation``."""
+    return f"{M_SSL_LOSS}_{task}"
