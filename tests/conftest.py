@@ -1,0 +1,46 @@
+"""Fixtures shared by every test package: free ports, the real HAM10000 copy, tool lookup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (other sessions may hold fixed ones)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def ham10000_dir() -> Path:
+    """The real HAM10000 images in the Kaggle layout: $FEDSSL_TEST_HAM10000, else ../shared/data/ham10000."""
+    path = Path(os.environ.get("FEDSSL_TEST_HAM10000", REPO_ROOT.parent / "shared" / "data" / "ham10000"))
+    if not (path / "HAM10000_metadata.csv").is_file():
+        pytest.fail(f"the real HAM10000 copy is missing: no HAM10000_metadata.csv under {path}; set FEDSSL_TEST_HAM10000")
+    return path
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool the project's bootstrap installs; skip loudly if absent."""
+    path = shutil.which(name) or (str(REPO_ROOT / ".tools" / "bin" / name) if (REPO_ROOT / ".tools" / "bin" / name).exists() else None)
+    if not path:
+        pytest.skip(f"{name} is not installed (scripts/bootstrap.sh --with-test-tools installs it)")
+    return path
