@@ -1,0 +1,17 @@
+"""Errors of the Flower app's hospital side, named for the condition."""
+
+from fedssl_core.errors import ConfigError, FedSSLError
+
+__all__ = ["ConfigError", "DatasetMalformed", "DatasetNotFound", "FedSSLError", "KaggleDownloadError"]
+
+
+class DatasetNotFound(FedSSLError, FileNotFoundError):
+    """No dataset where the hospital's node config says it is."""
+
+
+class DatasetMalformed(FedSSLError, ValueError):
+    """A dataset is there but not in the expected layout (columns, folders, images)."""
+
+
+class KaggleDownloadError(FedSSLError, RuntimeError):
+    """Downloading HAM10000 from Kaggle failed; nothing partial was left behind."""

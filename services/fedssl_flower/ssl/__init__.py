@@ -1,0 +1,1 @@
+"""Self-supervised learning pieces: losses and multi-view transforms (lightly's split)."""
