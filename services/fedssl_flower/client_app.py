@@ -1,0 +1,166 @@
+"""The hospital: a Flower ClientApp that trains on data that never leaves the hospital.
+
+Thin handlers. Each unpacks the server's Message, calls the plain-PyTorch code in
+`training`, and replies with only the shared parameter groups and metrics. The hospital's
+own model (task heads included) and its local-only baseline live in `context.state`,
+which the SuperNode keeps between rounds of a run and never sends anywhere.
+
+Node config (per hospital, `flower-supernode --node-config`): `hospital`, `ssl-task`,
+`threads`, and the data keys of `data.HospitalDataConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedssl_core import names
+from fedssl_core.models import FedSSLModel, set_torch_threads
+
+from . import records, training
+from .config import RunConfig
+from .data import HospitalData, load_hospital_data
+from .errors import ConfigError
+
+log = logging.getLogger("fedssl.hospital")
+
+app = ClientApp()
+
+
+def _hospital(context: Context) -> tuple[str, str]:
+    name = str(context.node_config.get("hospital", f"node-{context.node_id}"))
+    task = str(context.node_config.get("ssl-task", names.SSL_SIMCLR))
+    if task not in names.SSL_TASKS:
+        raise ConfigError(f"hospital {name}: node config ssl-task={task!r}; expected one of {', '.join(names.SSL_TASKS)}")
+    return name, task
+
+
+def _setup(context: Context) -> tuple[RunConfig, str, str, HospitalData]:
+    cfg = RunConfig.from_mapping(context.run_config)
+    threads = context.node_config.get("threads")
+    set_torch_threads(int(threads) if threads else None)
+    name, task = _hospital(context)
+    data = load_hospital_data(context.node_config, cfg.image_size, cfg.seed)
+    return cfg, name, task, data
+
+
+def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedSSLModel:
+    """The hospital's model `key` from context.state; a seeded fresh one the first time (the
+    server's initial model is identical, so the local-only baseline starts where the
+    federation starts)."""
+    torch.manual_seed(cfg.seed)
+    model = FedSSLModel(cfg.arch, num_classes=num_classes)
+    if key in context.state:
+        model.load_state_dict(context.state[key].to_torch_state_dict())
+    return model
+
+
+def _keep(context: Context, key: str, model: FedSSLModel) -> None:
+    context.state[key] = ArrayRecord(model.state_dict())
+
+
+def _info(name: str, task: str, data: HospitalData) -> dict:
+    return {"hospital": name, "ssl-task": task, "class-names": data.class_names, "audit": data.audit}
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Start-up audit: who this hospital is and what data it holds (counts, never images)."""
+    _, name, task, data = _setup(context)
+    return Message(RecordDict({records.INFO: records.config_record(_info(name, task, data))}), reply_to=msg)
+
+
+def _train_phase(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int) -> dict:
+    if phase == names.PHASE_SSL:
+        return training.train_ssl(
+            model, data.train_images, task, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+            lr=cfg.lr, share=cfg.share, seed=seed,
+        )
+    lr = cfg.probe_lr if cfg.finetune_mode == training.FINETUNE_LINEAR else cfg.lr
+    return training.train_supervised(
+        model, data.train_images, data.train_labels, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=lr, mode=cfg.finetune_mode, seed=seed,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training of the federated model (and of the local-only baseline)."""
+    cfg, name, task, data = _setup(context)
+    instr = msg.content[records.CONFIG]
+    phase, rnd = str(instr["phase"]), int(instr["round"])
+    seed = cfg.seed * 10_007 + rnd * 101 + (0 if phase == names.PHASE_SSL else 50)
+
+    model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
+    records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
+    metrics = _train_phase(model, data, task, phase, cfg, seed)
+    _keep(context, records.STATE_MODEL, model)
+    shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
+    # In the frozen-backbone set-up a rotation hospital trains no shared group: it replies
+    # with zero examples so it weighs nothing in the average.
+    contributes = bool(set(shared) & set(training.trainable_groups(phase, task, cfg.share, cfg.finetune_mode)))
+    if not contributes:
+        metrics[names.M_EXAMPLES] = 0
+
+    content = RecordDict({
+        records.WEIGHTS: records.to_array_record(records.state_arrays(model.state_dict(), shared), cfg.update_encoding),
+        records.METRICS: records.to_metric_record(metrics),
+        records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
+    })
+    if cfg.local_baseline:
+        local = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
+        local_metrics = _train_phase(local, data, task, phase, cfg, seed)
+        _keep(context, records.STATE_LOCAL_ONLY, local)
+        content[records.LOCAL_METRICS] = records.to_metric_record(local_metrics)
+    log.info("hospital %s %s round %d: %s", name, phase, rnd, {k: v for k, v in metrics.items() if isinstance(v, float)})
+    return Message(content, reply_to=msg)
+
+
+def _score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig) -> dict:
+    """Scores on the hospital's held-out split. An SSL-phase encoder has no classifier yet, so
+    it is scored by a linear probe fitted on the hospital's training split."""
+    if phase == names.PHASE_SSL:
+        model = copy.deepcopy(model)
+        torch.manual_seed(cfg.seed)
+        model.classifier.reset_parameters()
+        training.train_supervised(
+            model, data.train_images, data.train_labels, epochs=cfg.probe_epochs,
+            batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=training.FINETUNE_LINEAR, seed=cfg.seed,
+        )
+    return training.evaluate(model, data.test_images, data.test_labels, data.class_names)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the aggregated global model (and the local-only baseline) on local held-out data."""
+    cfg, name, task, data = _setup(context)
+    phase = str(msg.content[records.CONFIG]["phase"])
+    model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
+    records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
+    _keep(context, records.STATE_MODEL, model)  # next round starts from the global model
+    content = RecordDict({
+        records.METRICS: records.to_metric_record(_score(model, data, phase, cfg)),
+        records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
+    })
+    if cfg.local_baseline and records.STATE_LOCAL_ONLY in context.state:
+        local = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
+        content[records.LOCAL_METRICS] = records.to_metric_record(_score(local, data, phase, cfg))
+    return Message(content, reply_to=msg)
+
+
+def parse_info(record) -> dict:
+    """The INFO ConfigRecord of a reply as a dict (JSON fields decoded)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out

@@ -1,0 +1,98 @@
+"""Run configuration of the Flower App: hyperparameters shared by every hospital.
+
+Defaults live in pyproject.toml `[tool.flwr.app.config]` (kebab-case), overridable with
+`flwr run -c 'key=value'` / `fedssl-submit --run-config key=value`. Per-hospital facts
+(data, ssl-task) are node config, read by the ClientApp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedssl_core import names
+
+from .compression import ENCODINGS
+from .errors import ConfigError
+from .training import FINETUNE_MODES, SHARE_MODES
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    ssl_rounds: int = 3  # federated self-supervised rounds
+    finetune_rounds: int = 2  # federated supervised rounds after SSL
+    arch: str = names.ARCH_RESNET18  # resnet18 | resnet50
+    pretrained: bool = False  # ImageNet weights (needs internet at the SuperLink)
+    image_size: int = 64  # pixels; 224 on GPU clusters
+    batch_size: int = 64
+    local_epochs: int = 1  # local epochs per round, both phases
+    lr: float = 1e-3  # SSL and full fine-tune learning rate (Adam)
+    probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
+    probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
+    finetune_mode: str = "linear"  # linear (frozen encoder) | full
+    share: str = "encoder"  # encoder | projection-head (frozen backbone, share only the SimCLR head)
+    min_hospitals: int = 2  # a round needs at least this many replies, else the run fails
+    wait_for_hospitals: float = 300.0  # seconds to wait at start for min-hospitals to connect
+    round_timeout: float = 1800.0  # seconds a round waits for replies before going on without the missing
+    local_baseline: bool = True  # each hospital also trains a private local-only model for comparison
+    update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
+    seed: int = 0
+    registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
+    runs_dir: str = ""  # overrides $FEDSSL_RUNS_DIR; default ./runs
+    resume_from_registry: bool = False  # continue from the latest registered checkpoint
+    production_alias: str = names.ALIAS_PRODUCTION  # alias set on the final encoder and classifier
+    data_warning: str = ""  # recorded on the run and every registered model (e.g. synthetic data)
+
+    @classmethod
+    def from_mapping(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            attr = key.replace("-", "_")
+            if attr not in fields:
+                continue  # unknown keys are refused by `flwr run` itself
+            default = fields[attr].default
+            try:
+                if isinstance(default, bool):
+                    values[attr] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    values[attr] = int(raw)
+                elif isinstance(default, float):
+                    values[attr] = float(raw)
+                else:
+                    values[attr] = str(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"run config {key}={raw!r} is not a valid {type(default).__name__}") from exc
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.ssl_rounds >= 0 and self.finetune_rounds >= 0, "ssl-rounds and finetune-rounds must be >= 0")
+        need(self.ssl_rounds + self.finetune_rounds > 0, "nothing to do: ssl-rounds and finetune-rounds are both 0")
+        need(self.arch in names.ARCHITECTURES, f"arch={self.arch!r}; expected one of {', '.join(names.ARCHITECTURES)}")
+        need(self.image_size >= 16, f"image-size must be >= 16, got {self.image_size}")
+        need(self.batch_size >= 2, f"batch-size must be >= 2, got {self.batch_size}")
+        need(self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}")
+        need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
+        need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
+        need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")
+
+    @property
+    def registry(self) -> str:
+        return (self.registry_url or os.environ.get(names.ENV_REGISTRY_URL, "")).rstrip("/")
+
+    @property
+    def runs_root(self) -> str:
+        return self.runs_dir or os.environ.get(names.ENV_RUNS_DIR, "runs")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,93 @@
+"""Translation between Flower records and plain Python/PyTorch values, in one place.
+
+Message content keys, and how metrics, configs and weights travel: weights as an
+ArrayRecord of numpy arrays (encoded by `compression`), metrics as a MetricRecord (scalars
+and flat lists; the confusion matrix is flattened row-major), the rest as a ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from fedssl_core import names
+
+from . import compression
+
+# RecordDict keys of fedssl messages.
+WEIGHTS = "weights"  # ArrayRecord: the model groups sent or returned
+CONFIG = "config"  # ConfigRecord: instructions (server → hospital)
+METRICS = "metrics"  # MetricRecord: the global model's training/evaluation metrics
+LOCAL_METRICS = "local_only_metrics"  # MetricRecord: the hospital's local-only model
+INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
+
+# Keys of the hospital's private context.state.
+STATE_MODEL = "model"  # the hospital's copy of the federated model, heads included
+STATE_LOCAL_ONLY = "local_only_model"  # the local-only baseline model, never sent
+
+
+def state_arrays(state: Mapping[str, torch.Tensor], groups: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    prefixes = tuple(f"{g}." for g in groups) if groups is not None else ("",)
+    return {k: v.detach().cpu().numpy() for k, v in state.items() if k.startswith(prefixes)}
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray], encoding: str = "none") -> ArrayRecord:
+    record = ArrayRecord()
+    for key, value in compression.encode_arrays(dict(arrays), encoding).items():
+        record[key] = Array(np.ascontiguousarray(value))
+    return record
+
+
+def from_array_record(record: ArrayRecord, encoding: str = "none") -> dict[str, np.ndarray]:
+    return compression.decode_arrays({k: v.numpy() for k, v in record.items()}, encoding)
+
+
+def load_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Overwrite the entries of `model`'s state named in `arrays` (a partial update)."""
+    state = model.state_dict()
+    unknown = sorted(set(arrays) - set(state))
+    if unknown:
+        raise ValueError(f"weights for unknown parameters: {', '.join(unknown[:5])}")
+    for key, value in arrays.items():
+        state[key].copy_(torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape))
+
+
+def to_metric_record(metrics: Mapping[str, Any], prefix: str = "") -> MetricRecord:
+    """Scalars and per-class lists; the confusion matrix flattened; None values dropped."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if value is None:
+            continue
+        if key == names.M_CONFUSION_MATRIX:
+            out[prefix + key] = [int(x) for row in value for x in row]
+        elif isinstance(value, bool):
+            out[prefix + key] = int(value)
+        elif isinstance(value, int):
+            out[prefix + key] = int(value)
+        elif isinstance(value, float):
+            out[prefix + key] = float(value)
+        elif isinstance(value, (list, tuple)):
+            out[prefix + key] = [float(x) for x in value]
+    return MetricRecord(out)
+
+
+def from_metric_record(record: MetricRecord | None, num_classes: int) -> dict[str, Any]:
+    if record is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key.endswith(names.M_CONFUSION_MATRIX) and isinstance(value, list):
+            flat = [int(x) for x in value]
+            out[key] = [flat[i * num_classes : (i + 1) * num_classes] for i in range(num_classes)]
+        else:
+            out[key] = value
+    return out
+
+
+def config_record(values: Mapping[str, Any]) -> ConfigRecord:
+    return ConfigRecord({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in values.items()})

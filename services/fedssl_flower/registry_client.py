@@ -1,0 +1,78 @@
+"""HTTP client of the model registry, as the aggregator uses it (docs/architecture.md §2).
+
+Transient failures (connection errors, 5xx) are retried with backoff; after that a
+`RegistryUnavailable` fails the run: a round is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from .errors import FedSSLError
+
+log = logging.getLogger("fedssl.registry_client")
+
+
+class RegistryUnavailable(FedSSLError, RuntimeError):
+    """The registry did not accept a write after retries."""
+
+
+class RegistryClient:
+    def __init__(self, url: str, token: str = "", *, retries: int = 5, backoff: float = 1.0, timeout: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.retries, self.backoff = retries, backoff
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> httpx.Response:
+        last = ""
+        for attempt in range(1, self.retries + 1):
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code in ok:
+                    return resp
+                if resp.status_code < 500:  # our request is wrong: retrying will not help
+                    raise RegistryUnavailable(f"registry refused {method} {path}: HTTP {resp.status_code} {resp.text[:500]}")
+                last = f"HTTP {resp.status_code} {resp.text[:200]}"
+            if attempt < self.retries:
+                delay = self.backoff * 2 ** (attempt - 1)
+                log.warning("registry %s %s failed (%s); retry %d/%d in %.0fs", method, path, last, attempt, self.retries - 1, delay)
+                time.sleep(delay)
+        raise RegistryUnavailable(f"registry at {self.url} unavailable for {method} {path} after {self.retries} attempts: {last}")
+
+    # --- models ------------------------------------------------------------------------
+    def ensure_model(self, name: str, *, task: str, architecture: str, input_spec: dict, description: str = "") -> None:
+        body = {"name": name, "task": task, "architecture": architecture, "input_spec": input_spec, "description": description}
+        self._request("POST", "/v1/models", json=body, ok=(201, 409))
+
+    def upload_version(self, name: str, weights: bytes, metadata: dict) -> dict:
+        files = {"file": ("weights.safetensors", weights, "application/octet-stream")}
+        return self._request("POST", f"/v1/models/{name}/versions", files=files, data={"metadata": json.dumps(metadata)}).json()
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._request("PUT", f"/v1/models/{name}/aliases/{alias}", json={"version": version})
+
+    def versions(self, name: str) -> list[dict]:
+        resp = self._request("GET", f"/v1/models/{name}/versions", ok=(200, 404))
+        return resp.json().get("versions", []) if resp.status_code == 200 else []
+
+    def download(self, name: str, version: int) -> bytes:
+        return self._request("GET", f"/v1/models/{name}/versions/{version}/weights").content
+
+    # --- runs --------------------------------------------------------------------------
+    def put_run(self, run_id: str, body: dict) -> None:
+        self._request("PUT", f"/v1/runs/{run_id}", json=body)
+
+    def post_round(self, run_id: str, body: dict) -> None:
+        self._request("POST", f"/v1/runs/{run_id}/rounds", json=body)

@@ -1,0 +1,420 @@
+"""The aggregator: a Flower ServerApp running federated SSL rounds, then federated fine-tuning.
+
+The round loop talks to hospitals only through Messages; the averaging is `strategy`, the
+metrics `metrics`, the bookkeeping `outputs` (run folder) and `registry_client`. Each
+round: train (hospitals return only the shared groups) → aggregate → evaluate the global
+model at every hospital (and each hospital's local-only baseline) → write the run folder
+→ register the global model with its lineage.
+
+Environment of the SuperLink (inherited by this process): FEDSSL_REGISTRY_URL,
+FEDSSL_REGISTRY_TOKEN, FEDSSL_RUNS_DIR.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedssl_core import names, weights
+from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
+
+from . import records, training
+from .client_app import parse_info
+from .config import RunConfig
+from .errors import ConfigError, FedSSLError
+from .metrics import aggregate_metrics
+from .outputs import RunFolder
+from .registry_client import RegistryClient
+from .strategy import weighted_average
+
+log = logging.getLogger("fedssl.aggregator")
+
+app = ServerApp()
+
+
+class RunFailed(FedSSLError, RuntimeError):
+    """The federation cannot go on (too few hospitals, hospitals failing at start-up)."""
+
+
+@dataclass
+class Hospital:
+    name: str
+    ssl_task: str
+    class_names: list[str]
+    audit: dict[str, Any]
+    node_ids: list[int] = field(default_factory=list)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def _progress(msg: str, *args: Any) -> None:
+    """Progress lines: what `flwr log` / `kubectl logs` / fedssl-submit show the user."""
+    line = msg % args if args else msg
+    log.info(line)
+    print(f"[fedssl] {line}", flush=True)
+
+
+class Aggregator:
+    def __init__(self, grid: Grid, cfg: RunConfig, run_id: str) -> None:
+        self.grid, self.cfg, self.run_id = grid, cfg, run_id
+        self.folder = RunFolder(cfg.runs_root, run_id)
+        self.registry = RegistryClient(cfg.registry, os.environ.get(names.ENV_REGISTRY_TOKEN, "")) if cfg.registry else None
+        self.hospitals: dict[int, Hospital] = {}  # node id → hospital
+        self.nodes_with_model: set[int] = set()  # nodes that hold the full model already
+        self.class_names: list[str] = []
+        self.state: dict[str, torch.Tensor] = {}
+        self.history: list[dict] = []
+        self.started = _now()
+        self.warnings: list[str] = [cfg.data_warning] if cfg.data_warning else []
+        self.registered: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- hospitals
+    def _wait_for_hospitals(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.wait_for_hospitals
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_hospitals:
+                return nodes
+            if time.monotonic() > deadline:
+                raise RunFailed(
+                    f"only {len(nodes)} hospital(s) connected after {self.cfg.wait_for_hospitals:.0f}s; "
+                    f"min-hospitals is {self.cfg.min_hospitals}: start more SuperNodes or lower min-hospitals"
+                )
+            time.sleep(1.0)
+
+    def _describe(self, node_ids: list[int], *, strict: bool) -> None:
+        """Ask new nodes who they are and what data they hold. At start-up (strict) any
+        failing hospital fails the run with its error; later a failing node is skipped."""
+        new = [n for n in node_ids if n not in self.hospitals]
+        if not new:
+            return
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="describe") for n in new]
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        errors = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                errors.append(f"node {node}: {reply.error.reason}")
+                continue
+            info = parse_info(reply.content[records.INFO])
+            hospital = Hospital(info["hospital"], info["ssl-task"], list(info["class-names"]), info["audit"], [node])
+            if self.class_names and hospital.class_names != self.class_names:
+                errors.append(f"hospital {hospital.name} has classes {hospital.class_names}, others {self.class_names}")
+                continue
+            self.class_names = self.class_names or hospital.class_names
+            self.hospitals[node] = hospital
+            _progress("hospital %s joined (node %s): ssl-task=%s, %s data, %d train / %d test images",
+                      hospital.name, node, hospital.ssl_task, hospital.audit.get("data_source"),
+                      hospital.audit.get("train_examples", 0), hospital.audit.get("test_examples", 0))
+        missing = set(new) - {r.metadata.src_node_id for r in replies}
+        errors += [f"node {n}: no answer within {self.cfg.round_timeout:.0f}s" for n in sorted(missing)]
+        if errors and strict:
+            raise RunFailed("hospital(s) failed at start-up: " + "; ".join(errors))
+        for e in errors:
+            log.warning("skipping a hospital this round: %s", e)
+
+    def _hospital_names(self) -> list[str]:
+        return sorted({h.name for h in self.hospitals.values()})
+
+    # ---------------------------------------------------------------- model
+    def _init_model(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        model = FedSSLModel(self.cfg.arch, num_classes=len(self.class_names), pretrained=self.cfg.pretrained)
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def _arrays_for(self, node: int, phase: str) -> dict:
+        if node not in self.nodes_with_model:
+            return records.state_arrays(self.state)  # first contact: the whole model
+        return records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
+
+    # ---------------------------------------------------------------- registry
+    def _data_facts(self) -> tuple[str, bool]:
+        sources = sorted({h.audit.get("data_source", "?") for h in self.hospitals.values()})
+        synthetic = any(h.audit.get("synthetic_data") for h in self.hospitals.values())
+        return (sources[0] if len(sources) == 1 else "mixed:" + ",".join(sources)), synthetic
+
+    def _run_body(self, status: str, error: str | None = None) -> dict:
+        source, synthetic = self._data_facts()
+        return {
+            "status": status,
+            "phase": self.history[-1]["phase"] if self.history else names.PHASE_SSL,
+            "planned_rounds": {names.PHASE_SSL: self.cfg.ssl_rounds, names.PHASE_FINETUNE: self.cfg.finetune_rounds},
+            "config": self.cfg.as_dict(),
+            "data_source": source,
+            "synthetic_data": synthetic,
+            "warnings": self.warnings,
+            "class_names": self.class_names,
+            "hospitals": {
+                h.name: {
+                    "ssl_task": h.ssl_task,
+                    "data_source": h.audit.get("data_source"),
+                    "partition": h.audit.get("partition"),
+                    "train_examples": h.audit.get("train_examples"),
+                    "test_examples": h.audit.get("test_examples"),
+                    "class_counts": h.audit.get("class_counts", {}).get("train", {}),
+                    "test_class_counts": h.audit.get("class_counts", {}).get("test", {}),
+                    "skipped_files": len(h.audit.get("skipped_files", [])),
+                }
+                for h in {h.name: h for h in self.hospitals.values()}.values()
+            },
+            "started_at": self.started,
+            "finished_at": _now() if status != "running" else None,
+            "error": error,
+        }
+
+    def _register(self, phase: str, rnd: int, aggregated: dict, hospitals: list[str]) -> None:
+        if self.registry is None:
+            return
+        source, synthetic = self._data_facts()
+        spec = {"image_size": self.cfg.image_size, "channels": 3, "mean": list(names.IMAGENET_MEAN),
+                "std": list(names.IMAGENET_STD), "class_names": self.class_names}
+        scalars = {k: v for k, v in aggregated.items() if isinstance(v, (int, float))}
+        targets = [(names.ENCODER_MODEL, names.TASK_EMBEDDING)]
+        if phase == names.PHASE_FINETUNE:
+            targets.append((names.CLASSIFIER_MODEL, names.TASK_CLASSIFICATION))
+        for model_name, task in targets:
+            self.registry.ensure_model(
+                model_name, task=task, architecture=self.cfg.arch, input_spec=spec,
+                description=("fedssl shared image encoder (federated self-supervised)" if task == names.TASK_EMBEDDING
+                             else "fedssl diagnosis classifier (federated fine-tuned)"),
+            )
+            meta = {"fedssl.arch": self.cfg.arch, "fedssl.task": task, "fedssl.num_classes": str(len(self.class_names)),
+                    "fedssl.image_size": str(self.cfg.image_size), "fedssl.run_id": self.run_id,
+                    "fedssl.round": str(rnd), "fedssl.phase": phase}
+            blob = weights.to_bytes(select_groups(self.state, TASK_GROUPS[task]), meta)
+            tags = {"phase": phase, "round": str(rnd), "ssl_tasks": ",".join(sorted({h.ssl_task for h in self.hospitals.values()}))}
+            if self.warnings:
+                tags["warning"] = " | ".join(self.warnings)
+            version = self.registry.upload_version(model_name, blob, {
+                "tags": tags,
+                "lineage": {"run_id": self.run_id, "round": rnd, "phase": phase, "hospitals": hospitals, "metrics": scalars},
+                "data_source": source,
+                "synthetic_data": synthetic,
+            })
+            self.registered[model_name] = int(version["version"])
+
+    # ---------------------------------------------------------------- rounds
+    def _round(self, phase: str, rnd: int, total: int) -> dict:
+        t0 = time.monotonic()
+        nodes = sorted(self.grid.get_node_ids())
+        self._describe(nodes, strict=False)
+        nodes = [n for n in nodes if n in self.hospitals]
+        enc = self.cfg.update_encoding
+        config = {"phase": phase, "round": rnd}
+        msgs, bytes_sent = [], 0
+        for n in nodes:
+            content = RecordDict({records.WEIGHTS: records.to_array_record(self._arrays_for(n, phase), enc),
+                                  records.CONFIG: records.config_record(config)})
+            bytes_sent += content[records.WEIGHTS].count_bytes()
+            msgs.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=f"{phase}-{rnd}"))
+        t_send = time.monotonic()
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        t_train = time.monotonic() - t_send
+
+        updates, per_hospital, examples, failed = [], {}, {}, []
+        bytes_received = 0
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            name = self.hospitals[node].name
+            if reply.has_error():
+                failed.append(name)
+                log.warning("hospital %s failed %s round %d: %s", name, phase, rnd, reply.error.reason)
+                continue
+            bytes_received += reply.content[records.WEIGHTS].count_bytes()
+            arrays = records.from_array_record(reply.content[records.WEIGHTS], enc)
+            m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
+            n_ex = int(m.get(names.M_EXAMPLES, 0))
+            updates.append((arrays, n_ex))
+            examples[name] = n_ex
+            per_hospital[name] = m
+            if records.LOCAL_METRICS in reply.content:
+                local = records.from_metric_record(reply.content[records.LOCAL_METRICS], len(self.class_names))
+                per_hospital[name][names.LOCAL_ONLY_PREFIX + names.M_LOSS] = local.get(names.M_LOSS)
+            self.nodes_with_model.add(node)
+        failed += [self.hospitals[n].name for n in nodes if n not in answered]
+        if len(updates) < self.cfg.min_hospitals:
+            raise RunFailed(
+                f"{phase} round {rnd}: only {len(updates)} hospital(s) replied (failed or timed out: "
+                f"{', '.join(failed) or 'none'}); min-hospitals is {self.cfg.min_hospitals}"
+            )
+        for name in failed:
+            _progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
+        t_agg = time.monotonic()
+        for key, value in weighted_average(updates).items():
+            self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
+        t_agg = time.monotonic() - t_agg
+
+        # Evaluate the new global model at the hospitals that trained this round.
+        ok_nodes = [n for n in nodes if self.hospitals[n].name in per_hospital]
+        shared = records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
+        eval_msgs = []
+        for n in ok_nodes:
+            content = RecordDict({records.WEIGHTS: records.to_array_record(shared, enc),
+                                  records.CONFIG: records.config_record(config)})
+            bytes_sent += content[records.WEIGHTS].count_bytes()
+            eval_msgs.append(Message(content, dst_node_id=n, message_type=MessageType.EVALUATE, group_id=f"{phase}-{rnd}-eval"))
+        t_eval = time.monotonic()
+        test_examples = {}
+        for reply in self.grid.send_and_receive(eval_msgs, timeout=self.cfg.round_timeout):
+            name = self.hospitals[reply.metadata.src_node_id].name
+            if reply.has_error():
+                log.warning("hospital %s failed to evaluate %s round %d: %s", name, phase, rnd, reply.error.reason)
+                continue
+            m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
+            m["test_loss"] = m.pop(names.M_LOSS, None)
+            per_hospital[name].update(m)
+            test_examples[name] = int(m.get(names.M_TEST_EXAMPLES, 0))
+            if records.LOCAL_METRICS in reply.content:
+                local = records.from_metric_record(reply.content[records.LOCAL_METRICS], len(self.class_names))
+                for k in (names.M_ACCURACY, names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_F1, names.M_CONFUSION_MATRIX):
+                    if k in local:
+                        per_hospital[name][names.LOCAL_ONLY_PREFIX + k] = local[k]
+        t_eval = time.monotonic() - t_eval
+
+        train_keys = {names.M_LOSS, names.M_FINETUNE_LOSS, names.ssl_loss_key(names.SSL_SIMCLR),
+                      names.ssl_loss_key(names.SSL_ROTATION), names.M_EXAMPLES, names.LOCAL_ONLY_PREFIX + names.M_LOSS}
+        train_part = {h: {k: v for k, v in m.items() if k in train_keys} for h, m in per_hospital.items()}
+        eval_part = {h: {k: v for k, v in m.items() if k not in train_keys and not (k.startswith(names.LOCAL_ONLY_PREFIX) and isinstance(v, list))}
+                     for h, m in per_hospital.items()}
+        aggregated = aggregate_metrics(train_part, examples, self.class_names)
+        aggregated.update(aggregate_metrics(eval_part, test_examples, self.class_names))
+        # Per-SSL-task losses average over the hospitals running that task only.
+        for task in names.SSL_TASKS:
+            key = names.ssl_loss_key(task)
+            vals = [(m[key], examples[h]) for h, m in per_hospital.items() if m.get(key) is not None]
+            if vals and sum(w for _, w in vals):
+                aggregated[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+
+        duration = time.monotonic() - t0
+        record = {
+            "phase": phase, "round": rnd, "aggregated": aggregated, "hospitals": per_hospital,
+            "examples": examples, "failed_hospitals": failed, "duration_seconds": duration,
+            "bytes_sent": bytes_sent, "bytes_received": bytes_received,
+            "timing": {"train_seconds": t_train, "aggregate_seconds": t_agg, "evaluate_seconds": t_eval},
+        }
+        t_reg = time.monotonic()
+        self.folder.save_weights(phase, rnd, self.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
+                                                          "fedssl.run_id": self.run_id})
+        self.folder.append_round(record)
+        if self.registry is not None:
+            self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
+                                                                          "duration_seconds", "bytes_sent", "bytes_received")})
+        self._register(phase, rnd, aggregated, sorted(per_hospital))
+        record["timing"]["register_seconds"] = time.monotonic() - t_reg
+        self.history.append(record)
+        loss = aggregated.get(names.M_FINETUNE_LOSS if phase == names.PHASE_FINETUNE else names.M_LOSS)
+        _progress("phase=%s round=%d/%d hospitals=%d loss=%s balanced_accuracy=%s macro_auc=%s (%.1fs)",
+                  phase, rnd, total, len(per_hospital), _fmt(loss), _fmt(aggregated.get(names.M_BALANCED_ACCURACY)),
+                  _fmt(aggregated.get(names.M_MACRO_AUC)), duration)
+        return record
+
+    # ---------------------------------------------------------------- resume
+    def _resume_point(self) -> tuple[str, int] | None:
+        """The (phase, round) of the newest registered checkpoint, with its weights loaded."""
+        if self.registry is None:
+            raise ConfigError("resume-from-registry needs a registry: set FEDSSL_REGISTRY_URL or registry-url")
+        best = None
+        order = {names.PHASE_SSL: 0, names.PHASE_FINETUNE: 1}
+        for model_name in (names.CLASSIFIER_MODEL, names.ENCODER_MODEL):
+            for v in self.registry.versions(model_name):
+                lin = v.get("lineage") or {}
+                if lin.get("phase") not in order:
+                    continue
+                key = (order[lin["phase"]], int(lin.get("round", 0)), model_name == names.CLASSIFIER_MODEL)
+                if best is None or key > best[0]:
+                    best = (key, model_name, v)
+        if best is None:
+            return None
+        _, model_name, v = best
+        state = weights.from_bytes(self.registry.download(model_name, int(v["version"])))
+        for k, t in state.items():
+            if k in self.state and self.state[k].shape == t.shape:
+                self.state[k] = t
+        lin = v["lineage"]
+        _progress("resuming from %s version %s (%s round %s of run %s)", model_name, v["version"], lin["phase"], lin["round"], lin.get("run_id"))
+        return lin["phase"], int(lin["round"])
+
+    # ---------------------------------------------------------------- run
+    def summary(self, status: str, error: str | None = None) -> dict:
+        last = {p: next((r["aggregated"] for r in reversed(self.history) if r["phase"] == p), None) for p in names.PHASES}
+        return {
+            "run_id": self.run_id, "status": status, "error": error,
+            "model": {"arch": self.cfg.arch, "image_size": self.cfg.image_size, "num_classes": len(self.class_names),
+                      "finetune_mode": self.cfg.finetune_mode, "share": self.cfg.share},
+            "classes": self.class_names,
+            "data": self._data_facts()[0], "synthetic_data": self._data_facts()[1], "warnings": self.warnings,
+            "hospitals": {h.name: {"ssl_task": h.ssl_task, "audit": h.audit} for h in self.hospitals.values()},
+            "rounds_done": len(self.history), "final_metrics": last, "registered": self.registered,
+            "config": self.cfg.as_dict(), "started_at": self.started, "finished_at": _now(),
+        }
+
+    def run(self) -> None:
+        try:
+            nodes = self._wait_for_hospitals()
+            self._describe(nodes, strict=True)
+            if self.registry is not None:
+                self.registry.put_run(self.run_id, self._run_body("running"))
+            self._init_model()
+            if any(h.audit.get("synthetic_data") for h in self.hospitals.values()):
+                self.warnings.append("trained on SYNTHETIC images: not a model of real data")
+            start = (names.PHASE_SSL, 0)
+            if self.cfg.resume_from_registry:
+                start = self._resume_point() or start
+            schedule = [(names.PHASE_SSL, r, self.cfg.ssl_rounds) for r in range(1, self.cfg.ssl_rounds + 1)]
+            schedule += [(names.PHASE_FINETUNE, r, self.cfg.finetune_rounds) for r in range(1, self.cfg.finetune_rounds + 1)]
+            order = {names.PHASE_SSL: 0, names.PHASE_FINETUNE: 1}
+            schedule = [s for s in schedule if (order[s[0]], s[1]) > (order[start[0]], start[1])]
+            _progress("run %s: %d SSL + %d fine-tune rounds, %d hospitals (%s)", self.run_id, self.cfg.ssl_rounds,
+                      self.cfg.finetune_rounds, len(self._hospital_names()), ", ".join(self._hospital_names()))
+            for phase, rnd, total in schedule:
+                self._round(phase, rnd, total)
+                self.folder.write_summary(self.summary("running"))
+                if self.registry is not None:
+                    self.registry.put_run(self.run_id, self._run_body("running"))
+            if self.registry is not None:
+                for model_name, version in self.registered.items():
+                    self.registry.set_alias(model_name, self.cfg.production_alias, version)
+                    _progress("registered %s version %d as '%s'", model_name, version, self.cfg.production_alias)
+                self.registry.put_run(self.run_id, self._run_body("succeeded"))
+            self.folder.write_summary(self.summary("succeeded"))
+            _progress("run %s succeeded; run folder %s", self.run_id, self.folder.path)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self.folder.write_summary(self.summary("failed", error))
+            if self.registry is not None:
+                try:
+                    self.registry.put_run(self.run_id, self._run_body("failed", error))
+                except Exception as reg_exc:  # the run's own error matters more
+                    log.error("could not record the failure in the registry: %s", reg_exc)
+            _progress("run %s FAILED: %s", self.run_id, error)
+            raise
+        finally:
+            if self.registry is not None:
+                self.registry.close()
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower ships this process's logs to the SuperLink over HTTP; logging every one of those
+    # requests would feed the log stream with itself.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = RunConfig.from_mapping(context.run_config)
+    Aggregator(grid, cfg, str(context.run_id)).run()
