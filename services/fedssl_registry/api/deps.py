@@ -1,0 +1,55 @@
+"""Dependencies shared by the routes: the registry, the model repository, auth."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..core.config import Settings
+from ..core.errors import Unauthorized
+from ..inference.repository import ModelRepository
+from ..service import Registry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_repository(request: Request) -> ModelRepository:
+    return request.app.state.repository
+
+
+def _check_token(request: Request, settings: Settings) -> None:
+    if not settings.token:  # development mode without a token
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not supplied:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(supplied.encode(), settings.token.encode()):
+        raise Unauthorized("invalid bearer token")
+
+
+def require_write(request: Request) -> None:
+    """Every write needs the token."""
+    _check_token(request, request.app.state.settings)
+
+
+def require_read(request: Request) -> None:
+    """Reads need the token only when FEDSSL_REGISTRY_READ_AUTH=true."""
+    settings = request.app.state.settings
+    if settings.read_auth:
+        _check_token(request, settings)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+ReadAuth = Depends(require_read)
+WriteAuth = Depends(require_write)

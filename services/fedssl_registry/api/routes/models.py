@@ -1,0 +1,134 @@
+"""/v1/models: registered models, versions (safetensors uploads), aliases, image prediction."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+
+from fedssl_core import names
+from fedssl_core.preprocessing import ImageDecodeError, decode_image, eval_transform
+
+from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ...schemas import AliasSet, ModelCreate, VersionMetadata
+from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, WriteAuth
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+SAFETENSORS_TYPES = {"application/octet-stream", "application/x-safetensors", ""}
+IMAGE_TYPES = {"image/jpeg", "image/png", "image/jpg"}
+
+
+def _require_multipart(request: Request) -> None:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise UnsupportedMediaType(f"expected a multipart/form-data upload with a 'file' field, got {ctype or 'no content type'}")
+
+
+@router.get("", dependencies=[ReadAuth])
+def list_models(registry: RegistryDep) -> dict:
+    return {"models": registry.list_models()}
+
+
+@router.post("", status_code=201, dependencies=[WriteAuth])
+def create_model(body: ModelCreate, registry: RegistryDep) -> dict:
+    return registry.create_model(body)
+
+
+@router.get("/{name}", dependencies=[ReadAuth])
+def get_model(name: str, registry: RegistryDep) -> dict:
+    return registry.get_model(name)
+
+
+@router.get("/{name}/versions", dependencies=[ReadAuth])
+def list_versions(name: str, registry: RegistryDep) -> dict:
+    return {"versions": registry.list_versions(name)}
+
+
+@router.post("/{name}/versions", status_code=201, dependencies=[WriteAuth])
+async def upload_version(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
+                         file: UploadFile = File(...), metadata: str | None = Form(None)) -> dict:
+    _require_multipart(request)
+    registry.get_model(name)  # 404 before reading a large body into the store
+    if (file.content_type or "") not in SAFETENSORS_TYPES:
+        raise UnsupportedMediaType(f"weights must be a safetensors file sent as application/octet-stream, got {file.content_type}")
+    try:
+        meta = VersionMetadata.model_validate(json.loads(metadata)) if metadata else VersionMetadata()
+    except ValueError as exc:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+        raise InvalidInput(f"metadata is not valid: {msg}") from None
+    fd, temp = registry.store.new_temp()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := await file.read(1 << 20):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(f"weights file exceeds {settings.max_upload_bytes} bytes")
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    if size == 0:
+        temp.unlink(missing_ok=True)
+        raise InvalidInput("the uploaded weights file is empty")
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(registry.create_version, name, temp, meta)
+
+
+@router.get("/{name}/versions/{version}", dependencies=[ReadAuth])
+def get_version(name: str, version: int, registry: RegistryDep) -> dict:
+    return registry.get_version(name, version)
+
+
+@router.get("/{name}/versions/{version}/weights", dependencies=[ReadAuth])
+def download_weights(name: str, version: int, registry: RegistryDep) -> FileResponse:
+    path = registry.weights_path(name, version)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.safetensors")
+
+
+@router.delete("/{name}/versions/{version}", status_code=204, dependencies=[WriteAuth])
+def delete_version(name: str, version: int, registry: RegistryDep, repository: RepositoryDep) -> None:
+    registry.delete_version(name, version)
+    repository.forget(name, version)
+
+
+@router.put("/{name}/aliases/{alias}", dependencies=[WriteAuth])
+def set_alias(name: str, alias: str, body: AliasSet, registry: RegistryDep) -> dict:
+    return registry.set_alias(name, alias, body.version)
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=204, dependencies=[WriteAuth])
+def delete_alias(name: str, alias: str, registry: RegistryDep) -> None:
+    registry.delete_alias(name, alias)
+
+
+@router.post("/{name}:predict", dependencies=[ReadAuth])
+async def predict(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep,
+                  file: UploadFile = File(...), version: int | None = None, alias: str | None = None) -> dict:
+    """Classify (or embed) one uploaded JPEG/PNG image."""
+    _require_multipart(request)
+    if (file.content_type or "").lower() not in IMAGE_TYPES:
+        raise UnsupportedMediaType(f"expected a JPEG or PNG image (image/jpeg, image/png), got {file.content_type or 'no content type'}")
+    data = await file.read(settings.max_image_bytes + 1)
+    if len(data) > settings.max_image_bytes:
+        raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
+    try:
+        image = decode_image(data, settings.max_image_pixels)
+    except ImageDecodeError as exc:
+        raise InvalidInput(str(exc)) from None
+    model = await repository.get(name, version, alias)
+    x = eval_transform(model.image_size, model.spec.get("mean", names.IMAGENET_MEAN), model.spec.get("std", names.IMAGENET_STD))(image)
+    out = (await model.batcher.submit(x.unsqueeze(0)))[0]
+    if model.task == names.TASK_CLASSIFICATION:
+        probs = out.tolist()
+        best = int(out.argmax())
+        return {"model": model.name, "version": model.version, "label": model.class_names[best],
+                "probabilities": dict(zip(model.class_names, probs))}
+    return {"model": model.name, "version": model.version, "embedding": out.tolist()}

@@ -1,0 +1,42 @@
+"""/v1/runs: federated runs and their rounds, as the aggregator reports them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from ...schemas import RoundCreate, RunUpsert
+from ..deps import ReadAuth, RegistryDep, WriteAuth
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+@router.get("", dependencies=[ReadAuth])
+def list_runs(registry: RegistryDep) -> dict:
+    return {"runs": registry.list_runs()}
+
+
+@router.put("/{run_id}", dependencies=[WriteAuth])
+def upsert_run(run_id: str, body: RunUpsert, registry: RegistryDep) -> dict:
+    return registry.upsert_run(run_id, body)
+
+
+@router.get("/{run_id}", dependencies=[ReadAuth])
+def get_run(run_id: str, registry: RegistryDep) -> dict:
+    return registry.get_run(run_id)
+
+
+@router.post("/{run_id}/rounds", status_code=201, dependencies=[WriteAuth])
+def add_round(run_id: str, body: RoundCreate, registry: RegistryDep) -> dict:
+    return registry.add_round(run_id, body)
+
+
+@router.get("/{run_id}/rounds", dependencies=[ReadAuth])
+def list_rounds(run_id: str, registry: RegistryDep) -> dict:
+    return {"run_id": run_id, "rounds": registry.rounds(run_id)}
+
+
+@router.get("/{run_id}/rounds.csv", dependencies=[ReadAuth], response_class=PlainTextResponse)
+def rounds_csv(run_id: str, registry: RegistryDep) -> PlainTextResponse:
+    return PlainTextResponse(registry.rounds_csv(run_id), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{run_id}-rounds.csv"'})

@@ -1,0 +1,103 @@
+"""Prometheus metrics and request logging: every metric defined here, in one place.
+
+Names follow Prometheus conventions (base units, `_total`, `_seconds`); labels stay low
+cardinality: the route template, never the raw path; model names and run ids are bounded
+by what the registry holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from fedssl_core import names
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # *_created series only add cardinality here
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fedssl_http_requests_total", "HTTP requests by route, method and status.",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("fedssl_http_request_duration_seconds", "HTTP request latency by route and method.",
+                                         ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("fedssl_inference_duration_seconds", "Forward-pass latency of one batch.",
+                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("fedssl_inference_batch_size", "Images per forward pass (dynamic batching).",
+                                    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.inference_images = Counter("fedssl_inference_images_total", "Images run through models.", ["model"], registry=r)
+        self.loaded_models = Gauge("fedssl_loaded_models", "Model versions loaded in memory.", registry=r)
+        self.model_versions = Gauge("fedssl_model_versions", "Registered versions per model.", ["model"], registry=r)
+        self.fl_rounds = Counter("fedssl_federated_rounds_total", "Federated rounds reported by the aggregator.", ["phase"], registry=r)
+        self.fl_loss = Gauge("fedssl_federated_round_loss", "Latest aggregated training loss per run and phase.", ["run_id", "phase"], registry=r)
+        self.fl_bacc = Gauge("fedssl_federated_round_balanced_accuracy", "Latest aggregated balanced accuracy per run and phase.",
+                             ["run_id", "phase"], registry=r)
+        self.fl_duration = Gauge("fedssl_federated_round_duration_seconds", "Duration of the latest round per run and phase.",
+                                 ["run_id", "phase"], registry=r)
+        self.fl_examples = Gauge("fedssl_federated_hospital_examples", "Training examples per hospital in the latest round.",
+                                 ["run_id", "hospital"], registry=r)
+        self.fl_bytes = Counter("fedssl_federated_bytes_total", "Model bytes exchanged in federated rounds.", ["direction"], registry=r)
+
+    def observe_batch(self, model: str, n: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(n)
+        self.inference_seconds.labels(model).observe(seconds)
+        self.inference_images.labels(model).inc(n)
+
+    def on_registry_event(self, event: str, payload: dict) -> None:
+        if event == "version":
+            self.model_versions.labels(payload["model"]).set(payload["version"])
+        elif event == "round":
+            run, phase = payload["run_id"], payload["phase"]
+            agg = payload.get("aggregated", {})
+            self.fl_rounds.labels(phase).inc()
+            loss = agg.get(names.M_FINETUNE_LOSS if phase == names.PHASE_FINETUNE else names.M_LOSS)
+            if isinstance(loss, (int, float)):
+                self.fl_loss.labels(run, phase).set(loss)
+            if isinstance(agg.get(names.M_BALANCED_ACCURACY), (int, float)):
+                self.fl_bacc.labels(run, phase).set(agg[names.M_BALANCED_ACCURACY])
+            if payload.get("duration_seconds") is not None:
+                self.fl_duration.labels(run, phase).set(payload["duration_seconds"])
+            for hospital, n in (payload.get("examples") or {}).items():
+                self.fl_examples.labels(run, hospital).set(n)
+            for direction, key in (("sent", "bytes_sent"), ("received", "bytes_received")):
+                if payload.get(key):
+                    self.fl_bytes.labels(direction).inc(payload[key])
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("uvicorn.access").disabled = True  # our middleware logs each request once
+
+
+access_log = logging.getLogger("fedssl.registry.access")
+
+
+def log_request(method: str, path: str, status: int, seconds: float, client: str | None) -> None:
+    access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
+                    extra={"fields": {"method": method, "path": path, "status": status,
+                                      "duration_ms": round(seconds * 1000, 2), "client": client}})
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,1 @@
+"""Serving: loaded models (bounded cache), dynamic batching, Open Inference Protocol v2."""

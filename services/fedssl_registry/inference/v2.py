@@ -1,0 +1,163 @@
+"""KServe Open Inference Protocol v2 (REST): request decoding, validation, response encoding.
+
+Inputs, exactly one per request, shape [N, 3, S, S] with S the model's image size:
+  `input`  FP32, already normalised with the model's mean/std;
+  `image`  UINT8, raw RGB pixels (normalised here).
+Outputs: classification → `probabilities` FP32 [N, K] and `label` BYTES [N];
+embedding → `embedding` FP32 [N, D].
+Both JSON tensors and the binary tensor data extension (Inference-Header-Content-Length)
+are supported, for requests and responses, as tritonclient and other v2 clients use them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedssl_core import names
+from fedssl_core.preprocessing import normalize_uint8
+
+from ..core.errors import InvalidInput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+DTYPES = {"FP32": np.float32, "UINT8": np.uint8, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "FP64": np.float64}
+INPUTS = {"input": "FP32", "image": "UINT8"}
+
+
+def model_metadata(model: dict, versions: list[int]) -> dict:
+    s = int(model["input_spec"]["image_size"])
+    shape = [-1, 3, s, s]
+    if model["task"] == names.TASK_CLASSIFICATION:
+        k = len(model["input_spec"].get("class_names", []))
+        outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, k]}, {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+    else:
+        outputs = [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]
+    return {
+        "name": model["name"],
+        "versions": [str(v) for v in versions],
+        "platform": "fedssl-pytorch",
+        "inputs": [{"name": n, "datatype": d, "shape": shape} for n, d in INPUTS.items()],
+        "outputs": outputs,
+        "parameters": {"task": model["task"], "architecture": model["architecture"],
+                       "class_names": model["input_spec"].get("class_names", []),
+                       "mean": model["input_spec"].get("mean"), "std": model["input_spec"].get("std")},
+    }
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    tensor: torch.Tensor  # normalised float (N, 3, S, S)
+    outputs: list[dict] | None
+    binary_output: bool
+
+
+def parse_request(body: bytes, header_length: str | None, image_size: int, mean, std) -> InferRequest:
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not 0 <= n <= len(body):
+            raise InvalidInput(f"{HEADER_LENGTH}={n} exceeds the body ({len(body)} bytes)")
+        body, binary = body[:n], body[n:]
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise InvalidInput("request must be a JSON object with a non-empty 'inputs' list")
+    if len(req["inputs"]) != 1:
+        raise InvalidInput(f"expected exactly one input ('input' FP32 or 'image' UINT8), got {len(req['inputs'])}")
+    inp = req["inputs"][0]
+    if not isinstance(inp, dict):
+        raise InvalidInput("each input must be an object with name, shape, datatype and data")
+    name, dtype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
+    if name not in INPUTS:
+        raise InvalidInput(f"unknown input {name!r}; expected 'input' (FP32, normalised) or 'image' (UINT8 pixels)")
+    if dtype != INPUTS[name]:
+        raise InvalidInput(f"input {name!r} must have datatype {INPUTS[name]}, got {dtype!r}")
+    expected = [3, image_size, image_size]
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) for d in shape)
+            and shape[0] >= 1 and shape[1:] == expected):
+        raise InvalidInput(f"input {name!r} has shape {shape}; expected [N, {', '.join(map(str, expected))}]")
+    count = int(np.prod(shape))
+    params = inp.get("parameters") or {}
+    if "binary_data_size" in params:
+        size = int(params["binary_data_size"])
+        if size != len(binary):
+            raise InvalidInput(f"binary_data_size {size} does not match the {len(binary)} bytes after the JSON header")
+        arr = np.frombuffer(binary, dtype=DTYPES[dtype])
+    else:
+        if "data" not in inp:
+            raise InvalidInput(f"input {name!r} has no 'data'")
+        try:
+            arr = np.asarray(inp["data"], dtype=DTYPES[dtype])
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInput(f"input {name!r} data is not a list of {dtype} numbers: {exc}") from None
+    if arr.size != count:
+        raise InvalidInput(f"input {name!r} has {arr.size} values; shape {shape} needs {count}")
+    t = torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
+    t = normalize_uint8(t, mean, std) if dtype == "UINT8" else t.float()
+    if not torch.isfinite(t).all():
+        raise InvalidInput(f"input {name!r} contains NaN or infinite values")
+    outputs = req.get("outputs")
+    req_params = req.get("parameters") or {}
+    binary_output = bool(req_params.get("binary_data_output")) or any(
+        (o.get("parameters") or {}).get("binary_data") for o in (outputs or []) if isinstance(o, dict)
+    )
+    return InferRequest(req.get("id"), t, outputs, binary_output)
+
+
+def _bytes_tensor(values: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
+
+
+def build_response(model_name: str, version: int, task: str, class_names: list[str], out: torch.Tensor,
+                   req: InferRequest) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of the v2 response; binary when the request asked for it."""
+    arr = out.detach().cpu().numpy().astype(np.float32)
+    tensors: list[tuple[str, str, list[int], Any]] = []
+    if task == names.TASK_CLASSIFICATION:
+        tensors.append(("probabilities", "FP32", list(arr.shape), arr))
+        labels = [class_names[i] if i < len(class_names) else str(i) for i in arr.argmax(axis=1)]
+        tensors.append(("label", "BYTES", [len(labels)], labels))
+    else:
+        tensors.append(("embedding", "FP32", list(arr.shape), arr))
+    wanted = None
+    per_output_binary: dict[str, bool] = {}
+    if req.outputs:
+        wanted = set()
+        for o in req.outputs:
+            if not isinstance(o, dict) or "name" not in o:
+                raise InvalidInput("each requested output must be an object with a name")
+            wanted.add(o["name"])
+            per_output_binary[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", req.binary_output))
+        unknown = wanted - {t[0] for t in tensors}
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {', '.join(sorted(unknown))}; this model has {', '.join(t[0] for t in tensors)}")
+    outputs, blobs = [], []
+    for name, dtype, shape, value in tensors:
+        if wanted is not None and name not in wanted:
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": dtype, "shape": shape}
+        if per_output_binary.get(name, req.binary_output):
+            blob = _bytes_tensor(value) if dtype == "BYTES" else np.ascontiguousarray(value).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = value if dtype == "BYTES" else value.reshape(-1).tolist()
+        outputs.append(entry)
+    head = {"model_name": model_name, "model_version": str(version), "outputs": outputs}
+    if req.id is not None:
+        head["id"] = req.id
+    header = json.dumps(head).encode()
+    if blobs:
+        return header + b"".join(blobs), {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
+    return header, {"content-type": "application/json"}

@@ -1,0 +1,108 @@
+"""Application factory and entry point (`fedssl-registry`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from fedssl_core.models import set_torch_threads
+
+from . import __version__, dashboard, db
+from .api.deps import require_read
+from .api.routes import models, runs, v2
+from .core import errors
+from .core.config import Settings
+from .core.errors import error_response
+from .core.observability import Metrics, log_request, now, setup_logging
+from .inference.repository import ModelRepository
+from .service import Registry
+from .storage import ArtifactStore
+
+log = logging.getLogger("fedssl.registry")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """A registry app over `settings` (its own database, artifacts and metrics)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = db.make_engine(settings.db_url)
+    store = ArtifactStore(settings.artifact_dir)
+    registry = Registry(db.make_sessionmaker(engine), store)
+    store.cleanup(registry.referenced_shas())  # leftovers of uploads a crash interrupted
+    metrics = Metrics()
+    registry.listeners.append(metrics.on_registry_event)
+    for m in registry.list_models():
+        if m["latest_version"]:
+            metrics.model_versions.labels(m["name"]).set(m["latest_version"])
+    threads = set_torch_threads(settings.threads or None)
+    repository = ModelRepository(registry, cache_size=settings.model_cache_size, max_batch_size=settings.max_batch_size,
+                                 max_wait_ms=settings.max_batch_wait_ms, threads=min(2, threads), metrics=metrics)
+    registry.listeners.append(lambda event, p: repository.forget(p["model"]) if event == "version_deleted" else None)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        log.info("fedssl registry %s: data %s, database %s, read auth %s", __version__, settings.data_dir,
+                 settings.db_url.split("@")[-1], "on" if settings.read_auth else "off")
+        if not settings.token:
+            log.warning("DEVELOPMENT MODE: no token; anyone who can reach this service can change the registry")
+        yield
+        repository.close()
+        engine.dispose()
+
+    app = FastAPI(title="fedssl model registry", version=__version__, lifespan=lifespan)
+    app.state.settings, app.state.registry, app.state.repository, app.state.metrics = settings, registry, repository, metrics
+    errors.install(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"])
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = now()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
+            response = error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_upload_bytes}")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        elapsed = now() - t0
+        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(template, request.method).observe(elapsed)
+        log_request(request.method, request.url.path, response.status_code, elapsed, request.client.host if request.client else None)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(models.router)
+    app.include_router(runs.router)
+    app.include_router(v2.router)
+    app.include_router(dashboard.router)
+    app.state.require_read = require_read
+    return app
+
+
+def run() -> None:
+    """Console entry point: settings from FEDSSL_REGISTRY_* env, then uvicorn."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        print(f"fedssl-registry: invalid settings: {msgs}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(settings.log_level, settings.log_json)
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+
+
+if __name__ == "__main__":
+    run()

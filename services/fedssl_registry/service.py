@@ -1,0 +1,300 @@
+"""Registry operations over the database and the artifact store: the data plane of /v1.
+
+Transport-independent: routes call these methods and turn `RegistryError`s into JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from fedssl_core import models as core_models
+from fedssl_core import weights
+from fedssl_core.errors import FedSSLError
+
+from . import db
+from .core.errors import Conflict, InvalidInput, ModelNotFound
+from .schemas import NAME_RE, ModelCreate, RoundCreate, RunUpsert, VersionMetadata
+from .storage import ArtifactStore
+
+ROUND_CSV_SCALARS = (
+    "examples", "loss", "ssl_loss_simclr", "ssl_loss_rotation", "finetune_loss", "test_loss", "accuracy",
+    "balanced_accuracy", "macro_auc", "test_examples", "local_only_loss", "local_only_accuracy",
+    "local_only_balanced_accuracy", "local_only_macro_auc",
+)
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    if not NAME_RE.match(name or ""):
+        raise InvalidInput(f"invalid {what} {name!r}: expected ^[a-z0-9][a-z0-9._-]{{0,62}}$")
+    return name
+
+
+class Registry:
+    def __init__(self, sessions: sessionmaker, store: ArtifactStore) -> None:
+        self.sessions = sessions
+        self.store = store
+        self._version_lock = threading.Lock()  # one writer picks version numbers at a time
+        self.listeners: list = []  # callables(event: str, payload: dict) — metrics, caches
+
+    def _emit(self, event: str, payload: dict) -> None:
+        for fn in self.listeners:
+            fn(event, payload)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _model(s: Session, name: str) -> db.RegisteredModel:
+        check_name(name)
+        m = s.scalar(select(db.RegisteredModel).where(db.RegisteredModel.name == name))
+        if m is None:
+            raise ModelNotFound(f"model {name!r} not found")
+        return m
+
+    @staticmethod
+    def _version(s: Session, m: db.RegisteredModel, version: int) -> db.ModelVersion:
+        v = s.scalar(select(db.ModelVersion).where(db.ModelVersion.model_id == m.id, db.ModelVersion.version == version))
+        if v is None:
+            raise ModelNotFound(f"model {m.name!r} has no version {version}")
+        return v
+
+    @staticmethod
+    def model_dict(m: db.RegisteredModel) -> dict:
+        latest = max((v.version for v in m.versions), default=None)
+        return {
+            "name": m.name, "description": m.description, "task": m.task, "architecture": m.architecture,
+            "input_spec": m.input_spec, "latest_version": latest, "versions": len(m.versions),
+            "aliases": {a.alias: a.version for a in sorted(m.aliases, key=lambda a: a.alias)},
+            "created_at": db.iso(m.created_at),
+        }
+
+    @staticmethod
+    def version_dict(m: db.RegisteredModel, v: db.ModelVersion) -> dict:
+        return {
+            "model": m.name, "version": v.version, "sha256": v.sha256, "size_bytes": v.size_bytes,
+            "created_at": db.iso(v.created_at), "tags": v.tags or {}, "lineage": v.lineage or {},
+            "aliases": sorted(a.alias for a in m.aliases if a.version == v.version),
+            "data_source": v.data_source, "synthetic_data": v.synthetic_data,
+        }
+
+    # ------------------------------------------------------------------ models
+    def create_model(self, body: ModelCreate) -> dict:
+        if body.task == "classification" and len(body.input_spec.class_names) < 2:
+            raise InvalidInput("a classification model needs input_spec.class_names with at least 2 classes")
+        with self.sessions.begin() as s:
+            if s.scalar(select(db.RegisteredModel).where(db.RegisteredModel.name == body.name)) is not None:
+                raise Conflict(f"model {body.name!r} already exists")
+            m = db.RegisteredModel(name=body.name, description=body.description, task=body.task,
+                                   architecture=body.architecture, input_spec=body.input_spec.model_dump())
+            s.add(m)
+            s.flush()
+            out = self.model_dict(m)
+        self._emit("model", out)
+        return out
+
+    def list_models(self) -> list[dict]:
+        with self.sessions() as s:
+            return [self.model_dict(m) for m in s.scalars(select(db.RegisteredModel).order_by(db.RegisteredModel.name))]
+
+    def get_model(self, name: str) -> dict:
+        with self.sessions() as s:
+            return self.model_dict(self._model(s, name))
+
+    # ------------------------------------------------------------------ versions
+    def _validate_weights(self, m: dict, path: Path) -> None:
+        try:
+            state = weights.from_bytes(path.read_bytes())
+            num_classes = len(m["input_spec"].get("class_names", [])) or None
+            model = core_models.build_inference_model(m["task"], m["architecture"], num_classes)
+            weights.load_into(model, state)
+        except FedSSLError as exc:
+            raise InvalidInput(f"weights rejected for {m['name']!r} ({m['task']}, {m['architecture']}): {exc}") from exc
+
+    def create_version(self, name: str, temp: Path, meta: VersionMetadata) -> dict:
+        """Turn an uploaded temp file into the next version: validate, store, then one
+        transaction; concurrent uploads get distinct, gap-free numbers."""
+        try:
+            model = self.get_model(name)
+            self._validate_weights(model, temp)
+            sha, size = self.store.commit(temp)
+        finally:
+            temp.unlink(missing_ok=True)
+        for _ in range(5):
+            with self._version_lock:
+                try:
+                    with self.sessions.begin() as s:
+                        m = self._model(s, name)
+                        number = (s.scalar(select(func.max(db.ModelVersion.version)).where(db.ModelVersion.model_id == m.id)) or 0) + 1
+                        v = db.ModelVersion(model_id=m.id, version=number, sha256=sha, size_bytes=size, tags=meta.tags,
+                                            lineage=meta.lineage, data_source=meta.data_source, synthetic_data=meta.synthetic_data)
+                        s.add(v)
+                        s.flush()
+                        s.refresh(m)
+                        out = self.version_dict(m, v)
+                    break
+                except IntegrityError:  # another process took the number: try the next one
+                    continue
+        else:
+            raise Conflict(f"could not allocate a version number for {name!r}; retry the upload")
+        self._emit("version", out)
+        return out
+
+    def list_versions(self, name: str) -> list[dict]:
+        with self.sessions() as s:
+            m = self._model(s, name)
+            return [self.version_dict(m, v) for v in m.versions]
+
+    def get_version(self, name: str, version: int) -> dict:
+        with self.sessions() as s:
+            m = self._model(s, name)
+            return self.version_dict(m, self._version(s, m, version))
+
+    def resolve(self, name: str, version: int | None = None, alias: str | None = None) -> tuple[dict, dict]:
+        """(model, version) for a request: an explicit version, an alias, else `production`,
+        else the latest."""
+        with self.sessions() as s:
+            m = self._model(s, name)
+            aliases = {a.alias: a.version for a in m.aliases}
+            if version is None:
+                if alias is not None:
+                    if alias not in aliases:
+                        raise ModelNotFound(f"model {name!r} has no alias {alias!r}")
+                    version = aliases[alias]
+                elif "production" in aliases:
+                    version = aliases["production"]
+                elif m.versions:
+                    version = max(v.version for v in m.versions)
+                else:
+                    raise ModelNotFound(f"model {name!r} has no versions yet")
+            return self.model_dict(m), self.version_dict(m, self._version(s, m, version))
+
+    def weights_path(self, name: str, version: int) -> Path:
+        v = self.get_version(name, version)
+        path = self.store.path(v["sha256"])
+        if not path.is_file():
+            raise ModelNotFound(f"weights of {name!r} version {version} are missing from the artifact store")
+        return path
+
+    def delete_version(self, name: str, version: int) -> None:
+        with self.sessions.begin() as s:
+            m = self._model(s, name)
+            v = self._version(s, m, version)
+            held = sorted(a.alias for a in m.aliases if a.version == version)
+            if held:
+                raise Conflict(f"version {version} of {name!r} is held by alias(es) {', '.join(held)}; move or delete them first")
+            sha = v.sha256
+            s.delete(v)
+        with self.sessions() as s:
+            still_used = s.scalar(select(func.count()).select_from(db.ModelVersion).where(db.ModelVersion.sha256 == sha))
+        if not still_used:
+            self.store.path(sha).unlink(missing_ok=True)
+        self._emit("version_deleted", {"model": name, "version": version})
+
+    # ------------------------------------------------------------------ aliases
+    def set_alias(self, name: str, alias: str, version: int) -> dict:
+        check_name(alias, "alias")
+        with self.sessions.begin() as s:
+            m = self._model(s, name)
+            self._version(s, m, version)
+            existing = next((a for a in m.aliases if a.alias == alias), None)
+            if existing:
+                existing.version = version
+            else:
+                s.add(db.Alias(model_id=m.id, alias=alias, version=version))
+        self._emit("alias", {"model": name, "alias": alias, "version": version})
+        return self.get_model(name)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        with self.sessions.begin() as s:
+            m = self._model(s, name)
+            existing = next((a for a in m.aliases if a.alias == alias), None)
+            if existing is None:
+                raise ModelNotFound(f"model {name!r} has no alias {alias!r}")
+            s.delete(existing)
+        self._emit("alias", {"model": name, "alias": alias, "version": None})
+
+    def referenced_shas(self) -> set[str]:
+        with self.sessions() as s:
+            return set(s.scalars(select(db.ModelVersion.sha256)))
+
+    # ------------------------------------------------------------------ runs
+    @staticmethod
+    def _run_dict(r: db.Run, rounds: list[db.Round]) -> dict:
+        done = {}
+        for rd in rounds:
+            done[rd.phase] = max(done.get(rd.phase, 0), rd.round)
+        return {**r.body, "run_id": r.run_id, "rounds_done": done, "rounds_total": len(rounds),
+                "created_at": db.iso(r.created_at), "updated_at": db.iso(r.updated_at)}
+
+    def upsert_run(self, run_id: str, body: RunUpsert) -> dict:
+        check_name(run_id, "run id")
+        with self.sessions.begin() as s:
+            r = s.get(db.Run, run_id)
+            if r is None:
+                r = db.Run(run_id=run_id, body=body.model_dump())
+                s.add(r)
+            else:
+                r.body = body.model_dump()
+                r.updated_at = db.utcnow()
+            s.flush()
+            out = self._run_dict(r, list(s.scalars(select(db.Round).where(db.Round.run_id == run_id))))
+        self._emit("run", out)
+        return out
+
+    def add_round(self, run_id: str, body: RoundCreate) -> dict:
+        with self.sessions.begin() as s:
+            if s.get(db.Run, run_id) is None:
+                raise ModelNotFound(f"run {run_id!r} not found; PUT /v1/runs/{run_id} first")
+            existing = s.scalar(select(db.Round).where(db.Round.run_id == run_id, db.Round.phase == body.phase, db.Round.round == body.round))
+            data = body.model_dump()
+            if existing:  # a retried POST replaces, never duplicates
+                existing.body = data
+            else:
+                s.add(db.Round(run_id=run_id, phase=body.phase, round=body.round, body=data))
+            run = s.get(db.Run, run_id)
+            run.updated_at = db.utcnow()
+        self._emit("round", {"run_id": run_id, **data})
+        return {"run_id": run_id, **data}
+
+    def list_runs(self) -> list[dict]:
+        with self.sessions() as s:
+            runs = list(s.scalars(select(db.Run).order_by(db.Run.created_at.desc())))
+            return [self._run_dict(r, list(s.scalars(select(db.Round).where(db.Round.run_id == r.run_id)))) for r in runs]
+
+    def get_run(self, run_id: str) -> dict:
+        with self.sessions() as s:
+            r = s.get(db.Run, run_id)
+            if r is None:
+                raise ModelNotFound(f"run {run_id!r} not found")
+            return self._run_dict(r, list(s.scalars(select(db.Round).where(db.Round.run_id == run_id))))
+
+    def rounds(self, run_id: str) -> list[dict]:
+        self.get_run(run_id)
+        with self.sessions() as s:
+            rows = s.scalars(select(db.Round).where(db.Round.run_id == run_id).order_by(db.Round.id))
+            order = {"ssl": 0, "finetune": 1}
+            return sorted((r.body for r in rows), key=lambda b: (order.get(b["phase"], 9), b["round"]))
+
+    def rounds_csv(self, run_id: str) -> str:
+        buf = io.StringIO()
+        cols = ["phase", "round", "hospital", *ROUND_CSV_SCALARS, "duration_seconds", "bytes_sent", "bytes_received"]
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for rd in self.rounds(run_id):
+            base = {"phase": rd["phase"], "round": rd["round"]}
+            w.writerow({**base, "hospital": "aggregated", **_scalars(rd.get("aggregated", {})),
+                        "duration_seconds": rd.get("duration_seconds"), "bytes_sent": rd.get("bytes_sent"),
+                        "bytes_received": rd.get("bytes_received")})
+            for h, m in sorted(rd.get("hospitals", {}).items()):
+                w.writerow({**base, "hospital": h, **_scalars(m)})
+        return buf.getvalue()
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
