@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# fedssl on one machine: a model registry, a Flower SuperLink and one SuperNode per hospital,
+# all as local processes; trains across the hospitals, then leaves the registry serving.
+#
+#   ./deploy-local.sh                      # = up with defaults
+#   ./deploy-local.sh up [--hospitals N] [--rounds N] [--finetune-rounds N] [--image-size PX]
+#                        [--data auto|synthetic|PATH] [--max-images N]
+#   ./deploy-local.sh status
+#   ./deploy-local.sh down                 # stops exactly what `up` started
+#   ./deploy-local.sh --kind ...           # the same on a kind cluster (scripts/deploy-kind.sh)
+#
+# Environment: FEDSSL_HOME (state, default ./.fedssl), FEDSSL_SUPERLINK_PORT (default 9460),
+# FEDSSL_REGISTRY_PORT (default 8460), FEDSSL_DATA (a HAM10000 copy for --data auto).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+if [ "${1:-}" = "--kind" ]; then
+  shift
+  if [ ! -x "$ROOT/scripts/deploy-kind.sh" ]; then
+    echo "deploy-local.sh: --kind needs scripts/deploy-kind.sh, which this checkout does not have" >&2
+    exit 2
+  fi
+  exec "$ROOT/scripts/deploy-kind.sh" "$@"
+fi
+
+FEDSSL_HOME="${FEDSSL_HOME:-$ROOT/.fedssl}"
+SUPERLINK_PORT="${FEDSSL_SUPERLINK_PORT:-9460}"
+REGISTRY_PORT="${FEDSSL_REGISTRY_PORT:-8460}"
+VENV="$ROOT/.venv"
+PIDS="$FEDSSL_HOME/pids"
+LOGS="$FEDSSL_HOME/logs"
+TASKS=(simclr rotation)
+
+say() { printf '\033[1m[fedssl]\033[0m %s\n' "$*"; }
+warn() { printf '\033[1;33m[fedssl] WARNING:\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[fedssl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+port_busy() { "$VENV/bin/python" -c "import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(('127.0.0.1',$1))==0 else 1)"; }
+
+# start NAME CMD...: run CMD in its own session (so `down` can stop its whole process group).
+start() {
+  local name="$1"; shift
+  if alive "$PIDS/$name.pid"; then
+    say "$name already running (pid $(cat "$PIDS/$name.pid"))"
+    return
+  fi
+  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! >"$PIDS/$name.pid"
+}
+
+stop() {
+  local pidfile="$1" pid
+  pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+wait_http() {  # URL NAME LOG
+  for _ in $(seq 1 240); do
+    if "$VENV/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('$1', timeout=2)" 2>/dev/null; then return 0; fi
+    sleep 0.5
+  done
+  tail -n 20 "$3" >&2 || true
+  die "$2 did not become ready at $1 (log: $3)"
+}
+
+wait_port() {  # PORT NAME LOG PIDFILE
+  for _ in $(seq 1 240); do
+    port_busy "$1" && return 0
+    alive "$4" || { tail -n 20 "$3" >&2; die "$2 exited during start-up (log: $3)"; }
+    sleep 0.5
+  done
+  die "$2 did not listen on port $1 (log: $3)"
+}
+
+cmd_down() {
+  local any=0
+  if [ -d "$PIDS" ]; then
+    for f in "$PIDS"/*.pid; do
+      [ -e "$f" ] || continue
+      say "stopping $(basename "$f" .pid)"
+      stop "$f"; any=1
+    done
+  fi
+  [ "$any" = 1 ] || say "nothing to stop"
+}
+
+cmd_status() {
+  if [ ! -d "$PIDS" ] || [ -z "$(ls -A "$PIDS" 2>/dev/null)" ]; then
+    say "nothing running (FEDSSL_HOME=$FEDSSL_HOME)"
+    return 0
+  fi
+  for f in "$PIDS"/*.pid; do
+    if alive "$f"; then echo "  running  $(basename "$f" .pid) (pid $(cat "$f"))"; else echo "  stopped  $(basename "$f" .pid)"; fi
+  done
+  if alive "$PIDS/registry.pid" && [ -f "$FEDSSL_HOME/registry.url" ]; then
+    say "registry: $(cat "$FEDSSL_HOME/registry.url")  (dashboard at /, token in $FEDSSL_HOME/registry.token)"
+  fi
+}
+
+resolve_data() {  # prints "ham10000 PATH" or "synthetic"
+  local choice="$1"
+  case "$choice" in
+    synthetic) echo "synthetic"; return ;;
+    auto)
+      if [ -n "${FEDSSL_DATA:-}" ]; then
+        [ -f "$FEDSSL_DATA/HAM10000_metadata.csv" ] || die "FEDSSL_DATA=$FEDSSL_DATA has no HAM10000_metadata.csv (expected the Kaggle HAM10000 layout)"
+        echo "ham10000 $FEDSSL_DATA"; return
+      fi
+      if [ -f "$ROOT/data/ham10000/HAM10000_metadata.csv" ]; then echo "ham10000 $ROOT/data/ham10000"; return; fi
+      if { [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; } || [ -f "${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json" ]; then
+        echo "ham10000 $ROOT/data/ham10000"; return  # the hospitals download it from Kaggle
+      fi
+      echo "synthetic"; return ;;
+    *)
+      [ -f "$choice/HAM10000_metadata.csv" ] || die "--data $choice: no HAM10000_metadata.csv there (expected the Kaggle HAM10000 layout)"
+      echo "ham10000 $(cd "$choice" && pwd)" ;;
+  esac
+}
+
+cmd_up() {
+  local hospitals=3 rounds=3 ft_rounds=2 image_size=64 data=auto max_images=600
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --hospitals) hospitals="${2:?--hospitals needs a number}"; shift 2 ;;
+      --rounds) rounds="${2:?--rounds needs a number}"; shift 2 ;;
+      --finetune-rounds) ft_rounds="${2:?--finetune-rounds needs a number}"; shift 2 ;;
+      --image-size) image_size="${2:?--image-size needs pixels}"; shift 2 ;;
+      --data) data="${2:?--data needs auto, synthetic or a path}"; shift 2 ;;
+      --max-images) max_images="${2:?--max-images needs a number (0 = all)}"; shift 2 ;;
+      -h|--help) usage; exit 0 ;;
+      *) usage >&2; die "unknown option '$1'" ;;
+    esac
+  done
+  is_int "$hospitals" && [ "$hospitals" -ge 1 ] || die "--hospitals must be a whole number >= 1, got '$hospitals'"
+  is_int "$rounds" || die "--rounds must be a whole number, got '$rounds'"
+  is_int "$ft_rounds" || die "--finetune-rounds must be a whole number, got '$ft_rounds'"
+  is_int "$image_size" && [ "$image_size" -ge 16 ] || die "--image-size must be a whole number >= 16, got '$image_size'"
+  is_int "$max_images" || die "--max-images must be a whole number (0 = all), got '$max_images'"
+
+  command -v python3 >/dev/null || die "python3 (>= 3.11) is required and was not found"
+  "$ROOT/scripts/bootstrap.sh"
+  export PATH="$VENV/bin:$PATH" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+  mkdir -p "$PIDS" "$LOGS" "$FEDSSL_HOME/runs" "$FEDSSL_HOME/cache"
+
+  local source path="" warning=""
+  read -r source path <<<"$(resolve_data "$data")"
+  if [ "$source" = synthetic ]; then
+    warning="SYNTHETIC DATA: no HAM10000 found (--data auto looked at \$FEDSSL_DATA, ./data/ham10000 and Kaggle credentials); this model says nothing about real patients"
+    warn "$warning"
+    [ "$data" = synthetic ] || warn "put HAM10000 at ./data/ham10000, set FEDSSL_DATA, or provide Kaggle credentials to train on real images"
+  fi
+
+  # Registry (with a token generated once and kept private).
+  local token_file="$FEDSSL_HOME/registry.token"
+  if [ ! -s "$token_file" ]; then
+    (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$token_file")
+  fi
+  chmod 600 "$token_file"
+  local token registry_url="http://127.0.0.1:$REGISTRY_PORT"
+  token="$(cat "$token_file")"
+  if ! alive "$PIDS/registry.pid"; then
+    port_busy "$REGISTRY_PORT" && die "port $REGISTRY_PORT is taken by another program; set FEDSSL_REGISTRY_PORT to a free port"
+    say "starting the registry on $registry_url"
+    FEDSSL_REGISTRY_TOKEN="$token" FEDSSL_REGISTRY_PORT="$REGISTRY_PORT" FEDSSL_REGISTRY_DATA_DIR="$FEDSSL_HOME/registry" \
+      start registry "$VENV/bin/fedssl-registry"
+  fi
+  wait_http "$registry_url/v2/health/ready" registry "$LOGS/registry.log"
+  echo "$registry_url" >"$FEDSSL_HOME/registry.url"
+
+  # SuperLink, its state in SQLite so SuperNodes survive a restart.
+  if ! alive "$PIDS/superlink.pid"; then
+    port_busy "$SUPERLINK_PORT" && die "port $SUPERLINK_PORT is taken by another program; set FEDSSL_SUPERLINK_PORT to a free port"
+    say "starting the Flower SuperLink on 127.0.0.1:$SUPERLINK_PORT"
+    FLWR_HOME="$FEDSSL_HOME/flwr-superlink" FEDSSL_REGISTRY_URL="$registry_url" FEDSSL_REGISTRY_TOKEN="$token" \
+      FEDSSL_RUNS_DIR="$FEDSSL_HOME/runs" \
+      start superlink flower-superlink --insecure --host 127.0.0.1 --port "$SUPERLINK_PORT" \
+        --database "$FEDSSL_HOME/superlink.db" --disable-runtime-dependency-installation
+  fi
+  wait_port "$SUPERLINK_PORT" SuperLink "$LOGS/superlink.log" "$PIDS/superlink.pid"
+
+  # One SuperNode per hospital: alternating SSL tasks, one partition each.
+  local partition_by=lesion
+  if [ "$source" = ham10000 ] && [ -f "$path/HAM10000_metadata_dataverse.csv" ] && [ "$hospitals" -le 4 ]; then
+    partition_by=site  # the acquisition sites: real, non-IID hospitals
+  fi
+  local i name task node_config
+  for i in $(seq 0 $((hospitals - 1))); do
+    name="hospital-$((i + 1))"
+    task="${TASKS[$((i % ${#TASKS[@]}))]}"
+    node_config="hospital=\"$name\" ssl-task=\"$task\" data-source=\"$source\" partition-id=$i num-partitions=$hospitals"
+    node_config+=" partition-by=\"$partition_by\" max-images=$max_images cache-dir=\"$FEDSSL_HOME/cache\""
+    [ -n "$path" ] && node_config+=" data-path=\"$path\""
+    if ! alive "$PIDS/$name.pid"; then
+      say "starting SuperNode $name (ssl-task=$task, partition $((i + 1))/$hospitals by $partition_by)"
+      FLWR_HOME="$FEDSSL_HOME/flwr-$name" start "$name" flower-supernode --insecure --superlink "127.0.0.1:$SUPERLINK_PORT" \
+        --port "$(free_port)" --node-config "$node_config"
+    fi
+  done
+
+  local min_hospitals=$(( hospitals < 2 ? hospitals : 2 ))
+  say "submitting the run: $rounds SSL + $ft_rounds fine-tune rounds at ${image_size}px on $hospitals hospitals ($source data)"
+  local rc=0
+  fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
+    -c "ssl-rounds=$rounds" -c "finetune-rounds=$ft_rounds" -c "image-size=$image_size" \
+    -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "data-warning=\"$warning\"" || rc=$?
+
+  # Training is over either way: free the CPU, keep the registry serving.
+  for f in "$PIDS"/hospital-*.pid "$PIDS/superlink.pid"; do [ -e "$f" ] && stop "$f"; done
+  if [ "$rc" -ne 0 ]; then
+    die "the federated run failed (see above; logs in $LOGS). The registry is still up: ./deploy-local.sh down stops it"
+  fi
+
+  local sample="$FEDSSL_HOME/sample.png"
+  if [ "$source" = ham10000 ] && [ -d "$path/HAM10000_images_part_1" ]; then
+    sample="$(find "$path/HAM10000_images_part_1" -name '*.jpg' | sort | head -n 1)"
+  else
+    "$VENV/bin/python" -c "from PIL import Image; Image.new('RGB', (64, 64), (180, 120, 90)).save('$sample')"
+  fi
+  say "done. The registry keeps serving at $registry_url (dashboard: $registry_url/)"
+  say "classify an image (KServe-style REST):"
+  echo
+  echo "  curl -s -H \"Authorization: Bearer \$(cat $token_file)\" -F \"file=@$sample\" $registry_url/v1/models/fedssl-classifier:predict"
+  echo
+  say "models: curl -s $registry_url/v1/models | python3 -m json.tool ; stop everything: ./deploy-local.sh down"
+}
+
+main() {
+  local cmd="${1:-up}"
+  case "$cmd" in
+    up) [ $# -gt 0 ] && shift; cmd_up "$@" ;;
+    status) cmd_status ;;
+    down) cmd_down ;;
+    -h|--help|help) usage ;;
+    --*) cmd_up "$@" ;;
+    *) usage >&2; die "unknown command '$cmd' (expected up, status, down or --kind)" ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,138 @@
+"""`fedssl-submit`: submit a fedssl run to a SuperLink with the `flwr` CLI and follow it.
+
+Prints the aggregator's progress lines while the run goes, and exits 0 only when Flower
+reports the run `finished:completed`. `flwr run --stream` exits 0 even when a run fails,
+so the final status comes from `flwr ls --run-id ID --format json`; on failure the
+ServerApp's error is printed and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CONNECTION = "fedssl"
+PROGRESS_MARK = "[fedssl]"
+
+
+def _flwr() -> str:
+    exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    if not Path(exe).exists():
+        raise SystemExit("fedssl-submit: the `flwr` CLI is not installed (pip install 'fedssl[flower]')")
+    return exe
+
+
+def write_cli_config(home: Path, superlink: str, root_certificates: str | None) -> None:
+    """The flwr CLI reads SuperLink connections from $FLWR_HOME/config.toml."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{superlink}"']
+    if root_certificates:
+        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
+    else:
+        lines.append("insecure = true")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _run(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _json_out(proc: subprocess.CompletedProcess) -> dict:
+    text = proc.stdout.strip()
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except ValueError:
+        return {}
+
+
+def run_status(flwr: str, run_id: str, env: dict) -> str:
+    proc = _run([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env, timeout=60)
+    runs = _json_out(proc).get("runs") or []
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def follow(flwr: str, run_id: str, env: dict, stop: threading.Event) -> None:
+    """Print the aggregator's progress lines from the run's log stream until `stop`."""
+    proc = subprocess.Popen([flwr, "log", run_id, CONNECTION, "--stream"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if PROGRESS_MARK in line:
+                print(line[line.index(PROGRESS_MARK):].rstrip(), flush=True)
+            if stop.is_set():
+                break
+    finally:
+        proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedssl-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--superlink", default=os.environ.get("FEDSSL_SUPERLINK", ""), help="SuperLink HOST:PORT (env FEDSSL_SUPERLINK)")
+    p.add_argument("--root-certificates", default=os.environ.get("FEDSSL_SUPERLINK_CA"), help="CA certificate (PEM) for TLS; omit for an insecure SuperLink")
+    p.add_argument("--app", default=os.environ.get("FEDSSL_APP_DIR", str(Path(__file__).resolve().parents[2])), help="Flower App directory (holds pyproject.toml)")
+    p.add_argument("--run-config", "-c", action="append", default=[], help="run config override key=value (repeatable)")
+    p.add_argument("--flwr-home", default=None, help="directory for the flwr CLI's config (default: a temporary one)")
+    p.add_argument("--poll-seconds", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
+    args = p.parse_args(argv)
+    if not args.superlink:
+        p.error("--superlink HOST:PORT is required (or set FEDSSL_SUPERLINK)")
+    if not (Path(args.app) / "pyproject.toml").is_file():
+        p.error(f"--app {args.app} has no pyproject.toml; point it at the fedssl project directory")
+
+    flwr = _flwr()
+    home = Path(args.flwr_home) if args.flwr_home else Path(tempfile.mkdtemp(prefix="fedssl-flwr-"))
+    write_cli_config(home, args.superlink, args.root_certificates)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+    cmd = [flwr, "run", args.app, CONNECTION, "--format", "json"]
+    for kv in args.run_config:
+        cmd += ["--run-config", kv]
+    submitted = _run(cmd, env)
+    out = _json_out(submitted)
+    if not out.get("success"):
+        msg = out.get("error-message") or (submitted.stderr or submitted.stdout).strip()
+        print(f"fedssl-submit: submitting the run to {args.superlink} failed: {msg}", file=sys.stderr)
+        return 1
+    run_id = str(out["run-id"])
+    print(f"[fedssl] submitted run {run_id} to SuperLink {args.superlink}", flush=True)
+
+    stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(flwr, run_id, env, stop), daemon=True)
+    follower.start()
+    started = time.monotonic()
+    status = "unknown"
+    while True:
+        status = run_status(flwr, run_id, env)
+        if status.startswith("finished"):
+            break
+        if args.timeout and time.monotonic() - started > args.timeout:
+            print(f"fedssl-submit: run {run_id} still '{status}' after {args.timeout:.0f}s; giving up (the run goes on)", file=sys.stderr)
+            return 2
+        time.sleep(args.poll_seconds)
+    time.sleep(1.0)  # let the log stream flush the last lines
+    stop.set()
+
+    if status == "finished:completed":
+        print(f"[fedssl] run {run_id} finished: completed", flush=True)
+        return 0
+    logs = _run([flwr, "log", run_id, CONNECTION, "--show"], env, timeout=60).stdout
+    failure = [ln[ln.index(PROGRESS_MARK):] for ln in logs.splitlines() if PROGRESS_MARK in ln and "FAILED" in ln]
+    tail = [ln for ln in logs.splitlines() if ln.strip()][-15:]
+    print(f"fedssl-submit: run {run_id} ended with status {status}", file=sys.stderr)
+    print("\n".join(failure or tail), file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
