@@ -1,0 +1,106 @@
+"""Real processes: registry + SuperLink + 2 SuperNodes (SimCLR and rotation hospitals), one
+SSL and one fine-tune round on real HAM10000 images at 32 px."""
+
+import csv
+import json
+
+import pytest
+
+from fedssl_core import names
+from tests.support import processes as P
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ham10000_dir):
+    work = tmp_path_factory.mktemp("federation")
+    with P.cluster(work) as c:
+        registry = P.start_registry(c, work / "registry")
+        _, port = P.start_superlink(c, registry=registry)
+        for i, task in enumerate(names.SSL_TASKS):
+            P.start_supernode(c, port, f"node-{task}", P.node_config(
+                hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
+                                                "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")}))
+        result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5")
+        assert result.returncode == 0, result.stdout + result.stderr + c.logs()
+        with registry.client() as http:
+            state = {
+                "models": http.get("/v1/models").json()["models"],
+                "classifier_versions": http.get(f"/v1/models/{names.CLASSIFIER_MODEL}/versions").json()["versions"],
+                "encoder_versions": http.get(f"/v1/models/{names.ENCODER_MODEL}/versions").json()["versions"],
+                "runs": http.get("/v1/runs").json()["runs"],
+            }
+            image = next((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))
+            state["prediction"] = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict",
+                                            files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
+            state["rounds_csv"] = http.get(f"/v1/runs/{state['runs'][0]['run_id']}/rounds.csv").text
+        yield result, work, state
+
+
+def test_progress_is_printed(finished_run):
+    result, _, _ = finished_run
+    assert "phase=ssl round=1/1 hospitals=2" in result.stdout
+    assert "phase=finetune round=1/1 hospitals=2" in result.stdout
+    assert "finished: completed" in result.stdout
+
+
+def test_run_folder_has_metrics_weights_and_summary(finished_run):
+    _, work, _ = finished_run
+    (run_dir,) = (work / "runs").iterdir()
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [(r["phase"], r["round"], r["hospital"]) for r in rows] == [
+        ("ssl", "1", "aggregated"), ("ssl", "1", "hospital-rotation"), ("ssl", "1", "hospital-simclr"),
+        ("finetune", "1", "aggregated"), ("finetune", "1", "hospital-rotation"), ("finetune", "1", "hospital-simclr")]
+    by = {(r["phase"], r["hospital"]): r for r in rows}
+    assert float(by[("ssl", "hospital-simclr")]["ssl_loss_simclr"]) > 0
+    assert float(by[("ssl", "hospital-rotation")]["ssl_loss_rotation"]) > 0
+    for h in ("hospital-rotation", "hospital-simclr"):
+        r = by[("finetune", h)]
+        assert 0 <= float(r["balanced_accuracy"]) <= 1 and 0 <= float(r["local_only_balanced_accuracy"]) <= 1
+    assert int(by[("finetune", "aggregated")]["examples"]) == sum(int(by[("finetune", h)]["examples"]) for h in ("hospital-rotation", "hospital-simclr"))
+    assert sorted(p.name for p in (run_dir / "weights").iterdir()) == ["finetune-round-001.safetensors", "ssl-round-001.safetensors"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["classes"] == list(names.HAM10000_CLASSES)
+    assert sorted(summary["hospitals"]) == ["hospital-rotation", "hospital-simclr"]
+    assert summary["final_metrics"]["finetune"]["confusion_matrix"]
+
+
+def test_models_are_registered_with_lineage_and_aliases(finished_run):
+    _, work, state = finished_run
+    run_id = next((work / "runs").iterdir()).name
+    by_name = {m["name"]: m for m in state["models"]}
+    assert by_name[names.CLASSIFIER_MODEL]["task"] == "classification"
+    assert by_name[names.ENCODER_MODEL]["task"] == "embedding"
+    (clf,) = state["classifier_versions"]
+    assert clf["lineage"]["run_id"] == run_id and clf["lineage"]["phase"] == "finetune" and clf["lineage"]["round"] == 1
+    assert clf["lineage"]["hospitals"] == ["hospital-rotation", "hospital-simclr"]
+    assert 0 <= clf["lineage"]["metrics"]["balanced_accuracy"] <= 1
+    assert clf["aliases"] == ["production"] and clf["synthetic_data"] is False
+    assert [v["lineage"]["phase"] for v in state["encoder_versions"]] == ["ssl", "finetune"]
+    assert state["encoder_versions"][-1]["aliases"] == ["production"]
+
+
+def test_registry_tracked_the_run_and_serves_the_classifier(finished_run):
+    _, _, state = finished_run
+    (run,) = state["runs"]
+    assert run["status"] == "succeeded" and run["rounds_done"] == {"ssl": 1, "finetune": 1}
+    assert set(run["hospitals"]) == {"hospital-rotation", "hospital-simclr"}
+    assert sum(run["hospitals"]["hospital-simclr"]["class_counts"].values()) == run["hospitals"]["hospital-simclr"]["train_examples"]
+    assert state["rounds_csv"].splitlines()[0].startswith("phase,round,hospital,")
+    assert len(state["rounds_csv"].splitlines()) == 1 + 6
+    pred = state["prediction"]
+    assert pred["model"] == names.CLASSIFIER_MODEL and pred["version"] == 1
+    assert pred["label"] in names.HAM10000_CLASSES
+    assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_hospital_without_its_dataset_fails_the_run_with_its_error(tmp_path):
+    with P.cluster(tmp_path) as c:
+        _, port = P.start_superlink(c)
+        for i in range(2):
+            P.start_supernode(c, port, f"n{i}", P.node_config(hospital=f"h{i}", **{"data-path": str(tmp_path / "missing")}))
+        result = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=32", timeout=300)
+    assert result.returncode == 1
+    assert "hospital(s) failed at start-up" in result.stderr
+    assert f"no HAM10000_metadata.csv under {tmp_path / 'missing'}" in result.stderr
