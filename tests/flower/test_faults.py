@@ -1,0 +1,62 @@
+"""Faults on real processes: a hospital killed mid-round does not stop the federation."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.support import processes as P
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rounds(work):
+    files = list((work / "runs").glob("*/rounds.jsonl"))
+    return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+
+
+def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
+    import subprocess
+
+    with P.cluster(tmp_path) as c:
+        _, port = P.start_superlink(c)
+
+        def hospital(name, i):
+            return P.start_supernode(c, port, f"{name}-{time.monotonic_ns()}", P.node_config(
+                hospital=name, **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "partition-id": i,
+                                  "num-partitions": 2, "max-images": 100, "cache-dir": str(tmp_path / "cache")}))
+
+        hospital("steady", 0)
+        victim = hospital("flaky", 1)
+        args = [str(P.VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{port}", "--app", str(P.REPO_ROOT),
+                "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "1",
+                "-c", "ssl-rounds=3", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
+                "-c", "round-timeout=40.0", "-c", "local-baseline=false", "-c", "probe-epochs=2"]
+        submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: len(rounds(tmp_path)) >= 1, 300, "round 1")
+            time.sleep(2.0)  # round 2's training messages are out: kill mid-round
+            victim.kill(signal.SIGKILL)
+            hospital("flaky", 1)  # the hospital comes back as a new SuperNode
+            out, _ = submit.communicate(timeout=600)
+        finally:
+            if submit.poll() is None:
+                submit.kill()
+        assert submit.returncode == 0, out + c.logs()
+
+    history = rounds(tmp_path)
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert sorted(history[0]["hospitals"]) == ["flaky", "steady"]
+    assert sorted(history[1]["hospitals"]) == ["steady"] and history[1]["failed_hospitals"] == ["flaky"]
+    assert "hospital flaky did not answer; aggregating the 1 others" in out
+    assert sorted(history[2]["hospitals"]) == ["flaky", "steady"]  # rejoined
