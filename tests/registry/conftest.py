@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from fedssl_core import names, weights
+from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
+from tests.support import processes as P
+
+CLASSES = ["akiec", "bcc", "bkl"]
+IMAGE_SIZE = 32
+
+
+def classifier_bytes(seed: int = 0, num_classes: int = len(CLASSES)) -> bytes:
+    torch.manual_seed(seed)
+    state = select_groups(FedSSLModel(num_classes=num_classes).state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
+    return weights.to_bytes(state, {"fedssl.task": "classification"})
+
+
+def model_body(name="clf", task="classification"):
+    return {"name": name, "task": task, "architecture": "resnet18", "description": "test model",
+            "input_spec": {"image_size": IMAGE_SIZE, "class_names": CLASSES if task == "classification" else []}}
+
+
+def upload(http, name, blob, metadata=None):
+    data = {"metadata": json.dumps(metadata)} if metadata is not None else {}
+    return http.post(f"/v1/models/{name}/versions", files={"file": ("w.safetensors", blob, "application/octet-stream")}, data=data)
+
+
+@pytest.fixture(scope="module")
+def weights_blob():
+    return classifier_bytes()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with P.cluster(tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+def registry(cluster, tmp_path):
+    return P.start_registry(cluster, tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory, weights_blob):
+    """One registry with model `clf` (version 1 = production) for read-only tests."""
+    work = tmp_path_factory.mktemp("shared-registry")
+    with P.cluster(work) as c:
+        reg = P.start_registry(c, work / "data", max_batch_wait_ms="2")
+        with reg.client() as http:
+            assert http.post("/v1/models", json=model_body()).status_code == 201
+            assert upload(http, "clf", weights_blob, {"lineage": {"run_id": "r1", "round": 1}}).status_code == 201
+            assert http.put("/v1/models/clf/aliases/production", json={"version": 1}).status_code == 200
+        yield reg

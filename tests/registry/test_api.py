@@ -1,0 +1,140 @@
+"""Registry API against a real server on a free port with a real SQLite file."""
+
+import pytest
+
+from fedssl_core import weights
+
+from .conftest import CLASSES, model_body, upload
+
+pytestmark = pytest.mark.integration
+
+
+def test_model_version_alias_lifecycle(registry, weights_blob):
+    with registry.client() as http:
+        assert http.post("/v1/models", json=model_body()).status_code == 201
+        r1 = upload(http, "clf", weights_blob, {"tags": {"phase": "finetune"},
+                                                "lineage": {"run_id": "r9", "round": 2, "phase": "finetune", "hospitals": ["a", "b"],
+                                                            "metrics": {"balanced_accuracy": 0.5}}})
+        assert r1.status_code == 201
+        v1 = r1.json()
+        assert v1["version"] == 1 and v1["size_bytes"] == len(weights_blob) and v1["sha256"] == weights.sha256_hex(weights_blob)
+        assert v1["lineage"]["hospitals"] == ["a", "b"] and v1["tags"] == {"phase": "finetune"}
+        assert upload(http, "clf", weights_blob).json()["version"] == 2
+        assert http.put("/v1/models/clf/aliases/production", json={"version": 1}).json()["aliases"] == {"production": 1}
+        assert http.put("/v1/models/clf/aliases/staging", json={"version": 2}).status_code == 200
+        listed = http.get("/v1/models").json()["models"]
+        assert listed == [http.get("/v1/models/clf").json()]
+        assert listed[0]["latest_version"] == 2 and listed[0]["aliases"] == {"production": 1, "staging": 2}
+        assert http.get("/v1/models/clf/versions/1/weights").content == weights_blob
+        # An alias holds its version; moving it frees the version for deletion.
+        r = http.delete("/v1/models/clf/versions/1")
+        assert r.status_code == 409 and r.json() == {"error": "version 1 of 'clf' is held by alias(es) production; move or delete them first"}
+        assert http.put("/v1/models/clf/aliases/production", json={"version": 2}).status_code == 200
+        assert http.delete("/v1/models/clf/versions/1").status_code == 204
+        assert [v["version"] for v in http.get("/v1/models/clf/versions").json()["versions"]] == [2]
+        assert http.delete("/v1/models/clf/aliases/staging").status_code == 204
+        assert http.get("/v1/models/clf").json()["aliases"] == {"production": 2}
+
+
+def test_runs_and_rounds_json_and_csv(registry):
+    with registry.client() as http:
+        assert http.put("/v1/runs/run-1", json={"status": "running", "planned_rounds": {"ssl": 1, "finetune": 1},
+                                                 "hospitals": {"a": {"ssl_task": "simclr"}}}).status_code == 200
+        for phase in ("ssl", "finetune"):
+            body = {"phase": phase, "round": 1, "aggregated": {"loss": 1.5, "balanced_accuracy": 0.4},
+                    "hospitals": {"a": {"loss": 1.5, "examples": 10}}, "examples": {"a": 10},
+                    "duration_seconds": 3.0, "bytes_sent": 100, "bytes_received": 50}
+            assert http.post("/v1/runs/run-1/rounds", json=body).status_code == 201
+        assert http.post("/v1/runs/run-1/rounds", json={**body, "aggregated": {"loss": 1.0}}).status_code == 201  # retried: replaces
+        run = http.get("/v1/runs/run-1").json()
+        assert run["rounds_done"] == {"ssl": 1, "finetune": 1} and run["rounds_total"] == 2
+        rounds = http.get("/v1/runs/run-1/rounds").json()["rounds"]
+        assert [(r["phase"], r["round"]) for r in rounds] == [("ssl", 1), ("finetune", 1)]
+        assert rounds[1]["aggregated"] == {"loss": 1.0}
+        csv_text = http.get("/v1/runs/run-1/rounds.csv").text.splitlines()
+        assert csv_text[0].startswith("phase,round,hospital,examples,loss")
+        assert csv_text[1].startswith("ssl,1,aggregated,,1.5") and csv_text[2].startswith("ssl,1,a,10,1.5")
+        assert http.get("/v1/runs").json()["runs"][0]["run_id"] == "run-1"
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,error", [
+    ("POST", "/v1/models", {"json": model_body()}, 401, "missing bearer token: send 'Authorization: Bearer <token>'"),
+])
+def test_writes_need_the_token(registry, method, path, kwargs, status, error):
+    with registry.client(token="") as anon, registry.client(token="wrong") as wrong:
+        r = anon.request(method, path, **kwargs)
+        assert (r.status_code, r.json()) == (status, {"error": error})
+        r = wrong.request(method, path, **kwargs)
+        assert (r.status_code, r.json()) == (401, {"error": "invalid bearer token"})
+        assert anon.get("/v1/models").status_code == 200  # reads are open unless READ_AUTH
+
+
+def test_read_auth_protects_reads(cluster, tmp_path):
+    from tests.support import processes as P
+
+    reg = P.start_registry(cluster, tmp_path / "ra", read_auth="true")
+    with reg.client(token="") as anon, reg.client() as http:
+        assert anon.get("/v1/models").status_code == 401
+        assert http.get("/v1/models").status_code == 200
+        assert anon.get("/v2/health/ready").status_code == 200  # probes stay open
+
+
+@pytest.mark.parametrize("case", ["bad_name", "dup", "bad_task", "unknown_model", "unknown_version", "malformed_json",
+                                  "not_safetensors", "wrong_shape", "pickle", "wrong_content_type", "bad_metadata"])
+def test_bad_inputs_get_exact_errors(registry, weights_blob, case):
+    with registry.client() as http:
+        http.post("/v1/models", json=model_body())
+        if case == "bad_name":
+            r = http.post("/v1/models", json={**model_body(), "name": "../etc"})
+            assert r.status_code == 422 and "name: Value error, must match" in r.json()["error"]
+        elif case == "dup":
+            r = http.post("/v1/models", json=model_body())
+            assert (r.status_code, r.json()) == (409, {"error": "model 'clf' already exists"})
+        elif case == "bad_task":
+            r = http.post("/v1/models", json={**model_body("x"), "task": "segmentation"})
+            assert r.status_code == 422 and r.json()["error"].startswith("invalid request: task:")
+        elif case == "unknown_model":
+            r = http.get("/v1/models/nope")
+            assert (r.status_code, r.json()) == (404, {"error": "model 'nope' not found"})
+            r = http.get("/v1/models/..%2Fsecret")
+            assert r.status_code in (400, 404) and "error" in r.json()
+        elif case == "unknown_version":
+            r = http.get("/v1/models/clf/versions/7")
+            assert (r.status_code, r.json()) == (404, {"error": "model 'clf' has no version 7"})
+        elif case == "malformed_json":
+            r = http.post("/v1/models", content=b"{not json", headers={"content-type": "application/json"})
+            assert r.status_code == 422 and r.json()["error"].startswith("invalid request:")
+        elif case == "not_safetensors":
+            r = upload(http, "clf", b"\x00\x01 definitely not weights")
+            assert r.status_code == 400 and r.json()["error"].startswith("weights rejected for 'clf' (classification, resnet18): not a valid safetensors file")
+        elif case == "wrong_shape":
+            from .conftest import classifier_bytes
+
+            r = upload(http, "clf", classifier_bytes(num_classes=5))
+            assert r.status_code == 400 and r.json()["error"].endswith("weights do not fit the model: shape mismatch: classifier.bias (5,) != (3,), classifier.weight (5, 512) != (3, 512)")
+        elif case == "pickle":
+            import io
+            import pickle
+
+            buf = io.BytesIO()
+            pickle.dump({"x": 1}, buf)
+            r = upload(http, "clf", buf.getvalue())
+            assert r.status_code == 400 and "not a valid safetensors file" in r.json()["error"]
+        elif case == "wrong_content_type":
+            r = http.post("/v1/models/clf/versions", files={"file": ("w.bin", weights_blob, "text/plain")})
+            assert (r.status_code, r.json()) == (415, {"error": "weights must be a safetensors file sent as application/octet-stream, got text/plain"})
+        elif case == "bad_metadata":
+            r = upload(http, "clf", weights_blob, {"lineage": "not an object"})
+            assert r.status_code == 400 and r.json()["error"].startswith("metadata is not valid: lineage:")
+        assert [v["version"] for v in http.get("/v1/models/clf/versions").json()["versions"]] == []  # nothing half-created
+
+
+def test_refuses_to_start_without_a_token(tmp_path):
+    import subprocess
+
+    from tests.support import processes as P
+
+    env = P.base_env(FEDSSL_REGISTRY_DATA_DIR=str(tmp_path), FEDSSL_REGISTRY_PORT="1")
+    r = subprocess.run([str(P.VENV_BIN / "fedssl-registry")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "FEDSSL_REGISTRY_TOKEN is not set: the registry refuses to start without a write token" in r.stderr

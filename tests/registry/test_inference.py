@@ -1,0 +1,120 @@
+"""Inference: KServe v2 with a real v2 client from PyPI (tritonclient), JSON and binary
+tensors; multipart image prediction; bad inputs with exact errors."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from PIL import Image
+
+from fedssl_core import names, weights
+from fedssl_core.models import build_inference_model
+from fedssl_core.preprocessing import normalize_uint8
+
+from .conftest import CLASSES, IMAGE_SIZE
+
+pytestmark = pytest.mark.integration
+
+
+def reference(blob: bytes, pixels: np.ndarray) -> np.ndarray:
+    model = build_inference_model(names.TASK_CLASSIFICATION, "resnet18", len(CLASSES))
+    weights.load_into(model, weights.from_bytes(blob))
+    with torch.inference_mode():
+        return torch.softmax(model(normalize_uint8(torch.from_numpy(pixels))), 1).numpy()
+
+
+def pixels(n=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+
+
+def client(reg):
+    return triton.InferenceServerClient(reg.url.removeprefix("http://"))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_infers_uint8_images(shared_registry, weights_blob, binary):
+    c = client(shared_registry)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("clf")
+    meta = c.get_model_metadata("clf")
+    assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"input": "FP32", "image": "UINT8"}
+    x = pixels()
+    inp = triton.InferInput("image", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    res = c.infer("clf", [inp], outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary),
+                                         triton.InferRequestedOutput("label", binary_data=binary)])
+    probs = res.as_numpy("probabilities")
+    np.testing.assert_allclose(probs, reference(weights_blob, x), atol=1e-5)
+    assert [s.decode() if isinstance(s, bytes) else s for s in res.as_numpy("label")] == [CLASSES[i] for i in probs.argmax(1)]
+    assert res.get_response()["model_version"] == "1"
+
+
+def test_fp32_json_tensor_and_versioned_route(shared_registry, weights_blob):
+    x = pixels(2, seed=1)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                        "data": normalize_uint8(torch.from_numpy(x)).numpy().reshape(-1).tolist()}]}
+    with shared_registry.client() as http:
+        r = http.post("/v2/models/clf/versions/1/infer", json=body)
+    assert r.status_code == 200
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(2, 3), reference(weights_blob, x), atol=1e-5)
+
+
+def test_predict_uploaded_image(shared_registry, weights_blob, ham10000_dir):
+    path = next((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))
+    with shared_registry.client() as http:
+        r = http.post("/v1/models/clf:predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "clf" and body["version"] == 1 and set(body["probabilities"]) == set(CLASSES)
+    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+
+
+def png(w, h):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 20, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "count", "json", "unknown_model", "unknown_version", "not_image",
+                                  "text_type", "bomb", "too_big", "no_alias"])
+def test_inference_bad_inputs(shared_registry, case):
+    good = {"name": "image", "datatype": "UINT8", "shape": [1, 3, IMAGE_SIZE, IMAGE_SIZE], "data": [0] * (3 * IMAGE_SIZE * IMAGE_SIZE)}
+    with shared_registry.client() as http:
+        if case == "shape":
+            r = http.post("/v2/models/clf/infer", json={"inputs": [{**good, "shape": [1, 3, 64, 64]}]})
+            expected = (400, "input 'image' has shape [1, 3, 64, 64]; expected [N, 3, 32, 32]")
+        elif case == "dtype":
+            r = http.post("/v2/models/clf/infer", json={"inputs": [{**good, "datatype": "FP32"}]})
+            expected = (400, "input 'image' must have datatype UINT8, got 'FP32'")
+        elif case == "count":
+            r = http.post("/v2/models/clf/infer", json={"inputs": [{**good, "data": [0, 1]}]})
+            expected = (400, "input 'image' has 2 values; shape [1, 3, 32, 32] needs 3072")
+        elif case == "json":
+            r = http.post("/v2/models/clf/infer", content=b"{oops", headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"].startswith("request body is not valid JSON")
+            return
+        elif case == "unknown_model":
+            r = http.post("/v2/models/ghost/infer", json={"inputs": [good]})
+            expected = (404, "model 'ghost' not found")
+        elif case == "unknown_version":
+            r = http.post("/v2/models/clf/versions/9/infer", json={"inputs": [good]})
+            expected = (404, "model 'clf' has no version 9")
+        elif case == "not_image":
+            r = http.post("/v1/models/clf:predict", files={"file": ("x.jpg", b"GIF89a....", "image/jpeg")})
+            assert r.status_code == 400 and r.json()["error"].startswith("not a decodable JPEG or PNG image")
+            return
+        elif case == "text_type":
+            r = http.post("/v1/models/clf:predict", files={"file": ("x.txt", b"hello", "text/plain")})
+            expected = (415, "expected a JPEG or PNG image (image/jpeg, image/png), got text/plain")
+        elif case == "bomb":
+            r = http.post("/v1/models/clf:predict", files={"file": ("big.png", png(8000, 6000), "image/png")})
+            expected = (400, "image is 8000x6000 pixels; at most 40000000 pixels are accepted")
+        elif case == "too_big":
+            r = http.post("/v1/models/clf:predict", files={"file": ("x.png", b"\x89PNG" + b"0" * (11 * 1024 * 1024), "image/png")})
+            expected = (413, "image exceeds 10485760 bytes")
+        elif case == "no_alias":
+            r = http.post("/v1/models/clf:predict?alias=canary", files={"file": ("x.png", png(40, 40), "image/png")})
+            expected = (404, "model 'clf' has no alias 'canary'")
+        assert (r.status_code, r.json()) == (expected[0], {"error": expected[1]})
