@@ -78,6 +78,25 @@ class Aggregator:
         self.warnings: list[str] = [cfg.data_warning] if cfg.data_warning else []
         self.registered: dict[str, int] = {}
 
+    # ---------------------------------------------------------------- messaging
+    def _exchange(self, msgs: list[Message]) -> tuple[dict[int, Message], list[int]]:
+        """Send, wait up to round-timeout, and pair every reply with the node it was sent to.
+
+        Replies are matched on `reply_to_message_id`, never on `src_node_id`: when a node is
+        gone, the SuperLink answers in its place with an error whose source is the SuperLink
+        itself. Returns (replies by node, nodes that never answered).
+        """
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        out: dict[int, Message] = {}
+        for reply in replies:
+            node = by_id.get(reply.metadata.reply_to_message_id)
+            if node is None:  # not one of ours (or an unknown message id): nothing to pair it with
+                log.warning("ignoring a reply to unknown message %r", reply.metadata.reply_to_message_id)
+                continue
+            out[node] = reply
+        return out, [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in out]
+
     # ---------------------------------------------------------------- hospitals
     def _wait_for_hospitals(self) -> list[int]:
         deadline = time.monotonic() + self.cfg.wait_for_hospitals
@@ -99,10 +118,9 @@ class Aggregator:
         if not new:
             return
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="describe") for n in new]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        replies, missing = self._exchange(msgs)
         errors = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in sorted(replies.items()):
             if reply.has_error():
                 errors.append(f"node {node}: {reply.error.reason}")
                 continue
@@ -111,12 +129,20 @@ class Aggregator:
             if self.class_names and hospital.class_names != self.class_names:
                 errors.append(f"hospital {hospital.name} has classes {hospital.class_names}, others {self.class_names}")
                 continue
+            same_name = [n for n, h in self.hospitals.items() if h.name == hospital.name]
+            if same_name and strict:
+                errors.append(f"nodes {same_name[0]} and {node} both say they are hospital {hospital.name!r}: "
+                              "give every SuperNode its own `hospital` in --node-config")
+                continue
+            for old in same_name:  # the hospital came back as a new SuperNode: its old node is gone
+                hospital.node_ids = self.hospitals.pop(old).node_ids + [node]
+                self.nodes_with_model.discard(old)
+                _progress("hospital %s reconnected as node %s (was node %s)", hospital.name, node, old)
             self.class_names = self.class_names or hospital.class_names
             self.hospitals[node] = hospital
             _progress("hospital %s joined (node %s): ssl-task=%s, %s data, %d train / %d test images",
                       hospital.name, node, hospital.ssl_task, hospital.audit.get("data_source"),
                       hospital.audit.get("train_examples", 0), hospital.audit.get("test_examples", 0))
-        missing = set(new) - {r.metadata.src_node_id for r in replies}
         errors += [f"node {n}: no answer within {self.cfg.round_timeout:.0f}s" for n in sorted(missing)]
         if errors and strict:
             raise RunFailed("hospital(s) failed at start-up: " + "; ".join(errors))
@@ -218,15 +244,13 @@ class Aggregator:
             bytes_sent += content[records.WEIGHTS].count_bytes()
             msgs.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=f"{phase}-{rnd}"))
         t_send = time.monotonic()
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        replies, missing = self._exchange(msgs)
         t_train = time.monotonic() - t_send
 
         updates, per_hospital, examples, failed = [], {}, {}, []
         bytes_received = 0
-        answered = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
+        trained: list[int] = []
+        for node, reply in sorted(replies.items()):
             name = self.hospitals[node].name
             if reply.has_error():
                 failed.append(name)
@@ -243,7 +267,8 @@ class Aggregator:
                 local = records.from_metric_record(reply.content[records.LOCAL_METRICS], len(self.class_names))
                 per_hospital[name][names.LOCAL_ONLY_PREFIX + names.M_LOSS] = local.get(names.M_LOSS)
             self.nodes_with_model.add(node)
-        failed += [self.hospitals[n].name for n in nodes if n not in answered]
+            trained.append(node)
+        failed += [self.hospitals[n].name for n in missing]
         if len(updates) < self.cfg.min_hospitals:
             raise RunFailed(
                 f"{phase} round {rnd}: only {len(updates)} hospital(s) replied (failed or timed out: "
@@ -257,18 +282,20 @@ class Aggregator:
         t_agg = time.monotonic() - t_agg
 
         # Evaluate the new global model at the hospitals that trained this round.
-        ok_nodes = [n for n in nodes if self.hospitals[n].name in per_hospital]
         shared = records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
         eval_msgs = []
-        for n in ok_nodes:
+        for n in trained:
             content = RecordDict({records.WEIGHTS: records.to_array_record(shared, enc),
                                   records.CONFIG: records.config_record(config)})
             bytes_sent += content[records.WEIGHTS].count_bytes()
             eval_msgs.append(Message(content, dst_node_id=n, message_type=MessageType.EVALUATE, group_id=f"{phase}-{rnd}-eval"))
         t_eval = time.monotonic()
         test_examples = {}
-        for reply in self.grid.send_and_receive(eval_msgs, timeout=self.cfg.round_timeout):
-            name = self.hospitals[reply.metadata.src_node_id].name
+        eval_replies, eval_missing = self._exchange(eval_msgs)
+        for n in eval_missing:
+            log.warning("hospital %s did not answer the evaluation of %s round %d", self.hospitals[n].name, phase, rnd)
+        for node, reply in sorted(eval_replies.items()):
+            name = self.hospitals[node].name
             if reply.has_error():
                 log.warning("hospital %s failed to evaluate %s round %d: %s", name, phase, rnd, reply.error.reason)
                 continue
