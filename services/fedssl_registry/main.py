@@ -6,7 +6,7 @@ import logging
 import sys
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,7 +20,7 @@ from .api.routes import models, runs, v2
 from .core import errors
 from .core.config import Settings
 from .core.errors import error_response
-from .core.observability import Metrics, log_request, now, setup_logging
+from .core.observability import Metrics, ObserveMiddleware, setup_logging
 from .inference.repository import ModelRepository
 from .service import Registry
 from .storage import ArtifactStore
@@ -40,10 +40,10 @@ def create_app(settings: Settings) -> FastAPI:
     for m in registry.list_models():
         if m["latest_version"]:
             metrics.model_versions.labels(m["name"]).set(m["latest_version"])
-    threads = set_torch_threads(settings.threads or None)
+    set_torch_threads(settings.threads or None)
     repository = ModelRepository(registry, cache_size=settings.model_cache_size, max_batch_size=settings.max_batch_size,
-                                 max_wait_ms=settings.max_batch_wait_ms, threads=min(2, threads), metrics=metrics)
-    registry.listeners.append(lambda event, p: repository.forget(p["model"]) if event == "version_deleted" else None)
+                                 max_wait_ms=settings.max_batch_wait_ms, metrics=metrics)
+    registry.listeners.append(repository.on_registry_event)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -62,21 +62,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"])
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = now()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
-            response = error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_upload_bytes}")
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        elapsed = now() - t0
-        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
-        metrics.request_seconds.labels(template, request.method).observe(elapsed)
-        log_request(request.method, request.url.path, response.status_code, elapsed, request.client.host if request.client else None)
-        return response
+    app.add_middleware(
+        ObserveMiddleware, metrics=metrics, max_body=settings.max_upload_bytes,
+        too_large=lambda n: error_response(413, f"request body of {n} bytes exceeds the limit of {settings.max_upload_bytes}"),
+    )
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:

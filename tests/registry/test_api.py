@@ -4,7 +4,7 @@ import pytest
 
 from fedssl_core import weights
 
-from .conftest import CLASSES, model_body, upload
+from .conftest import model_body, upload
 
 pytestmark = pytest.mark.integration
 

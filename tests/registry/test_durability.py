@@ -1,6 +1,5 @@
 """Nothing is lost: parallel uploads, restarts, and kill -9 in the middle of an upload."""
 
-import os
 import signal
 import socket
 import sqlite3

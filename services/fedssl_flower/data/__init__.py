@@ -20,7 +20,7 @@ import torch
 
 from fedssl_core import names
 
-from ..errors import ConfigError, DatasetMalformed, DatasetNotFound
+from ..errors import ConfigError, DatasetMalformed
 from . import cache, ham10000, imagefolder, kaggle, synthetic
 from .catalog import Catalog
 from .decode import decode_all

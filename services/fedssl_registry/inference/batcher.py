@@ -1,32 +1,49 @@
 """Dynamic batching: concurrent requests to one model share a forward pass.
 
-Requests queue up; a worker takes up to `max_batch_size` images, waiting at most
-`max_wait_ms` after the first for more, runs one forward in a thread (torch releases the
-GIL) and hands each request its rows.
+Requests queue up; a worker takes what is queued (up to `max_batch_size` images), runs one
+forward in a thread (torch releases the GIL) and hands each request its rows. Requests that
+arrive during a forward form the next batch. Before a forward the worker may wait (at most
+`max_wait_ms`) for more: while other requests are still being read and parsed
+(`incoming()`), or until the batch is as large as the largest of the last second (the
+current concurrency). A lone client therefore never pays the batching delay, and a steady
+crowd of clients gets full batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+import numpy as np
 
 
 class DynamicBatcher:
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int, max_wait_ms: float,
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int, max_wait_ms: float,
                  executor: ThreadPoolExecutor, on_batch: Callable[[int, float], None] | None = None) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.executor = executor
         self.on_batch = on_batch
-        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
+        self._arriving = 0
+        self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, images) of recent batches
 
-    async def submit(self, batch: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Wrap reading and parsing a request that will `submit`: the worker waits for it."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
+    async def submit(self, batch: np.ndarray) -> np.ndarray:
         """Queue `batch` (N, C, H, W); returns its N output rows."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -40,18 +57,24 @@ class DynamicBatcher:
             first = await self.queue.get()
             items = [first]
             size = first[0].shape[0]
-            deadline = loop.time() + self.max_wait
+            start = loop.time()
+            deadline = start + self.max_wait
+            target = max((n for t, n in self._recent if start - t < 1.0), default=1)
             while size < self.max_batch_size:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+                if not self.queue.empty():
+                    item = self.queue.get_nowait()
+                else:
+                    timeout = deadline - loop.time()
+                    if (self._arriving <= 0 and size >= target) or timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
                 items.append(item)
                 size += item[0].shape[0]
-            inputs = torch.cat([b for b, _ in items]) if len(items) > 1 else items[0][0]
+            inputs = np.concatenate([b for b, _ in items]) if len(items) > 1 else items[0][0]
+            self._recent.append((loop.time(), size))
             t0 = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self.executor, self.forward, inputs)

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedssl_core import names
-from fedssl_core.preprocessing import normalize_uint8
 
 from ..core.errors import InvalidInput
 
@@ -52,7 +50,7 @@ def model_metadata(model: dict, versions: list[int]) -> dict:
 @dataclass
 class InferRequest:
     id: str | None
-    tensor: torch.Tensor  # normalised float (N, 3, S, S)
+    array: np.ndarray  # normalised float32 (N, 3, S, S)
     outputs: list[dict] | None
     binary_output: bool
 
@@ -103,26 +101,31 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
             raise InvalidInput(f"input {name!r} data is not a list of {dtype} numbers: {exc}") from None
     if arr.size != count:
         raise InvalidInput(f"input {name!r} has {arr.size} values; shape {shape} needs {count}")
-    t = torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
-    t = normalize_uint8(t, mean, std) if dtype == "UINT8" else t.float()
-    if not torch.isfinite(t).all():
+    # numpy only: this runs on the event loop, and torch work belongs to the torch thread.
+    x = arr.reshape(shape)
+    if dtype == "UINT8":
+        m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+        x = (x.astype(np.float32) / np.float32(255.0) - m) / s  # = fedssl_core.preprocessing.normalize_uint8
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
         raise InvalidInput(f"input {name!r} contains NaN or infinite values")
     outputs = req.get("outputs")
     req_params = req.get("parameters") or {}
     binary_output = bool(req_params.get("binary_data_output")) or any(
         (o.get("parameters") or {}).get("binary_data") for o in (outputs or []) if isinstance(o, dict)
     )
-    return InferRequest(req.get("id"), t, outputs, binary_output)
+    return InferRequest(req.get("id"), x, outputs, binary_output)
 
 
 def _bytes_tensor(values: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
 
 
-def build_response(model_name: str, version: int, task: str, class_names: list[str], out: torch.Tensor,
+def build_response(model_name: str, version: int, task: str, class_names: list[str], out: np.ndarray,
                    req: InferRequest) -> tuple[bytes, dict[str, str]]:
     """(body, headers) of the v2 response; binary when the request asked for it."""
-    arr = out.detach().cpu().numpy().astype(np.float32)
+    arr = np.asarray(out, dtype=np.float32)
     tensors: list[tuple[str, str, list[int], Any]] = []
     if task == names.TASK_CLASSIFICATION:
         tensors.append(("probabilities", "FP32", list(arr.shape), arr))

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
 from fedssl_core import names
-from fedssl_core.preprocessing import ImageDecodeError, decode_image, eval_transform
+from fedssl_core.preprocessing import ImageDecodeError, decode_image
 
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ...schemas import AliasSet, ModelCreate, VersionMetadata
@@ -124,8 +124,7 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
     except ImageDecodeError as exc:
         raise InvalidInput(str(exc)) from None
     model = await repository.get(name, version, alias)
-    x = eval_transform(model.image_size, model.spec.get("mean", names.IMAGENET_MEAN), model.spec.get("std", names.IMAGENET_STD))(image)
-    out = (await model.batcher.submit(x.unsqueeze(0)))[0]
+    out = (await model.batcher.submit(await repository.run(model.preprocess, image)))[0]
     if model.task == names.TASK_CLASSIFICATION:
         probs = out.tolist()
         best = int(out.argmax())

@@ -64,10 +64,11 @@ async def model_version_ready(name: str, version: int, repository: RepositoryDep
 
 async def _infer(name: str, version: int | None, request: Request, repository) -> Response:
     model = await repository.get(name, version)
-    body = await request.body()
-    req = protocol.parse_request(body, request.headers.get(protocol.HEADER_LENGTH), model.image_size,
-                                 model.spec.get("mean"), model.spec.get("std"))
-    out = await model.batcher.submit(req.tensor)
+    with model.batcher.incoming():
+        body = await request.body()
+        req = protocol.parse_request(body, request.headers.get(protocol.HEADER_LENGTH), model.image_size,
+                                     model.spec.get("mean"), model.spec.get("std"))
+    out = await model.batcher.submit(req.array)
     payload, headers = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)
     media = headers.pop("content-type")
     return Response(payload, media_type=media, headers=headers)

@@ -1,0 +1,189 @@
+"""Serving speed: the registry's KServe v2 endpoint next to the same model's in-process forward.
+
+Starts a real `fedssl-registry` on a free port (temp SQLite + artifacts), registers a ResNet
+classifier, then measures on this machine:
+
+  * in-process: `build_inference_model` forward, batch 1 (latency) and batch B (throughput)
+  * HTTP, concurrency 1: one image per request, p50/p99 latency → overhead over in-process
+  * HTTP, concurrency C: C client threads, one image per request, dynamic batching on the
+    server → throughput relative to in-process batched forward
+
+Requests use the v2 binary tensor extension (what tritonclient sends with binary_data=True);
+`--json` measures JSON tensors instead. Clients and server share the machine's cores, so the
+concurrency numbers include the clients' own CPU use.
+
+    .venv/bin/python -m bench.registry_bench [--image-size 64] [--requests 200] [--concurrency 8]
+
+Prints a table and writes JSON (default bench/results/registry_bench.json). Targets from the
+issue: throughput with batching >= 0.8x in-process batched forward; p50 overhead at
+concurrency 1 < 5 ms. Numbers are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from fedssl_core import names, weights
+from fedssl_core.models import TASK_GROUPS, FedSSLModel, build_inference_model, select_groups, set_torch_threads
+from tests.support import processes as P
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def in_process(arch: str, image_size: int, batch: int, seconds: float) -> dict:
+    """The same forward the registry runs, without HTTP or batching machinery."""
+    torch.manual_seed(0)
+    model = build_inference_model(names.TASK_CLASSIFICATION, arch, len(CLASSES)).eval()
+    x1 = torch.randn(1, 3, image_size, image_size)
+    xb = torch.randn(batch, 3, image_size, image_size)
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x1), model(xb)
+        lat = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            torch.softmax(model(x1), dim=1)
+            lat.append(time.perf_counter() - t)
+        n, t0 = 0, time.perf_counter()
+        end = t0 + seconds
+        while time.perf_counter() < end:
+            torch.softmax(model(xb), dim=1)
+            n += batch
+        batched = n / (time.perf_counter() - t0)
+    return {"p50_ms_batch1": percentile(lat, 50) * 1e3, "p99_ms_batch1": percentile(lat, 99) * 1e3,
+            "images_per_s_batch1": 1.0 / statistics.mean(lat), f"images_per_s_batch{batch}": batched,
+            "batch": batch}
+
+
+def request_body(image_size: int, as_json: bool, rng: np.random.Generator) -> tuple[bytes, dict]:
+    x = rng.standard_normal((1, 3, image_size, image_size)).astype(np.float32)
+    inp = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    if as_json:
+        inp["data"] = x.ravel().tolist()
+        return json.dumps({"inputs": [inp]}).encode(), {"Content-Type": "application/json"}
+    raw = x.tobytes()
+    inp["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps({"inputs": [inp], "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return header + raw, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+
+def http_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool) -> dict:
+    rng = np.random.default_rng(0)
+    bodies = [request_body(image_size, as_json, rng) for _ in range(8)]
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    per_thread = max(1, requests // concurrency)
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            for _ in range(3):  # warm the connection and the model cache
+                http.post(path, content=bodies[0][0], headers=bodies[0][1])
+            barrier.wait()
+            for j in range(per_thread):
+                body, headers = bodies[(i + j) % len(bodies)]
+                t = time.perf_counter()
+                r = http.post(path, content=body, headers=headers)
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                    lat.append(dt)
+
+    barrier = threading.Barrier(concurrency + 1)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return {"concurrency": concurrency, "requests": len(lat), "p50_ms": percentile(lat, 50) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": len(lat) / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=200, help="requests per HTTP measurement")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-batch-size", type=int, default=32, help="server's dynamic batching limit (service default)")
+    ap.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="server's batching wait (service default)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each in-process measurement")
+    ap.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/registry_bench.json"))
+    args = ap.parse_args()
+    threads = set_torch_threads()
+
+    print(f"in-process forward ({args.arch}, {args.image_size}px, {threads} torch threads) ...", flush=True)
+    local = in_process(args.arch, args.image_size, args.concurrency, args.seconds)
+
+    token = "bench-token"
+    with tempfile.TemporaryDirectory() as tmp, P.cluster(Path(tmp)) as c:
+        reg = P.start_registry(c, Path(tmp) / "data", token=token, max_batch_size=str(args.max_batch_size),
+                               max_batch_wait_ms=str(args.max_batch_wait_ms), log_level="WARNING")
+        torch.manual_seed(0)
+        state = select_groups(FedSSLModel(args.arch, num_classes=len(CLASSES)).state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
+        with reg.client() as http:
+            http.post("/v1/models", json={"name": "bench", "task": "classification", "architecture": args.arch,
+                                          "input_spec": {"image_size": args.image_size, "class_names": CLASSES}}).raise_for_status()
+            http.post("/v1/models/bench/versions", files={"file": ("w.safetensors", weights.to_bytes(state, {}), "application/octet-stream")}
+                      ).raise_for_status()
+        path = "/v2/models/bench/infer"
+        print("HTTP concurrency 1 ...", flush=True)
+        c1 = http_load(reg.url, token, path, args.image_size, 1, args.requests, args.json)
+        print(f"HTTP concurrency {args.concurrency} ...", flush=True)
+        cn = http_load(reg.url, token, path, args.image_size, args.concurrency, args.requests, args.json)
+        metrics = httpx.get(reg.url + "/metrics").text
+    batch_sizes = [line for line in metrics.splitlines() if line.startswith("fedssl_inference_batch_size_")]
+
+    batched_key = f"images_per_s_batch{args.concurrency}"
+    result = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(), "torch": torch.__version__},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "in_process": local,
+        "http_concurrency_1": c1,
+        f"http_concurrency_{args.concurrency}": cn,
+        "p50_overhead_ms_concurrency_1": c1["p50_ms"] - local["p50_ms_batch1"],
+        "throughput_ratio_vs_in_process_batched": cn["images_per_s"] / local[batched_key],
+        "server_batch_size_histogram": batch_sizes,
+        "targets": {"p50_overhead_ms_concurrency_1": "< 5", "throughput_ratio_vs_in_process_batched": ">= 0.8"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(f"{'measurement':<44} {'p50 ms':>9} {'p99 ms':>9} {'images/s':>10}")
+    print(f"{'in-process forward, batch 1':<44} {local['p50_ms_batch1']:>9.2f} {local['p99_ms_batch1']:>9.2f} {local['images_per_s_batch1']:>10.1f}")
+    print(f"{f'in-process forward, batch {args.concurrency}':<44} {'':>9} {'':>9} {local[batched_key]:>10.1f}")
+    print(f"{'HTTP v2 infer, concurrency 1':<44} {c1['p50_ms']:>9.2f} {c1['p99_ms']:>9.2f} {c1['images_per_s']:>10.1f}")
+    print(f"{f'HTTP v2 infer, concurrency {args.concurrency} (dynamic batching)':<44} {cn['p50_ms']:>9.2f} {cn['p99_ms']:>9.2f} {cn['images_per_s']:>10.1f}")
+    print()
+    print(f"p50 overhead at concurrency 1: {result['p50_overhead_ms_concurrency_1']:.2f} ms (target < 5 ms)")
+    print(f"throughput vs in-process batched forward: {result['throughput_ratio_vs_in_process_batched']:.2f}x (target >= 0.8x)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
