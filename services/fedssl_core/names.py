@@ -63,6 +63,13 @@ M_F1 = "f1"  # list, one per class
 M_CONFUSION_MATRIX = "confusion_matrix"  # list of lists, rows = true class
 M_EXAMPLES = "examples"  # number of training examples used this round
 M_TEST_EXAMPLES = "test_examples"
+# Where a hospital's round time goes (seconds, measured inside the ClientApp process):
+M_STARTUP_SECONDS = "startup_seconds"  # process start → handler (Flower spawns one process per message)
+M_SETUP_SECONDS = "setup_seconds"  # run config + hospital data (decode cache) loading
+M_COMPUTE_SECONDS = "compute_seconds"  # local training of the federated model
+M_BASELINE_SECONDS = "baseline_seconds"  # local training of the local-only baseline
+M_HANDLER_SECONDS = "handler_seconds"  # the whole train handler, (de)serialisation included
+TIMING_KEYS = (M_STARTUP_SECONDS, M_SETUP_SECONDS, M_COMPUTE_SECONDS, M_BASELINE_SECONDS, M_HANDLER_SECONDS)
 LOCAL_ONLY_PREFIX = "local_only_"  # a hospital's local-only model: local_only_balanced_accuracy…
 
 # --- Environment variables shared across services ----------------------------------

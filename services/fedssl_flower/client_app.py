@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -60,6 +62,16 @@ def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedS
     return model
 
 
+def _seconds_since_process_start() -> float | None:
+    """Wall time since this process started (Linux /proc), None where unavailable."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _keep(context: Context, key: str, model: FedSSLModel) -> None:
     context.state[key] = ArrayRecord(model.state_dict())
 
@@ -91,14 +103,21 @@ def _train_phase(model: FedSSLModel, data: HospitalData, task: str, phase: str, 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training of the federated model (and of the local-only baseline)."""
+    t_start, startup = time.perf_counter(), _seconds_since_process_start()
     cfg, name, task, data = _setup(context)
+    t_setup = time.perf_counter() - t_start
     instr = msg.content[records.CONFIG]
     phase, rnd = str(instr["phase"]), int(instr["round"])
     seed = cfg.seed * 10_007 + rnd * 101 + (0 if phase == names.PHASE_SSL else 50)
 
     model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
     records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
+    t0 = time.perf_counter()
     metrics = _train_phase(model, data, task, phase, cfg, seed)
+    metrics[names.M_COMPUTE_SECONDS] = time.perf_counter() - t0
+    metrics[names.M_SETUP_SECONDS] = t_setup
+    if startup is not None:
+        metrics[names.M_STARTUP_SECONDS] = startup
     _keep(context, records.STATE_MODEL, model)
     shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
     # In the frozen-backbone set-up a rotation hospital trains no shared group: it replies
@@ -109,14 +128,17 @@ def train(msg: Message, context: Context) -> Message:
 
     content = RecordDict({
         records.WEIGHTS: records.to_array_record(records.state_arrays(model.state_dict(), shared), cfg.update_encoding),
-        records.METRICS: records.to_metric_record(metrics),
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
     })
     if cfg.local_baseline:
+        t0 = time.perf_counter()
         local = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
         local_metrics = _train_phase(local, data, task, phase, cfg, seed)
         _keep(context, records.STATE_LOCAL_ONLY, local)
         content[records.LOCAL_METRICS] = records.to_metric_record(local_metrics)
+        metrics[names.M_BASELINE_SECONDS] = time.perf_counter() - t0
+    metrics[names.M_HANDLER_SECONDS] = time.perf_counter() - t_start
+    content[records.METRICS] = records.to_metric_record(metrics)
     log.info("hospital %s %s round %d: %s", name, phase, rnd, {k: v for k, v in metrics.items() if isinstance(v, float)})
     return Message(content, reply_to=msg)
 

@@ -84,7 +84,8 @@ def aggregate_metrics(per_hospital: Mapping[str, Mapping], weights: Mapping[str,
     Confusion matrices are summed and accuracy, balanced accuracy and per-class P/R/F1 are
     recomputed from the sum (the pooled test set's scores, not a mean of ratios). Every
     other scalar (losses, AUC, local-only scores) is the mean weighted by `weights`
-    (examples), over the hospitals that reported it.
+    (examples), over the hospitals that reported it, except timings: a round waits for its
+    slowest hospital, so those take the maximum.
     """
     out: dict = {}
     cms = [np.asarray(m[names.M_CONFUSION_MATRIX]) for m in per_hospital.values() if m.get(names.M_CONFUSION_MATRIX) is not None]
@@ -99,6 +100,10 @@ def aggregate_metrics(per_hospital: Mapping[str, Mapping], weights: Mapping[str,
         total = sum(w for _, w in pairs)
         if pairs and total > 0:
             out[key] = sum(v * w for v, w in pairs) / total
+    for key in names.TIMING_KEYS:
+        vals = [float(m[key]) for m in per_hospital.values() if isinstance(m.get(key), (int, float))]
+        if vals:
+            out[key] = max(vals)
     for count_key in (names.M_EXAMPLES, names.M_TEST_EXAMPLES):
         vals = [m[count_key] for m in per_hospital.values() if count_key in m]
         if vals:

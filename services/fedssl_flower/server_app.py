@@ -311,7 +311,8 @@ class Aggregator:
         t_eval = time.monotonic() - t_eval
 
         train_keys = {names.M_LOSS, names.M_FINETUNE_LOSS, names.ssl_loss_key(names.SSL_SIMCLR),
-                      names.ssl_loss_key(names.SSL_ROTATION), names.M_EXAMPLES, names.LOCAL_ONLY_PREFIX + names.M_LOSS}
+                      names.ssl_loss_key(names.SSL_ROTATION), names.M_EXAMPLES, names.LOCAL_ONLY_PREFIX + names.M_LOSS,
+                      *names.TIMING_KEYS}
         train_part = {h: {k: v for k, v in m.items() if k in train_keys} for h, m in per_hospital.items()}
         eval_part = {h: {k: v for k, v in m.items() if k not in train_keys and not (k.startswith(names.LOCAL_ONLY_PREFIX) and isinstance(v, list))}
                      for h, m in per_hospital.items()}
@@ -331,15 +332,17 @@ class Aggregator:
             "bytes_sent": bytes_sent, "bytes_received": bytes_received,
             "timing": {"train_seconds": t_train, "aggregate_seconds": t_agg, "evaluate_seconds": t_eval},
         }
-        t_reg = time.monotonic()
         self.folder.save_weights(phase, rnd, self.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
                                                           "fedssl.run_id": self.run_id})
-        self.folder.append_round(record)
-        if self.registry is not None:
-            self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
-                                                                          "duration_seconds", "bytes_sent", "bytes_received")})
-        self._register(phase, rnd, aggregated, sorted(per_hospital))
-        record["timing"]["register_seconds"] = time.monotonic() - t_reg
+        t_reg = time.monotonic()
+        try:
+            if self.registry is not None:
+                self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
+                                                                              "duration_seconds", "bytes_sent", "bytes_received")})
+            self._register(phase, rnd, aggregated, sorted(per_hospital))
+        finally:  # the round is on disk even when the registry is unreachable
+            record["timing"]["register_seconds"] = time.monotonic() - t_reg
+            self.folder.append_round(record)
         self.history.append(record)
         loss = aggregated.get(names.M_FINETUNE_LOSS if phase == names.PHASE_FINETUNE else names.M_LOSS)
         _progress("phase=%s round=%d/%d hospitals=%d loss=%s balanced_accuracy=%s macro_auc=%s (%.1fs)",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,22 @@ def follow(flwr: str, run_id: str, env: dict, stop: threading.Event) -> None:
         proc.kill()
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def run_config_override(kv: str) -> str:
+    """`key=value` → the TOML `flwr run --run-config` expects: bare words become strings
+    (`arch=resnet50` → `arch="resnet50"`); numbers, booleans and quoted values pass as they are."""
+    key, sep, value = kv.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not _KEY.match(key):
+        raise ValueError(f"run config override {kv!r} is not key=value with a kebab-case key (e.g. ssl-rounds=3)")
+    if value[:1] in "\"'" or value in ("true", "false") or _NUMBER.match(value):
+        return f"{key}={value}"
+    return f"{key}={json.dumps(value)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedssl-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--superlink", default=os.environ.get("FEDSSL_SUPERLINK", ""), help="SuperLink HOST:PORT (env FEDSSL_SUPERLINK)")
@@ -96,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
     cmd = [flwr, "run", args.app, CONNECTION, "--format", "json"]
-    for kv in args.run_config:
+    try:
+        overrides = [run_config_override(kv) for kv in args.run_config]
+    except ValueError as exc:
+        p.error(str(exc))
+    for kv in overrides:
         cmd += ["--run-config", kv]
     submitted = _run(cmd, env)
     out = _json_out(submitted)

@@ -45,3 +45,11 @@ def test_aggregate_recomputes_from_summed_confusion_matrices():
     assert agg["confusion_matrix"] == pooled["confusion_matrix"]
     assert agg["loss"] == pytest.approx((1.0 * 150 + 3.0 * 50) / 200)
     assert agg["macro_auc"] == pytest.approx((per["h1"]["macro_auc"] * 150 + per["h2"]["macro_auc"] * 50) / 200)
+
+
+def test_aggregate_round_timings_take_the_slowest_hospital():
+    per = {"h1": {"compute_seconds": 2.0, "handler_seconds": 5.0, "loss": 1.0},
+           "h2": {"compute_seconds": 7.0, "handler_seconds": 9.0, "loss": 2.0}}
+    agg = aggregate_metrics(per, {"h1": 900, "h2": 100}, CLASSES)
+    assert agg["compute_seconds"] == 7.0 and agg["handler_seconds"] == 9.0
+    assert agg["loss"] == pytest.approx(1.1)
