@@ -1,0 +1,156 @@
+// Try it: upload a JPEG/PNG, see the production model's prediction and, side by side, the
+// predictions of other chosen versions (of any registered classifier) on the same image.
+
+import { api } from "./api.js";
+import { clear, empty, h, s, section } from "./dom.js";
+
+const IMAGE_TYPES = ["image/jpeg", "image/png"];
+
+export const title = () => "Try it";
+
+export function poll() {
+  return null; // the page holds the user's choices; it is never re-rendered under them
+}
+
+export async function load() {
+  const models = (await api.models()).filter((m) => m.task === "classification");
+  const versions = await Promise.all(models.map((m) => api.versions(m.name)));
+  return { models: models.map((m, i) => ({ ...m, versionList: versions[i] })) };
+}
+
+/** Which (model, version) pairs start ticked: the URL's choice, else each production version. */
+function initialChoice(models, args) {
+  const chosen = new Set();
+  const wanted = models.find((m) => m.name === args.model);
+  if (wanted) {
+    if (wanted.aliases?.production) chosen.add(`${wanted.name}@${wanted.aliases.production}`);
+    for (const n of (args.versions || []).map(Number)) {
+      if (wanted.versionList.some((v) => v.version === n)) chosen.add(`${wanted.name}@${n}`);
+    }
+  }
+  if (!chosen.size) {
+    for (const m of models) {
+      const v = m.aliases?.production || m.latest_version;
+      if (v) { chosen.add(`${m.name}@${v}`); break; }
+    }
+  }
+  return chosen;
+}
+
+function versionLabel(v) {
+  const lin = v.lineage || {};
+  const parts = [`v${v.version}`];
+  if (v.aliases?.length) parts.push(v.aliases.join(", "));
+  if (lin.phase) parts.push(`${lin.phase} round ${lin.round}`);
+  if (lin.run_id) parts.push(`run ${lin.run_id}`);
+  return parts.join(" · ");
+}
+
+function probabilityBars(probabilities, label) {
+  const entries = Object.entries(probabilities).sort((a, b) => b[1] - a[1]);
+  const rowH = 22, W = 360, L = 64, R = 58;
+  const root = s("svg", { viewBox: `0 0 ${W} ${entries.length * rowH + 4}`, class: "prob-svg", role: "img", "aria-label": "class probabilities" });
+  entries.forEach(([cls, p], i) => {
+    const y = 2 + i * rowH;
+    const g = s("g", { class: ["prob", cls === label && "prob-top"], "data-class": cls, "data-p": p });
+    g.append(s("text", { x: L - 8, y: y + 14, "text-anchor": "end", class: "tick", text: cls }));
+    g.append(s("rect", { x: L, y: y + 3, width: W - L - R, height: rowH - 8, rx: 3, class: "prob-track" }));
+    g.append(s("rect", { x: L, y: y + 3, width: Math.max((W - L - R) * p, 0.5), height: rowH - 8, rx: 3, class: "prob-fill" }));
+    g.append(s("text", { x: W - R + 6, y: y + 14, class: "tick", text: `${(p * 100).toFixed(1)}%` }));
+    root.append(g);
+  });
+  return root;
+}
+
+function resultCard(model, version, result, error) {
+  const card = h("article", { class: ["result", error && "result-error"], "data-model": model.name, "data-version": version.version },
+    h("header", {}, h("span", { class: "mono", text: model.name }), " ", h("strong", { text: `v${version.version}` }),
+      version.aliases.map((a) => h("span", { class: ["chip", a === "production" && "chip-prod"], text: a }))));
+  if (error) {
+    card.append(h("p", { class: "error-text", text: `HTTP ${error.status || "error"}: ${error.message}` }));
+    return card;
+  }
+  const top = result.probabilities[result.label];
+  card.append(
+    h("div", { class: "prediction" }, h("span", { class: "muted", text: "predicted " }),
+      h("span", { class: "pred-label", "data-label": result.label, text: result.label }),
+      h("span", { class: "pred-p", text: ` ${(top * 100).toFixed(1)}%` })),
+    probabilityBars(result.probabilities, result.label));
+  return card;
+}
+
+export function render({ models }, args) {
+  if (!models.length) {
+    return h("div", {}, h("h1", { text: "Try it" }), empty("No classification model is registered yet: run a federated fine-tune first."));
+  }
+  const chosen = initialChoice(models, args);
+  let file = null;
+
+  const preview = h("div", { class: "preview" }, h("span", { class: "muted", text: "No image chosen" }));
+  const input = h("input", { type: "file", id: "image-input", accept: IMAGE_TYPES.join(","), class: "file-input" });
+  const drop = h("label", { class: "dropzone", for: "image-input" },
+    h("strong", { text: "Choose a JPEG or PNG" }), h("span", { class: "muted", text: " or drop it here" }));
+  const results = h("div", { class: "results", "aria-live": "polite" },
+    empty("Choose an image and press Predict: each ticked version answers side by side."));
+  const status = h("p", { class: "muted small try-status" });
+  const button = h("button", { type: "button", class: "btn btn-primary", id: "predict", disabled: true, text: "Predict" });
+
+  const setFile = (f) => {
+    if (!f) return;
+    file = f;
+    clear(preview).append(h("img", { src: URL.createObjectURL(f), alt: "the chosen image" }),
+      h("p", { class: "small muted", text: `${f.name} · ${(f.size / 1024).toFixed(0)} KB` }));
+    if (!IMAGE_TYPES.includes(f.type)) status.textContent = `${f.type || "unknown type"}: the registry accepts JPEG and PNG only and will refuse it.`;
+    else status.textContent = "";
+    refresh();
+  };
+  input.addEventListener("change", () => setFile(input.files[0]));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("drag"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("drag"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("drag"); setFile(e.dataTransfer.files[0]); });
+
+  const picks = models.map((m) => h("fieldset", { class: "pick" }, h("legend", { class: "mono", text: m.name }),
+    m.versionList.slice().reverse().map((v) => {
+      const key = `${m.name}@${v.version}`;
+      const box = h("input", { type: "checkbox", value: key, checked: chosen.has(key), "data-model": m.name, "data-version": v.version });
+      box.addEventListener("change", () => { if (box.checked) chosen.add(key); else chosen.delete(key); refresh(); });
+      return h("label", { class: "pick-row" }, box, h("span", { text: versionLabel(v) }), v.synthetic_data ? h("span", { class: "badge badge-synthetic", text: "SYNTHETIC" }) : null);
+    })));
+
+  function refresh() {
+    button.disabled = !file || !chosen.size;
+  }
+
+  button.addEventListener("click", async () => {
+    if (!file || !chosen.size) return;
+    button.disabled = true;
+    status.textContent = `Asking ${chosen.size} model version${chosen.size === 1 ? "" : "s"}…`;
+    clear(results);
+    const targets = [];
+    for (const m of models) for (const v of m.versionList.slice().reverse()) if (chosen.has(`${m.name}@${v.version}`)) targets.push([m, v]);
+    // Production versions first: they are what the service answers without a version.
+    targets.sort((a, b) => Number(b[1].aliases.includes("production")) - Number(a[1].aliases.includes("production")));
+    const outcomes = await Promise.all(targets.map(async ([m, v]) => {
+      try { return [m, v, await api.predict(m.name, v.version, file), null]; } catch (err) { return [m, v, null, err]; }
+    }));
+    for (const [m, v, res, err] of outcomes) results.append(resultCard(m, v, res, err));
+    const labels = new Set(outcomes.filter((o) => o[2]).map((o) => o[2].label));
+    const failed = outcomes.filter((o) => o[3]).length;
+    status.textContent = failed ? `${failed} of ${outcomes.length} requests were refused.`
+      : outcomes.length > 1 ? (labels.size === 1 ? `All ${outcomes.length} versions agree: ${[...labels][0]}.` : `The versions disagree: ${[...labels].join(" vs ")}.`)
+        : "Done.";
+    results.dataset.done = String(outcomes.length);
+    refresh();
+  });
+
+  return h("div", { class: "try-page" },
+    h("div", { class: "page-head" }, h("h1", { text: "Try it" }),
+      h("p", { class: "muted", text: "Upload a dermoscopic image; the registry's classifier versions predict its class. Research use only: not a diagnosis." })),
+    h("div", { class: "try-grid" },
+      h("section", { class: "card" }, h("h2", { text: "1. Image" }), input, drop, preview),
+      h("section", { class: "card" }, h("h2", { text: "2. Model versions" }),
+        h("p", { class: "small muted", text: "Production is ticked; tick other versions to compare them on the same image. "
+          + "Hospitals' local-only models never leave the hospitals, so they are compared on each run's page, not here." }), picks,
+        h("div", { class: "actions" }, button), status)),
+    section("Predictions", { id: "predictions" }, results));
+}
