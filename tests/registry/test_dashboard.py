@@ -291,6 +291,16 @@ def test_run_page_draws_curves_hospitals_and_rounds_from_the_records(federation,
     shoot(tab, fed, "run.png")
 
 
+def test_an_unknown_run_or_model_shows_the_registrys_404(federation, tab):
+    for path, message in (("/dashboard/runs/no-such-run", "run 'no-such-run' not found"),
+                          ("/dashboard/models/no-such-model", "no-such-model")):
+        tab.goto(federation.registry.url + path)
+        tab.wait_for("document.getElementById('notice').dataset.kind === 'missing'")
+        assert "HTTP 404" in tab.text("#notice") and message in tab.text("#notice")
+        assert tab.text("#main h1") == "Not found"
+    tab.errors = [e for e in tab.errors if "404" not in e]  # Chromium logs the refused fetches themselves
+
+
 def test_run_page_follows_a_run_in_progress_without_a_reload(federation):
     if federation.live is None:
         pytest.skip(f"{REUSE_ENV} reuses finished records: no run was in progress")
