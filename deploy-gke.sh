@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# fedssl on Google Kubernetes Engine, with the Helm chart: creates the Artifact Registry
+# repository when it is missing, builds and pushes the three images, gets the cluster's
+# credentials, stores the Kaggle credentials in a Secret and installs (or upgrades) the chart
+# with charts/fedssl/values-gke.yaml. Safe to re-run: every step is create-if-missing or an
+# upgrade; each run starts a new training run.
+#
+#   ./deploy-gke.sh --project P --region R --cluster C [options]
+#
+# Required (flag or environment):
+#   --project ID      Google Cloud project          (FEDSSL_GKE_PROJECT, or GOOGLE_CLOUD_PROJECT)
+#   --region REGION   region of the cluster and of the Artifact Registry repository
+#                     (FEDSSL_GKE_REGION), e.g. europe-west4
+#   --cluster NAME    GKE cluster (FEDSSL_GKE_CLUSTER); a regional cluster in REGION
+# Options:
+#   --repository NAME Artifact Registry repository (default fedssl; FEDSSL_GKE_REPOSITORY)
+#   --release NAME    Helm release (default fedssl)      --namespace NS  (default fedssl)
+#   --tag TAG         image tag (default: the git commit, plus a time stamp when the tree has
+#                     changes)
+#   --synthetic       hospitals train on synthetic images (no Kaggle credentials needed)
+#   --skip-build      deploy images already pushed with --tag
+#   --dry-run         print the commands instead of running them (needs none of the tools)
+#
+# Kaggle credentials: KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json. Build
+# options: FEDSSL_DOCKER_BUILD_ARGS (more `docker build` arguments), FEDSSL_EXTRA_CA (a CA
+# bundle the builds need behind a proxy, passed as a build secret), FEDSSL_PLATFORM (default
+# linux/amd64, the GKE nodes' platform).
+set -euo pipefail
+
+# No dirname: the tool check below must work even with an empty PATH.
+SELF="${BASH_SOURCE[0]}"; [[ "$SELF" == */* ]] || SELF="./$SELF"
+ROOT="$(cd "${SELF%/*}" && pwd)"
+COMPONENTS=(superlink supernode registry)
+KAGGLE_SECRET=fedssl-kaggle
+
+say() { printf '\033[1m[fedssl-gke]\033[0m %s\n' "$*"; }
+warn() { printf '\033[1;33m[fedssl-gke] WARNING:\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[fedssl-gke] ERROR:\033[0m %s\n' "$1" >&2; exit "${2:-1}"; }
+usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+DRY_RUN=0
+# show CMD...: the command as one line a shell would run (arguments quoted only when needed).
+show() {
+  local out="+" a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"; else out+=" ${a@Q}"; fi
+  done
+  printf '%s\n' "$out"
+}
+# run CMD...: run it, or print it with --dry-run.
+run() { if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi; }
+
+PROJECT="${FEDSSL_GKE_PROJECT:-${GOOGLE_CLOUD_PROJECT:-}}"
+REGION="${FEDSSL_GKE_REGION:-}"
+CLUSTER="${FEDSSL_GKE_CLUSTER:-}"
+REPOSITORY="${FEDSSL_GKE_REPOSITORY:-fedssl}"
+RELEASE=fedssl
+NAMESPACE=fedssl
+TAG=""
+SYNTHETIC=0
+BUILD=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --project) PROJECT="${2:?--project needs a project id}"; shift 2 ;;
+    --region) REGION="${2:?--region needs a region}"; shift 2 ;;
+    --cluster) CLUSTER="${2:?--cluster needs a cluster name}"; shift 2 ;;
+    --repository) REPOSITORY="${2:?--repository needs a name}"; shift 2 ;;
+    --release) RELEASE="${2:?--release needs a name}"; shift 2 ;;
+    --namespace) NAMESPACE="${2:?--namespace needs a name}"; shift 2 ;;
+    --tag) TAG="${2:?--tag needs a tag}"; shift 2 ;;
+    --synthetic) SYNTHETIC=1; shift ;;
+    --skip-build) BUILD=0; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option '$1'" 2 ;;
+  esac
+done
+[ -n "$PROJECT" ] || die "--project is required (or set FEDSSL_GKE_PROJECT): the Google Cloud project to deploy to" 2
+[ -n "$REGION" ] || die "--region is required (or set FEDSSL_GKE_REGION): the region of the cluster, e.g. europe-west4" 2
+[ -n "$CLUSTER" ] || die "--cluster is required (or set FEDSSL_GKE_CLUSTER): the name of the GKE cluster" 2
+[[ "$PROJECT" =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || die "--project '$PROJECT' is not a Google Cloud project id" 2
+[[ "$REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "--region '$REGION' is not a region (e.g. europe-west4; zones such as europe-west4-a are not regions)" 2
+
+# --- tools -------------------------------------------------------------------------------
+HELM=helm
+command -v helm >/dev/null || { [ -x "$ROOT/.tools/bin/helm" ] && HELM="$ROOT/.tools/bin/helm"; }
+missing=()
+command -v gcloud >/dev/null || missing+=("gcloud (https://cloud.google.com/sdk/docs/install)")
+[ "$BUILD" = 0 ] || command -v docker >/dev/null || missing+=("docker (https://docs.docker.com/engine/install/)")
+command -v kubectl >/dev/null || missing+=("kubectl (gcloud components install kubectl)")
+command -v "$HELM" >/dev/null || missing+=("helm (https://helm.sh/docs/intro/install/)")
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$DRY_RUN" = 1 ]; then
+    warn "missing ${missing[*]} (printing the commands anyway)"
+  else
+    printf '\033[1;31m[fedssl-gke] ERROR:\033[0m missing tools:\n' >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 1
+  fi
+fi
+
+if [ -z "$TAG" ]; then
+  if commit="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null)"; then
+    TAG="$commit"
+    [ -z "$(git -C "$ROOT" status --porcelain -- services docker pyproject.toml 2>/dev/null)" ] || TAG="$commit-$(date +%Y%m%d%H%M%S)"
+  else
+    TAG="build-$(date +%Y%m%d%H%M%S)"
+  fi
+fi
+HOST="$REGION-docker.pkg.dev"
+IMAGES="$HOST/$PROJECT/$REPOSITORY"
+CONTEXT="gke_${PROJECT}_${REGION}_${CLUSTER}"
+
+# --- Kaggle credentials (before anything changes in the cloud) -----------------------------
+KAGGLE_USER="" KAGGLE_SECRET_KEY=""
+kaggle_credentials() {
+  if [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; then
+    KAGGLE_USER="$KAGGLE_USERNAME"; KAGGLE_SECRET_KEY="$KAGGLE_KEY"; return 0
+  fi
+  local file="${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json"
+  [ -f "$file" ] || return 1
+  KAGGLE_USER="$(sed -n 's/.*"username"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
+  KAGGLE_SECRET_KEY="$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
+  [ -n "$KAGGLE_USER" ] && [ -n "$KAGGLE_SECRET_KEY" ]
+}
+if [ "$SYNTHETIC" = 0 ] && ! kaggle_credentials; then
+  die "the hospitals download HAM10000 from Kaggle: set KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ~/.kaggle (https://www.kaggle.com/settings, 'Create New Token'), or pass --synthetic"
+fi
+
+# --- 1. Artifact Registry repository ---------------------------------------------------------
+say "Artifact Registry repository $REPOSITORY in $REGION (created if missing)"
+if [ "$DRY_RUN" = 1 ]; then
+  show gcloud artifacts repositories describe "$REPOSITORY" --project "$PROJECT" --location "$REGION"
+  echo "  # only when it does not exist yet:"
+fi
+if [ "$DRY_RUN" = 1 ] || ! gcloud artifacts repositories describe "$REPOSITORY" --project "$PROJECT" --location "$REGION" >/dev/null 2>&1; then
+  run gcloud artifacts repositories create "$REPOSITORY" --project "$PROJECT" --location "$REGION" \
+    --repository-format docker --description "fedssl images (federated self-supervised learning)"
+fi
+run gcloud auth configure-docker "$HOST" --quiet
+
+# --- 2. images -------------------------------------------------------------------------------
+if [ "$BUILD" = 1 ]; then
+  extra=()
+  # Word splitting is the point: FEDSSL_DOCKER_BUILD_ARGS holds several arguments.
+  # shellcheck disable=SC2206
+  [ -n "${FEDSSL_DOCKER_BUILD_ARGS:-}" ] && extra=(${FEDSSL_DOCKER_BUILD_ARGS})
+  [ -n "${FEDSSL_EXTRA_CA:-}" ] && extra+=(--secret "id=extra_ca,src=$FEDSSL_EXTRA_CA")
+  for c in "${COMPONENTS[@]}"; do
+    say "building and pushing $IMAGES/fedssl-$c:$TAG"
+    run env DOCKER_BUILDKIT=1 docker build --platform "${FEDSSL_PLATFORM:-linux/amd64}" -f "$ROOT/docker/$c.Dockerfile" \
+      -t "$IMAGES/fedssl-$c:$TAG" ${extra[@]+"${extra[@]}"} "$ROOT"
+    run docker push "$IMAGES/fedssl-$c:$TAG"
+  done
+fi
+
+# --- 3. cluster credentials, namespace, Kaggle Secret ----------------------------------------
+say "credentials for cluster $CLUSTER"
+run gcloud container clusters get-credentials "$CLUSTER" --region "$REGION" --project "$PROJECT"
+k=(kubectl --context "$CONTEXT")
+if [ "$DRY_RUN" = 1 ]; then
+  echo "+ ${k[*]} create namespace $NAMESPACE --dry-run=client -o yaml | ${k[*]} apply -f -"
+else
+  "${k[@]}" create namespace "$NAMESPACE" --dry-run=client -o yaml | "${k[@]}" apply -f - >/dev/null
+fi
+run "${k[@]}" label namespace "$NAMESPACE" --overwrite \
+  pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted
+if [ "$SYNTHETIC" = 0 ]; then
+  say "Kaggle credentials into secret/$KAGGLE_SECRET (only the hospitals' download step reads it)"
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "+ ${k[*]} -n $NAMESPACE create secret generic $KAGGLE_SECRET --from-file=username=<kaggle username> --from-file=key=<kaggle key> --dry-run=client -o yaml | ${k[*]} apply -f -"
+  else
+    dir="$(mktemp -d)"
+    trap 'rm -rf "$dir"' EXIT
+    (umask 077; printf '%s' "$KAGGLE_USER" >"$dir/username"; printf '%s' "$KAGGLE_SECRET_KEY" >"$dir/key")
+    "${k[@]}" -n "$NAMESPACE" create secret generic "$KAGGLE_SECRET" --from-file=username="$dir/username" \
+      --from-file=key="$dir/key" --dry-run=client -o yaml | "${k[@]}" apply -f - >/dev/null
+    rm -rf "$dir"
+  fi
+fi
+
+# --- 4. the chart ----------------------------------------------------------------------------
+helm_args=(upgrade --install "$RELEASE" "$ROOT/charts/fedssl" --namespace "$NAMESPACE" --kube-context "$CONTEXT"
+  -f "$ROOT/charts/fedssl/values-gke.yaml" --set "image.registry=$IMAGES" --set "image.tag=$TAG")
+if [ "$SYNTHETIC" = 1 ]; then
+  hospitals='[{"name":"hospital-1","sslTask":"simclr","partition":0,"data":{"source":"synthetic"}},'
+  hospitals+='{"name":"hospital-2","sslTask":"rotation","partition":1,"data":{"source":"synthetic"}},'
+  hospitals+='{"name":"hospital-3","sslTask":"simclr","partition":2,"data":{"source":"synthetic"}}]'
+  helm_args+=(--set-json "hospitals=$hospitals")
+fi
+say "installing release $RELEASE in namespace $NAMESPACE"
+run "$HELM" "${helm_args[@]}"
+
+fullname="$RELEASE"; [[ "$RELEASE" == *fedssl* ]] || fullname="$RELEASE-fedssl"
+revision="<revision>"
+if [ "$DRY_RUN" = 0 ]; then
+  revision="$("$HELM" list -n "$NAMESPACE" --kube-context "$CONTEXT" --filter "^$RELEASE\$" -o json \
+    | sed -n 's/.*"revision":"\{0,1\}\([0-9][0-9]*\).*/\1/p')"
+fi
+say "done. Next:"
+cat <<EOF
+  ${k[*]} -n $NAMESPACE get pods
+  ${k[*]} -n $NAMESPACE logs -f --pod-running-timeout=30m job/$fullname-run-$revision
+  ${k[*]} -n $NAMESPACE port-forward svc/$fullname-registry 8080:8080
+  $HELM test $RELEASE -n $NAMESPACE --kube-context $CONTEXT
+EOF
