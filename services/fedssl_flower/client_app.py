@@ -2,11 +2,18 @@
 
 Thin handlers. Each unpacks the server's Message, calls the plain-PyTorch code in
 `training`, and replies with only the shared parameter groups and metrics. The hospital's
-own model (task heads included) and its local-only baseline live in `context.state`,
-which the SuperNode keeps between rounds of a run and never sends anywhere.
+own model (task heads included) and its local-only baseline are kept between rounds in the
+hospital's state directory (safetensors, written atomically), never sent anywhere.
+
+Why not `context.state`: Flower 1.41 ships the whole Context from each ClientApp process to
+the SuperNode in one HTTP request with a 30 s timeout. Two full ResNets (~90 MB) in it miss
+that timeout on a busy CPU; the SuperNode then declares the task crashed and the round loses
+the hospital. A file beside the hospital's data costs a fraction of a second and survives a
+SuperNode restart.
 
 Node config (per hospital, `flower-supernode --node-config`): `hospital`, `ssl-task`,
-`threads`, and the data keys of `data.HospitalDataConfig`.
+`threads`, `state-dir` (default `<cache dir>/state`), and the data keys of
+`data.HospitalDataConfig`.
 """
 
 from __future__ import annotations
@@ -14,19 +21,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import os
 import time
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedssl_core import names
+from fedssl_core import names, weights
 from fedssl_core.models import FedSSLModel, set_torch_threads
 
 from . import records, training
 from .config import RunConfig
-from .data import HospitalData, load_hospital_data
+from .data import HospitalData, cache, load_hospital_data
 from .errors import ConfigError
 
 log = logging.getLogger("fedssl.hospital")
@@ -51,14 +60,27 @@ def _setup(context: Context) -> tuple[RunConfig, str, str, HospitalData]:
     return cfg, name, task, data
 
 
+def _state_path(context: Context, key: str) -> Path:
+    """Where this hospital keeps model `key` of this run."""
+    root = context.node_config.get("state-dir") or ""
+    base = Path(str(root)) if root else Path(str(context.node_config.get("cache-dir") or cache.default_cache_dir())) / "state"
+    # Hospitals may share a cache dir on one machine; a name is one safe path component.
+    hospital = re.sub(r"[^A-Za-z0-9._-]", "_", _hospital(context)[0]).lstrip(".") or "_"
+    return base / f"run-{context.run_id}" / hospital / f"{key}.safetensors"
+
+
+def _has_model(context: Context, key: str) -> bool:
+    return _state_path(context, key).is_file()
+
+
 def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedSSLModel:
-    """The hospital's model `key` from context.state; a seeded fresh one the first time (the
-    server's initial model is identical, so the local-only baseline starts where the
+    """The hospital's model `key` from its state directory; a seeded fresh one the first time
+    (the server's initial model is identical, so the local-only baseline starts where the
     federation starts)."""
     torch.manual_seed(cfg.seed)
     model = FedSSLModel(cfg.arch, num_classes=num_classes)
-    if key in context.state:
-        model.load_state_dict(context.state[key].to_torch_state_dict())
+    if _has_model(context, key):
+        weights.load_into(model, weights.load_file(_state_path(context, key)))
     return model
 
 
@@ -73,7 +95,9 @@ def _seconds_since_process_start() -> float | None:
 
 
 def _keep(context: Context, key: str, model: FedSSLModel) -> None:
-    context.state[key] = ArrayRecord(model.state_dict())
+    path = _state_path(context, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights.save_file(path, model.state_dict())  # atomic: a killed process leaves the previous round's file
 
 
 def _info(name: str, task: str, data: HospitalData) -> dict:
@@ -169,7 +193,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         records.METRICS: records.to_metric_record(_score(model, data, phase, cfg)),
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
     })
-    if cfg.local_baseline and records.STATE_LOCAL_ONLY in context.state:
+    if cfg.local_baseline and _has_model(context, records.STATE_LOCAL_ONLY):
         local = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
         content[records.LOCAL_METRICS] = records.to_metric_record(_score(local, data, phase, cfg))
     return Message(content, reply_to=msg)

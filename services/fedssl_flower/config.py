@@ -37,6 +37,7 @@ class RunConfig:
     min_hospitals: int = 2  # a round needs at least this many replies, else the run fails
     wait_for_hospitals: float = 300.0  # seconds to wait at start for min-hospitals to connect
     round_timeout: float = 1800.0  # seconds a round waits for replies before going on without the missing
+    message_retries: int = 1  # re-sends to a hospital still connected whose reply never came (a lost ClientApp task)
     local_baseline: bool = True  # each hospital also trains a private local-only model for comparison
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
@@ -84,6 +85,8 @@ class RunConfig:
         need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
         need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
         need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")
 
     @property

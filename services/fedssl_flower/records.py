@@ -26,7 +26,7 @@ METRICS = "metrics"  # MetricRecord: the global model's training/evaluation metr
 LOCAL_METRICS = "local_only_metrics"  # MetricRecord: the hospital's local-only model
 INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
 
-# Keys of the hospital's private context.state.
+# Names of the hospital's private models (files in its state directory, see client_app).
 STATE_MODEL = "model"  # the hospital's copy of the federated model, heads included
 STATE_LOCAL_ONLY = "local_only_model"  # the local-only baseline model, never sent
 

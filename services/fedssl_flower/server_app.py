@@ -84,17 +84,31 @@ class Aggregator:
 
         Replies are matched on `reply_to_message_id`, never on `src_node_id`: when a node is
         gone, the SuperLink answers in its place with an error whose source is the SuperLink
-        itself. Returns (replies by node, nodes that never answered).
+        itself. A node that is still connected but never answered (its ClientApp task was
+        lost) gets the message again, `message-retries` times. Returns (replies by node,
+        nodes that never answered).
         """
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         out: dict[int, Message] = {}
-        for reply in replies:
-            node = by_id.get(reply.metadata.reply_to_message_id)
-            if node is None:  # not one of ours (or an unknown message id): nothing to pair it with
-                log.warning("ignoring a reply to unknown message %r", reply.metadata.reply_to_message_id)
-                continue
-            out[node] = reply
+        pending = list(msgs)
+        for attempt in range(self.cfg.message_retries + 1):
+            replies = list(self.grid.send_and_receive(pending, timeout=self.cfg.round_timeout))
+            by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in pending}
+            for reply in replies:
+                node = by_id.get(reply.metadata.reply_to_message_id)
+                if node is None:  # a late reply to an earlier attempt, or not ours
+                    log.warning("ignoring a reply to unknown message %r", reply.metadata.reply_to_message_id)
+                    continue
+                out[node] = reply
+            if attempt == self.cfg.message_retries:
+                break
+            connected = set(self.grid.get_node_ids())
+            pending = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
+                               group_id=m.metadata.group_id)
+                       for m in pending if m.metadata.dst_node_id not in out and m.metadata.dst_node_id in connected]
+            if not pending:
+                break
+            _progress("no answer from node(s) %s within %.0fs (%s); sending again",
+                      ", ".join(str(m.metadata.dst_node_id) for m in pending), self.cfg.round_timeout, pending[0].metadata.group_id)
         return out, [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in out]
 
     # ---------------------------------------------------------------- hospitals

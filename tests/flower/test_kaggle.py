@@ -25,3 +25,24 @@ def test_failed_download_leaves_no_partial_dataset(tmp_path, monkeypatch):
         kaggle.download_ham10000(target)
     assert not target.exists()
     assert list((tmp_path / "data").iterdir()) == []  # the staging folder is gone too
+
+
+def test_command_line_fails_clearly_without_credentials(tmp_path):
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KAGGLE_CONFIG_DIR": str(tmp_path / "none")}
+    r = subprocess.run([sys.executable, "-m", "fedssl_flower.data.kaggle", str(tmp_path / "ham")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "error: cannot download kmader/skin-cancer-mnist-ham10000" in r.stderr and "no Kaggle credentials" in r.stderr
+    assert not (tmp_path / "ham").exists()
+
+
+def test_command_line_is_a_no_op_when_the_dataset_is_there(ham10000_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fedssl_flower.data.kaggle", str(ham10000_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"HAM10000 ready at {ham10000_dir}" in r.stdout

@@ -3,7 +3,11 @@
 Credentials come from env (`KAGGLE_USERNAME` + `KAGGLE_KEY`, e.g. from a Kubernetes Secret)
 or a `kaggle.json` in `$KAGGLE_CONFIG_DIR` or `~/.kaggle`. The archive is downloaded and
 unzipped into a temporary folder beside the target, checked, then renamed into place: an
-interrupted download never leaves a half dataset that would load.
+interrupted download never leaves a half dataset that would load. Several hospitals racing to
+download into one path end with one complete copy.
+
+Command line (the Kubernetes init container and deploy-local.sh use it):
+    python -m fedssl_flower.data.kaggle TARGET_DIR
 """
 
 from __future__ import annotations
@@ -59,9 +63,37 @@ def download_ham10000(target: Path, dataset: str = names.HAM10000_KAGGLE_DATASET
             )
         if target.exists() and not any(target.iterdir()):
             target.rmdir()
-        os.replace(staging, target)  # atomic on one filesystem: all or nothing
+        try:
+            os.replace(staging, target)  # atomic on one filesystem: all or nothing
+        except OSError:
+            if ham10000.is_present(target):  # another hospital finished first: its copy is complete
+                return target
+            raise KaggleDownloadError(f"cannot install the download at {target}: it exists and is not an empty folder") from None
         log.info("HAM10000 installed at %s", target)
         return target
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m fedssl_flower.data.kaggle",
+                                     description="Download HAM10000 from Kaggle into TARGET_DIR (atomic; a no-op when it is there).")
+    parser.add_argument("target", type=Path, help="folder to hold HAM10000_metadata.csv and HAM10000_images_part_{1,2}/")
+    parser.add_argument("--dataset", default=names.HAM10000_KAGGLE_DATASET, help="Kaggle dataset (owner/name)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        path = download_ham10000(args.target, args.dataset)
+    except KaggleDownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"HAM10000 ready at {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""./deploy-local.sh end to end, as a user runs it: up (train across two hospitals on real
+HAM10000 images, then serve), the printed curl, status, down (stops exactly what it started)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.integration
+SCRIPT = REPO_ROOT / "deploy-local.sh"
+
+
+def env_for(home: Path, superlink_port: int, registry_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDSSL_", "FLWR_", "KAGGLE_"))}
+    env.update(FEDSSL_HOME=str(home), FEDSSL_SUPERLINK_PORT=str(superlink_port), FEDSSL_REGISTRY_PORT=str(registry_port),
+               KAGGLE_CONFIG_DIR=str(home / "no-kaggle"))
+    return env
+
+
+def script(env, *args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def pids(home: Path) -> dict[str, int]:
+    return {p.stem: int(p.read_text()) for p in (home / "pids").glob("*.pid")}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, ham10000_dir):
+    home = tmp_path_factory.mktemp("fedssl-home")
+    env = env_for(home, free_port(), free_port())
+    up = script(env, "up", "--hospitals", "2", "--rounds", "1", "--finetune-rounds", "1", "--image-size", "32",
+                "--data", str(ham10000_dir), "--max-images", "120", "--round-timeout", "240")
+    try:
+        yield home, env, up
+    finally:
+        script(env, "down", timeout=120)
+        for pid in pids(home).values():  # belt and braces: never leave a process behind
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_up_trains_across_hospitals_and_shows_progress(deployed):
+    home, _, up = deployed
+    out = up.stdout + up.stderr
+    assert up.returncode == 0, out[-6000:]
+    assert "starting SuperNode hospital-1 (ssl-task=simclr" in out and "starting SuperNode hospital-2 (ssl-task=rotation" in out
+    assert re.search(r"phase=ssl round=1/1 hospitals=2 loss=\d", out)
+    assert re.search(r"phase=finetune round=1/1 hospitals=2 loss=\d+\.\d+ balanced_accuracy=\d", out)
+    assert "registered fedssl-classifier version 1 as 'production'" in out
+    (run_dir,) = (home / "runs").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "succeeded"
+
+
+def test_training_processes_stop_and_the_registry_keeps_serving(deployed):
+    home, _, up = deployed
+    assert up.returncode == 0
+    running = {name for name, pid in pids(home).items() if alive(pid)}
+    assert running == {"registry"}
+
+
+def test_the_printed_curl_classifies_a_real_image(deployed):
+    home, _, up = deployed
+    (line,) = [ln.strip() for ln in up.stdout.splitlines() if ln.strip().startswith("curl ") and ":predict" in ln]
+    r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["model"] == "fedssl-classifier" and body["version"] == 1
+    assert body["label"] in body["probabilities"] and len(body["probabilities"]) == 7
+    assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
+    assert str(home / "registry.token") in line  # the token stays in its file, never on the screen
+    assert (home / "registry.token").stat().st_mode & 0o077 == 0
+
+
+def test_status_lists_what_runs(deployed):
+    home, env, _ = deployed
+    r = script(env, "status", timeout=60)
+    assert r.returncode == 0
+    assert re.search(r"running\s+registry \(pid \d+\)", r.stdout)
+    assert re.search(r"registry: http://127\.0\.0\.1:\d+", r.stdout)
+
+
+def test_bad_arguments_are_refused_with_what_was_expected(deployed):
+    _, env, _ = deployed
+    cases = [
+        (["up", "--hospitals", "0"], "--hospitals must be a whole number >= 1, got '0'"),
+        (["up", "--image-size", "8"], "--image-size must be a whole number >= 16, got '8'"),
+        (["up", "--data", "/nonexistent/ham"], "--data /nonexistent/ham: no HAM10000_metadata.csv there"),
+        (["up", "--frobnicate"], "unknown option '--frobnicate'"),
+        (["restart"], "unknown command 'restart' (expected up, status, down or --kind)"),
+    ]
+    for args, message in cases:
+        r = script(env, *args, timeout=300)
+        assert r.returncode != 0, (args, r.stdout)
+        assert message in r.stderr, (args, r.stderr)
+
+
+def test_down_stops_exactly_what_up_started(tmp_path, deployed):
+    home, env, _ = deployed
+    before = pids(home)
+    # An unrelated process in its own session must survive `down`.
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        r = script(env, "down", timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "stopping registry" in r.stdout
+        assert not any(alive(pid) for pid in before.values())
+        assert pids(home) == {}
+        assert bystander.poll() is None
+        again = script(env, "down", timeout=60)
+        assert "nothing to stop" in again.stdout
+    finally:
+        bystander.kill()
+
+
+def test_a_failed_run_exits_non_zero_with_the_server_error(tmp_path, ham10000_dir):
+    # One hospital whose data holds no images: the ServerApp's start-up audit fails the run.
+    empty = tmp_path / "ham-empty"
+    empty.mkdir()
+    header = (ham10000_dir / "HAM10000_metadata.csv").read_text().splitlines()[0]
+    (empty / "HAM10000_metadata.csv").write_text(header + "\n")
+    env = env_for(tmp_path / "home", free_port(), free_port())
+    try:
+        r = script(env, "up", "--hospitals", "1", "--rounds", "1", "--finetune-rounds", "0", "--image-size", "32",
+                   "--data", str(empty), timeout=600)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out[-4000:]
+        assert "the federated run failed" in out
+        assert "FAILED" in out and "hospital(s) failed at start-up" in out, out[-4000:]
+    finally:
+        script(env, "down", timeout=120)
