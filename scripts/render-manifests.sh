@@ -29,7 +29,8 @@ trap 'rm -f "$tmp"' EXIT
   echo "#   kubectl apply -f k8s/namespace.yaml"
   echo "#   k8s/create-secrets.sh            # the SuperLink certificate and the registry token"
   echo "#   kubectl apply -f k8s/fedssl.yaml"
-  echo "#   kubectl logs -n fedssl -f job/fedssl-run-1"
+  echo "#   kubectl logs -n fedssl -f --pod-running-timeout=10m job/fedssl-run-1"
+  echo "#   # another run: kubectl delete job -n fedssl fedssl-run-1 && kubectl apply -f k8s/fedssl.yaml"
   # Release "fedssl" in namespace "fedssl"; no `helm test` pod (that is Helm's).
   "$HELM" template fedssl "$ROOT/charts/fedssl" --namespace fedssl -f "$ROOT/k8s/values.yaml" --skip-tests
 } >"$tmp"
