@@ -239,3 +239,27 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
         assert [n["status"] for n in nodes] == ["online"], f"{nodes}\n{cluster.logs()}"
     finally:
         cluster.close()
+
+
+def test_the_flags_the_chart_passes_exist(capsys):
+    """fedssl-submit (the run Job) and the Kaggle download (the init container) accept every
+    flag the chart hands them; flower-superlink and flower-supernode are started with theirs
+    in the test above."""
+    from fedssl_flower import submit
+    from fedssl_flower.data import kaggle
+
+    script = (Path(__file__).resolve().parents[2] / "charts" / "fedssl" / "files" / "run.sh").read_text()
+    submit_flags = {"--superlink", "--app", "--flwr-home", "--timeout", "--root-certificates"}
+    assert all(f in script for f in submit_flags)
+    with pytest.raises(SystemExit):
+        submit.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(f in help_text for f in submit_flags), help_text
+
+    objs = render([Path(__file__).resolve().parents[2] / "charts" / "fedssl" / "ci" / "kaggle-values.yaml"])
+    init = next(c for d in by_kind(objs, "Deployment") for c in pod_spec(d).get("initContainers", []))
+    assert init["command"][:3] == ["python", "-m", "fedssl_flower.data.kaggle"]
+    with pytest.raises(SystemExit):
+        kaggle.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(a.split("=", 1)[0] in help_text for a in init["args"] if a.startswith("--")), help_text
