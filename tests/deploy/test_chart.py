@@ -726,3 +726,19 @@ def test_generated_certificate_names_the_service_and_loopback():
     assert ipaddress.ip_address("127.0.0.1") in ips
     days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
     assert 3600 <= days <= 3660
+
+
+def test_long_release_names_still_give_valid_names(tmp_path):
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"hospitals": [{"name": "h" * 20, "sslTask": "simclr", "partition": 0,
+                                                     "data": {"source": "synthetic"}}]}))
+    release = "a-very-long-release-name-for-a-federated-study-abcdef"  # 53 characters (helm's most), no "fedssl"
+    objs = render([values], release=release)
+    from kubernetes_validate import utils
+
+    for o in objs:
+        if o["apiVersion"] != "monitoring.coreos.com/v1":
+            utils.validate(o, KUBERNETES_VERSIONS[0], strict=True)
+        assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
+        for value in list(o["metadata"].get("labels", {}).values()) + list(pod_labels(o).values() if pod_spec(o) else []):
+            assert len(str(value)) <= 63, value

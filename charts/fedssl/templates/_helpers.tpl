@@ -8,8 +8,9 @@ label comes from here, so the NetworkPolicies, Services and tests can rely on th
 {{- end -}}
 
 {{/*
-Full name prefix of every object. Kept to 40 characters so that the longest derived name
-(`<fullname>-<hospital>-data`, hospital names up to 20 characters) stays a valid DNS label.
+Full name prefix of every object. Kept to 40 characters so that every derived name that must
+be a DNS label (Services `<fullname>-superlink`, Deployments `<fullname>-<hospital>` with
+hospital names up to 20 characters, the Job `<fullname>-run-<revision>`) stays within 63.
 */}}
 {{- define "fedssl.fullname" -}}
 {{- if .Values.fullnameOverride -}}
