@@ -742,3 +742,10 @@ def test_long_release_names_still_give_valid_names(tmp_path):
         assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
         for value in list(o["metadata"].get("labels", {}).values()) + list(pod_labels(o).values() if pod_spec(o) else []):
             assert len(str(value)) <= 63, value
+
+
+def test_no_service_links_in_any_pod(scenario):
+    """Service links would put FEDSSL_REGISTRY_PORT=tcp://... (from the Service
+    `fedssl-registry`) into every pod: the registry's own setting, with a value it cannot read."""
+    for w in workloads(render_scenario(scenario)):
+        assert pod_spec(w)["enableServiceLinks"] is False, w["metadata"]["name"]
