@@ -30,13 +30,13 @@ umask 077
 if exists fedssl-superlink-tls; then
   echo "secret/fedssl-superlink-tls exists; keeping it"
 else
-  openssl req -x509 -newkey rsa:3072 -nodes -days "$DAYS" -subj "/CN=fedssl-ca" \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days "$DAYS" -subj "/CN=fedssl-ca" \
     -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
   cat >"$work/san.cnf" <<CNF
 subjectAltName = DNS:$SUPERLINK, DNS:$SUPERLINK.$NS, DNS:$SUPERLINK.$NS.svc, DNS:$SUPERLINK.$NS.svc.cluster.local, DNS:localhost, IP:127.0.0.1
 extendedKeyUsage = serverAuth
 CNF
-  openssl req -newkey rsa:3072 -nodes -subj "/CN=$SUPERLINK.$NS.svc" \
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$SUPERLINK.$NS.svc" \
     -keyout "$work/tls.key" -out "$work/tls.csr" 2>/dev/null
   openssl x509 -req -in "$work/tls.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
     -days "$DAYS" -extfile "$work/san.cnf" -out "$work/tls.crt" 2>/dev/null

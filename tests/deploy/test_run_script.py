@@ -102,10 +102,10 @@ if [ "$1" = ls ]; then echo '{{"success": true, "runs": [{{"run-id": "7", "statu
 def test_run_script_gives_up_when_a_service_never_answers(tmp_path, http_ok):
     script, args, env = job_parts(render(), tmp_path)
     env.update(FEDSSL_SUPERLINK=http_ok.removeprefix("http://"), FEDSSL_SUPERLINK_CA="",
-               FEDSSL_REGISTRY_URL=f"http://127.0.0.1:{free_port()}", FEDSSL_WAIT_SECONDS="2")
+               FEDSSL_REGISTRY_URL=f"http://127.0.0.1:{free_port()}", FEDSSL_WAIT_SECONDS="1")
     proc = run_script(script, args, env, tmp_path)
     assert proc.returncode != 0
-    assert "/v2/health/ready did not answer within 2s" in proc.stderr
+    assert "/v2/health/ready did not answer within 1s" in proc.stderr
 
 
 # ------------------------------------------------------------- real SuperLink and SuperNode

@@ -31,7 +31,7 @@ while time.monotonic() < deadline:
             sys.exit(0)
     except Exception as exc:  # not up yet: DNS, refused, TLS handshake, 5xx
         last = f"{type(exc).__name__}: {exc}"
-    time.sleep(3)
+    time.sleep(max(0.1, min(3.0, deadline - time.monotonic())))
 sys.exit(f"[fedssl] {url} did not answer within {limit:.0f}s (last error: {last})")
 PY
 }
