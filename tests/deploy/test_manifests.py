@@ -99,6 +99,10 @@ echo "unexpected kubectl $*" >&2; exit 2
     assert "fedssl-superlink.fedssl.svc" in sans.get_values_for_type(x509.DNSName)
     assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
     assert (tls / "tls.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    # What the SuperLink (uvicorn) does with them.
+    import ssl
+
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls / "tls.crt", tls / "tls.key")
     token = (store / "fedssl-registry-token" / "token").read_text()
     assert len(token) == 64 and "\n" not in token
 
