@@ -470,7 +470,8 @@ def test_node_config_is_what_the_hospital_code_reads(scenario):
     from fedssl_flower.data import HospitalDataConfig
 
     objs, values = render_scenario(scenario), values_of(scenario)
-    known = {f.replace("_", "-") for f in HospitalDataConfig.__dataclass_fields__} | {"hospital", "ssl-task", "threads"}
+    # The data keys, and what the ClientApp itself reads (client_app.py's docstring).
+    known = {f.replace("_", "-") for f in HospitalDataConfig.__dataclass_fields__} | {"hospital", "ssl-task", "threads", "state-dir"}
     hospitals = {h["name"]: h for h in values["hospitals"]}
     for d in supernodes(objs):
         c = main_container(d)
@@ -480,7 +481,9 @@ def test_node_config_is_what_the_hospital_code_reads(scenario):
         assert config["ssl-task"] == h["sslTask"] and config["ssl-task"] in names.SSL_TASKS
         parsed = HospitalDataConfig.from_node_config(config)  # types and values the code accepts
         assert 0 <= parsed.partition_id < parsed.num_partitions
-        assert config["cache-dir"].startswith("/var/lib/fedssl/")
+        writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+        for key in ("cache-dir", "state-dir"):  # on a writable volume (the root filesystem is read-only)
+            assert any(config[key].startswith(m + "/") for m in writable), f"{key}={config[key]} is not writable"
         if parsed.data_source != names.DATA_SYNTHETIC:
             mounts = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == "data"]
             assert any(config["data-path"] == m or config["data-path"].startswith(m + "/") for m in mounts), \

@@ -247,6 +247,8 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- if hasKey $h "maxImages" -}}{{- $maxImages = $h.maxImages -}}{{- end -}}
 {{- $cfg = append $cfg (printf "max-images=%d" (int $maxImages)) -}}
 {{- $cfg = append $cfg "cache-dir=\"/var/lib/fedssl/cache\"" -}}
+{{- /* The hospital's private models between rounds (never sent anywhere). */ -}}
+{{- $cfg = append $cfg "state-dir=\"/var/lib/fedssl/state\"" -}}
 {{- /* The download is the init container's job; the SuperNode itself has no credentials. */ -}}
 {{- $cfg = append $cfg "download=false" -}}
 {{- $threads := include "fedssl.threads" ($h.resources | default $root.Values.supernode.resources) -}}
