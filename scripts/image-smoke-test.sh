@@ -17,7 +17,8 @@
 # scripts/make-base-image.sh, else python:3.11-slim-bookworm), TORCH_INDEX_URL (default PyTorch's
 # CPU index, or pip's configured index when that is unreachable), PIP_INDEX_URL, FEDSSL_BUILD_CA
 # (a CA bundle handed to pip as a build secret; default /etc/ssl/certs/ca-certificates.crt),
-# DOCKER (a docker CLI with BuildKit), FEDSSL_SUBMIT_TIMEOUT (seconds, default 1200).
+# DOCKER (a docker CLI with BuildKit), FEDSSL_SUBMIT_TIMEOUT (seconds, default 1800),
+# FEDSSL_ROUND_TIMEOUT (the run's round-timeout, default 600).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,8 @@ BUILD=1
 KEEP=0
 DATA_CHOICE=auto
 MAX_IMAGES=100
-SUBMIT_TIMEOUT="${FEDSSL_SUBMIT_TIMEOUT:-1200}"
+SUBMIT_TIMEOUT="${FEDSSL_SUBMIT_TIMEOUT:-1800}"
+ROUND_TIMEOUT="${FEDSSL_ROUND_TIMEOUT:-600}"  # a lost reply fails the run after this, not the default 30 min
 SERVICES=(superlink supernode registry)
 SUPERLINK_PORT=9092  # the images' default; Fleet, Control and Runtime APIs on one port
 REGISTRY_PORT=8080
@@ -50,6 +52,7 @@ while [ $# -gt 0 ]; do
 done
 [[ "$MAX_IMAGES" =~ ^[0-9]+$ ]] || die "--max-images must be a whole number, got '$MAX_IMAGES'"
 [[ "$SUBMIT_TIMEOUT" =~ ^[0-9]+$ ]] || die "FEDSSL_SUBMIT_TIMEOUT must be a whole number of seconds"
+[[ "$ROUND_TIMEOUT" =~ ^[0-9]+$ ]] || die "FEDSSL_ROUND_TIMEOUT must be a whole number of seconds"
 
 # ------------------------------------------------------------------ tools
 # A docker CLI that builds with BuildKit: one with the buildx plugin, or a client older than
@@ -337,8 +340,15 @@ rc=0
 "$DOCKER" run --rm --name "$PREFIX-submit" --network "$NET" "${HARDENED[@]}" --mount type=volume,dst=/var/lib/fedssl \
   "$(image superlink)" fedssl-submit --superlink "superlink:$SUPERLINK_PORT" --app /opt/fedssl/app --poll-seconds 2 \
   --timeout "$SUBMIT_TIMEOUT" -c ssl-rounds=1 -c finetune-rounds=1 -c image-size=32 -c batch-size=32 -c min-hospitals=2 \
-  -c wait-for-hospitals=300.0 -c "data-warning=\"$warning\"" 2>&1 | tee "$WORK/submit.log" | sed 's/^/  | /' || rc=$?
+  -c wait-for-hospitals=300.0 -c "round-timeout=$ROUND_TIMEOUT.0" -c "data-warning=\"$warning\"" 2>&1 \
+  | tee "$WORK/submit.log" | sed 's/^/  | /' || rc=$?
 if [ "$rc" != 0 ] || ! grep -q 'finished: completed' "$WORK/submit.log"; then
+  # Flower 1.41 under CPU starvation: a ClientApp's task output arrives late, the SuperNode runs
+  # the same message again, and the next message of that hospital is never answered. Not an
+  # image problem (deploy-local.sh shows it too); name it so nobody hunts for one.
+  if "$DOCKER" logs "$PREFIX-superlink" 2>&1 | grep -q 'does not exist or has expired'; then
+    warn "the SuperLink refused a duplicate reply ('does not exist or has expired'): a SuperNode handled one message twice and lost the next one, a Flower 1.41 race when the CPU is starved (load: $(cut -d' ' -f1-3 /proc/loadavg)); rerun when the machine is quieter"
+  fi
   fail "federated run (1 SSL + 1 fine-tune round) completed (fedssl-submit exit $rc)" "$(cat "$WORK/submit.log")"
 fi
 pass "federated run: 1 SSL + 1 fine-tune round on 2 hospitals completed in $((SECONDS - t0))s"
