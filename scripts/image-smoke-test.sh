@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
 # Image smoke test: build fedssl-superlink, fedssl-supernode and fedssl-registry, run them on a
-# Docker network the way the Helm chart runs them (same commands, arguments and environment;
-# read-only root filesystem, tmpfs /tmp, a volume at /var/lib/fedssl, uid 10001, no
-# capabilities), train one short federated run across two hospitals, then classify a real image
-# through the registry (:predict) and KServe v2 (/infer). Prints PASS/FAIL per check; exits
-# non-zero on the first failure. Everything it creates is removed on exit.
+# Docker network as the Helm chart runs them, train one short federated run across two
+# hospitals, then classify a real image through the registry (:predict) and KServe v2 (/infer).
+# Prints PASS/FAIL per check; exits non-zero on the first failure. Everything it creates is
+# removed on exit.
 #
 #   scripts/image-smoke-test.sh                        # build, run, check, clean up
 #   scripts/image-smoke-test.sh --no-build             # reuse fedssl-*:$TAG images
 #   scripts/image-smoke-test.sh --data synthetic       # no HAM10000 needed
 #   scripts/image-smoke-test.sh --keep                 # leave containers/network/volumes for a look
 #
-# Options: --data auto|synthetic|PATH (default auto: $FEDSSL_DATA, then ./data/ham10000, else
-# synthetic), --max-images N (per hospital, default 100), --tag TAG (default smoke).
+# Modes (--mode, default auto = chart when helm and PyYAML are there):
+#   chart   `helm template charts/fedssl` with two hospitals and a short run; every container it
+#           renders (Deployments, the run Job and its run.sh, the helm test pod) runs with its
+#           exact image, command, args, env (Secrets resolved: the generated registry token and
+#           SuperLink TLS), volumes, security context and limits (docker/chart_to_docker.py).
+#   images  the images alone, with the commands of docker/README.md (insecure SuperLink):
+#           read-only root, tmpfs /tmp, a volume at /var/lib/fedssl, uid 10001, no capabilities.
+#
+# Options: --mode auto|chart|images, --data auto|synthetic|PATH (default auto: $FEDSSL_DATA,
+# then ./data/ham10000, else synthetic), --max-images N (per hospital, default 100),
+# --tag TAG (default smoke).
 # Environment: BASE_IMAGE (default fedssl-base:bookworm when it exists locally, see
 # scripts/make-base-image.sh, else python:3.11-slim-bookworm), TORCH_INDEX_URL (default PyTorch's
 # CPU index, or pip's configured index when that is unreachable), PIP_INDEX_URL, FEDSSL_BUILD_CA
 # (a CA bundle handed to pip as a build secret; default /etc/ssl/certs/ca-certificates.crt),
-# DOCKER (a docker CLI with BuildKit), FEDSSL_SUBMIT_TIMEOUT (seconds, default 1800),
+# DOCKER (a docker CLI with BuildKit), HELM (default: helm on PATH, else .tools/bin/helm),
+# FEDSSL_CHART (the chart to render, default charts/fedssl),
+# FEDSSL_SUBMIT_TIMEOUT (seconds, default 1800),
 # FEDSSL_ROUND_TIMEOUT (the run's round-timeout, default 600).
 set -euo pipefail
 
@@ -26,6 +36,8 @@ TAG=smoke
 BUILD=1
 KEEP=0
 DATA_CHOICE=auto
+MODE=auto
+CHART="${FEDSSL_CHART:-$ROOT/charts/fedssl}"
 MAX_IMAGES=100
 SUBMIT_TIMEOUT="${FEDSSL_SUBMIT_TIMEOUT:-1800}"
 ROUND_TIMEOUT="${FEDSSL_ROUND_TIMEOUT:-600}"  # a lost reply fails the run after this, not the default 30 min
@@ -37,12 +49,13 @@ UID_GID=10001:10001
 say() { printf '\033[1m[image-smoke]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[image-smoke] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[image-smoke] ERROR:\033[0m %s\n' "$*" >&2; exit 2; }
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
+    --mode) MODE="${2:?--mode needs auto, chart or images}"; shift 2 ;;
     --data) DATA_CHOICE="${2:?--data needs auto, synthetic or a path}"; shift 2 ;;
     --max-images) MAX_IMAGES="${2:?--max-images needs a number}"; shift 2 ;;
     --tag) TAG="${2:?--tag needs a tag}"; shift 2 ;;
@@ -50,6 +63,7 @@ while [ $# -gt 0 ]; do
     *) usage >&2; die "unknown option '$1'" ;;
   esac
 done
+case "$MODE" in auto|chart|images) ;; *) die "--mode must be auto, chart or images, got '$MODE'" ;; esac
 [[ "$MAX_IMAGES" =~ ^[0-9]+$ ]] || die "--max-images must be a whole number, got '$MAX_IMAGES'"
 [[ "$SUBMIT_TIMEOUT" =~ ^[0-9]+$ ]] || die "FEDSSL_SUBMIT_TIMEOUT must be a whole number of seconds"
 [[ "$ROUND_TIMEOUT" =~ ^[0-9]+$ ]] || die "FEDSSL_ROUND_TIMEOUT must be a whole number of seconds"
@@ -75,6 +89,22 @@ missing=()
 for tool in curl python3; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 command -v docker >/dev/null || [ -x /usr/bin/docker ] || [ -n "${DOCKER:-}" ] || missing+=("docker (apt-get install docker.io)")
 [ "${#missing[@]}" -eq 0 ] || die "missing tools: ${missing[*]}"
+# chart mode: helm, and a Python with PyYAML for docker/chart_to_docker.py.
+HELM="${HELM:-$(command -v helm || echo "$ROOT/.tools/bin/helm")}"
+YAML_PY=""
+for py in "$ROOT/.venv/bin/python" python3; do
+  if "$py" -c 'import yaml' >/dev/null 2>&1; then YAML_PY="$py"; break; fi
+done
+chart_missing=()
+[ -x "$HELM" ] || command -v "$HELM" >/dev/null 2>&1 || chart_missing+=("helm")
+[ -n "$YAML_PY" ] || chart_missing+=("PyYAML (pip install pyyaml)")
+[ -f "$CHART/Chart.yaml" ] || chart_missing+=("the chart at $CHART")
+if [ "$MODE" = auto ]; then
+  if [ "${#chart_missing[@]}" -eq 0 ]; then MODE=chart
+  else MODE=images; warn "images mode: the chart mode needs ${chart_missing[*]}"; fi
+elif [ "$MODE" = chart ] && [ "${#chart_missing[@]}" -gt 0 ]; then
+  die "--mode chart needs: ${chart_missing[*]}"
+fi
 DOCKER="$(pick_docker)" || die "no docker CLI that can build with BuildKit: install the buildx plugin, or Debian's docker.io (/usr/bin/docker), or set DOCKER"
 export DOCKER_BUILDKIT=1
 
@@ -162,8 +192,8 @@ finish() {
     local c
     for c in "${CONTAINERS[@]}"; do
       "$DOCKER" container inspect "$c" >/dev/null 2>&1 || continue
-      printf '\n===== logs of %s (last 40 lines)\n' "$c" >&2
-      "$DOCKER" logs --tail 40 "$c" 2>&1 | sed 's/^/  /' >&2 || true
+      printf '\n===== logs of %s (last 25 lines)\n' "$c" >&2
+      "$DOCKER" logs --tail 25 "$c" 2>&1 | sed 's/^/  /' >&2 || true
     done
   fi
   if [ "$KEEP" = 1 ]; then
@@ -175,7 +205,7 @@ finish() {
     rm -rf "$WORK"
   fi
   echo
-  say "summary (base image $BASE_IMAGE, torch index $TORCH_INDEX_URL, data $source_kind):"
+  say "summary ($MODE mode; base image $BASE_IMAGE, torch index $TORCH_INDEX_URL, data $source_kind):"
   local line
   for line in "${RESULTS[@]}"; do echo "  $line"; done
   say "images:"
@@ -255,31 +285,10 @@ layers() { "$DOCKER" image inspect -f '{{range .RootFS.Layers}}{{println .}}{{en
 shared="$(comm -12 <(layers superlink | sort) <(layers supernode | sort) | comm -12 - <(layers registry | sort) | grep -c . || true)"
 say "the three images share $shared layers (base image, user, torch)"
 
-# ------------------------------------------------------------------ 4. network, volumes, services
-TOKEN="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
-(umask 077; printf 'FEDSSL_REGISTRY_TOKEN=%s\n' "$TOKEN" >"$WORK/registry.env")  # as a Secret would: not on a command line
-(umask 077; printf 'FEDSSL_REGISTRY_URL=http://registry:%s\nFEDSSL_REGISTRY_TOKEN=%s\n' "$REGISTRY_PORT" "$TOKEN" >"$WORK/superlink.env")
-
+# ------------------------------------------------------------------ 4. deploy
 "$DOCKER" network create "$NET" >/dev/null
 NETWORK_CREATED=1
-for v in registry superlink hospital-1 hospital-2; do
-  "$DOCKER" volume create "$PREFIX-$v" >/dev/null
-  VOLUMES+=("$PREFIX-$v")
-done
 
-# How the chart runs every container: read-only root, writable /tmp and /var/lib/fedssl,
-# uid/gid 10001, no capabilities, no privilege escalation.
-HARDENED=(--read-only --tmpfs "/tmp:rw,exec,nosuid,nodev,size=1g" --user "$UID_GID" --cap-drop ALL
-          --security-opt no-new-privileges)
-start() {  # NAME ALIAS VOLUME IMAGE [docker run options...] -- COMMAND...
-  local name="$PREFIX-$1" alias="$2" vol="$3" img="$4"; shift 4
-  local opts=()
-  while [ "$1" != -- ]; do opts+=("$1"); shift; done
-  shift
-  CONTAINERS+=("$name")
-  "$DOCKER" run --detach --name "$name" --hostname "$alias" --network "$NET" --network-alias "$alias" "${HARDENED[@]}" \
-    --mount "type=volume,src=$vol,dst=/var/lib/fedssl" "${opts[@]}" "$img" "$@" >/dev/null
-}
 running() { [ "$("$DOCKER" container inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
 wait_for() {  # NAME CONTAINER SECONDS COMMAND...: until COMMAND succeeds while CONTAINER runs
   local what="$1" c="$2" secs="$3"; shift 3
@@ -291,69 +300,210 @@ wait_for() {  # NAME CONTAINER SECONDS COMMAND...: until COMMAND succeeds while 
   done
   fail "$what (not ready after ${secs}s)" "$("$DOCKER" logs --tail 40 "$c" 2>&1)"
 }
-
-say "starting the registry"
-start registry registry "$PREFIX-registry" "$(image registry)" --env-file "$WORK/registry.env" -p "127.0.0.1::$REGISTRY_PORT" -- \
-  fedssl-registry
-REG_HOST_PORT="$("$DOCKER" port "$PREFIX-registry" "$REGISTRY_PORT/tcp" | head -n 1)"
-REG_URL="http://${REG_HOST_PORT/0.0.0.0/127.0.0.1}"
-wait_for "registry ready at $REG_URL/v2/health/ready" "$PREFIX-registry" 120 curl -fsS "$REG_URL/v2/health/ready"
-pass "registry ready (published at $REG_URL)"
-
-say "starting the SuperLink"
-start superlink superlink "$PREFIX-superlink" "$(image superlink)" --env-file "$WORK/superlink.env" -- \
-  flower-superlink --insecure --host 0.0.0.0 --port "$SUPERLINK_PORT" --database /var/lib/fedssl/superlink.db \
-  --disable-runtime-dependency-installation
-wait_for "SuperLink listening on :$SUPERLINK_PORT" "$PREFIX-superlink" 120 \
-  "$DOCKER" exec "$PREFIX-superlink" python3 -c "import socket; socket.create_connection(('127.0.0.1', $SUPERLINK_PORT), 2)"
-pass "SuperLink listening on superlink:$SUPERLINK_PORT"
-
-partition_by=lesion
-data_opts=()
-if [ "$source_kind" = ham10000 ]; then
-  [ ! -f "$DATA_PATH/HAM10000_metadata_dataverse.csv" ] || partition_by=site  # real acquisition sites, as deploy-local.sh
-  data_opts=(--mount "type=bind,src=$DATA_PATH,dst=/data/ham10000,readonly")
-fi
-TASKS=(simclr rotation)
-for i in 0 1; do
-  name="hospital-$((i + 1))"
-  node_config="hospital=\"$name\" ssl-task=\"${TASKS[$i]}\" data-source=\"$source_kind\" partition-id=$i num-partitions=2"
-  node_config+=" partition-by=\"$partition_by\" max-images=$MAX_IMAGES cache-dir=\"/var/lib/fedssl/cache\""
-  [ "$source_kind" != ham10000 ] || node_config+=" data-path=\"/data/ham10000\""
-  say "starting SuperNode $name ($node_config)"
-  start "$name" "$name" "$PREFIX-$name" "$(image supernode)" "${data_opts[@]}" -- \
-    flower-supernode --insecure --superlink "superlink:$SUPERLINK_PORT" --node-config "$node_config"
-done
-sleep 3
-for i in 1 2; do
-  running "$PREFIX-hospital-$i" || fail "SuperNode hospital-$i running" "$("$DOCKER" logs --tail 40 "$PREFIX-hospital-$i" 2>&1)"
-done
-pass "two SuperNodes running (data: $source_kind${DATA_PATH:+ from $DATA_PATH, read-only}, max-images=$MAX_IMAGES)"
-
-# ------------------------------------------------------------------ 5. one short federated run
-warning=""
-[ "$source_kind" != synthetic ] || warning="SYNTHETIC DATA (image smoke test)"
-say "submitting the run from a $(image superlink) container (timeout ${SUBMIT_TIMEOUT}s)"
-t0=$SECONDS
-CONTAINERS+=("$PREFIX-submit")
-rc=0
-"$DOCKER" run --rm --name "$PREFIX-submit" --network "$NET" "${HARDENED[@]}" --mount type=volume,dst=/var/lib/fedssl \
-  "$(image superlink)" fedssl-submit --superlink "superlink:$SUPERLINK_PORT" --app /opt/fedssl/app --poll-seconds 2 \
-  --timeout "$SUBMIT_TIMEOUT" -c ssl-rounds=1 -c finetune-rounds=1 -c image-size=32 -c batch-size=32 -c min-hospitals=2 \
-  -c wait-for-hospitals=300.0 -c "round-timeout=$ROUND_TIMEOUT.0" -c "data-warning=\"$warning\"" 2>&1 \
-  | tee "$WORK/submit.log" | sed 's/^/  | /' || rc=$?
-if [ "$rc" != 0 ] || ! grep -q 'finished: completed' "$WORK/submit.log"; then
-  # Flower 1.41 under CPU starvation: a ClientApp's task output arrives late, the SuperNode runs
-  # the same message again, and the next message of that hospital is never answered. Not an
-  # image problem (deploy-local.sh shows it too); name it so nobody hunts for one.
-  if "$DOCKER" logs "$PREFIX-superlink" 2>&1 | grep -q 'does not exist or has expired'; then
+# probe CONTAINER "http|https PORT PATH" | "tcp PORT": the kubelet's check, from inside the container
+# (like the kubelet, HTTPS without certificate verification).
+probe() {
+  "$DOCKER" exec "$1" python3 -c '
+import socket, ssl, sys, urllib.request
+kind, port, path = (sys.argv[1].split() + ["/"])[:3]
+if kind == "tcp":
+    socket.create_connection(("127.0.0.1", int(port)), 3).close()
+else:
+    urllib.request.urlopen(f"{kind}://127.0.0.1:{port}{path}", timeout=5, context=ssl._create_unverified_context())
+' "$2"
+}
+# The submit step failed: name Flower 1.41's duplicate-reply race when the SuperLink shows it.
+# Under CPU starvation a ClientApp's task output arrives late, the SuperNode runs the same
+# message again, and that hospital's next message is never answered. Not an image problem
+# (deploy-local.sh shows it too); named so nobody hunts for one.
+explain_run_failure() {
+  if "$DOCKER" logs "$1" 2>&1 | grep -q 'does not exist or has expired'; then
     warn "the SuperLink refused a duplicate reply ('does not exist or has expired'): a SuperNode handled one message twice and lost the next one, a Flower 1.41 race when the CPU is starved (load: $(cut -d' ' -f1-3 /proc/loadavg)); rerun when the machine is quieter"
   fi
-  fail "federated run (1 SSL + 1 fine-tune round) completed (fedssl-submit exit $rc)" "$(cat "$WORK/submit.log")"
-fi
-pass "federated run: 1 SSL + 1 fine-tune round on 2 hospitals completed in $((SECONDS - t0))s"
+}
+# How the chart runs every container: read-only root, writable /tmp and /var/lib/fedssl, uid/gid
+# 10001, no capabilities, no privilege escalation (images mode, and the test's own client containers).
+HARDENED=(--read-only --tmpfs "/tmp:rw,exec,nosuid,nodev,size=1g" --user "$UID_GID" --cap-drop ALL
+          --security-opt no-new-privileges)
+RUN_CONFIG=(ssl-rounds=1 finetune-rounds=1 image-size=32 batch-size=32 wait-for-hospitals=300.0 "round-timeout=$ROUND_TIMEOUT.0")
+TASKS=(simclr rotation)
+partition_by=lesion
+[ "$source_kind" != ham10000 ] || [ ! -f "$DATA_PATH/HAM10000_metadata_dataverse.csv" ] || partition_by=site  # as deploy-local.sh
 
-# ------------------------------------------------------------------ 6. the registry got the models
+# --- images mode: the containers as docker/README.md documents them ------------------------
+deploy_images() {
+  TOKEN="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+  REG_IN_URL="http://registry:$REGISTRY_PORT"
+  (umask 077; printf 'FEDSSL_REGISTRY_TOKEN=%s\n' "$TOKEN" >"$WORK/registry.env")  # as a Secret would: not on a command line
+  (umask 077; printf 'FEDSSL_REGISTRY_URL=%s\nFEDSSL_REGISTRY_TOKEN=%s\n' "$REG_IN_URL" "$TOKEN" >"$WORK/superlink.env")
+  local v
+  for v in registry superlink hospital-1 hospital-2; do
+    "$DOCKER" volume create "$PREFIX-$v" >/dev/null
+    VOLUMES+=("$PREFIX-$v")
+  done
+  start() {  # NAME ALIAS VOLUME IMAGE [docker run options...] -- COMMAND...
+    local name="$PREFIX-$1" alias="$2" vol="$3" img="$4"; shift 4
+    local opts=()
+    while [ "$1" != -- ]; do opts+=("$1"); shift; done
+    shift
+    CONTAINERS+=("$name")
+    SERVICE_CONTAINERS+=("$name")
+    "$DOCKER" run --detach --name "$name" --hostname "$alias" --network "$NET" --network-alias "$alias" "${HARDENED[@]}" \
+      --mount "type=volume,src=$vol,dst=/var/lib/fedssl" "${opts[@]}" "$img" "$@" >/dev/null
+  }
+
+  say "starting the registry"
+  start registry registry "$PREFIX-registry" "$(image registry)" --env-file "$WORK/registry.env" -p "127.0.0.1::$REGISTRY_PORT" -- \
+    fedssl-registry
+  REGISTRY_CONTAINER="$PREFIX-registry"
+  wait_for "registry ready" "$PREFIX-registry" 120 probe "$PREFIX-registry" "http $REGISTRY_PORT /v2/health/ready"
+  pass "registry ready"
+
+  say "starting the SuperLink"
+  start superlink superlink "$PREFIX-superlink" "$(image superlink)" --env-file "$WORK/superlink.env" -- \
+    flower-superlink --insecure --host 0.0.0.0 --port "$SUPERLINK_PORT" --database /var/lib/fedssl/superlink.db \
+    --disable-runtime-dependency-installation
+  SUPERLINK_CONTAINER="$PREFIX-superlink"
+  wait_for "SuperLink ready on :$SUPERLINK_PORT" "$PREFIX-superlink" 120 probe "$PREFIX-superlink" "http $SUPERLINK_PORT /health"
+  pass "SuperLink ready on superlink:$SUPERLINK_PORT"
+
+  local data_opts=() i name node_config
+  [ "$source_kind" != ham10000 ] || data_opts=(--mount "type=bind,src=$DATA_PATH,dst=/data/ham10000,readonly")
+  for i in 0 1; do
+    name="hospital-$((i + 1))"
+    node_config="hospital=\"$name\" ssl-task=\"${TASKS[$i]}\" data-source=\"$source_kind\" partition-id=$i num-partitions=2"
+    node_config+=" partition-by=\"$partition_by\" max-images=$MAX_IMAGES cache-dir=\"/var/lib/fedssl/cache\""
+    [ "$source_kind" != ham10000 ] || node_config+=" data-path=\"/data/ham10000\""
+    say "starting SuperNode $name ($node_config)"
+    start "$name" "$name" "$PREFIX-$name" "$(image supernode)" "${data_opts[@]}" -- \
+      flower-supernode --insecure --superlink "superlink:$SUPERLINK_PORT" --node-config "$node_config"
+  done
+  sleep 3
+  for i in 1 2; do
+    running "$PREFIX-hospital-$i" || fail "SuperNode hospital-$i running" "$("$DOCKER" logs --tail 40 "$PREFIX-hospital-$i" 2>&1)"
+  done
+  pass "two SuperNodes running (data: $source_kind${DATA_PATH:+ from $DATA_PATH, read-only}, max-images=$MAX_IMAGES)"
+
+  local warning="" rc=0 kv
+  [ "$source_kind" != synthetic ] || warning="SYNTHETIC DATA (image smoke test)"
+  local submit=(fedssl-submit --superlink "superlink:$SUPERLINK_PORT" --app /opt/fedssl/app --poll-seconds 2
+                --timeout "$SUBMIT_TIMEOUT" -c min-hospitals=2 -c "data-warning=\"$warning\"")
+  for kv in "${RUN_CONFIG[@]}"; do submit+=(-c "$kv"); done
+  say "submitting the run from a $(image superlink) container (timeout ${SUBMIT_TIMEOUT}s)"
+  local t0=$SECONDS
+  CONTAINERS+=("$PREFIX-submit")
+  "$DOCKER" run --rm --name "$PREFIX-submit" --network "$NET" "${HARDENED[@]}" --mount type=volume,dst=/var/lib/fedssl \
+    "$(image superlink)" "${submit[@]}" 2>&1 | tee "$WORK/submit.log" | sed 's/^/  | /' || rc=$?
+  if [ "$rc" != 0 ] || ! grep -q 'finished: completed' "$WORK/submit.log"; then
+    explain_run_failure "$SUPERLINK_CONTAINER"
+    fail "federated run (1 SSL + 1 fine-tune round) completed (fedssl-submit exit $rc)" "$(cat "$WORK/submit.log")"
+  fi
+  pass "federated run: 1 SSL + 1 fine-tune round on 2 hospitals completed in $((SECONDS - t0))s"
+}
+
+# --- chart mode: every container `helm template` renders, run as Kubernetes would run it ----
+deploy_chart() {
+  local values="$WORK/chart-values.yaml" manifests="$WORK/manifests.yaml" plan="$WORK/chart"
+  local data='{source: synthetic}'
+  [ "$source_kind" != ham10000 ] || data="{source: hostPath, path: \"$DATA_PATH\", format: ham10000}"
+  local config="" kv
+  for kv in "${RUN_CONFIG[@]}"; do config+="${config:+, }${kv%%=*}: ${kv#*=}"; done
+  cat >"$values" <<EOF
+# The image smoke test's release: two hospitals, a short run, the images just built.
+image: {tag: "$TAG", pullPolicy: Never}
+federation: {partitionBy: $partition_by, maxImages: $MAX_IMAGES}
+hospitals:
+  - {name: hospital-1, sslTask: simclr, partition: 0, data: $data}
+  - {name: hospital-2, sslTask: rotation, partition: 1, data: $data}
+run:
+  config: {$config}
+  waitForServicesSeconds: 300
+  timeoutSeconds: $SUBMIT_TIMEOUT
+EOF
+  if ! out="$("$HELM" template smoke "$CHART" --namespace fedssl-smoke -f "$values" 2>&1 >"$manifests")"; then
+    fail "helm template $CHART with the smoke values" "$out"
+  fi
+  if ! out="$("$YAML_PY" "$ROOT/docker/chart_to_docker.py" "$manifests" --prefix "$PREFIX" --network "$NET" \
+      --out "$plan" --publish "registry=$REGISTRY_PORT" 2>&1)"; then
+    fail "translate the rendered chart to docker run (docker/chart_to_docker.py)" "$out"
+  fi
+  pass "helm template: $(grep -c . "$plan/workloads.tsv") containers to run ($(cut -f2 "$plan/workloads.tsv" | sort -u | tr '\n' ' '))"
+
+  local name kind size
+  while IFS=$'\t' read -r name kind size; do
+    if [ "$kind" = tmpfs ]; then  # an emptyDir: pod-local scratch, mode 1777, at most sizeLimit
+      local tmpfs_opts=mode=1777
+      [ "$size" = 0 ] || tmpfs_opts+=",size=$size"
+      "$DOCKER" volume create --driver local --opt type=tmpfs --opt device=tmpfs --opt "o=$tmpfs_opts" "$name" >/dev/null
+    else  # a PersistentVolumeClaim
+      "$DOCKER" volume create "$name" >/dev/null
+    fi
+    VOLUMES+=("$name")
+  done <"$plan/volumes.tsv"
+
+  local workload c probe_spec argsfile args rc
+  local deployments=() probes=()
+  while IFS=$'\t' read -r kind workload c probe_spec argsfile; do
+    mapfile -d '' args <"$argsfile"
+    CONTAINERS+=("$c")
+    case "$kind" in
+      init)
+        say "init container of $workload: $c"
+        "$DOCKER" run "${args[@]}" 2>&1 | sed 's/^/  | /' || fail "init container $c" "$("$DOCKER" logs --tail 40 "$c" 2>&1)" ;;
+      deployment)
+        say "starting $workload"
+        "$DOCKER" run "${args[@]}" >/dev/null
+        deployments+=("$c"); probes+=("$probe_spec")
+        SERVICE_CONTAINERS+=("$c")
+        case "$workload" in
+          *-registry) REGISTRY_CONTAINER="$c" ;;
+          *-superlink) SUPERLINK_CONTAINER="$c" ;;
+        esac ;;
+    esac
+  done <"$plan/workloads.tsv"
+  if [ -z "${REGISTRY_CONTAINER:-}" ] || [ -z "${SUPERLINK_CONTAINER:-}" ]; then
+    fail "the chart renders a registry and a SuperLink Deployment"
+  fi
+  local i
+  for i in "${!deployments[@]}"; do
+    [ "${probes[$i]}" != none ] || continue
+    wait_for "${deployments[$i]#"$PREFIX-"} ready (${probes[$i]})" "${deployments[$i]}" 180 probe "${deployments[$i]}" "${probes[$i]}"
+  done
+  pass "chart Deployments ready by their probes: $(printf '%s ' "${deployments[@]#"$PREFIX-"}")"
+
+  TOKEN="$(sed -n 's/^FEDSSL_REGISTRY_TOKEN=//p' "$plan/env/$REGISTRY_CONTAINER.env")"
+  [ -n "$TOKEN" ] || fail "the registry's token from the chart's Secret"
+  local t0
+  while IFS=$'\t' read -r kind workload c probe_spec argsfile; do
+    [ "$kind" = job ] || [ "$kind" = test ] || continue
+    mapfile -d '' args <"$argsfile"
+    rc=0
+    if [ "$kind" = job ]; then
+      REG_IN_URL="$(sed -n 's/^FEDSSL_REGISTRY_URL=//p' "$plan/env/$c.env")"
+      say "run Job $workload (the chart's run.sh: waits for the services, submits, follows the run)"
+      t0=$SECONDS
+      "$DOCKER" run "${args[@]}" 2>&1 | tee "$WORK/submit.log" | sed 's/^/  | /' || rc=$?
+      if [ "$rc" != 0 ] || ! grep -q 'finished: completed' "$WORK/submit.log"; then
+        explain_run_failure "$SUPERLINK_CONTAINER"
+        fail "run Job $workload: federated run (1 SSL + 1 fine-tune round) completed (exit $rc)" "$(cat "$WORK/submit.log")"
+      fi
+      pass "run Job $workload: 1 SSL + 1 fine-tune round on 2 hospitals ($source_kind data, TLS) completed in $((SECONDS - t0))s"
+    else
+      say "helm test pod $workload"
+      "$DOCKER" run "${args[@]}" 2>&1 | tee "$WORK/$workload.log" | sed 's/^/  | /' || rc=$?
+      [ "$rc" = 0 ] || fail "helm test pod $workload (exit $rc)" "$(cat "$WORK/$workload.log")"
+      pass "helm test pod $workload"
+    fi
+  done <"$plan/workloads.tsv"
+  [ -f "$WORK/submit.log" ] || fail "the chart renders a run Job"
+}
+
+SERVICE_CONTAINERS=()
+if [ "$MODE" = chart ]; then deploy_chart; else deploy_images; fi
+REG_HOST_PORT="$("$DOCKER" port "$REGISTRY_CONTAINER" "$REGISTRY_PORT/tcp" | head -n 1)"
+REG_URL="http://${REG_HOST_PORT/0.0.0.0/127.0.0.1}"
+
+# ------------------------------------------------------------------ 5. the registry got the models
 auth=(-H "Authorization: Bearer $TOKEN")
 curl -fsS "${auth[@]}" "$REG_URL/v1/models" >"$WORK/models.json" || fail "GET /v1/models"
 curl -fsS "${auth[@]}" "$REG_URL/v1/runs" >"$WORK/runs.json" || fail "GET /v1/runs"
@@ -371,7 +521,7 @@ EOF
 )" || fail "registry holds the trained models and the run" "$out"
 pass "registry holds the run and its models: $out"
 
-# ------------------------------------------------------------------ 7. inference on a real image
+# ------------------------------------------------------------------ 6. inference on a real image
 if [ "$source_kind" = ham10000 ]; then
   sample="$(find "$DATA_PATH" -name 'ISIC_*.jpg' -print -quit)"
   [ -n "$sample" ] || fail "a HAM10000 image to classify under $DATA_PATH"
@@ -399,11 +549,11 @@ pass ":predict (host -> published port): $out"
 CONTAINERS+=("$PREFIX-client")
 if ! out="$("$DOCKER" run --rm --name "$PREFIX-client" --network "$NET" "${HARDENED[@]}" \
     --mount type=volume,dst=/var/lib/fedssl --mount "type=bind,src=$sample,dst=/sample/$(basename "$sample"),readonly" \
-    -e "SAMPLE=/sample/$(basename "$sample")" -e "PREDICTED=$(cat "$WORK/predict.json")" \
+    -e "SAMPLE=/sample/$(basename "$sample")" -e "PREDICTED=$(cat "$WORK/predict.json")" -e "REGISTRY=$REG_IN_URL" \
     "$(image registry)" python3 -c '
 import json, os, urllib.request
 from fedssl_core import preprocessing
-BASE = "http://registry:8080"
+BASE = os.environ["REGISTRY"]
 def call(path, body=None):
     req = urllib.request.Request(BASE + path, data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -434,14 +584,18 @@ for name in ("fedssl-classifier", "fedssl-encoder"):
 ' 2>&1)"; then
   fail "KServe v2 infer (in-network client)" "$out"
 fi
-pass "KServe v2 infer (container -> registry:8080): $out"
+pass "KServe v2 infer (container -> ${REG_IN_URL#http://}): $out"
 
-# ------------------------------------------------------------------ 8. runtime properties
-for name in registry superlink hospital-1 hospital-2; do
-  c="$PREFIX-$name"
+# ------------------------------------------------------------------ 7. runtime properties
+# In every service container: uid 10001, read-only root, writable /var/lib/fedssl and /tmp; and
+# the init duty: tini is PID 1 and no finished process is left to it as a zombie (zombies whose
+# parent still runs are that parent's to reap: Flower's SuperExec reaps its ClientApp/ServerApp
+# processes only when it starts the next one).
+init_problems=()
+for c in "${SERVICE_CONTAINERS[@]}"; do
+  name="${c#"$PREFIX-"}"
   # shellcheck disable=SC2016  # the script runs inside the container, its $ are for that shell
   out="$("$DOCKER" exec "$c" bash -c '
-    pid1="$(tr "\0" " " </proc/1/cmdline)"; case "$pid1" in /usr/bin/tini\ --*) ;; *) echo "PID 1 is $pid1"; exit 1;; esac
     [ "$(id -u):$(id -g)" = 10001:10001 ] || { echo "runs as $(id -u):$(id -g)"; exit 1; }
     if touch /opt/fedssl/probe 2>/dev/null; then echo "root filesystem is writable"; exit 1; fi
     touch /var/lib/fedssl/.probe /tmp/.probe && rm /var/lib/fedssl/.probe /tmp/.probe || { echo "/var/lib/fedssl or /tmp not writable"; exit 1; }
@@ -454,8 +608,20 @@ for name in registry superlink hospital-1 hospital-2; do
       [ "$state" = Z ] || continue
       all=$((all + 1)); [ "$ppid" != 1 ] || orphans=$((orphans + 1))
     done
-    [ "$orphans" = 0 ] || { echo "$orphans zombie(s) left to PID 1"; exit 1; }
-    echo "$all zombie(s) awaiting their (live) parent"
-  ' 2>&1)" || fail "runtime of $name: tini as PID 1, uid 10001, read-only root, writable volume and /tmp" "$out"
-  pass "runtime of $name: tini PID 1, uid 10001, read-only root, writable /var/lib/fedssl and /tmp ($out)"
+    echo "$orphans $all $(tr "\0" " " </proc/1/cmdline | cut -c1-80)"
+  ' 2>&1)" || fail "runtime of $name: uid 10001, read-only root, writable /var/lib/fedssl and /tmp" "$out"
+  read -r orphans zombies pid1 <<<"$out"
+  pass "runtime of $name: uid 10001, read-only root, writable /var/lib/fedssl and /tmp"
+  case "$pid1" in
+    "/usr/bin/tini --"*) ;;
+    *) init_problems+=("$name: PID 1 is '$pid1', not tini") ;;
+  esac
+  [ "$orphans" = 0 ] || init_problems+=("$name: $orphans zombie(s) left to PID 1")
+  say "  $name: PID 1 '$pid1'; $zombies zombie(s), $orphans of them left to PID 1"
 done
+if [ "${#init_problems[@]}" -gt 0 ]; then
+  hint=""
+  [ "$MODE" != chart ] || hint=$'\nA Kubernetes `command:` replaces the image ENTRYPOINT (/usr/bin/tini --): the chart should give the program in `args:` only, or start `command:` with /usr/bin/tini --.'
+  fail "init duty: tini is PID 1 and reaps orphans in every service container" "$(printf '%s\n' "${init_problems[@]}")$hint"
+fi
+pass "init duty: tini is PID 1 and no zombie is left to it in ${#SERVICE_CONTAINERS[@]} service containers"
