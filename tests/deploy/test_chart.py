@@ -43,6 +43,9 @@ REGISTRY = f"{RELEASE}-registry"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion >= 1.27, GKE's oldest
 # channel is newer) and the newest the bundled schemas know.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+# A container `command` replaces the image's ENTRYPOINT, so the chart names tini itself:
+# Flower leaves finished task processes behind, and PID 1 must reap them.
+TINI = ["/usr/bin/tini", "--"]
 
 
 def values_of(name: str) -> dict:
@@ -193,7 +196,7 @@ def test_every_supernode_dials_the_superlink_service(scenario):
     assert ("--insecure" in sl["args"]) is (not tls)
     for d in supernodes(objs):
         c = main_container(d)
-        assert c["command"] == ["flower-supernode"]
+        assert c["command"] == [*TINI, "flower-supernode"]
         assert arg_value(c["args"], "--superlink") == address, d["metadata"]["name"]
         if tls:
             ca = arg_value(c["args"], "--root-certificates")
@@ -234,7 +237,7 @@ def test_probes_and_ports_match_what_the_processes_listen_on(scenario):
 
     reg = main_container(named(objs, "Deployment", REGISTRY))
     env = env_of(reg)
-    assert reg["command"] == ["fedssl-registry"]
+    assert reg["command"] == [*TINI, "fedssl-registry"]
     assert env["FEDSSL_REGISTRY_HOST"]["value"] == "0.0.0.0"
     reg_port = int(env["FEDSSL_REGISTRY_PORT"]["value"])
     assert {reg[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == \
@@ -444,7 +447,7 @@ def test_kaggle_hospitals_download_once_into_their_own_volume():
             assert "initContainers" not in spec
             continue
         init, main = spec["initContainers"][0], spec["containers"][0]
-        assert init["command"] == ["python", "-m", "fedssl_flower.data.kaggle"]
+        assert init["command"] == [*TINI, "python", "-m", "fedssl_flower.data.kaggle"]
         assert init["args"][0] == "/data/ham10000"
         config = _node_config(main)
         assert config["data-path"] == "/data/ham10000" and config["data-source"] == "ham10000"
@@ -539,7 +542,7 @@ def test_run_job_submits_with_the_script_from_its_configmap(scenario):
         spec = pod_spec(job)
         assert spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
         c = main_container(job)
-        assert c["command"] == ["bash", "/etc/fedssl/run/run.sh"]
+        assert c["command"] == [*TINI, "bash", "/etc/fedssl/run/run.sh"]
         volume = next(v for v in spec["volumes"] if v["name"] == "script")
         cm = named(objs, "ConfigMap", volume["configMap"]["name"])
         assert cm["data"]["run.sh"] == (CHART / "files" / "run.sh").read_text()
@@ -752,3 +755,15 @@ def test_no_service_links_in_any_pod(scenario):
     `fedssl-registry`) into every pod: the registry's own setting, with a value it cannot read."""
     for w in workloads(render_scenario(scenario)):
         assert pod_spec(w)["enableServiceLinks"] is False, w["metadata"]["name"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_container_runs_under_tini_as_pid_1(scenario):
+    objs = render_scenario(scenario)
+    for obj in objs:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        for c in containers(spec):
+            if c.get("image", "").split("/")[-1].startswith("fedssl-"):
+                assert c.get("command", [])[:2] == TINI, (obj["metadata"]["name"], c["name"], c.get("command"))

@@ -77,7 +77,7 @@ def test_images_have_what_the_chart_runs(component):
     # Every container the chart can run: TLS, node authentication, a Kaggle download.
     values = REPO_ROOT / "charts" / "fedssl" / "ci" / "tls-existing-secret-values.yaml"
     objs = render([values], ["kaggle.existingSecret=k", "hospitals[0].data.source=kaggle"])
-    commands = {c["command"][0] for o in objs if pod_spec(o) is not None for c in containers(pod_spec(o))
+    commands = {c["command"][2] for o in objs if pod_spec(o) is not None for c in containers(pod_spec(o))
                 if f"fedssl-{component}:" in c["image"]}
     assert commands, f"the chart runs nothing from fedssl-{component}"
     checks = [f"command -v {cmd} >/dev/null || {{ echo 'no {cmd} on PATH'; exit 1; }}" for cmd in sorted(commands)]

@@ -176,7 +176,7 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
                                       "--host=0.0.0.0": "--host=127.0.0.1", f"--port={arg_value(sl['args'], '--port')}": f"--port={port}"})
         assert "--enable-supernode-auth" in sl_args
         sl_env = {k: e["value"].replace("/var/lib/fedssl", str(sl_state)) for k, e in env_of(sl).items() if "value" in e}
-        superlink = cluster.spawn("superlink", sl["command"] + sl_args, base_env(**sl_env, FEDSSL_REGISTRY_TOKEN="t"))
+        superlink = cluster.spawn("superlink", sl["command"][2:] + sl_args, base_env(**sl_env, FEDSSL_REGISTRY_TOKEN="t"))
         ctx = ssl.create_default_context(cafile=str(tls / "ca.crt"))
         _wait_health(f"https://127.0.0.1:{port}/health", ctx, superlink)
         # The certificate is valid for the Service name the hospitals dial.
@@ -213,7 +213,7 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
             f"0.0.0.0:{arg_value(sn['args'], '--health-server-address').rsplit(':', 1)[1]}": f"127.0.0.1:{health}",
             "/var/lib/fedssl": str(sn_state)})
         sn_env = {k: e["value"].replace("/var/lib/fedssl", str(sn_state)) for k, e in env_of(sn).items() if "value" in e}
-        supernode = cluster.spawn("supernode", sn["command"] + sn_args, base_env(**sn_env))
+        supernode = cluster.spawn("supernode", sn["command"][2:] + sn_args, base_env(**sn_env))
 
         # The kubelet's probe: gRPC health on the probe's port says SERVING.
         deadline, status = time.monotonic() + 60, None
@@ -258,7 +258,7 @@ def test_the_flags_the_chart_passes_exist(capsys):
 
     objs = render([Path(__file__).resolve().parents[2] / "charts" / "fedssl" / "ci" / "kaggle-values.yaml"])
     init = next(c for d in by_kind(objs, "Deployment") for c in pod_spec(d).get("initContainers", []))
-    assert init["command"][:3] == ["python", "-m", "fedssl_flower.data.kaggle"]
+    assert init["command"][2:5] == ["python", "-m", "fedssl_flower.data.kaggle"]
     with pytest.raises(SystemExit):
         kaggle.main(["--help"])
     help_text = capsys.readouterr().out
