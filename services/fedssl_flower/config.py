@@ -20,6 +20,20 @@ from .errors import ConfigError
 from .training import FINETUNE_MODES, SHARE_MODES
 
 
+def coerce(default: Any, raw: Any, what: str) -> Any:
+    """`raw` (a Flower config value) as the type of `default`; `what` names it in the error."""
+    try:
+        if isinstance(default, bool):
+            return raw if isinstance(raw, bool) else str(raw).strip().lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}={raw!r} is not a valid {type(default).__name__}") from exc
+
+
 @dataclass(frozen=True)
 class RunConfig:
     ssl_rounds: int = 3  # federated self-supervised rounds
@@ -55,18 +69,7 @@ class RunConfig:
             attr = key.replace("-", "_")
             if attr not in fields:
                 continue  # unknown keys are refused by `flwr run` itself
-            default = fields[attr].default
-            try:
-                if isinstance(default, bool):
-                    values[attr] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-                elif isinstance(default, int):
-                    values[attr] = int(raw)
-                elif isinstance(default, float):
-                    values[attr] = float(raw)
-                else:
-                    values[attr] = str(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"run config {key}={raw!r} is not a valid {type(default).__name__}") from exc
+            values[attr] = coerce(fields[attr].default, raw, f"run config {key}")
         cfg = cls(**values)
         cfg.validate()
         return cfg

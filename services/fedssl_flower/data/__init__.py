@@ -20,6 +20,7 @@ import torch
 
 from fedssl_core import names
 
+from ..config import coerce
 from ..errors import ConfigError, DatasetMalformed
 from . import cache, ham10000, imagefolder, kaggle, synthetic
 from .catalog import Catalog
@@ -69,18 +70,7 @@ class HospitalDataConfig:
             if key not in known:
                 continue  # other node-config keys (ssl-task, ...) belong to the ClientApp
             attr = known[key]
-            default = cls.__dataclass_fields__[attr].default
-            try:
-                if isinstance(default, bool):
-                    values[attr] = raw if isinstance(raw, bool) else str(raw).strip().lower() in ("1", "true", "yes")
-                elif isinstance(default, int):
-                    values[attr] = int(raw)
-                elif isinstance(default, float):
-                    values[attr] = float(raw)
-                else:
-                    values[attr] = str(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"node config {key}={raw!r} is not a valid {type(default).__name__}") from exc
+            values[attr] = coerce(cls.__dataclass_fields__[attr].default, raw, f"node config {key}")
         cfg = cls(**values)
         if cfg.data_source not in names.DATA_SOURCES:
             raise ConfigError(f"node config data-source={cfg.data_source!r}; expected one of {', '.join(names.DATA_SOURCES)}")
