@@ -39,16 +39,8 @@ die() { printf '\033[1;31m[fedssl-gke] ERROR:\033[0m %s\n' "$1" >&2; exit "${2:-
 usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=0
-# show CMD...: the command as one line a shell would run (arguments quoted only when needed).
-show() {
-  local out="+" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"; else out+=" ${a@Q}"; fi
-  done
-  printf '%s\n' "$out"
-}
-# run CMD...: run it, or print it with --dry-run.
-run() { if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi; }
+# shellcheck source=SCRIPTDIR/scripts/lib/dry-run.sh
+source "$ROOT/scripts/lib/dry-run.sh"
 
 PROJECT="${FEDSSL_GKE_PROJECT:-${GOOGLE_CLOUD_PROJECT:-}}"
 REGION="${FEDSSL_GKE_REGION:-}"

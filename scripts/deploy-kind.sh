@@ -46,16 +46,8 @@ usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 DRY_RUN=0
-# show CMD...: the command as one line a shell would run (arguments quoted only when needed).
-show() {
-  local out="+" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"; else out+=" ${a@Q}"; fi
-  done
-  printf '%s\n' "$out"
-}
-# run CMD...: run it, or print it with --dry-run.
-run() { if [ "$DRY_RUN" = 1 ]; then show "$@"; else "$@"; fi; }
+# shellcheck source=SCRIPTDIR/lib/dry-run.sh
+source "$ROOT/scripts/lib/dry-run.sh"
 
 HELM=""
 find_helm() {
