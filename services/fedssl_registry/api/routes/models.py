@@ -94,9 +94,8 @@ def download_weights(name: str, version: int, registry: RegistryDep) -> FileResp
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, dependencies=[WriteAuth])
-def delete_version(name: str, version: int, registry: RegistryDep, repository: RepositoryDep) -> None:
-    registry.delete_version(name, version)
-    repository.forget(name, version)
+def delete_version(name: str, version: int, registry: RegistryDep) -> None:
+    registry.delete_version(name, version)  # the model repository unloads it on the version_deleted event
 
 
 @router.put("/{name}/aliases/{alias}", dependencies=[WriteAuth])
