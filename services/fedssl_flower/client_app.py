@@ -18,22 +18,20 @@ Node config (per hospital, `flower-supernode --node-config`): `hospital`, `ssl-t
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import re
 import os
+import re
 import time
 from pathlib import Path
 
 import torch
+from fedssl_core import names, weights
+from fedssl_core.models import FedSSLModel, set_torch_threads
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedssl_core import names, weights
-from fedssl_core.models import FedSSLModel, set_torch_threads
-
-from . import records, training
+from . import local, records, training
 from .config import RunConfig
 from .data import HospitalData, cache, load_hospital_data
 from .errors import ConfigError
@@ -87,8 +85,8 @@ def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedS
 def _seconds_since_process_start() -> float | None:
     """Wall time since this process started (Linux /proc), None where unavailable."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
@@ -111,19 +109,6 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({records.INFO: records.config_record(_info(name, task, data))}), reply_to=msg)
 
 
-def _train_phase(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int) -> dict:
-    if phase == names.PHASE_SSL:
-        return training.train_ssl(
-            model, data.train_images, task, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr, share=cfg.share, seed=seed,
-        )
-    lr = cfg.probe_lr if cfg.finetune_mode == training.FINETUNE_LINEAR else cfg.lr
-    return training.train_supervised(
-        model, data.train_images, data.train_labels, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=lr, mode=cfg.finetune_mode, seed=seed,
-    )
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training of the federated model (and of the local-only baseline)."""
@@ -132,12 +117,12 @@ def train(msg: Message, context: Context) -> Message:
     t_setup = time.perf_counter() - t_start
     instr = msg.content[records.CONFIG]
     phase, rnd = str(instr["phase"]), int(instr["round"])
-    seed = cfg.seed * 10_007 + rnd * 101 + (0 if phase == names.PHASE_SSL else 50)
+    seed = local.round_seed(cfg.seed, phase, rnd)
 
     model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
     records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
     t0 = time.perf_counter()
-    metrics = _train_phase(model, data, task, phase, cfg, seed)
+    metrics = local.train_round(model, data, task, phase, cfg, seed)
     metrics[names.M_COMPUTE_SECONDS] = time.perf_counter() - t0
     metrics[names.M_SETUP_SECONDS] = t_setup
     if startup is not None:
@@ -156,29 +141,15 @@ def train(msg: Message, context: Context) -> Message:
     })
     if cfg.local_baseline:
         t0 = time.perf_counter()
-        local = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
-        local_metrics = _train_phase(local, data, task, phase, cfg, seed)
-        _keep(context, records.STATE_LOCAL_ONLY, local)
-        content[records.LOCAL_METRICS] = records.to_metric_record(local_metrics)
+        baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
+        baseline_metrics = local.train_round(baseline, data, task, phase, cfg, seed)
+        _keep(context, records.STATE_LOCAL_ONLY, baseline)
+        content[records.LOCAL_METRICS] = records.to_metric_record(baseline_metrics)
         metrics[names.M_BASELINE_SECONDS] = time.perf_counter() - t0
     metrics[names.M_HANDLER_SECONDS] = time.perf_counter() - t_start
     content[records.METRICS] = records.to_metric_record(metrics)
     log.info("hospital %s %s round %d: %s", name, phase, rnd, {k: v for k, v in metrics.items() if isinstance(v, float)})
     return Message(content, reply_to=msg)
-
-
-def _score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig) -> dict:
-    """Scores on the hospital's held-out split. An SSL-phase encoder has no classifier yet, so
-    it is scored by a linear probe fitted on the hospital's training split."""
-    if phase == names.PHASE_SSL:
-        model = copy.deepcopy(model)
-        torch.manual_seed(cfg.seed)
-        model.classifier.reset_parameters()
-        training.train_supervised(
-            model, data.train_images, data.train_labels, epochs=cfg.probe_epochs,
-            batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=training.FINETUNE_LINEAR, seed=cfg.seed,
-        )
-    return training.evaluate(model, data.test_images, data.test_labels, data.class_names)
 
 
 @app.evaluate()
@@ -190,12 +161,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
     _keep(context, records.STATE_MODEL, model)  # next round starts from the global model
     content = RecordDict({
-        records.METRICS: records.to_metric_record(_score(model, data, phase, cfg)),
+        records.METRICS: records.to_metric_record(local.score(model, data, phase, cfg)),
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
     })
     if cfg.local_baseline and _has_model(context, records.STATE_LOCAL_ONLY):
-        local = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
-        content[records.LOCAL_METRICS] = records.to_metric_record(_score(local, data, phase, cfg))
+        baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
+        content[records.LOCAL_METRICS] = records.to_metric_record(local.score(baseline, data, phase, cfg))
     return Message(content, reply_to=msg)
 
 

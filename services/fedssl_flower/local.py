@@ -1,0 +1,50 @@
+"""One hospital's part of a round, without Flower: which seed, what to train, how to score.
+
+The ClientApp wraps these in Messages; the quality benchmark (`bench/quality.py`) calls the
+same functions in one process, so its federated numbers come from the code hospitals run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from fedssl_core import names
+from fedssl_core.models import FedSSLModel
+
+from . import training
+from .config import RunConfig
+from .data import HospitalData
+
+
+def round_seed(seed: int, phase: str, rnd: int) -> int:
+    """The training seed of `phase` round `rnd` (the same at every hospital; their data differ)."""
+    return seed * 10_007 + rnd * 101 + (0 if phase == names.PHASE_SSL else 50)
+
+
+def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int) -> dict:
+    """`cfg.local-epochs` of local training in `phase` (SSL with `task`, or fine-tuning)."""
+    if phase == names.PHASE_SSL:
+        return training.train_ssl(
+            model, data.train_images, task, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+            lr=cfg.lr, share=cfg.share, seed=seed,
+        )
+    lr = cfg.probe_lr if cfg.finetune_mode == training.FINETUNE_LINEAR else cfg.lr
+    return training.train_supervised(
+        model, data.train_images, data.train_labels, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=lr, mode=cfg.finetune_mode, seed=seed,
+    )
+
+
+def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig) -> dict:
+    """Scores on the hospital's held-out split. An SSL-phase encoder has no classifier yet, so
+    it is scored by a linear probe fitted on the hospital's training split."""
+    if phase == names.PHASE_SSL:
+        model = copy.deepcopy(model)
+        torch.manual_seed(cfg.seed)
+        model.classifier.reset_parameters()
+        training.train_supervised(
+            model, data.train_images, data.train_labels, epochs=cfg.probe_epochs,
+            batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=training.FINETUNE_LINEAR, seed=cfg.seed,
+        )
+    return training.evaluate(model, data.test_images, data.test_labels, data.class_names)
