@@ -61,8 +61,9 @@ def run_status(flwr: str, run_id: str, env: dict) -> str:
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
-def follow(flwr: str, run_id: str, env: dict, stop: threading.Event) -> None:
-    """Print the aggregator's progress lines from the run's log stream until `stop`."""
+def follow(flwr: str, run_id: str, env: dict, stop: threading.Event, ended: threading.Event) -> None:
+    """Print the aggregator's progress lines from the run's log stream until `stop`; set
+    `ended` when the aggregator says the run is over or the stream ends."""
     proc = subprocess.Popen([flwr, "log", run_id, CONNECTION, "--stream"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -70,12 +71,16 @@ def follow(flwr: str, run_id: str, env: dict, stop: threading.Event) -> None:
         for line in proc.stdout:
             if PROGRESS_MARK in line:
                 print(line[line.index(PROGRESS_MARK):].rstrip(), flush=True)
+                if _FINAL_LINE.search(line):
+                    ended.set()
             if stop.is_set():
                 break
     finally:
+        ended.set()
         proc.kill()
 
 
+_FINAL_LINE = re.compile(r"\brun \S+ (succeeded|FAILED)\b")  # the aggregator's last progress line
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -99,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app", default=os.environ.get("FEDSSL_APP_DIR", str(Path(__file__).resolve().parents[2])), help="Flower App directory (holds pyproject.toml)")
     p.add_argument("--run-config", "-c", action="append", default=[], help="run config override key=value (repeatable)")
     p.add_argument("--flwr-home", default=None, help="directory for the flwr CLI's config (default: a temporary one)")
-    p.add_argument("--poll-seconds", type=float, default=3.0)
+    p.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="how often to ask the SuperLink for the run's status while its log stream is alive "
+                        "(each ask starts a `flwr ls` process; the stream's end triggers an immediate check)")
     p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
     args = p.parse_args(argv)
     if not args.superlink:
@@ -128,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     run_id = str(out["run-id"])
     print(f"[fedssl] submitted run {run_id} to SuperLink {args.superlink}", flush=True)
 
-    stop = threading.Event()
-    follower = threading.Thread(target=follow, args=(flwr, run_id, env, stop), daemon=True)
+    stop, ended = threading.Event(), threading.Event()
+    follower = threading.Thread(target=follow, args=(flwr, run_id, env, stop, ended), daemon=True)
     follower.start()
     started = time.monotonic()
     status = "unknown"
+    ended_at = None
     while True:
         status = run_status(flwr, run_id, env)
         if status.startswith("finished"):
@@ -140,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout and time.monotonic() - started > args.timeout:
             print(f"fedssl-submit: run {run_id} still '{status}' after {args.timeout:.0f}s; giving up (the run goes on)", file=sys.stderr)
             return 2
-        time.sleep(args.poll_seconds)
+        # Polling spawns a process that competes with training for the CPU: ask rarely while
+        # the run streams logs, every second for a while once it says it is over.
+        if ended.is_set():
+            ended_at = ended_at or time.monotonic()
+            time.sleep(1.0 if time.monotonic() - ended_at < 120 else args.poll_seconds)
+        else:
+            ended.wait(args.poll_seconds)
     time.sleep(1.0)  # let the log stream flush the last lines
     stop.set()
 

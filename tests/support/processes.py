@@ -163,7 +163,7 @@ def start_supernode(c: Cluster, superlink_port: int, name: str, config: str) -> 
 
 def submit(superlink_port: int, workdir: Path, *run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
     args = [str(VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{superlink_port}", "--app", str(REPO_ROOT),
-            "--flwr-home", str(workdir / "flwr-cli"), "--poll-seconds", "1"]
+            "--flwr-home", str(workdir / "flwr-cli"), "--poll-seconds", "10"]
     for kv in run_config:
         args += ["-c", kv]
     return subprocess.run(args, env=base_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))
