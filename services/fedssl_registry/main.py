@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from fedssl_core.models import set_torch_threads
 
 from . import __version__, dashboard, db
-from .api.deps import require_read
 from .api.routes import models, runs, v2
 from .core import errors
 from .core.config import Settings
@@ -75,7 +74,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(v2.router)
     app.include_router(dashboard.router)
-    app.state.require_read = require_read
     return app
 
 

@@ -1,4 +1,7 @@
-"""Dependencies shared by the routes: the registry, the model repository, auth."""
+"""Dependencies shared by the routes: the registry, the model repository, auth.
+
+All are `async def`: they never block, and FastAPI would run a plain `def` dependency in
+its thread pool, one thread hop per dependency per request."""
 
 from __future__ import annotations
 
@@ -13,15 +16,15 @@ from ..inference.repository import ModelRepository
 from ..service import Registry
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_repository(request: Request) -> ModelRepository:
+async def get_repository(request: Request) -> ModelRepository:
     return request.app.state.repository
 
 
@@ -36,12 +39,12 @@ def _check_token(request: Request, settings: Settings) -> None:
         raise Unauthorized("invalid bearer token")
 
 
-def require_write(request: Request) -> None:
+async def require_write(request: Request) -> None:
     """Every write needs the token."""
     _check_token(request, request.app.state.settings)
 
 
-def require_read(request: Request) -> None:
+async def require_read(request: Request) -> None:
     """Reads need the token only when FEDSSL_REGISTRY_READ_AUTH=true."""
     settings = request.app.state.settings
     if settings.read_auth:
