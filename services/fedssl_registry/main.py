@@ -12,15 +12,13 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from fedssl_core.models import set_torch_threads
-
 from . import __version__, dashboard, db
 from .api.routes import models, runs, v2
 from .core import errors
 from .core.config import Settings
 from .core.errors import error_response
 from .core.observability import Metrics, ObserveMiddleware, setup_logging
-from .inference.repository import ModelRepository
+from .inference.repository import ModelRepository, torch_thread
 from .service import Registry
 from .storage import ArtifactStore
 
@@ -32,16 +30,16 @@ def create_app(settings: Settings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = db.make_engine(settings.db_url)
     store = ArtifactStore(settings.artifact_dir)
-    registry = Registry(db.make_sessionmaker(engine), store)
+    torch_executor = torch_thread(settings.threads or None)
+    registry = Registry(db.make_sessionmaker(engine), store, torch_executor)
     store.cleanup(registry.referenced_shas())  # leftovers of uploads a crash interrupted
     metrics = Metrics()
     registry.listeners.append(metrics.on_registry_event)
     for m in registry.list_models():
         if m["latest_version"]:
             metrics.model_versions.labels(m["name"]).set(m["latest_version"])
-    set_torch_threads(settings.threads or None)
     repository = ModelRepository(registry, cache_size=settings.model_cache_size, max_batch_size=settings.max_batch_size,
-                                 max_wait_ms=settings.max_batch_wait_ms, metrics=metrics)
+                                 max_wait_ms=settings.max_batch_wait_ms, metrics=metrics, executor=torch_executor)
     registry.listeners.append(repository.on_registry_event)
 
     @asynccontextmanager

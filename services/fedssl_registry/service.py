@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import threading
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,12 @@ def check_name(name: str, what: str = "model name") -> str:
 
 
 class Registry:
-    def __init__(self, sessions: sessionmaker, store: ArtifactStore) -> None:
+    def __init__(self, sessions: sessionmaker, store: ArtifactStore, torch_executor: Executor | None = None) -> None:
+        """`torch_executor`: the service's one torch thread (see `ModelRepository`); upload
+        validation builds a model there. None runs it in the calling thread."""
         self.sessions = sessions
         self.store = store
+        self.torch_executor = torch_executor
         self._version_lock = threading.Lock()  # one writer picks version numbers at a time
         self.listeners: list = []  # callables(event: str, payload: dict) — metrics, caches
 
@@ -121,7 +125,10 @@ class Registry:
         transaction; concurrent uploads get distinct, gap-free numbers."""
         try:
             model = self.get_model(name)
-            self._validate_weights(model, temp)
+            if self.torch_executor is not None:
+                self.torch_executor.submit(self._validate_weights, model, temp).result()
+            else:
+                self._validate_weights(model, temp)
             sha, size = self.store.commit(temp)
         finally:
             temp.unlink(missing_ok=True)

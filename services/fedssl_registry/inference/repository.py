@@ -60,9 +60,24 @@ class LoadedModel:
         return transform(image).unsqueeze(0).numpy()
 
 
+def torch_thread(threads: int | None = None) -> ThreadPoolExecutor:
+    """The one thread on which a registry process runs torch, with `threads` intra-op threads
+    (None: the CPUs this process may use).
+
+    A forward already uses every core torch was given. Each further thread that calls torch
+    gets its own OpenMP team, and once a process has more OpenMP threads than cores, libgomp
+    stops spinning at barriers and sleeps instead: measured on 2 cores, a ResNet-18 forward
+    went from 7 to 10.5 ms after one upload had been validated on another thread. The event
+    loop therefore only handles bytes and numpy arrays.
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedssl-torch")
+    executor.submit(core_models.set_torch_threads, threads).result()
+    return executor
+
+
 class ModelRepository:
     def __init__(self, registry: Registry, *, cache_size: int, max_batch_size: int, max_wait_ms: float,
-                 metrics=None, resolve_ttl: float = 1.0) -> None:
+                 metrics=None, resolve_ttl: float = 1.0, executor: ThreadPoolExecutor | None = None) -> None:
         self.registry = registry
         self.resolve_ttl = resolve_ttl
         self._resolved: dict[tuple, tuple[float, dict, dict]] = {}
@@ -72,11 +87,9 @@ class ModelRepository:
         self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
-        # Every torch operation of the service runs on this one thread (loads, preprocessing,
-        # forwards): a forward already uses every core torch was given, and each further thread
-        # that calls torch brings its own OpenMP team to fight over the same cores (measured:
-        # a ResNet-18 forward 1.7x slower). The event loop only handles numpy arrays.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedssl-torch")
+        # Every torch operation of the service runs on one thread (`torch_thread`): loads,
+        # preprocessing, forwards, and the registry's upload validation.
+        self.executor = executor or torch_thread()
 
     def on_registry_event(self, event: str, payload: dict) -> None:
         """Registry listener: any change to models, versions or aliases invalidates resolution."""
