@@ -14,7 +14,7 @@ Throughput inside the ClientApp = examples / compute_seconds; the target is with
 the plain loop. The split shows Flower's own cost: spawning a ClientApp process per message,
 moving the model through the SuperLink, (de)serialising it.
 
-    .venv/bin/python -m bench.flower_overhead [--data ../shared/data/ham10000] [--max-images 512]
+    .venv/bin/python -m bench.flower_overhead [--data ../shared/data/ham10000] [--max-images 1024]
 
 Prints tables and writes JSON (default bench/results/flower_overhead.json). Numbers are
 reported, never asserted.
@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
 from fedssl_flower import training
 from fedssl_flower.data import load_hospital_data
+
 from tests.support import processes as P
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def plain_loop(args, cache_dir: Path) -> dict:
         m = training.train_ssl(model, data.train_images, args.ssl_task, epochs=1, batch_size=args.batch_size,
                                lr=args.lr, share="encoder", seed=args.seed + epoch)
         rates.append(m[names.M_EXAMPLES] / (time.perf_counter() - t0))
-    return {"torch_threads": threads, "train_examples": int(len(data.train_images)), "images_per_s_per_epoch": rates,
+    return {"torch_threads": threads, "train_examples": len(data.train_images), "images_per_s_per_epoch": rates,
             "images_per_s_median": statistics.median(rates)}
 
 
@@ -112,7 +112,7 @@ def split(record: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ham10000")
-    ap.add_argument("--max-images", type=int, default=512, help="images per hospital before the train/test split")
+    ap.add_argument("--max-images", type=int, default=1024, help="images per hospital before the train/test split")
     ap.add_argument("--hospitals", type=int, default=1, help="1 isolates Flower's cost; more share this machine's cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ssl-task", default=names.SSL_SIMCLR, choices=names.SSL_TASKS)

@@ -9,8 +9,11 @@ classifier, then measures on this machine:
     server → throughput relative to in-process batched forward
 
 Requests use the v2 binary tensor extension (what tritonclient sends with binary_data=True);
-`--json` measures JSON tensors instead. Clients and server share the machine's cores, so the
-concurrency numbers include the clients' own CPU use.
+`--json` measures JSON tensors instead. The load generator (`--client raw`, default) keeps one
+HTTP/1.1 keep-alive connection per simulated client and writes pre-encoded requests, as wrk
+or hey do, so that the numbers are the server's; `--client httpx` uses a Python HTTP client
+per thread instead, whose own CPU use (it shares the 2 cores with the server) shows up in
+the results.
 
     .venv/bin/python -m bench.registry_bench [--image-size 64] [--requests 200] [--concurrency 8]
 
@@ -22,21 +25,30 @@ concurrency 1 < 5 ms. Numbers are reported, never asserted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import torch
-
 from fedssl_core import names, weights
-from fedssl_core.models import TASK_GROUPS, FedSSLModel, build_inference_model, select_groups, set_torch_threads
+from fedssl_core.models import (
+    TASK_GROUPS,
+    FedSSLModel,
+    build_inference_model,
+    select_groups,
+    set_torch_threads,
+)
+
 from tests.support import processes as P
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -82,6 +94,60 @@ def request_body(image_size: int, as_json: bool, rng: np.random.Generator) -> tu
     inp["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps({"inputs": [inp], "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
     return header + raw, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+
+_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\r$")
+
+
+def raw_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool) -> dict:
+    """`concurrency` keep-alive connections sending pre-encoded requests back to back."""
+    rng = np.random.default_rng(0)
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    wire = []
+    for body, headers in (request_body(image_size, as_json, rng) for _ in range(8)):
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Authorization: Bearer {token}", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        wire.append(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    lat: list[float] = []
+    errors: list[str] = []
+    per_conn = max(1, requests // concurrency)
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        match = _LENGTH.search(head)
+        body = await reader.readexactly(int(match.group(1))) if match else b""
+        return int(head.split(b" ", 2)[1]), body
+
+    async def client(i: int, start: asyncio.Event, ready: list) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        for _ in range(3):  # warm the connection and the model cache
+            await one(reader, writer, wire[0])
+        ready.append(i)
+        await start.wait()
+        for j in range(per_conn):
+            t = time.perf_counter()
+            status, body = await one(reader, writer, wire[(i + j) % len(wire)])
+            lat.append(time.perf_counter() - t)
+            if status != 200:
+                errors.append(f"{status} {body[:200]!r}")
+        writer.close()
+
+    async def run() -> float:
+        start, ready = asyncio.Event(), []
+        tasks = [asyncio.create_task(client(i, start, ready)) for i in range(concurrency)]
+        while len(ready) < concurrency:
+            await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - t0
+
+    wall = asyncio.run(run())
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return {"concurrency": concurrency, "requests": len(lat), "p50_ms": percentile(lat, 50) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": len(lat) / wall}
 
 
 def http_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool) -> dict:
@@ -132,6 +198,8 @@ def main() -> None:
     ap.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="server's batching wait (service default)")
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each in-process measurement")
     ap.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="load generator: pre-encoded keep-alive requests (raw) or httpx client threads")
     ap.add_argument("--out", type=Path, default=Path("bench/results/registry_bench.json"))
     args = ap.parse_args()
     threads = set_torch_threads()
@@ -152,11 +220,15 @@ def main() -> None:
                       ).raise_for_status()
         path = "/v2/models/bench/infer"
         print("HTTP concurrency 1 ...", flush=True)
-        c1 = http_load(reg.url, token, path, args.image_size, 1, args.requests, args.json)
+        load = raw_load if args.client == "raw" else http_load
+        c1 = load(reg.url, token, path, args.image_size, 1, args.requests, args.json)
         print(f"HTTP concurrency {args.concurrency} ...", flush=True)
-        cn = http_load(reg.url, token, path, args.image_size, args.concurrency, args.requests, args.json)
+        cn = load(reg.url, token, path, args.image_size, args.concurrency, args.requests, args.json)
         metrics = httpx.get(reg.url + "/metrics").text
     batch_sizes = [line for line in metrics.splitlines() if line.startswith("fedssl_inference_batch_size_")]
+    sums = {name: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            for name in ("fedssl_inference_duration_seconds_sum", "fedssl_inference_duration_seconds_count",
+                         "fedssl_inference_batch_size_sum") if line.startswith(name + "{")}
 
     batched_key = f"images_per_s_batch{args.concurrency}"
     result = {
@@ -168,6 +240,10 @@ def main() -> None:
         "p50_overhead_ms_concurrency_1": c1["p50_ms"] - local["p50_ms_batch1"],
         "throughput_ratio_vs_in_process_batched": cn["images_per_s"] / local[batched_key],
         "server_batch_size_histogram": batch_sizes,
+        "server_mean_forward_ms": 1e3 * sums.get("fedssl_inference_duration_seconds_sum", 0.0)
+        / max(sums.get("fedssl_inference_duration_seconds_count", 1.0), 1.0),
+        "server_mean_batch_size": sums.get("fedssl_inference_batch_size_sum", 0.0)
+        / max(sums.get("fedssl_inference_duration_seconds_count", 1.0), 1.0),
         "targets": {"p50_overhead_ms_concurrency_1": "< 5", "throughput_ratio_vs_in_process_batched": ">= 0.8"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
