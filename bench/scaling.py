@@ -83,6 +83,17 @@ class TreeMemory:
         self._thread.join()
 
 
+def _wait_for_nodes(work: Path, n: int, timeout: float = 120.0) -> None:
+    """Until all n SuperNodes have registered (each logs its node id), so that a round
+    starts with every hospital even when min-hospitals is lower."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum("SuperNode ID:" in p.read_text(errors="replace") for p in work.glob("node-*.log")) >= n:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"only some of the {n} SuperNodes registered within {timeout:.0f}s; see {work}/node-*.log")
+
+
 def one(args, n: int, work: Path, cache_dir: Path) -> dict:
     work.mkdir(parents=True)
     with P.cluster(work) as c:
@@ -93,11 +104,11 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
                    "partition-id": i, "num-partitions": n, "max-images": args.max_images, "cache-dir": str(cache_dir),
                    "threads": 1}
             nodes[f"hospital-{i:02d}"] = P.start_supernode(c, port, f"node-{i}", P.node_config(**cfg)).popen.pid
-        time.sleep(2)
+        _wait_for_nodes(work, n)
         with TreeMemory({"superlink": link.popen.pid, **nodes}) as mem:
             t0 = time.perf_counter()
             result = P.submit(port, work, f"ssl-rounds={args.rounds}", "finetune-rounds=0", f"image-size={args.image_size}",
-                              f"batch-size={args.batch_size}", f"min-hospitals={n}", "local-baseline=false",
+                              f"batch-size={args.batch_size}", f"min-hospitals={max(1, round(n * args.min_fraction))}", "local-baseline=false",
                               f"probe-epochs={args.probe_epochs}", f"round-timeout={args.round_timeout}", timeout=3600)
             wall = time.perf_counter() - t0
         if result.returncode != 0:
@@ -130,6 +141,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--probe-epochs", type=int, default=2)
+    ap.add_argument("--min-fraction", type=float, default=1.0,
+                    help="min-hospitals as a fraction of the hospitals (1.0: a round fails when any reply is lost)")
+    ap.add_argument("--append", action="store_true", help="keep the results for other hospital counts already in --out")
     ap.add_argument("--round-timeout", type=float, default=300.0,
                     help="seconds before the aggregator sends a lost message again (run config round-timeout)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
@@ -144,18 +158,21 @@ def main() -> None:
         raise SystemExit(f"no HAM10000 at {args.data} (expected HAM10000_metadata.csv there); pass --data")
 
     results = []
+    if args.append and args.out.is_file():
+        results = [r for r in json.loads(args.out.read_text())["results"] if r["hospitals"] not in counts]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             print(f"{n} hospitals, {args.rounds} SSL rounds ...", flush=True)
-            results.append(one(args, n, Path(tmp) / f"n{n}", Path(tmp) / "cache"))
-            r = results[-1]
+            r = one(args, n, Path(tmp) / f"n{n}", Path(tmp) / "cache")
+            r["min_hospitals"] = max(1, round(n * args.min_fraction))
+            results = sorted([*results, r], key=lambda x: x["hospitals"])
             print(f"  round {r['round_seconds_median']:.1f}s; SuperNode peak {r['supernode_peak_rss_mb_mean']:.0f} MB "
                   f"(idle {r['supernode_idle_rss_mb']:.0f} MB); SuperLink {r['superlink_peak_rss_mb']:.0f} MB; "
                   f"{r['lost_replies']} lost repl(ies) sent again", flush=True)
             out = {
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "append"},
                 "results": results,
                 "note": "ClientApps run with threads=1 node config; RSS counts shared library pages in every process",
             }
