@@ -104,17 +104,8 @@ IMAGES="$HOST/$PROJECT/$REPOSITORY"
 CONTEXT="gke_${PROJECT}_${REGION}_${CLUSTER}"
 
 # --- Kaggle credentials (before anything changes in the cloud) -----------------------------
-KAGGLE_USER="" KAGGLE_SECRET_KEY=""
-kaggle_credentials() {
-  if [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; then
-    KAGGLE_USER="$KAGGLE_USERNAME"; KAGGLE_SECRET_KEY="$KAGGLE_KEY"; return 0
-  fi
-  local file="${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json"
-  [ -f "$file" ] || return 1
-  KAGGLE_USER="$(sed -n 's/.*"username"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
-  KAGGLE_SECRET_KEY="$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
-  [ -n "$KAGGLE_USER" ] && [ -n "$KAGGLE_SECRET_KEY" ]
-}
+# shellcheck source=SCRIPTDIR/scripts/lib/kaggle.sh
+source "$ROOT/scripts/lib/kaggle.sh"
 if [ "$SYNTHETIC" = 0 ] && ! kaggle_credentials; then
   die "the hospitals download HAM10000 from Kaggle: set KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ~/.kaggle (https://www.kaggle.com/settings, 'Create New Token'), or pass --synthetic"
 fi

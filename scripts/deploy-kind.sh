@@ -77,17 +77,8 @@ check_tools() {
   exit 1
 }
 
-# Sets KAGGLE_USER and KAGGLE_SECRET_KEY from the environment or kaggle.json; false when none.
-kaggle_credentials() {
-  if [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; then
-    KAGGLE_USER="$KAGGLE_USERNAME"; KAGGLE_SECRET_KEY="$KAGGLE_KEY"; return 0
-  fi
-  local file="${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json"
-  [ -f "$file" ] || return 1
-  KAGGLE_USER="$(sed -n 's/.*"username"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
-  KAGGLE_SECRET_KEY="$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
-  [ -n "$KAGGLE_USER" ] && [ -n "$KAGGLE_SECRET_KEY" ]
-}
+# shellcheck source=SCRIPTDIR/lib/kaggle.sh
+source "$ROOT/scripts/lib/kaggle.sh"
 
 # The Kaggle Secret from the credentials, through files (never on a command line).
 create_kaggle_secret() {
