@@ -128,9 +128,9 @@ def federate(sites: list[HospitalData], test: HospitalData, cfg: RunConfig, task
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for key, value in weighted_average(updates).items():
             state[key] = torch.from_numpy(value).to(state[key].dtype).reshape(state[key].shape)
-        # The evaluation message carries the new shared groups; hospitals keep them.
+        # The evaluation message (the same for every hospital) carries the new shared groups; hospitals keep them.
+        down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
         for site, model in zip(sites, hospitals):
-            down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
             traffic[site.hospital]["evaluate_sent"] = sent
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
@@ -138,10 +138,11 @@ def federate(sites: list[HospitalData], test: HospitalData, cfg: RunConfig, task
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(server, pooled_data(sites), test, cfg)
         if phase == names.PHASE_FINETUNE:
-            curve.append({"round": rnd, **{k: v for k, v in scores(server, test).items() if k in HEADLINE}})
+            final = scores(server, test)
+            curve.append({"round": rnd, **{k: v for k, v in final.items() if k in HEADLINE}})
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
-    return {"test": scores(server, test), "ssl_probe": ssl_probe, "curve": curve, "communication": comm}
+    return {"test": final, "ssl_probe": ssl_probe, "curve": curve, "communication": comm}
 
 
 def centralised(data: HospitalData, test: HospitalData, cfg: RunConfig, task: str, own_test: bool = False) -> dict:
@@ -154,8 +155,9 @@ def centralised(data: HospitalData, test: HospitalData, cfg: RunConfig, task: st
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(model, data, test, cfg)
         if phase == names.PHASE_FINETUNE:
-            curve.append({"round": rnd, **{k: v for k, v in scores(model, test).items() if k in HEADLINE}})
-    out = {"test": scores(model, test), "ssl_probe": ssl_probe, "curve": curve}
+            final = scores(model, test)
+            curve.append({"round": rnd, **{k: v for k, v in final.items() if k in HEADLINE}})
+    out = {"test": final, "ssl_probe": ssl_probe, "curve": curve}
     if own_test:
         out["own_test"] = {k: v for k, v in scores(model, data).items() if k in HEADLINE}
     return out
@@ -230,6 +232,8 @@ def main() -> None:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
+    if args.finetune_rounds < 1:
+        raise SystemExit("--finetune-rounds must be >= 1: the arms are scored by their fine-tuned classifier")
     if not (args.data / "HAM10000_metadata_dataverse.csv").is_file():
         raise SystemExit(f"no HAM10000_metadata_dataverse.csv under {args.data}: the 4-site split needs it; pass --data")
 
