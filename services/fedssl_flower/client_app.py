@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from fedssl_core import names, weights
-from fedssl_core.models import FedSSLModel, set_torch_threads
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedssl_core import names, weights
+from fedssl_core.models import FedSSLModel, set_torch_threads
 
 from . import local, records, training
 from .config import RunConfig

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
+
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel
 
