@@ -194,7 +194,7 @@ cmd_up() {
     say "starting the Flower SuperLink on 127.0.0.1:$SUPERLINK_PORT"
     FLWR_HOME="$FEDSSL_HOME/flwr-superlink" FEDSSL_REGISTRY_URL="$registry_url" FEDSSL_REGISTRY_TOKEN="$token" \
       FEDSSL_RUNS_DIR="$FEDSSL_HOME/runs" \
-      start superlink flower-superlink --insecure --host 127.0.0.1 --port "$SUPERLINK_PORT" \
+      start superlink fedssl-superlink --insecure --host 127.0.0.1 --port "$SUPERLINK_PORT" \
         --database "$FEDSSL_HOME/superlink.db" --disable-runtime-dependency-installation
   fi
   wait_port "$SUPERLINK_PORT" SuperLink "$LOGS/superlink.log" "$PIDS/superlink.pid"

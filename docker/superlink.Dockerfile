@@ -112,5 +112,5 @@ EXPOSE 9092
 # tini reaps the ServerApp processes that Flower leaves behind as zombies.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 # For `docker run` on a private network; the chart passes TLS options instead of --insecure.
-CMD ["flower-superlink", "--insecure", "--host", "0.0.0.0", "--port", "9092", \
+CMD ["fedssl-superlink", "--insecure", "--host", "0.0.0.0", "--port", "9092", \
      "--database", "/var/lib/fedssl/superlink.db", "--disable-runtime-dependency-installation"]

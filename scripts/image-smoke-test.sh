@@ -361,7 +361,7 @@ deploy_images() {
 
   say "starting the SuperLink"
   start superlink superlink "$PREFIX-superlink" "$(image superlink)" --env-file "$WORK/superlink.env" -- \
-    flower-superlink --insecure --host 0.0.0.0 --port "$SUPERLINK_PORT" --database /var/lib/fedssl/superlink.db \
+    fedssl-superlink --insecure --host 0.0.0.0 --port "$SUPERLINK_PORT" --database /var/lib/fedssl/superlink.db \
     --disable-runtime-dependency-installation
   SUPERLINK_CONTAINER="$PREFIX-superlink"
   wait_for "SuperLink ready on :$SUPERLINK_PORT" "$PREFIX-superlink" 120 probe "$PREFIX-superlink" "http $SUPERLINK_PORT /health"

@@ -60,3 +60,46 @@ def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
     assert sorted(history[1]["hospitals"]) == ["steady"] and history[1]["failed_hospitals"] == ["flaky"]
     assert "hospital flaky did not answer; aggregating the 1 others" in out
     assert sorted(history[2]["hospitals"]) == ["flaky", "steady"]  # rejoined
+
+
+def test_a_locked_superlink_database_is_waited_out(tmp_path, ham10000_dir):
+    """A burst of writes (many hospitals pushing 45 MB models at once) holds the SuperLink's
+    SQLite lock for seconds. Here this test holds it for 8 s, longer than Flower's own 5 s
+    busy timeout, right when a hospital's reply waits to be pulled: with fedssl-superlink's
+    60 s timeout every writer (SuperNode polls, the aggregator's pull, the SuperExec) waits,
+    nothing answers 500, and the run finishes with every reply. With Flower's 5 s the
+    SuperNode gets a 500, drops its connection and the round fails."""
+    import sqlite3
+    import subprocess
+
+    with P.cluster(tmp_path) as c:
+        link, port = P.start_superlink(c)
+        hospital = P.start_supernode(c, port, "solo", P.node_config(
+            hospital="solo", **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 64,
+                                "cache-dir": str(tmp_path / "cache")}))
+        args = [str(P.VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{port}", "--app", str(P.REPO_ROOT),
+                "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "5",
+                "-c", "ssl-rounds=2", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
+                "-c", "round-timeout=300.0", "-c", "message-retries=0", "-c", "local-baseline=false",
+                "-c", "probe-epochs=1"]
+        submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        db = sqlite3.connect(tmp_path / "superlink.db", timeout=30, isolation_level=None)
+        try:
+            wait_for(lambda: len(rounds(tmp_path)) >= 1, 300, "round 1")
+            sent = hospital.text().count("Sent successfully")
+            wait_for(lambda: hospital.text().count("Sent successfully") > sent, 300, "round 2's reply")
+            db.execute("BEGIN IMMEDIATE")
+            time.sleep(8.0)
+            db.execute("COMMIT")
+            out, _ = submit.communicate(timeout=600)
+        finally:
+            db.close()
+            if submit.poll() is None:
+                submit.kill()
+        assert submit.returncode == 0, out + c.logs()
+        assert "database is locked" not in link.text(), c.logs()
+        assert "500 Internal Server Error" not in hospital.text(), c.logs()
+
+    history = rounds(tmp_path)
+    assert [r["round"] for r in history] == [1, 2]
+    assert all(list(r["hospitals"]) == ["solo"] and not r["failed_hospitals"] for r in history), history

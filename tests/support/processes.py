@@ -136,12 +136,13 @@ def cluster(workdir: Path):
 
 
 def start_superlink(c: Cluster, *, registry: Registry | None = None, port: int | None = None, runs_dir: Path | None = None,
-                    name: str = "superlink") -> tuple[Proc, int]:
+                    name: str = "superlink", env: dict[str, str] | None = None) -> tuple[Proc, int]:
     port = port or free_port()
-    extra = {"FLWR_HOME": str(c.workdir / "flwr-superlink"), "FEDSSL_RUNS_DIR": str(runs_dir or c.workdir / "runs")}
+    extra = {"FLWR_HOME": str(c.workdir / "flwr-superlink"), "FEDSSL_RUNS_DIR": str(runs_dir or c.workdir / "runs"),
+             **(env or {})}
     if registry:
         extra.update(FEDSSL_REGISTRY_URL=registry.url, FEDSSL_REGISTRY_TOKEN=registry.token)
-    proc = c.spawn(name, [str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+    proc = c.spawn(name, [str(VENV_BIN / "fedssl-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                           "--database", str(c.workdir / "superlink.db"), "--disable-runtime-dependency-installation"],
                    base_env(**extra))
     wait_port(port, proc)
