@@ -118,6 +118,9 @@ class Aggregator:
         self.registered: dict[str, int] = {}
 
     # ---------------------------------------------------------------- messaging
+    def _node_ids(self) -> list[int]:
+        return superlink_call("get-nodes", lambda: list(self.grid.get_node_ids()))
+
     def _push(self, msgs: list[Message]) -> dict[str, int]:
         """Push messages; returns message id → destination node. A push that failed part way
         is retried with fresh copies (new ids): the SuperLink may hold the first ones already,
@@ -169,7 +172,7 @@ class Aggregator:
             out.update(self._send_and_receive(pending))
             if attempt == self.cfg.message_retries:
                 break
-            connected = set(superlink_call("get-nodes", lambda: list(self.grid.get_node_ids())))
+            connected = set(self._node_ids())
             pending = [_copy(m) for m in pending if m.metadata.dst_node_id not in out and m.metadata.dst_node_id in connected]
             if not pending:
                 break
@@ -181,7 +184,7 @@ class Aggregator:
     def _wait_for_hospitals(self) -> list[int]:
         deadline = time.monotonic() + self.cfg.wait_for_hospitals
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(self._node_ids())
             if len(nodes) >= self.cfg.min_hospitals:
                 return nodes
             if time.monotonic() > deadline:
@@ -312,7 +315,7 @@ class Aggregator:
     # ---------------------------------------------------------------- rounds
     def _round(self, phase: str, rnd: int, total: int) -> dict:
         t0 = time.monotonic()
-        nodes = sorted(self.grid.get_node_ids())
+        nodes = sorted(self._node_ids())
         self._describe(nodes, strict=False)
         nodes = [n for n in nodes if n in self.hospitals]
         enc = self.cfg.update_encoding
