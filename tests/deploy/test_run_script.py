@@ -13,9 +13,7 @@ import ssl
 import stat
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,33 +21,23 @@ import yaml
 
 from tests.conftest import free_port
 from tests.deploy.conftest import arg_value, by_kind, env_of, named, pod_spec, render
+from tests.support.http import QuietHandler, serve
 from tests.support.processes import Cluster, base_env
 
 VENV_BIN = Path(sys.executable).parent
 SUPERLINK = "fedssl-superlink"
 
 
-class _Ok(BaseHTTPRequestHandler):
+class _Ok(QuietHandler):
     def do_GET(self):
-        body = b'{"ready": true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, b'{"ready": true}')
 
 
 @pytest.fixture
 def http_ok():
     """A server answering 200 to every GET (stands in for a healthy registry)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(_Ok) as url:
+        yield url
 
 
 def _stub(folder: Path, name: str, body: str) -> None:

@@ -5,46 +5,35 @@ through httpx, as Flower's Grid does."""
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import httpx
 import pytest
 
 from fedssl_flower import server_app
+from tests.support.http import QuietHandler, serve
 
 
-class Statuses(BaseHTTPRequestHandler):
+class Statuses(QuietHandler):
     script: ClassVar[list[int]] = []
 
     def do_POST(self):
         status = self.script.pop(0) if self.script else 200
-        body = b'{"ok": true}' if status == 200 else b'{"detail": "database is locked"}'
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(status, b'{"ok": true}' if status == 200 else b'{"detail": "database is locked"}')
 
 
 @pytest.fixture
 def superlink():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Statuses)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serve(Statuses) as url:
+        yield url
 
 
-def _call(server):
+def _call(url):
     calls = []
 
     def call():
         calls.append(1)
-        res = httpx.post(f"http://127.0.0.1:{server.server_address[1]}/v1/runtime/pull-messages")
+        res = httpx.post(f"{url}/v1/runtime/pull-messages")
         res.raise_for_status()
         return res.json()
 
