@@ -125,11 +125,12 @@ class Aggregator:
         """Push messages; returns message id → destination node. A push that failed part way
         is retried with fresh copies (new ids): the SuperLink may hold the first ones already,
         and their late replies are ignored."""
-        batch = msgs
+        attempts = 0
 
         def push() -> list[str]:
-            nonlocal batch
-            sent, batch = batch, [_copy(m) for m in batch]
+            nonlocal attempts
+            sent = [_copy(m) for m in msgs] if attempts else msgs
+            attempts += 1
             ids = list(self.grid.push_messages(sent))
             if len(ids) != len(sent):  # Flower logs a 413 (payload too large) and returns []
                 raise RunFailed(f"the SuperLink took {len(ids)} of {len(sent)} messages ({sent[0].metadata.group_id}); "

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 from fedssl_core import names
 
 DEFAULT_BUSY_TIMEOUT_SECONDS = 60.0
 
 
-def busy_timeout_seconds(environ: dict[str, str] | os._Environ = os.environ) -> float:
+def busy_timeout_seconds(environ: Mapping[str, str] = os.environ) -> float:
     raw = environ.get(names.ENV_SUPERLINK_BUSY_TIMEOUT, "").strip()
     if not raw:
         return DEFAULT_BUSY_TIMEOUT_SECONDS
