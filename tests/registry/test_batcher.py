@@ -108,6 +108,30 @@ def test_requests_still_arriving_are_waited_for(executor):
     assert fwd.batches == [2]
 
 
+def test_a_request_that_fails_to_parse_does_not_hold_the_batch(executor):
+    # The worker waits for requests still being parsed; one that fails must release it at once,
+    # not at the end of the (here 10 s) batching window.
+    fwd = SlowForward(0.0)
+    batcher = DynamicBatcher(fwd, max_batch_size=8, max_wait_ms=10_000, executor=executor)
+
+    async def bad():
+        with batcher.incoming():
+            await asyncio.sleep(0.05)
+            raise ValueError("not a tensor")
+
+    async def main():
+        failing = asyncio.ensure_future(bad())
+        await asyncio.sleep(0)  # `bad` is incoming
+        out = await asyncio.wait_for(batcher.submit(np.ones((1, 2), np.float32)), timeout=5)
+        with pytest.raises(ValueError):
+            await failing
+        batcher.close()
+        return out
+
+    np.testing.assert_array_equal(run(main()), np.full((1, 2), 2.0))
+    assert fwd.batches == [1]
+
+
 def test_a_failing_forward_fails_every_waiter_and_the_worker_goes_on(executor):
     fwd = SlowForward(0.01, fail=True)
     batcher = DynamicBatcher(fwd, max_batch_size=8, max_wait_ms=10, executor=executor)

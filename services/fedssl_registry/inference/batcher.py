@@ -29,7 +29,10 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.executor = executor
         self.on_batch = on_batch
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        # A deque and one wake-up future rather than asyncio.Queue + wait_for: this runs on
+        # the event loop once per request, and wait_for costs a task per call.
+        self._pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
+        self._wakeup: asyncio.Future | None = None
         self._worker: asyncio.Task | None = None
         self._arriving = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, images) of recent batches
@@ -42,37 +45,53 @@ class DynamicBatcher:
             yield
         finally:
             self._arriving -= 1
+            if self._arriving == 0:
+                self._wake()  # one that failed to parse must not hold a batch until the deadline
 
     async def submit(self, batch: np.ndarray) -> np.ndarray:
         """Queue `batch` (N, C, H, W); returns its N output rows."""
+        loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put((batch, fut))
+            self._worker = loop.create_task(self._run())
+        fut = loop.create_future()
+        self._pending.append((batch, fut))
+        self._wake()
         return await fut
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        """Until `submit` or the end of an incoming request wakes the worker, or `deadline`."""
+        self._wakeup = loop.create_future()
+        timer = loop.call_at(deadline, self._wake) if deadline is not None else None
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        pending = self._pending
         while True:
-            first = await self.queue.get()
-            items = [first]
-            size = first[0].shape[0]
+            while not pending:
+                await self._sleep(loop, None)
             start = loop.time()
             deadline = start + self.max_wait
             target = max((n for t, n in self._recent if start - t < 1.0), default=1)
-            while size < self.max_batch_size:
-                if not self.queue.empty():
-                    item = self.queue.get_nowait()
-                else:
-                    timeout = deadline - loop.time()
-                    if (self._arriving <= 0 and size >= target) or timeout <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                items.append(item)
-                size += item[0].shape[0]
+            while True:
+                size = sum(b.shape[0] for b, _ in pending)
+                if size >= self.max_batch_size or (self._arriving <= 0 and size >= target) or loop.time() >= deadline:
+                    break
+                await self._sleep(loop, deadline)
+            items = [pending.popleft()]
+            size = items[0][0].shape[0]
+            while pending and size < self.max_batch_size:
+                items.append(pending.popleft())
+                size += items[-1][0].shape[0]
             inputs = np.concatenate([b for b, _ in items]) if len(items) > 1 else items[0][0]
             self._recent.append((loop.time(), size))
             t0 = time.perf_counter()
