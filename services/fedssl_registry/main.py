@@ -16,7 +16,6 @@ from . import __version__, dashboard, db
 from .api.routes import models, runs, v2
 from .core import errors
 from .core.config import Settings
-from .core.errors import error_response
 from .core.observability import Metrics, ObserveMiddleware, setup_logging
 from .inference.repository import ModelRepository, torch_thread
 from .service import Registry
@@ -59,19 +58,25 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"])
 
-    app.add_middleware(
-        ObserveMiddleware, metrics=metrics, max_body=settings.max_upload_bytes,
-        too_large=lambda n: error_response(413, f"request body of {n} bytes exceeds the limit of {settings.max_upload_bytes}"),
-    )
+    app.add_middleware(ObserveMiddleware, metrics=metrics, max_body=settings.max_upload_bytes)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.router.routes[0:0] = v2.infer_routes  # first: the hot path skips FastAPI's routing (see v2.InferRoute)
     app.include_router(models.router)
     app.include_router(runs.router)
     app.include_router(v2.router)
     app.include_router(dashboard.router)
+    openapi = app.openapi
+
+    def openapi_with_infer() -> dict:
+        schema = openapi()
+        schema["paths"].update(v2.openapi_paths())
+        return schema
+
+    app.openapi = openapi_with_infer  # type: ignore[method-assign]
     return app
 
 

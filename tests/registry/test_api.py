@@ -1,5 +1,7 @@
 """Registry API against a real server on a free port with a real SQLite file."""
 
+import json
+
 import pytest
 
 from fedssl_core import weights
@@ -77,6 +79,39 @@ def test_read_auth_protects_reads(cluster, tmp_path):
         assert anon.get("/v1/models").status_code == 401
         assert http.get("/v1/models").status_code == 200
         assert anon.get("/v2/health/ready").status_code == 200  # probes stay open
+        infer = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [0] * 3072}]}
+        r = anon.post("/v2/models/clf/infer", json=infer)
+        assert (r.status_code, r.json()) == (401, {"error": "missing bearer token: send 'Authorization: Bearer <token>'"})
+        r = http.post("/v2/models/clf/infer", json=infer)  # past the token check: the model does not exist
+        assert (r.status_code, r.json()) == (404, {"error": "model 'clf' not found"})
+
+
+def test_request_bodies_over_the_limit_are_refused_declared_or_chunked(cluster, tmp_path):
+    from tests.support import processes as P
+
+    reg = P.start_registry(cluster, tmp_path / "small", max_upload_bytes="2048")
+    big = b'{"name": "' + b"x" * 4096 + b'"}'
+    with reg.client() as http:
+        r = http.post("/v1/models", content=big, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()) == (413, {"error": f"request body of {len(big)} bytes exceeds the limit of 2048 bytes"})
+        r = http.post("/v1/models", content=iter([big[:1000], big[1000:]]), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers  # sent chunked: the size is only known as it arrives
+        assert (r.status_code, r.json()) == (413, {"error": "request body exceeds the limit of 2048 bytes"})
+        body = json.dumps(model_body()).encode()
+        r = http.post("/v1/models", content=iter([body[:50], body[50:]]), headers={"content-type": "application/json"})
+        assert r.status_code == 201, r.text  # a chunked body under the limit is read whole
+        assert [m["name"] for m in http.get("/v1/models").json()["models"]] == ["clf"]
+
+
+def test_openapi_documents_every_route_including_v2_infer(registry):
+    with registry.client() as http:
+        paths = http.get("/openapi.json").json()["paths"]
+    assert set(paths["/v2/models/{name}/infer"]) == {"post"}
+    op = paths["/v2/models/{name}/versions/{version}/infer"]["post"]
+    assert [p["name"] for p in op["parameters"]] == ["name", "version"]
+    assert set(op["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert {"200", "400", "401", "404", "413", "503"} <= set(op["responses"])
+    assert "/v2/models/{name}/ready" in paths and "/v1/models/{name}/versions" in paths
 
 
 @pytest.mark.parametrize("case", ["bad_name", "dup", "bad_task", "unknown_model", "unknown_version", "malformed_json",

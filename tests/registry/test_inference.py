@@ -2,6 +2,7 @@
 tensors; multipart image prediction; bad inputs with exact errors."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -61,6 +62,20 @@ def test_fp32_json_tensor_and_versioned_route(shared_registry, weights_blob):
     np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(2, 3), reference(weights_blob, x), atol=1e-5)
 
 
+def test_a_chunked_binary_request_is_read_whole(shared_registry, weights_blob):
+    x = pixels(2, seed=2)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    body = header + x.tobytes()
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]  # no Content-Length: Transfer-Encoding chunked
+    with shared_registry.client() as http:
+        r = http.post("/v2/models/clf/infer", content=iter(chunks),
+                      headers={"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(2, 3), reference(weights_blob, x), atol=1e-5)
+
+
 def test_predict_uploaded_image(shared_registry, weights_blob, ham10000_dir):
     path = next((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))
     with shared_registry.client() as http:
@@ -77,8 +92,8 @@ def png(w, h):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case", ["shape", "dtype", "count", "json", "unknown_model", "unknown_version", "not_image",
-                                  "text_type", "bomb", "too_big", "no_alias"])
+@pytest.mark.parametrize("case", ["shape", "dtype", "count", "json", "unknown_model", "unknown_version", "version_not_a_number",
+                                  "version_zero", "get_infer", "not_image", "text_type", "bomb", "too_big", "no_alias"])
 def test_inference_bad_inputs(shared_registry, case):
     good = {"name": "image", "datatype": "UINT8", "shape": [1, 3, IMAGE_SIZE, IMAGE_SIZE], "data": [0] * (3 * IMAGE_SIZE * IMAGE_SIZE)}
     with shared_registry.client() as http:
@@ -101,6 +116,16 @@ def test_inference_bad_inputs(shared_registry, case):
         elif case == "unknown_version":
             r = http.post("/v2/models/clf/versions/9/infer", json={"inputs": [good]})
             expected = (404, "model 'clf' has no version 9")
+        elif case == "version_not_a_number":
+            r = http.post("/v2/models/clf/versions/latest/infer", json={"inputs": [good]})
+            expected = (400, "version must be a positive integer, got 'latest'")
+        elif case == "version_zero":
+            r = http.post("/v2/models/clf/versions/0/infer", json={"inputs": [good]})
+            expected = (400, "version must be a positive integer, got '0'")
+        elif case == "get_infer":
+            r = http.get("/v2/models/clf/infer")
+            assert r.headers["allow"] == "POST"
+            expected = (405, "Method Not Allowed")
         elif case == "not_image":
             r = http.post("/v1/models/clf:predict", files={"file": ("x.jpg", b"GIF89a....", "image/jpeg")})
             assert r.status_code == 400 and r.json()["error"].startswith("not a decodable JPEG or PNG image")

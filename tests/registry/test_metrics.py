@@ -24,6 +24,7 @@ def test_metrics_pass_promtool_and_count_requests(shared_registry, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     assert 'fedssl_http_requests_total{method="GET",route="/v1/models/{name}",status="404"}' in text
     assert 'fedssl_inference_batch_size_count{model="clf"}' in text
+    assert 'fedssl_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="200"}' in text
     assert 'fedssl_federated_round_loss{phase="ssl",run_id="r-metrics"} 2.5' in text
     assert 'fedssl_federated_hospital_examples{hospital="h1",run_id="r-metrics"} 40.0' in text
     assert "fedssl_model_versions" in text and "fedssl_loaded_models 1.0" in text

@@ -28,11 +28,11 @@ async def get_repository(request: Request) -> ModelRepository:
     return request.app.state.repository
 
 
-def _check_token(request: Request, settings: Settings) -> None:
+def check_token(authorization: str, settings: Settings) -> None:
+    """`authorization` is the request's Authorization header ("" when absent)."""
     if not settings.token:  # development mode without a token
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, supplied = header.partition(" ")
+    scheme, _, supplied = authorization.partition(" ")
     if scheme.lower() != "bearer" or not supplied:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(supplied.encode(), settings.token.encode()):
@@ -41,14 +41,14 @@ def _check_token(request: Request, settings: Settings) -> None:
 
 async def require_write(request: Request) -> None:
     """Every write needs the token."""
-    _check_token(request, request.app.state.settings)
+    check_token(request.headers.get("authorization", ""), request.app.state.settings)
 
 
 async def require_read(request: Request) -> None:
     """Reads need the token only when FEDSSL_REGISTRY_READ_AUTH=true."""
     settings = request.app.state.settings
     if settings.read_auth:
-        _check_token(request, settings)
+        check_token(request.headers.get("authorization", ""), settings)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -64,6 +64,15 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def body_too_large(limit: int, declared: int | None = None) -> HTTPException:
+    """413 for a request body over `limit` bytes (`declared`: its Content-Length, if it had one).
+
+    An HTTPException because it is raised while an endpoint reads the body, and FastAPI turns
+    any other exception raised there into a 400."""
+    size = f" of {declared} bytes" if declared is not None else ""
+    return HTTPException(413, f"request body{size} exceeds the limit of {limit} bytes")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
@@ -83,7 +92,7 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such endpoint"
-        return error_response(exc.status_code, detail)
+        return error_response(exc.status_code, detail, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from fedssl_core import names
 
+from .errors import body_too_large, error_response
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -105,11 +107,24 @@ def now() -> float:
 
 class ObserveMiddleware:
     """Pure ASGI middleware (cheaper per request than Starlette's BaseHTTPMiddleware): refuses
-    bodies declared larger than `max_body` with 413, then counts, times and logs every request
-    by its route template."""
+    bodies larger than `max_body` with 413 (declared ones at once, chunked ones when they pass
+    the limit), then counts, times and logs every request by its route template."""
 
-    def __init__(self, app, *, metrics: Metrics, max_body: int, too_large) -> None:
-        self.app, self.metrics, self.max_body, self.too_large = app, metrics, max_body, too_large
+    def __init__(self, app, *, metrics: Metrics, max_body: int) -> None:
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    def _limited(self, receive):
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise body_too_large(self.max_body)
+            return message
+
+        return receive_limited
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -124,10 +139,13 @@ class ObserveMiddleware:
                 status = message["status"]
             await send(message)
 
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         try:
-            if length.isdigit() and int(length) > self.max_body:
-                await self.too_large(int(length))(scope, receive, send_observed)
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                refused = body_too_large(self.max_body, int(length))
+                await error_response(refused.status_code, refused.detail)(scope, receive, send_observed)
+            elif length is None:  # chunked: count the body as it arrives
+                await self.app(scope, self._limited(receive), send_observed)
             else:
                 await self.app(scope, receive, send_observed)
         finally:

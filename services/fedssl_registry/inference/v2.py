@@ -12,6 +12,7 @@ are supported, for requests and responses, as tritonclient and other v2 clients 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,7 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
     if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) for d in shape)
             and shape[0] >= 1 and shape[1:] == expected):
         raise InvalidInput(f"input {name!r} has shape {shape}; expected [N, {', '.join(map(str, expected))}]")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     params = inp.get("parameters") or {}
     if "binary_data_size" in params:
         size = int(params["binary_data_size"])
