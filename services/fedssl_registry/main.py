@@ -17,6 +17,7 @@ from .api.routes import models, runs, v2
 from .core import errors
 from .core.config import Settings
 from .core.observability import Metrics, ObserveMiddleware, setup_logging
+from .core.transport import HttpProtocol
 from .inference.repository import ModelRepository, torch_thread
 from .service import Registry
 from .storage import ArtifactStore
@@ -91,7 +92,8 @@ def run() -> None:
     setup_logging(settings.log_level, settings.log_json)
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
+                http=HttpProtocol)
 
 
 if __name__ == "__main__":
