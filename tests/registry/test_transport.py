@@ -34,23 +34,28 @@ async def pair():
     return server, await connected, reader, writer
 
 
-def test_writes_in_one_loop_turn_are_sent_together_at_its_end():
+def test_a_head_leaves_with_the_body_in_one_write_and_a_lone_write_at_the_end_of_the_turn():
     async def main():
         server, srv, reader, writer = await pair()
         sent = []
         real_write = srv.raw.write
         srv.raw.write = lambda data: (sent.append(data), real_write(data))  # record the real socket writes
         srv.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+        held = (list(sent), srv.transport.get_write_buffer_size())
         srv.transport.write(b"body")
-        assert sent == [] and srv.transport.get_write_buffer_size() == 42  # held until the turn ends
-        got = await reader.readexactly(42)
+        joined = list(sent)  # the second write sends both at once
+        srv.transport.write(b"lone")
+        before_turn_ends = list(sent)
+        got = await reader.readexactly(46)
         writer.close()
         server.close()
-        return sent, got
+        return held, joined, before_turn_ends, sent, got
 
-    sent, got = asyncio.run(main())
-    assert sent == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"]  # one write, not two
-    assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"
+    held, joined, before_turn_ends, sent, got = asyncio.run(main())
+    assert held == ([], 38)
+    assert joined == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"]  # one write, not two
+    assert before_turn_ends == joined and sent == [*joined, b"lone"]  # held until the loop turn ended
+    assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbodylone"
 
 
 def test_close_sends_what_was_written_then_closes():
