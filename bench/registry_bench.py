@@ -3,19 +3,24 @@
 Starts a real `fedssl-registry` on a free port (temp SQLite + artifacts), registers a ResNet
 classifier, then measures on this machine:
 
-  * in-process: `build_inference_model` forward, batch 1 (latency) and batch B (throughput)
+  * in-process: `build_inference_model` forward, batch 1 (latency) and batch C (throughput)
   * HTTP, concurrency 1: one image per request, p50/p99 latency → overhead over in-process
-  * HTTP, concurrency C: C client threads, one image per request, dynamic batching on the
+  * HTTP, concurrency C: C clients, one image per request, dynamic batching on the
     server → throughput relative to in-process batched forward
+
+The four measurements run in `--rounds` interleaved rounds (this machine's speed drifts by
+10-20 % from minute to minute); each round's ratios compare measurements taken seconds
+apart, and the medians over rounds are reported, with their range.
 
 Requests use the v2 binary tensor extension (what tritonclient sends with binary_data=True);
 `--json` measures JSON tensors instead. The load generator (`--client raw`, default) keeps one
-HTTP/1.1 keep-alive connection per simulated client and writes pre-encoded requests, as wrk
-or hey do, so that the numbers are the server's; `--client httpx` uses a Python HTTP client
-per thread instead, whose own CPU use (it shares the 2 cores with the server) shows up in
-the results.
+HTTP/1.1 keep-alive connection per simulated client and writes pre-encoded requests from one
+uvloop process, as wrk or hey do, so that the numbers are mostly the server's; `--client
+httpx` uses a Python HTTP client per thread instead, whose own CPU use (it shares the 2
+cores with the server) shows up in the results. The server runs with its defaults
+(`--log-level INFO`: one access line per request).
 
-    .venv/bin/python -m bench.registry_bench [--image-size 64] [--requests 200] [--concurrency 8]
+    .venv/bin/python -m bench.registry_bench [--rounds 5] [--requests 600] [--concurrency 8]
 
 Prints a table and writes JSON (default bench/results/registry_bench.json). Targets from the
 issue: throughput with batching >= 0.8x in-process batched forward; p50 overhead at
@@ -40,6 +45,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import torch
+import uvloop
 from fedssl_core import names, weights
 from fedssl_core.models import (
     TASK_GROUPS,
@@ -58,30 +64,37 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def in_process(arch: str, image_size: int, batch: int, seconds: float) -> dict:
+class InProcess:
     """The same forward the registry runs, without HTTP or batching machinery."""
-    torch.manual_seed(0)
-    model = build_inference_model(names.TASK_CLASSIFICATION, arch, len(CLASSES)).eval()
-    x1 = torch.randn(1, 3, image_size, image_size)
-    xb = torch.randn(batch, 3, image_size, image_size)
-    with torch.inference_mode():
-        for _ in range(5):
-            model(x1), model(xb)
+
+    def __init__(self, arch: str, image_size: int, batch: int) -> None:
+        torch.manual_seed(0)
+        self.model = build_inference_model(names.TASK_CLASSIFICATION, arch, len(CLASSES)).eval()
+        self.x1 = torch.randn(1, 3, image_size, image_size)
+        self.xb = torch.randn(batch, 3, image_size, image_size)
+        self.batch = batch
+        with torch.inference_mode():
+            for _ in range(5):
+                self.model(self.x1), self.model(self.xb)
+
+    def latency(self, seconds: float) -> dict:
         lat = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t = time.perf_counter()
-            torch.softmax(model(x1), dim=1)
-            lat.append(time.perf_counter() - t)
-        n, t0 = 0, time.perf_counter()
-        end = t0 + seconds
-        while time.perf_counter() < end:
-            torch.softmax(model(xb), dim=1)
-            n += batch
-        batched = n / (time.perf_counter() - t0)
-    return {"p50_ms_batch1": percentile(lat, 50) * 1e3, "p99_ms_batch1": percentile(lat, 99) * 1e3,
-            "images_per_s_batch1": 1.0 / statistics.mean(lat), f"images_per_s_batch{batch}": batched,
-            "batch": batch}
+        with torch.inference_mode():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                torch.softmax(self.model(self.x1), dim=1)
+                lat.append(time.perf_counter() - t)
+        return {"p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": 1.0 / statistics.mean(lat)}
+
+    def throughput(self, seconds: float) -> float:
+        with torch.inference_mode():
+            n, t0 = 0, time.perf_counter()
+            end = t0 + seconds
+            while time.perf_counter() < end:
+                torch.softmax(self.model(self.xb), dim=1)
+                n += self.batch
+        return n / (time.perf_counter() - t0)
 
 
 def request_body(image_size: int, as_json: bool, rng: np.random.Generator) -> tuple[bytes, dict]:
@@ -143,7 +156,7 @@ def raw_load(url: str, token: str, path: str, image_size: int, concurrency: int,
         await asyncio.gather(*tasks)
         return time.perf_counter() - t0
 
-    wall = asyncio.run(run())
+    wall = uvloop.run(run())
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return {"concurrency": concurrency, "requests": len(lat), "p50_ms": percentile(lat, 50) * 1e3,
@@ -188,29 +201,37 @@ def http_load(url: str, token: str, path: str, image_size: int, concurrency: int
             "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": len(lat) / wall}
 
 
+def median_of(rows: list[dict]) -> dict:
+    return {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=200, help="requests per HTTP measurement")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of all four measurements; medians are reported")
+    ap.add_argument("--requests", type=int, default=600, help="requests per HTTP measurement")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-batch-size", type=int, default=32, help="server's dynamic batching limit (service default)")
     ap.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="server's batching wait (service default)")
-    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each in-process measurement")
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each in-process measurement")
     ap.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
+    ap.add_argument("--log-level", default="INFO",
+                    help="the server's log level; INFO (the service default) writes one access line per request")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="load generator: pre-encoded keep-alive requests (raw) or httpx client threads")
     ap.add_argument("--out", type=Path, default=Path("bench/results/registry_bench.json"))
     args = ap.parse_args()
     threads = set_torch_threads()
-
-    print(f"in-process forward ({args.arch}, {args.image_size}px, {threads} torch threads) ...", flush=True)
-    local = in_process(args.arch, args.image_size, args.concurrency, args.seconds)
+    local = InProcess(args.arch, args.image_size, args.concurrency)
+    load = raw_load if args.client == "raw" else http_load
+    c = args.concurrency
 
     token = "bench-token"
-    with tempfile.TemporaryDirectory() as tmp, P.cluster(Path(tmp)) as c:
-        reg = P.start_registry(c, Path(tmp) / "data", token=token, max_batch_size=str(args.max_batch_size),
-                               max_batch_wait_ms=str(args.max_batch_wait_ms), log_level="WARNING")
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp, P.cluster(Path(tmp)) as cluster:
+        reg = P.start_registry(cluster, Path(tmp) / "data", token=token, max_batch_size=str(args.max_batch_size),
+                               max_batch_wait_ms=str(args.max_batch_wait_ms), log_level=args.log_level)
         torch.manual_seed(0)
         state = select_groups(FedSSLModel(args.arch, num_classes=len(CLASSES)).state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
         with reg.client() as http:
@@ -219,26 +240,43 @@ def main() -> None:
             http.post("/v1/models/bench/versions", files={"file": ("w.safetensors", weights.to_bytes(state, {}), "application/octet-stream")}
                       ).raise_for_status()
         path = "/v2/models/bench/infer"
-        print("HTTP concurrency 1 ...", flush=True)
-        load = raw_load if args.client == "raw" else http_load
-        c1 = load(reg.url, token, path, args.image_size, 1, args.requests, args.json)
-        print(f"HTTP concurrency {args.concurrency} ...", flush=True)
-        cn = load(reg.url, token, path, args.image_size, args.concurrency, args.requests, args.json)
+        # The machine's speed drifts (other tenants, CPU frequency): each round measures the
+        # in-process forward right before the HTTP measurement it is compared with.
+        for i in range(args.rounds):
+            print(f"round {i + 1}/{args.rounds}: in-process batch 1, HTTP concurrency 1, in-process batch {c}, "
+                  f"HTTP concurrency {c} ...", flush=True)
+            r = {"in_process_batch1": local.latency(args.seconds),
+                 "http_concurrency_1": load(reg.url, token, path, args.image_size, 1, args.requests, args.json),
+                 f"in_process_batch{c}_images_per_s": local.throughput(args.seconds),
+                 f"http_concurrency_{c}": load(reg.url, token, path, args.image_size, c, args.requests, args.json)}
+            r["p50_overhead_ms"] = r["http_concurrency_1"]["p50_ms"] - r["in_process_batch1"]["p50_ms"]
+            r["throughput_ratio"] = r[f"http_concurrency_{c}"]["images_per_s"] / r[f"in_process_batch{c}_images_per_s"]
+            print(f"  p50 overhead {r['p50_overhead_ms']:.2f} ms, throughput ratio {r['throughput_ratio']:.2f}x", flush=True)
+            rounds.append(r)
         metrics = httpx.get(reg.url + "/metrics").text
     batch_sizes = [line for line in metrics.splitlines() if line.startswith("fedssl_inference_batch_size_")]
     sums = {name: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
             for name in ("fedssl_inference_duration_seconds_sum", "fedssl_inference_duration_seconds_count",
                          "fedssl_inference_batch_size_sum") if line.startswith(name + "{")}
 
-    batched_key = f"images_per_s_batch{args.concurrency}"
+    b1 = median_of([r["in_process_batch1"] for r in rounds])
+    batched = statistics.median(r[f"in_process_batch{c}_images_per_s"] for r in rounds)
+    c1 = median_of([r["http_concurrency_1"] for r in rounds])
+    cn = median_of([r[f"http_concurrency_{c}"] for r in rounds])
+    overheads = [r["p50_overhead_ms"] for r in rounds]
+    ratios = [r["throughput_ratio"] for r in rounds]
     result = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(), "torch": torch.__version__},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "in_process": local,
+        "in_process": {"p50_ms_batch1": b1["p50_ms"], "p99_ms_batch1": b1["p99_ms"], "images_per_s_batch1": b1["images_per_s"],
+                       f"images_per_s_batch{c}": batched, "batch": c},
         "http_concurrency_1": c1,
-        f"http_concurrency_{args.concurrency}": cn,
-        "p50_overhead_ms_concurrency_1": c1["p50_ms"] - local["p50_ms_batch1"],
-        "throughput_ratio_vs_in_process_batched": cn["images_per_s"] / local[batched_key],
+        f"http_concurrency_{c}": cn,
+        "p50_overhead_ms_concurrency_1": statistics.median(overheads),
+        "p50_overhead_ms_range": [min(overheads), max(overheads)],
+        "throughput_ratio_vs_in_process_batched": statistics.median(ratios),
+        "throughput_ratio_range": [min(ratios), max(ratios)],
+        "rounds": rounds,
         "server_batch_size_histogram": batch_sizes,
         "server_mean_forward_ms": 1e3 * sums.get("fedssl_inference_duration_seconds_sum", 0.0)
         / max(sums.get("fedssl_inference_duration_seconds_count", 1.0), 1.0),
@@ -250,14 +288,17 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
+    print(f"medians of {args.rounds} rounds")
     print(f"{'measurement':<44} {'p50 ms':>9} {'p99 ms':>9} {'images/s':>10}")
-    print(f"{'in-process forward, batch 1':<44} {local['p50_ms_batch1']:>9.2f} {local['p99_ms_batch1']:>9.2f} {local['images_per_s_batch1']:>10.1f}")
-    print(f"{f'in-process forward, batch {args.concurrency}':<44} {'':>9} {'':>9} {local[batched_key]:>10.1f}")
+    print(f"{'in-process forward, batch 1':<44} {b1['p50_ms']:>9.2f} {b1['p99_ms']:>9.2f} {b1['images_per_s']:>10.1f}")
+    print(f"{f'in-process forward, batch {c}':<44} {'':>9} {'':>9} {batched:>10.1f}")
     print(f"{'HTTP v2 infer, concurrency 1':<44} {c1['p50_ms']:>9.2f} {c1['p99_ms']:>9.2f} {c1['images_per_s']:>10.1f}")
-    print(f"{f'HTTP v2 infer, concurrency {args.concurrency} (dynamic batching)':<44} {cn['p50_ms']:>9.2f} {cn['p99_ms']:>9.2f} {cn['images_per_s']:>10.1f}")
+    print(f"{f'HTTP v2 infer, concurrency {c} (dynamic batching)':<44} {cn['p50_ms']:>9.2f} {cn['p99_ms']:>9.2f} {cn['images_per_s']:>10.1f}")
     print()
-    print(f"p50 overhead at concurrency 1: {result['p50_overhead_ms_concurrency_1']:.2f} ms (target < 5 ms)")
-    print(f"throughput vs in-process batched forward: {result['throughput_ratio_vs_in_process_batched']:.2f}x (target >= 0.8x)")
+    print(f"p50 overhead at concurrency 1: {result['p50_overhead_ms_concurrency_1']:.2f} ms "
+          f"(rounds {min(overheads):.2f} to {max(overheads):.2f}; target < 5 ms)")
+    print(f"throughput vs in-process batched forward: {result['throughput_ratio_vs_in_process_batched']:.2f}x "
+          f"(rounds {min(ratios):.2f} to {max(ratios):.2f}; target >= 0.8x)")
     print(f"wrote {args.out}")
 
 
