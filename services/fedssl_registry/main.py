@@ -11,6 +11,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__, dashboard, db
 from .api.routes import models, runs, v2
@@ -92,7 +94,14 @@ def run() -> None:
     setup_logging(settings.log_level, settings.log_json)
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
+    try:
+        app = create_app(settings)
+    except (SQLAlchemyError, ImportError) as exc:  # unreachable server, bad URL, driver not installed
+        url = make_url(settings.db_url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"fedssl-registry: cannot open the database {url}: {reason}", file=sys.stderr)
+        raise SystemExit(2) from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                 http=HttpProtocol)
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 
 class Settings(BaseSettings):
@@ -32,6 +34,17 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(5.0, description="Dynamic batching: longest wait for a batch to fill, ms.")
     model_cache_size: int = Field(4, description="Loaded model versions kept in memory (LRU).")
     threads: int = Field(0, description="Torch threads for inference; 0 = the CPUs this process may use.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str) -> str:
+        if value:
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError("FEDSSL_REGISTRY_DATABASE_URL is not a database URL; expected e.g. "
+                                 "postgresql+psycopg://user:password@host:5432/fedssl (empty: SQLite in the data directory)") from None
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> "Settings":
