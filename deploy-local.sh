@@ -111,7 +111,7 @@ cmd_status() {
   fi
 }
 
-resolve_data() {  # prints "ham10000 PATH" or "synthetic"
+resolve_data() {  # prints "ham10000 PATH" or "synthetic"; never picks synthetic images on its own
   local choice="$1"
   case "$choice" in
     synthetic) echo "synthetic"; return ;;
@@ -120,11 +120,14 @@ resolve_data() {  # prints "ham10000 PATH" or "synthetic"
         [ -f "$FEDSSL_DATA/HAM10000_metadata.csv" ] || die "FEDSSL_DATA=$FEDSSL_DATA has no HAM10000_metadata.csv (expected the Kaggle HAM10000 layout)"
         echo "ham10000 $FEDSSL_DATA"; return
       fi
-      if [ -f "$ROOT/data/ham10000/HAM10000_metadata.csv" ]; then echo "ham10000 $ROOT/data/ham10000"; return; fi
+      local dir
+      for dir in "$ROOT/data/ham10000" "$ROOT/../shared/data/ham10000"; do
+        if [ -f "$dir/HAM10000_metadata.csv" ]; then echo "ham10000 $(cd "$dir" && pwd)"; return; fi
+      done
       if { [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; } || [ -f "${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json" ]; then
-        echo "ham10000 $ROOT/data/ham10000"; return  # the hospitals download it from Kaggle
+        echo "ham10000 $ROOT/data/ham10000"; return  # downloaded from Kaggle below
       fi
-      echo "synthetic"; return ;;
+      die "no HAM10000 found: --data auto looked at \$FEDSSL_DATA (unset), $ROOT/data/ham10000, $ROOT/../shared/data/ham10000 and Kaggle credentials (KAGGLE_USERNAME/KAGGLE_KEY or ${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json, none). Put the Kaggle HAM10000 layout in one of those places, set FEDSSL_DATA or provide Kaggle credentials; or ask for fake images with --data synthetic" ;;
     *)
       [ -f "$choice/HAM10000_metadata.csv" ] || die "--data $choice: no HAM10000_metadata.csv there (expected the Kaggle HAM10000 layout)"
       echo "ham10000 $(cd "$choice" && pwd)" ;;
@@ -153,18 +156,18 @@ cmd_up() {
   is_int "$max_images" || die "--max-images must be a whole number (0 = all), got '$max_images'"
   { is_int "$round_timeout" && [ "$round_timeout" -ge 1 ]; } || die "--round-timeout must be a whole number of seconds >= 1, got '$round_timeout'"
 
+  local source path="" warning="" resolved
+  resolved="$(resolve_data "$data")" || exit 1  # before installing anything: a missing dataset stops here
+  read -r source path <<<"$resolved"
+  if [ "$source" = synthetic ]; then
+    warning="SYNTHETIC DATA (--data synthetic): this model says nothing about real patients"
+    warn "$warning"
+  fi
+
   command -v python3 >/dev/null || die "python3 (>= 3.11) is required and was not found"
   "$ROOT/scripts/bootstrap.sh"
   export PATH="$VENV/bin:$PATH" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
   mkdir -p "$PIDS" "$LOGS" "$FEDSSL_HOME/runs" "$FEDSSL_HOME/cache"
-
-  local source path="" warning=""
-  read -r source path <<<"$(resolve_data "$data")"
-  if [ "$source" = synthetic ]; then
-    warning="SYNTHETIC DATA: no HAM10000 found (--data auto looked at \$FEDSSL_DATA, ./data/ham10000 and Kaggle credentials); this model says nothing about real patients"
-    warn "$warning"
-    [ "$data" = synthetic ] || warn "put HAM10000 at ./data/ham10000, set FEDSSL_DATA, or provide Kaggle credentials to train on real images"
-  fi
 
   if [ "$source" = ham10000 ] && [ ! -f "$path/HAM10000_metadata.csv" ]; then
     say "downloading HAM10000 from Kaggle into $path (once; the hospitals share this copy)"

@@ -147,3 +147,17 @@ def test_a_failed_run_exits_non_zero_with_the_server_error(tmp_path, ham10000_di
         assert "FAILED" in out and "hospital(s) failed at start-up" in out, out[-4000:]
     finally:
         script(env, "down", timeout=120)
+
+
+def test_without_a_dataset_auto_stops_before_installing_anything(tmp_path):
+    # A checkout with no data beside it, no FEDSSL_DATA and no Kaggle credentials: never fake images on its own.
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    (repo / "deploy-local.sh").write_bytes(SCRIPT.read_bytes())
+    env = env_for(tmp_path / "home", free_port(), free_port())
+    env["HOME"] = str(tmp_path / "home")
+    r = subprocess.run(["bash", str(repo / "deploy-local.sh")], env=env, capture_output=True, text=True, timeout=120, cwd=repo)
+    assert r.returncode != 0
+    assert f"no HAM10000 found: --data auto looked at $FEDSSL_DATA (unset), {repo}/data/ham10000, {repo}/../shared/data/ham10000" in r.stderr
+    assert "or ask for fake images with --data synthetic" in r.stderr
+    assert not (repo / ".venv").exists() and not (tmp_path / "home").exists()  # nothing installed, nothing started
