@@ -7,8 +7,8 @@
 #   ./deploy-local.sh --kind down               stop the port-forward and uninstall the release
 #
 # Options:
-#   --data auto|kaggle|synthetic   the hospitals' data; auto (default) = HAM10000 from Kaggle when
-#                                  KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json exist
+#   --data auto|kaggle|synthetic   the hospitals' data; auto (default) = kaggle: HAM10000 from Kaggle
+#                                  (KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json); synthetic only when asked
 #   --hospitals N                  hospitals, one SuperNode each (default 3)
 #   --rounds N                     self-supervised rounds (default 3)
 #   --finetune-rounds N            fine-tuning rounds (default 2)
@@ -176,16 +176,13 @@ cmd_up() {
     docker info >/dev/null 2>&1 || die "docker is installed but its daemon does not answer (start it, or check that you may use it)"
   fi
 
-  # Data: Kaggle when asked or when credentials exist (auto), otherwise synthetic, loudly.
+  # Data: HAM10000 from Kaggle; synthetic images only when asked for, never as a fallback.
   local source=synthetic
   if [ "$data" = kaggle ] || [ "$data" = auto ]; then
-    if kaggle_credentials; then
-      source=kaggle
-    elif [ "$data" = kaggle ]; then
-      die "--data kaggle needs Kaggle credentials: KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json"
-    fi
+    kaggle_credentials || die "--data $data needs Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json): the hospitals download HAM10000 from Kaggle; or ask for fake images with --data synthetic"
+    source=kaggle
   fi
-  [ "$source" = synthetic ] && warn "SYNTHETIC DATA: no Kaggle credentials found (KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json); the models will say nothing about real patients"
+  [ "$source" = synthetic ] && warn "SYNTHETIC DATA (--data synthetic): the models will say nothing about real patients"
 
   # The cluster.
   if [ "$DRY_RUN" = 1 ] || ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then

@@ -210,13 +210,16 @@ def test_kind_dry_run_creates_builds_loads_and_installs(tmp_path):
     assert "fedssl-hospital-4" in rendered and '"ssl-rounds=1"' in rendered and "image: fedssl-registry:dev-x" in rendered
 
 
-def test_kind_without_kaggle_credentials_goes_synthetic_or_refuses(tmp_path):
+def test_kind_without_kaggle_credentials_refuses_unless_synthetic_is_asked_for(tmp_path):
     env = _env(tmp_path, "/usr/bin:/bin")
-    auto = _run(KIND, ["--dry-run", "--tag", "t"], env)
-    assert auto.returncode == 0 and "SYNTHETIC DATA" in auto.stderr
-    assert not _find(_commands(auto.stdout), "create", "secret")
-    asked = _run(KIND, ["--dry-run", "--data", "kaggle"], env)
-    assert asked.returncode == 1 and "needs Kaggle credentials" in asked.stderr
+    for data in ("auto", "kaggle"):
+        proc = _run(KIND, ["--dry-run", "--tag", "t", "--data", data], env)
+        assert proc.returncode == 1, proc.stdout
+        assert f"--data {data} needs Kaggle credentials" in proc.stderr and "--data synthetic" in proc.stderr
+        assert "SYNTHETIC" not in proc.stderr  # never fake images on its own
+    asked = _run(KIND, ["--dry-run", "--tag", "t", "--data", "synthetic"], env)
+    assert asked.returncode == 0 and "SYNTHETIC DATA (--data synthetic)" in asked.stderr
+    assert not _find(_commands(asked.stdout), "create", "secret")
 
 
 def test_kind_refuses_bad_options(tmp_path):
