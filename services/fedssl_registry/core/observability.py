@@ -7,6 +7,7 @@ by what the registry holds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -108,7 +109,14 @@ def now() -> float:
 class ObserveMiddleware:
     """Pure ASGI middleware (cheaper per request than Starlette's BaseHTTPMiddleware): refuses
     bodies larger than `max_body` with 413 (declared ones at once, chunked ones when they pass
-    the limit), then counts, times and logs every request by its route template."""
+    the limit), then counts, times and logs every request by its route template.
+
+    The count, the latency observation and the access-log line are recorded in a callback on
+    the next turn of the event loop, not inline: when a batch of inferences finishes, the
+    event loop then writes all the batch's responses first and logs them afterwards, and the
+    model's next batch does not wait for log lines (docs/benchmarks.md, Serving). The latency
+    is measured when the response has been sent, as before.
+    """
 
     def __init__(self, app, *, metrics: Metrics, max_body: int) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
@@ -149,11 +157,13 @@ class ObserveMiddleware:
             else:
                 await self.app(scope, receive, send_observed)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            elapsed = now() - t0
-            method = scope["method"]
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.request_seconds.labels(template, method).observe(elapsed)
-            client = scope.get("client")
-            log_request(method, scope["path"], status, elapsed, client[0] if client else None)
+            asyncio.get_running_loop().call_soon(self._record, scope, status, now() - t0)
+
+    def _record(self, scope, status: int, elapsed: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope["method"]
+        self.metrics.requests.labels(template, method, str(status)).inc()
+        self.metrics.request_seconds.labels(template, method).observe(elapsed)
+        client = scope.get("client")
+        log_request(method, scope["path"], status, elapsed, client[0] if client else None)
