@@ -102,14 +102,15 @@ class DynamicBatcher:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            if self.on_batch:
-                self.on_batch(inputs.shape[0], time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             start = 0
             for b, fut in items:
                 n = b.shape[0]
                 if not fut.done():
                     fut.set_result(out[start : start + n])
                 start += n
+            if self.on_batch:  # queued behind the waiters: their responses go out first
+                loop.call_soon(self.on_batch, inputs.shape[0], seconds)
 
     def close(self) -> None:
         if self._worker is not None:
