@@ -10,7 +10,9 @@ classifier, then measures on this machine:
 
 The four measurements run in `--rounds` interleaved rounds (this machine's speed drifts by
 10-20 % from minute to minute); each round's ratios compare measurements taken seconds
-apart, and the medians over rounds are reported, with their range.
+apart, and the medians over rounds are reported, with their range. Within a round the
+throughput comparison alternates `--segments` in-process and HTTP segments of equal length
+(`--segment-seconds`), so that a drift weighs on both sides alike.
 
 Requests use the v2 binary tensor extension (what tritonclient sends with binary_data=True);
 `--json` measures JSON tensors instead. The load generator (`--client raw`, default) keeps one
@@ -20,7 +22,7 @@ httpx` uses a Python HTTP client per thread instead, whose own CPU use (it share
 cores with the server) shows up in the results. The server runs with its defaults
 (`--log-level INFO`: one access line per request).
 
-    .venv/bin/python -m bench.registry_bench [--rounds 5] [--requests 600] [--concurrency 8]
+    .venv/bin/python -m bench.registry_bench [--rounds 5] [--segments 4] [--concurrency 8]
 
 Prints a table and writes JSON (default bench/results/registry_bench.json). Targets from the
 issue: throughput with batching >= 0.8x in-process batched forward; p50 overhead at
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -87,14 +90,15 @@ class InProcess:
                 lat.append(time.perf_counter() - t)
         return {"p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": 1.0 / statistics.mean(lat)}
 
-    def throughput(self, seconds: float) -> float:
+    def throughput(self, seconds: float) -> tuple[int, float]:
+        """(images, seconds) of back-to-back batched forwards for about `seconds`."""
         with torch.inference_mode():
             n, t0 = 0, time.perf_counter()
             end = t0 + seconds
             while time.perf_counter() < end:
                 torch.softmax(self.model(self.xb), dim=1)
                 n += self.batch
-        return n / (time.perf_counter() - t0)
+        return n, time.perf_counter() - t0
 
 
 def request_body(image_size: int, as_json: bool, rng: np.random.Generator) -> tuple[bytes, dict]:
@@ -112,8 +116,10 @@ def request_body(image_size: int, as_json: bool, rng: np.random.Generator) -> tu
 _LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\r$")
 
 
-def raw_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool) -> dict:
-    """`concurrency` keep-alive connections sending pre-encoded requests back to back."""
+def raw_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool,
+             seconds: float | None = None) -> dict:
+    """`concurrency` keep-alive connections sending pre-encoded requests back to back:
+    `requests` in all, or as many as fit in `seconds` when given."""
     rng = np.random.default_rng(0)
     host, port = urlsplit(url).hostname, urlsplit(url).port
     wire = []
@@ -138,7 +144,10 @@ def raw_load(url: str, token: str, path: str, image_size: int, concurrency: int,
             await one(reader, writer, wire[0])
         ready.append(i)
         await start.wait()
-        for j in range(per_conn):
+        deadline = time.perf_counter() + seconds if seconds else None
+        for j in itertools.count() if deadline else range(per_conn):
+            if deadline and time.perf_counter() >= deadline:
+                break
             t = time.perf_counter()
             status, body = await one(reader, writer, wire[(i + j) % len(wire)])
             lat.append(time.perf_counter() - t)
@@ -157,13 +166,24 @@ def raw_load(url: str, token: str, path: str, image_size: int, concurrency: int,
         return time.perf_counter() - t0
 
     wall = uvloop.run(run())
+    return summary(concurrency, lat, wall, errors)
+
+
+def summary(concurrency: int, lat: list[float], wall: float, errors: list[str]) -> dict:
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return {"concurrency": concurrency, "requests": len(lat), "p50_ms": percentile(lat, 50) * 1e3,
-            "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": len(lat) / wall}
+            "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": len(lat) / wall, "seconds": wall, "latencies": lat}
 
 
-def http_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool) -> dict:
+def merged(parts: list[dict]) -> dict:
+    """One measurement from several segments: images over the summed wall time, pooled latencies."""
+    lat = [x for p in parts for x in p["latencies"]]
+    return summary(parts[0]["concurrency"], lat, sum(p["seconds"] for p in parts), [])
+
+
+def http_load(url: str, token: str, path: str, image_size: int, concurrency: int, requests: int, as_json: bool,
+              seconds: float | None = None) -> dict:
     rng = np.random.default_rng(0)
     bodies = [request_body(image_size, as_json, rng) for _ in range(8)]
     lat: list[float] = []
@@ -176,7 +196,10 @@ def http_load(url: str, token: str, path: str, image_size: int, concurrency: int
             for _ in range(3):  # warm the connection and the model cache
                 http.post(path, content=bodies[0][0], headers=bodies[0][1])
             barrier.wait()
-            for j in range(per_thread):
+            deadline = time.perf_counter() + seconds if seconds else None
+            for j in itertools.count() if deadline else range(per_thread):
+                if deadline and time.perf_counter() >= deadline:
+                    break
                 body, headers = bodies[(i + j) % len(bodies)]
                 t = time.perf_counter()
                 r = http.post(path, content=body, headers=headers)
@@ -194,11 +217,7 @@ def http_load(url: str, token: str, path: str, image_size: int, concurrency: int
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return {"concurrency": concurrency, "requests": len(lat), "p50_ms": percentile(lat, 50) * 1e3,
-            "p99_ms": percentile(lat, 99) * 1e3, "images_per_s": len(lat) / wall}
+    return summary(concurrency, lat, time.perf_counter() - t0, errors)
 
 
 def median_of(rows: list[dict]) -> dict:
@@ -210,11 +229,14 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of all four measurements; medians are reported")
-    ap.add_argument("--requests", type=int, default=600, help="requests per HTTP measurement")
+    ap.add_argument("--requests", type=int, default=600, help="requests of the HTTP concurrency-1 measurement")
+    ap.add_argument("--segments", type=int, default=4,
+                    help="alternating in-process / HTTP segments that make up one round's throughput comparison")
+    ap.add_argument("--segment-seconds", type=float, default=1.5, help="duration of each throughput segment")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-batch-size", type=int, default=32, help="server's dynamic batching limit (service default)")
     ap.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="server's batching wait (service default)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each in-process measurement")
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of the in-process batch-1 measurement")
     ap.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
     ap.add_argument("--log-level", default="INFO",
                     help="the server's log level; INFO (the service default) writes one access line per request")
@@ -246,12 +268,20 @@ def main() -> None:
             print(f"round {i + 1}/{args.rounds}: in-process batch 1, HTTP concurrency 1, in-process batch {c}, "
                   f"HTTP concurrency {c} ...", flush=True)
             r = {"in_process_batch1": local.latency(args.seconds),
-                 "http_concurrency_1": load(reg.url, token, path, args.image_size, 1, args.requests, args.json),
-                 f"in_process_batch{c}_images_per_s": local.throughput(args.seconds),
-                 f"http_concurrency_{c}": load(reg.url, token, path, args.image_size, c, args.requests, args.json)}
+                 "http_concurrency_1": load(reg.url, token, path, args.image_size, 1, args.requests, args.json)}
+            # Throughput: in-process and HTTP segments of equal length, alternating, so that a
+            # drift of the machine's speed weighs on both sides of the ratio alike.
+            forwards, segments = [], []
+            for _ in range(args.segments):
+                forwards.append(local.throughput(args.segment_seconds))
+                segments.append(load(reg.url, token, path, args.image_size, c, 0, args.json, seconds=args.segment_seconds))
+            r[f"in_process_batch{c}_images_per_s"] = sum(n for n, _ in forwards) / sum(t for _, t in forwards)
+            r[f"http_concurrency_{c}"] = merged(segments)
             r["p50_overhead_ms"] = r["http_concurrency_1"]["p50_ms"] - r["in_process_batch1"]["p50_ms"]
             r["throughput_ratio"] = r[f"http_concurrency_{c}"]["images_per_s"] / r[f"in_process_batch{c}_images_per_s"]
             print(f"  p50 overhead {r['p50_overhead_ms']:.2f} ms, throughput ratio {r['throughput_ratio']:.2f}x", flush=True)
+            for key in ("http_concurrency_1", f"http_concurrency_{c}"):
+                r[key].pop("latencies")
             rounds.append(r)
         metrics = httpx.get(reg.url + "/metrics").text
     batch_sizes = [line for line in metrics.splitlines() if line.startswith("fedssl_inference_batch_size_")]
