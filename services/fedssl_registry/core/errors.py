@@ -8,6 +8,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("fedssl.registry")
 
@@ -93,6 +94,13 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such endpoint"
         return error_response(exc.status_code, detail, exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # Nobody is left to read an answer; the status is for the access log and metrics
+        # (499, nginx's "client closed request"), and nothing failed on this side.
+        log.info("client disconnected before the request was complete: %s %s", request.method, request.url.path)
+        return error_response(499, "client disconnected before the request was complete")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
