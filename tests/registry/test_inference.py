@@ -92,6 +92,18 @@ def png(w, h):
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("suffix", ["", "/ready"])
+def test_v2_version_routes_answer_a_bad_version_like_infer(shared_registry, suffix):
+    with shared_registry.client() as http:
+        ok = http.get(f"/v2/models/clf/versions/1{suffix}")
+        assert ok.status_code == 200 and (ok.json()["versions"] == ["1"] if not suffix else ok.json()["ready"])
+        for version, status, error in (("latest", 400, "version must be a positive integer, got 'latest'"),
+                                       ("0", 400, "version must be a positive integer, got '0'"),
+                                       ("9", 404, "model 'clf' has no version 9")):
+            r = http.get(f"/v2/models/clf/versions/{version}{suffix}")
+            assert (r.status_code, r.json()) == (status, {"error": error})
+
+
 @pytest.mark.parametrize("case", ["shape", "dtype", "count", "json", "unknown_model", "unknown_version", "version_not_a_number",
                                   "version_zero", "get_infer", "not_image", "text_type", "bomb", "too_big", "no_alias"])
 def test_inference_bad_inputs(shared_registry, case):

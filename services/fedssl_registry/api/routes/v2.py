@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
@@ -13,6 +15,8 @@ from ...inference import v2 as protocol
 from ..deps import ReadAuth, RegistryDep, RepositoryDep, check_token
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+# Checked by `_version` (400, as for any bad v2 request) rather than by FastAPI (422).
+VersionPath = Annotated[str, Path(description="a positive integer", examples=["1"])]
 
 
 @router.get("/health/live")
@@ -43,8 +47,8 @@ def model_metadata(name: str, registry: RegistryDep) -> dict:
 
 
 @router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth])
-def model_version_metadata(name: str, version: int, registry: RegistryDep) -> dict:
-    return _metadata(registry, name, version)
+def model_version_metadata(name: str, version: VersionPath, registry: RegistryDep) -> dict:
+    return _metadata(registry, name, _version(version))
 
 
 async def _ready(name: str, version: int | None, repository) -> dict:
@@ -58,8 +62,8 @@ async def model_ready(name: str, repository: RepositoryDep) -> dict:
 
 
 @router.get("/models/{name}/versions/{version}/ready", dependencies=[ReadAuth])
-async def model_version_ready(name: str, version: int, repository: RepositoryDep) -> dict:
-    return await _ready(name, version, repository)
+async def model_version_ready(name: str, version: VersionPath, repository: RepositoryDep) -> dict:
+    return await _ready(name, _version(version), repository)
 
 
 class InferRoute(Route):
@@ -109,6 +113,7 @@ _infer = _InferEndpoint()
 
 
 def _version(value: str | None) -> int | None:
+    """A v2 path's version: a positive integer, else 400 (as for any bad v2 request)."""
     if value is None:
         return None
     if not value.isdigit() or int(value) < 1:
