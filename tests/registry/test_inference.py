@@ -92,6 +92,36 @@ def png(w, h):
     return buf.getvalue()
 
 
+PIXELS = {"name": "image", "datatype": "UINT8", "shape": [1, 3, IMAGE_SIZE, IMAGE_SIZE]}
+MALFORMED = [  # (request JSON, bytes after it as binary tensor data or None, the 400's error)
+    ({"inputs": [{**PIXELS, "parameters": {"binary_data_size": "abc"}}]}, b"abc",
+     "binary_data_size of input 'image' must be an integer, got 'abc'"),
+    ({"inputs": [{**PIXELS, "parameters": {"binary_data_size": 5}}]}, b"12345",
+     "input 'image' has 5 bytes; shape [1, 3, 32, 32] of UINT8 needs 3072"),
+    ({"inputs": [{**PIXELS, "data": [0] * 3072, "parameters": "binary_data_size"}]}, None,
+     "'parameters' of input 'image' must be an object, got str"),
+    ({"inputs": [{**PIXELS, "data": [0] * 3072}], "parameters": [1]}, None,
+     "'parameters' of the request must be an object, got list"),
+    ({"inputs": [{**PIXELS, "data": [0] * 3072}], "outputs": [{"name": "label", "parameters": [1]}]}, None,
+     "'parameters' of output 'label' must be an object, got list"),
+    ({"inputs": [{**PIXELS, "data": [0] * 3072}], "outputs": [{"name": ["label"]}]}, None,
+     "'outputs' must be a list of objects, each with a name"),
+    ({"inputs": [{**PIXELS, "shape": [True, 3, IMAGE_SIZE, IMAGE_SIZE], "data": [0] * 3072}]}, None,
+     "input 'image' has shape [True, 3, 32, 32]; expected [N, 3, 32, 32]"),
+]
+
+
+@pytest.mark.parametrize(("request_json", "binary", "error"), MALFORMED)
+def test_malformed_v2_structure_is_a_400_naming_the_field(shared_registry, request_json, binary, error):
+    header = json.dumps(request_json).encode()
+    headers = {"content-type": "application/json"}
+    if binary is not None:
+        headers = {"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    with shared_registry.client() as http:
+        r = http.post("/v2/models/clf/infer", content=header + (binary or b""), headers=headers)
+    assert (r.status_code, r.json()) == (400, {"error": error})
+
+
 @pytest.mark.parametrize("suffix", ["", "/ready"])
 def test_v2_version_routes_answer_a_bad_version_like_infer(shared_registry, suffix):
     with shared_registry.client() as http:

@@ -57,7 +57,7 @@ class InferRequest:
 
 
 def parse_request(body: bytes, header_length: str | None, image_size: int, mean, std) -> InferRequest:
-    binary = b""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -65,7 +65,7 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 <= n <= len(body):
             raise InvalidInput(f"{HEADER_LENGTH}={n} exceeds the body ({len(body)} bytes)")
-        body, binary = body[:n], body[n:]
+        body, binary = body[:n], memoryview(body)[n:]  # the tensor bytes are not copied
     try:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -83,15 +83,20 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
     if dtype != INPUTS[name]:
         raise InvalidInput(f"input {name!r} must have datatype {INPUTS[name]}, got {dtype!r}")
     expected = [3, image_size, image_size]
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) for d in shape)
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(d) is int for d in shape)
             and shape[0] >= 1 and shape[1:] == expected):
         raise InvalidInput(f"input {name!r} has shape {shape}; expected [N, {', '.join(map(str, expected))}]")
     count = math.prod(shape)
-    params = inp.get("parameters") or {}
+    params = _parameters(inp, f"input {name!r}")
     if "binary_data_size" in params:
-        size = int(params["binary_data_size"])
+        size = params["binary_data_size"]
+        if type(size) is not int:
+            raise InvalidInput(f"binary_data_size of input {name!r} must be an integer, got {size!r}")
         if size != len(binary):
             raise InvalidInput(f"binary_data_size {size} does not match the {len(binary)} bytes after the JSON header")
+        itemsize = np.dtype(DTYPES[dtype]).itemsize
+        if size != count * itemsize:
+            raise InvalidInput(f"input {name!r} has {size} bytes; shape {shape} of {dtype} needs {count * itemsize}")
         arr = np.frombuffer(binary, dtype=DTYPES[dtype])
     else:
         if "data" not in inp:
@@ -112,11 +117,22 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
     if not np.isfinite(x).all():
         raise InvalidInput(f"input {name!r} contains NaN or infinite values")
     outputs = req.get("outputs")
-    req_params = req.get("parameters") or {}
-    binary_output = bool(req_params.get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in (outputs or []) if isinstance(o, dict)
-    )
+    if outputs is not None and not (isinstance(outputs, list)
+                                    and all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
+        raise InvalidInput("'outputs' must be a list of objects, each with a name")
+    binary_output = bool(_parameters(req, "the request").get("binary_data_output")) or any(
+        _parameters(o, f"output {o.get('name')!r}").get("binary_data") for o in outputs or [])
     return InferRequest(req.get("id"), x, outputs, binary_output)
+
+
+def _parameters(obj: dict, what: str) -> dict:
+    """`obj`'s optional v2 `parameters` object."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"'parameters' of {what} must be an object, got {type(params).__name__}")
+    return params
 
 
 def _bytes_tensor(values: list[str]) -> bytes:
@@ -138,9 +154,7 @@ def build_response(model_name: str, version: int, task: str, class_names: list[s
     per_output_binary: dict[str, bool] = {}
     if req.outputs:
         wanted = set()
-        for o in req.outputs:
-            if not isinstance(o, dict) or "name" not in o:
-                raise InvalidInput("each requested output must be an object with a name")
+        for o in req.outputs:  # a list of objects with names (parse_request checked)
             wanted.add(o["name"])
             per_output_binary[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", req.binary_output))
         unknown = wanted - {t[0] for t in tensors}
