@@ -244,6 +244,10 @@ def main() -> None:
                     help="load generator: pre-encoded keep-alive requests (raw) or httpx client threads")
     ap.add_argument("--out", type=Path, default=Path("bench/results/registry_bench.json"))
     args = ap.parse_args()
+    for flag, value in (("--rounds", args.rounds), ("--segments", args.segments), ("--segment-seconds", args.segment_seconds),
+                        ("--requests", args.requests), ("--concurrency", args.concurrency), ("--seconds", args.seconds)):
+        if value <= 0:
+            ap.error(f"{flag} must be positive, got {value}")
     threads = set_torch_threads()
     local = InProcess(args.arch, args.image_size, args.concurrency)
     load = raw_load if args.client == "raw" else http_load
