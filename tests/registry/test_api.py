@@ -165,11 +165,8 @@ def test_bad_inputs_get_exact_errors(registry, weights_blob, case):
 
 
 def test_refuses_to_start_without_a_token(tmp_path):
-    import subprocess
-
     from tests.support import processes as P
 
-    env = P.base_env(FEDSSL_REGISTRY_DATA_DIR=str(tmp_path), FEDSSL_REGISTRY_PORT="1")
-    r = subprocess.run([str(P.VENV_BIN / "fedssl-registry")], env=env, capture_output=True, text=True, timeout=60)
+    r = P.registry_start_refused(tmp_path, timeout=60)
     assert r.returncode == 2
     assert "FEDSSL_REGISTRY_TOKEN is not set: the registry refuses to start without a write token" in r.stderr

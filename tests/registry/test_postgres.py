@@ -62,11 +62,7 @@ def test_registry_on_postgresql(cluster, tmp_path, weights_blob, database_url):
     ("not a url", "invalid settings: FEDSSL_REGISTRY_DATABASE_URL is not a database URL; expected e.g. postgresql+psycopg://"),
 ])
 def test_a_wrong_database_url_is_a_clear_start_up_error(tmp_path, url, error):
-    import subprocess
-
-    env = P.base_env(FEDSSL_REGISTRY_DATA_DIR=str(tmp_path), FEDSSL_REGISTRY_TOKEN="t", FEDSSL_REGISTRY_PORT="1",
-                     FEDSSL_REGISTRY_DATABASE_URL=url)
-    r = subprocess.run([str(P.VENV_BIN / "fedssl-registry")], env=env, capture_output=True, text=True, timeout=120)
+    r = P.registry_start_refused(tmp_path, token="t", database_url=url)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.startswith(f"fedssl-registry: {error}"), r.stderr[-2000:]
     assert "s3cret" not in r.stderr and "Traceback" not in r.stderr

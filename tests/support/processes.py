@@ -116,14 +116,25 @@ class Registry:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {tok}"} if tok else {}, timeout=60)
 
 
+def registry_env(data_dir: Path, port: int, **settings: str) -> dict[str, str]:
+    """Environment of a `fedssl-registry` process: each setting becomes FEDSSL_REGISTRY_<NAME>."""
+    return base_env(FEDSSL_REGISTRY_PORT=str(port), FEDSSL_REGISTRY_DATA_DIR=str(data_dir),
+                    **{f"FEDSSL_REGISTRY_{k.upper()}": v for k, v in settings.items()})
+
+
 def start_registry(cluster: Cluster, data_dir: Path, token: str = "test-token", port: int | None = None, **settings: str) -> Registry:
     port = port or free_port()
-    env = base_env(FEDSSL_REGISTRY_TOKEN=token, FEDSSL_REGISTRY_PORT=str(port), FEDSSL_REGISTRY_DATA_DIR=str(data_dir),
-                   **{f"FEDSSL_REGISTRY_{k.upper()}": v for k, v in settings.items()})
+    env = registry_env(data_dir, port, token=token, **settings)
     proc = cluster.spawn(f"registry-{port}", [str(VENV_BIN / "fedssl-registry")], env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/v2/health/ready", proc)
     return Registry(url, token, data_dir, proc)
+
+
+def registry_start_refused(data_dir: Path, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess:
+    """Runs `fedssl-registry` with settings it must refuse (it exits before listening: port 1)."""
+    return subprocess.run([str(VENV_BIN / "fedssl-registry")], env=registry_env(data_dir, 1, **settings),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @contextmanager
