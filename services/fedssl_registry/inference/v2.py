@@ -156,7 +156,7 @@ def build_response(model_name: str, version: int, task: str, class_names: list[s
         wanted = set()
         for o in req.outputs:  # a list of objects with names (parse_request checked)
             wanted.add(o["name"])
-            per_output_binary[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", req.binary_output))
+            per_output_binary[o["name"]] = bool(_parameters(o, f"output {o['name']!r}").get("binary_data", req.binary_output))
         unknown = wanted - {t[0] for t in tensors}
         if unknown:
             raise InvalidInput(f"unknown output(s) {', '.join(sorted(unknown))}; this model has {', '.join(t[0] for t in tensors)}")
