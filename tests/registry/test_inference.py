@@ -12,7 +12,8 @@ from PIL import Image
 
 from fedssl_core import names, weights
 from fedssl_core.models import build_inference_model
-from fedssl_core.preprocessing import normalize_uint8
+from fedssl_core.preprocessing import normalize
+from fedssl_flower.data.decode import decode_one
 
 from .conftest import CLASSES, IMAGE_SIZE
 
@@ -23,7 +24,7 @@ def reference(blob: bytes, pixels: np.ndarray) -> np.ndarray:
     model = build_inference_model(names.TASK_CLASSIFICATION, "resnet18", len(CLASSES))
     weights.load_into(model, weights.from_bytes(blob))
     with torch.inference_mode():
-        return torch.softmax(model(normalize_uint8(torch.from_numpy(pixels))), 1).numpy()
+        return torch.softmax(model(normalize(torch.from_numpy(pixels))), 1).numpy()
 
 
 def pixels(n=3, seed=0):
@@ -54,7 +55,7 @@ def test_tritonclient_infers_uint8_images(shared_registry, weights_blob, binary)
 def test_fp32_json_tensor_and_versioned_route(shared_registry, weights_blob):
     x = pixels(2, seed=1)
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                        "data": normalize_uint8(torch.from_numpy(x)).numpy().reshape(-1).tolist()}]}
+                        "data": normalize(torch.from_numpy(x)).numpy().reshape(-1).tolist()}]}
     with shared_registry.client() as http:
         r = http.post("/v2/models/clf/versions/1/infer", json=body)
     assert r.status_code == 200
@@ -84,6 +85,26 @@ def test_predict_uploaded_image(shared_registry, weights_blob, ham10000_dir):
     body = r.json()
     assert body["model"] == "clf" and body["version"] == 1 and set(body["probabilities"]) == set(CLASSES)
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+
+
+def test_predict_upload_and_v2_uint8_of_the_same_file_agree(shared_registry, weights_blob, ham10000_dir):
+    """One real JPEG, two ways in: uploaded to `:predict`, and decoded the hospitals' way and
+    sent as v2 UINT8 pixels. Same preprocessing, so the same probabilities, to the bit."""
+    path = sorted((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))[1]
+    x = decode_one(path, IMAGE_SIZE)[None]
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    with shared_registry.client() as http:
+        predicted = http.post("/v1/models/clf:predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+        inferred = http.post("/v2/models/clf/infer", content=header + x.tobytes(),
+                             headers={"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+    assert predicted.status_code == 200 and inferred.status_code == 200, (predicted.text, inferred.text)
+    n = int(inferred.headers["inference-header-content-length"])
+    v2 = np.frombuffer(inferred.content[n:], dtype=np.float32)
+    upload = np.array([predicted.json()["probabilities"][c] for c in CLASSES], dtype=np.float32)
+    assert np.array_equal(upload, v2), (upload, v2)
+    np.testing.assert_allclose(v2, reference(weights_blob, x)[0], atol=1e-5)
 
 
 def png(w, h):

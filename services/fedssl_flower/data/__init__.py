@@ -83,7 +83,7 @@ def _decoded(cat: Catalog, indices: list[int], image_size: int, cache_dir: Path 
     """Decoded images of `cat.paths[indices]`, from cache when possible; returns
     (images, the indices that decoded, skipped-file reasons)."""
     files = [str(cat.paths[i]) for i in indices]
-    key = cache.cache_key({"v": 1, "size": image_size, "files": hashlib.sha256("\n".join(files).encode()).hexdigest()})
+    key = cache.cache_key({"v": 2, "size": image_size, "files": hashlib.sha256("\n".join(files).encode()).hexdigest()})
     hit = cache.load(cache_dir, key)
     if hit is not None:
         kept = hit["kept"].tolist()

@@ -1,4 +1,8 @@
-"""Decode and resize image files to a uint8 (N, 3, S, S) array, in parallel, skipping bad files."""
+"""Decode image files to a uint8 (N, 3, S, S) array, in parallel, skipping bad files.
+
+Each file goes through `fedssl_core.preprocessing.load_image`, the function the registry's
+`:predict` uses too, so a hospital trains and evaluates on exactly the pixels serving sees.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from fedssl_core.preprocessing import load_image
 
 log = logging.getLogger(__name__)
 
 
-def decode_one(path: Path, size: int) -> np.ndarray:
-    """One image file → uint8 (3, size, size). Raises OSError/ValueError on a bad file."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size * 2, size * 2))  # JPEG: let libjpeg downscale while decoding
-        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+def decode_one(source: Path | str | bytes, size: int) -> np.ndarray:
+    """One image (file path or bytes) → uint8 (3, size, size), see `load_image`. Raises
+    OSError (missing/unreadable file) or ImageDecodeError (a ValueError) on a bad file."""
+    return load_image(source, size)
 
 
 def decode_all(paths: Sequence[Path], size: int, workers: int = 4) -> tuple[np.ndarray, np.ndarray, list[str]]:

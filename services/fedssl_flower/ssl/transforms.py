@@ -13,13 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from fedssl_core import names
+from fedssl_core.preprocessing import normalize  # the one normalisation (uint8 → float), re-exported here
 
-
-def normalize(batch_uint8: torch.Tensor, mean: Sequence[float] = names.IMAGENET_MEAN, std: Sequence[float] = names.IMAGENET_STD) -> torch.Tensor:
-    """uint8 (N, 3, H, W) → float normalised."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (batch_uint8.to(torch.float32) / 255.0 - m) / s
+__all__ = ["SimCLRTransform", "normalize", "rotate_batch"]
 
 
 def rotate_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

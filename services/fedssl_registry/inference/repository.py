@@ -22,7 +22,7 @@ import torch
 from fedssl_core import models as core_models
 from fedssl_core import names, weights
 from fedssl_core.errors import FedSSLError
-from fedssl_core.preprocessing import eval_transform
+from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
 
 from ..core.errors import ModelNotReady
 from ..service import Registry
@@ -53,11 +53,19 @@ class LoadedModel:
             out = torch.softmax(out, dim=1) if self.task == names.TASK_CLASSIFICATION else out
             return out.numpy().astype(np.float32, copy=False)
 
-    def preprocess(self, image) -> np.ndarray:
-        """A decoded RGB PIL image → the (1, 3, S, S) array `forward` takes (the hospitals' eval transform)."""
-        transform = eval_transform(self.image_size, self.spec.get("mean") or names.IMAGENET_MEAN,
-                                   self.spec.get("std") or names.IMAGENET_STD)
-        return transform(image).unsqueeze(0).numpy()
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.spec.get("mean") or names.IMAGENET_MEAN)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.spec.get("std") or names.IMAGENET_STD)
+
+    def preprocess(self, data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+        """An uploaded JPEG/PNG → the normalised float32 (1, 3, S, S) array `forward` takes: the
+        hospitals' `load_image` and `normalize`, with this version's image size, mean and std.
+        Numpy and Pillow only, so any thread may run it. Raises ImageDecodeError."""
+        return normalize(load_image(data, self.image_size, max_pixels)[None], self.mean, self.std)
 
 
 def torch_thread(threads: int | None = None) -> ThreadPoolExecutor:
@@ -88,7 +96,7 @@ class ModelRepository:
         self._lock = threading.Lock()
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
         # Every torch operation of the service runs on one thread (`torch_thread`): loads,
-        # preprocessing, forwards, and the registry's upload validation.
+        # forwards, and the registry's upload validation.
         self.executor = executor or torch_thread()
 
     def on_registry_event(self, event: str, payload: dict) -> None:
@@ -148,10 +156,6 @@ class ModelRepository:
             if self.metrics:
                 self.metrics.loaded_models.set(len(self._cache))
             return loaded
-
-    async def run(self, fn, *args):
-        """Run `fn(*args)` on the torch thread (for preprocessing that uses torch)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def forget(self, name: str, version: int | None = None) -> None:
         with self._lock:

@@ -2,7 +2,8 @@
 
 Inputs, exactly one per request, shape [N, 3, S, S] with S the model's image size:
   `input`  FP32, already normalised with the model's mean/std;
-  `image`  UINT8, raw RGB pixels (normalised here).
+  `image`  UINT8, RGB pixels as `fedssl_core.preprocessing.load_image` gives them (normalised
+           here with `normalize` and the model's mean/std, exactly as `:predict` and training do).
 Outputs: classification → `probabilities` FP32 [N, K] and `label` BYTES [N];
 embedding → `embedding` FP32 [N, D].
 Both JSON tensors and the binary tensor data extension (Inference-Header-Content-Length)
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedssl_core import names
+from fedssl_core.preprocessing import normalize
 
 from ..core.errors import InvalidInput
 
@@ -110,9 +112,7 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
     # numpy only: this runs on the event loop, and torch work belongs to the torch thread.
     x = arr.reshape(shape)
     if dtype == "UINT8":
-        m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-        x = (x.astype(np.float32) / np.float32(255.0) - m) / s  # = fedssl_core.preprocessing.normalize_uint8
+        x = normalize(x, mean, std)  # numpy in, numpy out: the same values as the hospitals' torch call
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise InvalidInput(f"input {name!r} contains NaN or infinite values")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -10,7 +11,7 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
 from fedssl_core import names
-from fedssl_core.preprocessing import ImageDecodeError, decode_image
+from fedssl_core.preprocessing import ImageDecodeError
 
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ...schemas import AliasSet, ModelCreate, VersionMetadata
@@ -118,12 +119,13 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
     data = await file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
+    model = await repository.get(name, version, alias)
     try:
-        image = decode_image(data, settings.max_image_pixels)
+        # numpy and Pillow only (no torch), so off the event loop and off the torch thread
+        x = await asyncio.to_thread(model.preprocess, data, settings.max_image_pixels)
     except ImageDecodeError as exc:
         raise InvalidInput(str(exc)) from None
-    model = await repository.get(name, version, alias)
-    out = (await model.batcher.submit(await repository.run(model.preprocess, image)))[0]
+    out = (await model.batcher.submit(x))[0]
     if model.task == names.TASK_CLASSIFICATION:
         probs = out.tolist()
         best = int(out.argmax())

@@ -100,7 +100,7 @@ class _InferEndpoint:
             body = await read_body(receive)
             header_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
             req = protocol.parse_request(body, None if header_length is None else header_length.decode("latin-1"),
-                                         model.image_size, model.spec.get("mean"), model.spec.get("std"))
+                                         model.image_size, model.mean, model.std)
         out = await model.batcher.submit(req.array)
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)
         response_headers = [(b"content-length", str(len(payload)).encode())]
