@@ -123,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
     records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
     t0 = time.perf_counter()
-    metrics = local.train_round(model, data, task, phase, cfg, seed)
+    metrics = local.train_round(model, data, task, phase, cfg, seed, rnd)
     metrics[names.M_COMPUTE_SECONDS] = time.perf_counter() - t0
     metrics[names.M_SETUP_SECONDS] = t_setup
     if startup is not None:
@@ -143,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.local_baseline:
         t0 = time.perf_counter()
         baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
-        baseline_metrics = local.train_round(baseline, data, task, phase, cfg, seed)
+        baseline_metrics = local.train_round(baseline, data, task, phase, cfg, seed, rnd)
         _keep(context, records.STATE_LOCAL_ONLY, baseline)
         content[records.LOCAL_METRICS] = records.to_metric_record(baseline_metrics)
         metrics[names.M_BASELINE_SECONDS] = time.perf_counter() - t0

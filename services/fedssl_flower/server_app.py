@@ -286,8 +286,9 @@ class Aggregator:
         if self.registry is None:
             return
         source, synthetic = self._data_facts()
-        spec = {"image_size": self.cfg.image_size, "channels": 3, "mean": list(names.IMAGENET_MEAN),
-                "std": list(names.IMAGENET_STD), "class_names": self.class_names}
+        mean, std = names.NORMALIZATION[self.cfg.arch]
+        spec = {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
+                "class_names": self.class_names}
         scalars = {k: v for k, v in aggregated.items() if isinstance(v, (int, float))}
         targets = [(names.ENCODER_MODEL, names.TASK_EMBEDDING)]
         if phase == names.PHASE_FINETUNE:

@@ -7,7 +7,9 @@ Images arrive as uint8 (N, 3, S, S) tensors and are augmented/normalised per bat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +30,15 @@ SHARE_MODES = (SHARE_ENCODER, SHARE_PROJECTION_HEAD)
 FINETUNE_LINEAR = "linear"
 FINETUNE_FULL = "full"
 FINETUNE_MODES = (FINETUNE_LINEAR, FINETUNE_FULL)
+# Supervised losses for imbalanced labels: inverse-frequency class weights, or balanced softmax
+# (logit adjustment by the local label prior, Ren et al. 2020 / Menon et al. 2021): the model
+# learns class-balanced logits even where a hospital sees almost only one class.
+LOSS_WEIGHTED_CE = "weighted-ce"
+LOSS_BALANCED_SOFTMAX = "balanced-softmax"
+FINETUNE_LOSSES = (LOSS_WEIGHTED_CE, LOSS_BALANCED_SOFTMAX)
+SCHEDULE_CONSTANT = "constant"
+SCHEDULE_COSINE = "cosine"
+LR_SCHEDULES = (SCHEDULE_CONSTANT, SCHEDULE_COSINE)
 
 _TASK_HEAD = {names.SSL_SIMCLR: names.GROUP_PROJECTION_HEAD, names.SSL_ROTATION: names.GROUP_ROTATION_HEAD}
 
@@ -84,6 +95,62 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, min_size: int 
             yield idx
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps a round takes and where they sit in the phase's learning rate
+    schedule. `steps` = 0: `epochs` passes over the data; otherwise exactly `steps` batches,
+    reshuffling as often as needed (a small hospital takes as many steps as a large one).
+    `offset`/`total`: steps before this round and in the whole phase (for `cosine`)."""
+
+    lr: float = 1e-3
+    steps: int = 0
+    epochs: int = 1
+    kind: str = SCHEDULE_CONSTANT
+    offset: int = 0
+    total: int = 0
+    warmup: int = 0  # linear warm-up steps at the start of the phase
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of this round's `step`-th batch."""
+        t = self.offset + step
+        if self.warmup and t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        if self.kind == SCHEDULE_COSINE and self.total > self.warmup:
+            progress = min(1.0, (t - self.warmup) / (self.total - self.warmup))
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr
+
+    def batches(self, n: int, batch_size: int, generator: torch.Generator, min_size: int = 1) -> Iterator[torch.Tensor]:
+        if self.steps <= 0:
+            for _ in range(self.epochs):
+                yield from _batches(n, batch_size, generator, min_size)
+            return
+        if n < min_size:
+            return
+        done = 0
+        while done < self.steps:
+            for idx in _batches(n, min(batch_size, n), generator, min_size):
+                yield idx
+                done += 1
+                if done == self.steps:
+                    return
+
+
+def _optimizer(params: list[nn.Parameter], schedule: Schedule, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=schedule.lr_at(0), weight_decay=weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _channels_last(model: nn.Module, on: bool) -> None:
+    """Convolutions run ~1.4x faster on CPU in channels-last layout; state dicts leave in the
+    default layout so serialisation sees ordinary contiguous tensors."""
+    model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
 def train_ssl(
     model: FedSSLModel,
     images: torch.Tensor,
@@ -95,30 +162,38 @@ def train_ssl(
     share: str = SHARE_ENCODER,
     seed: int = 0,
     temperature: float = 0.5,
+    schedule: Schedule | None = None,
+    weight_decay: float = 0.0,
 ) -> dict:
-    """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation)."""
+    """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
+    `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`."""
+    schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
     criterion = NTXentLoss(temperature)
-    transform = SimCLRTransform()
+    transform = SimCLRTransform(mean=model.mean, std=model.std)
     total, batches = 0.0, 0
-    for _ in range(epochs):
-        for idx in _batches(len(images), batch_size, g, min_size=2):
-            batch = images[idx]
-            if task == names.SSL_SIMCLR:
-                v1, v2 = transform(batch, g)
-                z = model.projection_head(model.encoder(torch.cat([v1, v2])))
-                loss = criterion(z[: len(idx)], z[len(idx) :])
-            else:
-                rotated, k = rotate_batch(batch, g)
-                loss = F.cross_entropy(model.rotation_head(model.encoder(normalize(rotated))), k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
+    _channels_last(model, True)
+    for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
+        _set_lr(optimizer, schedule.lr_at(step))
+        batch = images[idx]
+        if task == names.SSL_SIMCLR:
+            v1, v2 = transform(batch, g)
+            views = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
+            z = model.projection_head(model.encoder(views))
+            loss = criterion(z[: len(idx)], z[len(idx) :])
+        else:
+            rotated, k = rotate_batch(batch, g)
+            x = normalize(rotated, model.mean, model.std).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model.rotation_head(model.encoder(x)), k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        batches += 1
+    _channels_last(model, False)
     mean = total / batches if batches else float("nan")
     return {names.M_LOSS: mean, names.ssl_loss_key(task): mean, names.M_EXAMPLES: int(len(images))}
 
@@ -149,35 +224,53 @@ def train_supervised(
     mode: str = FINETUNE_LINEAR,
     seed: int = 0,
     class_weighted: bool = True,
+    loss: str = LOSS_WEIGHTED_CE,
+    schedule: Schedule | None = None,
+    weight_decay: float = 0.0,
 ) -> dict:
-    """Train the classifier (linear probe) or encoder + classifier (full) on labelled images."""
+    """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
+    `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
+    softmax over the label prior of `labels`. `schedule` overrides `epochs` and `lr`."""
+    _check(loss, FINETUNE_LOSSES, "finetune-loss")
+    schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     params = _prepare(model, groups)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
-    weight = _class_weights(labels, model.num_classes) if class_weighted else None
+    counts = torch.bincount(labels, minlength=model.num_classes).float()
+    if loss == LOSS_BALANCED_SOFTMAX:
+        # log prior; an absent class gets the prior of half an example, so its logit is not pushed down
+        adjust, weight = torch.log(counts.clamp(min=0.5) / counts.sum().clamp(min=1)), None
+    else:
+        adjust, weight = None, (_class_weights(labels, model.num_classes) if class_weighted else None)
+
+    def objective(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits if adjust is None else logits + adjust, target, weight=weight)
+
     total, batches = 0.0, 0
     if mode == FINETUNE_LINEAR:
         # The encoder is frozen: compute features once, then epochs over features are cheap.
         features = embed(model, images, batch_size=max(batch_size, 256))
-        for _ in range(epochs):
-            for idx in _batches(len(images), batch_size, g):
-                loss = F.cross_entropy(model.classifier(features[idx]), labels[idx], weight=weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
+        for step, idx in enumerate(schedule.batches(len(images), batch_size, g)):
+            _set_lr(optimizer, schedule.lr_at(step))
+            value = objective(model.classifier(features[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            total += float(value.detach())
+            batches += 1
     else:
-        for _ in range(epochs):
-            for idx in _batches(len(images), batch_size, g, min_size=2):
-                x = normalize(_augment_supervised(images[idx], g))
-                loss = F.cross_entropy(model(x), labels[idx], weight=weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
+        _channels_last(model, True)
+        for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
+            _set_lr(optimizer, schedule.lr_at(step))
+            x = normalize(_augment_supervised(images[idx], g), model.mean, model.std)
+            value = objective(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            total += float(value.detach())
+            batches += 1
+        _channels_last(model, False)
     mean = total / batches if batches else float("nan")
     return {names.M_LOSS: mean, names.M_FINETUNE_LOSS: mean, names.M_EXAMPLES: int(len(images))}
 
@@ -186,7 +279,7 @@ def train_supervised(
 def embed(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     was_training = model.encoder.training
     model.encoder.eval()
-    out = torch.cat([model.encoder(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    out = torch.cat([model.encoder(normalize(images[i : i + batch_size], model.mean, model.std)) for i in range(0, len(images), batch_size)])
     model.encoder.train(was_training)
     return out
 
@@ -194,7 +287,8 @@ def embed(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) ->
 @torch.no_grad()
 def predict_proba(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    return torch.cat([torch.softmax(model(normalize(images[i : i + batch_size])), dim=1) for i in range(0, len(images), batch_size)])
+    return torch.cat([torch.softmax(model(normalize(images[i : i + batch_size], model.mean, model.std)), dim=1)
+                      for i in range(0, len(images), batch_size)])
 
 
 def evaluate(model: FedSSLModel, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, batch_size: int = 256) -> dict:

@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel
 from fedssl_flower import training
+from fedssl_flower.errors import ConfigError
 from fedssl_flower.data import load_hospital_data
 
 
@@ -62,3 +65,53 @@ def test_shared_and_trainable_groups():
     assert training.shared_groups("ssl", "projection-head") == (names.GROUP_PROJECTION_HEAD,)
     assert training.shared_groups("finetune", mode="full") == (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
     assert training.trainable_groups("ssl", "rotation", "encoder") == (names.GROUP_ENCODER, names.GROUP_ROTATION_HEAD)
+
+
+def test_schedule_takes_exactly_its_steps_whatever_the_data_size():
+    g = torch.Generator().manual_seed(0)
+    steps = list(training.Schedule(steps=7).batches(20, 8, g))  # 20 images, batch 8: reshuffles as needed
+    assert len(steps) == 7 and all(1 <= len(b) <= 8 for b in steps)
+    assert len(list(training.Schedule(epochs=2).batches(20, 8, g))) == 6  # epochs: 3 batches each
+    assert list(training.Schedule(steps=5).batches(1, 8, g, min_size=2)) == []  # too small for a pair
+
+
+def test_cosine_schedule_decays_over_the_phase_rounds_with_warmup():
+    s = training.Schedule(lr=1.0, steps=10, kind=training.SCHEDULE_COSINE, offset=0, total=40, warmup=4)
+    assert [round(s.lr_at(i), 3) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    last_round = training.Schedule(lr=1.0, steps=10, kind=training.SCHEDULE_COSINE, offset=30, total=40, warmup=4)
+    lrs = [last_round.lr_at(i) for i in range(10)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.01
+    assert training.Schedule(lr=0.3, kind=training.SCHEDULE_CONSTANT, total=40).lr_at(39) == 0.3
+
+
+def test_local_rounds_follow_run_config_steps_and_schedule(data):
+    from fedssl_flower import local
+    from fedssl_flower.config import RunConfig
+
+    cfg = RunConfig(local_steps=3, finetune_rounds=4, lr_schedule="cosine", lr=0.01)
+    first, last = local.schedule(cfg, names.PHASE_FINETUNE, 1, 500, 0.01), local.schedule(cfg, names.PHASE_FINETUNE, 4, 500, 0.01)
+    assert (first.offset, first.total, last.offset) == (0, 12, 9)
+    assert first.lr_at(0) == 0.01 and last.lr_at(2) < 0.001
+    epochs = local.schedule(RunConfig(batch_size=64, finetune_rounds=2), names.PHASE_FINETUNE, 2, 130, 0.01)
+    assert (epochs.steps, epochs.offset, epochs.total) == (0, 3, 6)  # one epoch = 3 batches of 64
+
+
+def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
+    """A hospital that is 90 % one class, with nothing in the images to tell the classes apart:
+    plain cross-entropy learns the prior (logit gap log 9), balanced softmax (logit adjustment
+    by the local prior) learns no preference."""
+    torch.manual_seed(0)
+    labels = torch.tensor([1] * 20 + [0] * 180)
+    images = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).expand(200, -1, -1, -1).contiguous()
+    gap = {}
+    for loss in training.FINETUNE_LOSSES:
+        model = FedSSLModel(num_classes=2)
+        training.train_supervised(model, images, labels, mode="linear", class_weighted=False, loss=loss,
+                                  schedule=training.Schedule(lr=0.05, epochs=40), batch_size=50)
+        with torch.no_grad():
+            logits = model.eval()(training.normalize(images[:1], model.mean, model.std))[0]
+        gap[loss] = float(logits[0] - logits[1])
+    assert abs(gap[training.LOSS_WEIGHTED_CE] - math.log(9)) < 0.3
+    assert abs(gap[training.LOSS_BALANCED_SOFTMAX]) < 0.3
+    with pytest.raises(ConfigError, match="finetune-loss"):
+        training.train_supervised(FedSSLModel(num_classes=2), images, labels, loss="focal")

@@ -41,6 +41,7 @@ class HospitalData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     audit: dict[str, Any] = field(default_factory=dict)
+    train_groups: list[str] = field(default_factory=list)  # lesion/patient of each training image
 
 
 @dataclass
@@ -158,6 +159,7 @@ def load_hospital_data(node_config: Mapping[str, Any], image_size: int, seed: in
         class_names=list(class_names),
         train_images=torch.from_numpy(np.ascontiguousarray(images_np[train_idx])),
         train_labels=torch.from_numpy(labels_np[train_idx]),
+        train_groups=[groups[i] for i in train_idx],
         test_images=torch.from_numpy(np.ascontiguousarray(images_np[test_idx])),
         test_labels=torch.from_numpy(labels_np[test_idx]),
     )

@@ -44,7 +44,10 @@ class SimCLRTransform:
         contrast: float = 0.4,
         saturation: float = 0.4,
         jitter_p: float = 0.8,
+        mean: Sequence[float] = names.IMAGENET_MEAN,
+        std: Sequence[float] = names.IMAGENET_STD,
     ) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)  # the model's input normalisation
         self.crop_scale = crop_scale
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
         self.jitter_p = jitter_p
@@ -92,8 +95,8 @@ class SimCLRTransform:
         jittered = (jittered - gray) * s + gray
         x = (apply * jittered + (1 - apply) * x).clamp(0, 1)
 
-        m = torch.tensor(names.IMAGENET_MEAN).view(1, 3, 1, 1)
-        sd = torch.tensor(names.IMAGENET_STD).view(1, 3, 1, 1)
+        m = torch.tensor(self.mean).view(1, 3, 1, 1)
+        sd = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - m) / sd
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
