@@ -64,6 +64,12 @@ M_F1 = "f1"  # list, one per class
 M_CONFUSION_MATRIX = "confusion_matrix"  # list of lists, rows = true class
 M_EXAMPLES = "examples"  # number of training examples used this round
 M_TEST_EXAMPLES = "test_examples"
+M_ECE = "ece"  # expected calibration error of the top-class probability (15 bins)
+M_NLL_BY_TEMPERATURE = "nll_by_temperature"  # list: held-out NLL at each of TEMPERATURE_GRID
+M_TEMPERATURE = "temperature"  # the grid temperature with the lowest NLL over all hospitals
+# Temperatures hospitals score their held-out NLL at (log-spaced 0.5 .. 4): the aggregator sums
+# the curves and serves the classifier at the best one (temperature scaling, Guo et al. 2017).
+TEMPERATURE_GRID = tuple(round(0.5 * 2 ** (i / 8), 4) for i in range(25))
 # Where a hospital's round time goes (seconds, measured inside the ClientApp process):
 M_STARTUP_SECONDS = "startup_seconds"  # process start → handler (Flower spawns one process per message)
 M_SETUP_SECONDS = "setup_seconds"  # run config + hospital data (decode cache) loading

@@ -77,8 +77,9 @@ def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedS
     (the server's initial model is identical, so the local-only baseline starts where the
     federation starts)."""
     torch.manual_seed(cfg.seed)
-    model = FedSSLModel(cfg.arch, num_classes=num_classes)
-    if _has_model(context, key):
+    saved = _has_model(context, key)
+    model = FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained and not saved)
+    if saved:
         weights.load_into(model, weights.load_file(_state_path(context, key)))
     return model
 

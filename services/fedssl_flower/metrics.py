@@ -100,6 +100,12 @@ def aggregate_metrics(per_hospital: Mapping[str, Mapping], weights: Mapping[str,
         total = sum(w for _, w in pairs)
         if pairs and total > 0:
             out[key] = sum(v * w for v, w in pairs) / total
+    curves = [(np.asarray(m[names.M_NLL_BY_TEMPERATURE], dtype=np.float64), weights.get(h, 0)) for h, m in per_hospital.items()
+              if isinstance(m.get(names.M_NLL_BY_TEMPERATURE), list) and len(m[names.M_NLL_BY_TEMPERATURE]) == len(names.TEMPERATURE_GRID)]
+    if curves and sum(w for _, w in curves) > 0:  # held-out NLL over all hospitals at each temperature
+        nll = sum(c * w for c, w in curves) / sum(w for _, w in curves)
+        out[names.M_NLL_BY_TEMPERATURE] = nll.tolist()
+        out[names.M_TEMPERATURE] = float(names.TEMPERATURE_GRID[int(nll.argmin())])
     for key in names.TIMING_KEYS:
         vals = [float(m[key]) for m in per_hospital.values() if isinstance(m.get(key), (int, float))]
         if vals:

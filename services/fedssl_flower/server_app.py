@@ -103,6 +103,25 @@ def _progress(msg: str, *args: Any) -> None:
     print(f"[fedssl] {line}", flush=True)
 
 
+def _temperature_scaled(state: dict[str, torch.Tensor], aggregated: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The classifier served at the temperature with the lowest held-out NLL over all hospitals:
+    dividing the last layer's weight and bias by T is softmax(logits / T) exactly, so the
+    registry serves calibrated probabilities with no change (argmax, and so every accuracy,
+    stays the same). Applied only when it lowers the NLL; returns what was done."""
+    curve, t = aggregated.get(names.M_NLL_BY_TEMPERATURE), aggregated.get(names.M_TEMPERATURE)
+    if not isinstance(curve, list) or not t or len(curve) != len(names.TEMPERATURE_GRID):
+        return state, None
+    nll_at_1 = curve[names.TEMPERATURE_GRID.index(1.0)]
+    best = min(curve)
+    if best >= nll_at_1 or t == 1.0:
+        return state, {"temperature": 1.0, "nll": nll_at_1, "applied": False}
+    scaled = dict(state)
+    for key in (f"{names.GROUP_CLASSIFIER}.weight", f"{names.GROUP_CLASSIFIER}.bias"):
+        scaled[key] = state[key] / t
+    return scaled, {"temperature": t, "nll": best, "nll_at_temperature_1": nll_at_1, "applied": True,
+                    "fitted_on": "hospitals' held-out splits, NLL summed by the aggregator"}
+
+
 class Aggregator:
     def __init__(self, grid: Grid, cfg: RunConfig, run_id: str) -> None:
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
@@ -113,7 +132,7 @@ class Aggregator:
         self.class_names: list[str] = []
         self.state: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
-        self.started = _now()
+        self.started, self.t_start = _now(), time.monotonic()
         self.warnings: list[str] = [cfg.data_warning] if cfg.data_warning else []
         self.registered: dict[str, int] = {}
 
@@ -302,17 +321,40 @@ class Aggregator:
             meta = {"fedssl.arch": self.cfg.arch, "fedssl.task": task, "fedssl.num_classes": str(len(self.class_names)),
                     "fedssl.image_size": str(self.cfg.image_size), "fedssl.run_id": self.run_id,
                     "fedssl.round": str(rnd), "fedssl.phase": phase}
-            blob = weights.to_bytes(select_groups(self.state, TASK_GROUPS[task]), meta)
+            state = select_groups(self.state, TASK_GROUPS[task])
+            calibration = None
+            if task == names.TASK_CLASSIFICATION:
+                state, calibration = _temperature_scaled(state, aggregated)
+                if calibration:
+                    meta["fedssl.temperature"] = str(calibration["temperature"])
+            blob = weights.to_bytes(state, meta)
             tags = {"phase": phase, "round": str(rnd), "ssl_tasks": ",".join(sorted({h.ssl_task for h in self.hospitals.values()}))}
             if self.warnings:
                 tags["warning"] = " | ".join(self.warnings)
             version = self.registry.upload_version(model_name, blob, {
                 "tags": tags,
-                "lineage": {"run_id": self.run_id, "round": rnd, "phase": phase, "hospitals": hospitals, "metrics": scalars},
+                "lineage": {"run_id": self.run_id, "round": rnd, "phase": phase, "hospitals": hospitals, "metrics": scalars,
+                            "recipe": self._recipe(), "budget": self._budget(phase),
+                            **({"calibration": calibration} if calibration else {})},
                 "data_source": source,
                 "synthetic_data": synthetic,
             })
             self.registered[model_name] = int(version["version"])
+
+    def _recipe(self) -> dict:
+        """The training recipe behind a registered version: every run-config key that shapes the model."""
+        keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
+                "lr", "finetune-lr", "lr-schedule", "weight-decay", "finetune-loss", "finetune-mode", "share", "update-encoding", "seed")
+        config = self.cfg.as_dict()
+        return {k: config[k] for k in keep} | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}}
+
+    def _budget(self, phase: str) -> dict:
+        """What the model cost up to this registration: rounds per phase (this one included),
+        local steps per round at each hospital, and the run's wall time so far."""
+        rounds = {p: sum(1 for h in self.history if h["phase"] == p) + (p == phase) for p in names.PHASES}
+        return {"rounds": rounds, "local_steps_per_round": self.cfg.local_steps or None, "local_epochs_per_round":
+                None if self.cfg.local_steps else self.cfg.local_epochs, "batch_size": self.cfg.batch_size,
+                "wall_seconds": round(time.monotonic() - self.t_start, 1)}
 
     # ---------------------------------------------------------------- rounds
     def _round(self, phase: str, rnd: int, total: int) -> dict:

@@ -285,10 +285,24 @@ def embed(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) ->
 
 
 @torch.no_grad()
-def predict_proba(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    return torch.cat([torch.softmax(model(normalize(images[i : i + batch_size], model.mean, model.std)), dim=1)
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat([model(normalize(images[i : i + batch_size], model.mean, model.std)) for i in range(0, len(images), batch_size)])
+
+
+def predict_proba(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    return torch.softmax(predict_logits(model, images, batch_size=batch_size), dim=1)
+
+
+def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-class probability over `bins` equal-width bins (Guo et al. 2017)."""
+    conf, pred = proba.max(1), proba.argmax(1)
+    ece = 0.0
+    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.mean() * abs((pred[inside] == labels[inside]).mean() - conf[inside].mean())
+    return float(ece)
 
 
 def evaluate(model: FedSSLModel, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, batch_size: int = 256) -> dict:
@@ -296,9 +310,12 @@ def evaluate(model: FedSSLModel, images: torch.Tensor, labels: torch.Tensor, cla
     plus the cross-entropy `loss` and `test_examples`."""
     if len(images) == 0:
         raise ConfigError("cannot evaluate on an empty test split; lower test-fraction or provide more images")
-    proba = predict_proba(model, images, batch_size=batch_size)
+    logits = predict_logits(model, images, batch_size=batch_size)
+    proba = torch.softmax(logits, dim=1)
     out = classification_metrics(labels.numpy(), proba.numpy(), class_names)
     out[names.M_LOSS] = float(F.nll_loss(torch.log(proba.clamp_min(1e-12)), labels))
+    out[names.M_ECE] = expected_calibration_error(proba.numpy(), labels.numpy())
+    out[names.M_NLL_BY_TEMPERATURE] = [float(F.cross_entropy(logits / t, labels)) for t in names.TEMPERATURE_GRID]
     out[names.M_TEST_EXAMPLES] = int(len(images))
     return out
 

@@ -39,3 +39,32 @@ def test_weighted_average_refuses_mismatched_or_empty_updates():
         weighted_average([({"a": np.zeros(1)}, 1), ({"b": np.zeros(1)}, 1)])
     with pytest.raises(AggregationError, match="no hospital reported any training examples"):
         weighted_average([({"a": np.zeros(1)}, 0)])
+
+
+def test_temperature_is_fitted_on_the_summed_held_out_nll_and_baked_into_the_classifier():
+    import torch
+
+    from fedssl_core import names
+    from fedssl_flower.metrics import aggregate_metrics
+    from fedssl_flower.server_app import _temperature_scaled
+
+    grid = names.TEMPERATURE_GRID
+    # Two hospitals whose NLL curves have their minima at different temperatures; the bigger one weighs more.
+    big = [abs(t - 2.0) + 1 for t in grid]
+    small = [abs(t - 0.5) + 1 for t in grid]
+    agg = aggregate_metrics({"a": {names.M_NLL_BY_TEMPERATURE: big}, "b": {names.M_NLL_BY_TEMPERATURE: small}},
+                            {"a": 900, "b": 100}, list(names.HAM10000_CLASSES))
+    assert agg[names.M_TEMPERATURE] == 2.0
+    assert agg[names.M_NLL_BY_TEMPERATURE][grid.index(2.0)] == min(agg[names.M_NLL_BY_TEMPERATURE])
+    torch.manual_seed(0)
+    state = {"encoder.w": torch.randn(3), "classifier.weight": torch.randn(7, 4), "classifier.bias": torch.randn(7)}
+    scaled, cal = _temperature_scaled(state, agg)
+    x = torch.randn(5, 4)
+    logits = x @ state["classifier.weight"].T + state["classifier.bias"]
+    served = x @ scaled["classifier.weight"].T + scaled["classifier.bias"]
+    assert torch.allclose(torch.softmax(served, 1), torch.softmax(logits / 2.0, 1), atol=1e-6)
+    assert torch.equal(scaled["encoder.w"], state["encoder.w"]) and cal["applied"] and cal["temperature"] == 2.0
+    # A curve whose best temperature is 1 leaves the classifier as it is.
+    flat = aggregate_metrics({"a": {names.M_NLL_BY_TEMPERATURE: [abs(t - 1.0) for t in grid]}}, {"a": 1}, ["x", "y"])
+    same, cal = _temperature_scaled(state, flat)
+    assert same is state and cal["applied"] is False

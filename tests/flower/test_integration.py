@@ -22,7 +22,8 @@ def finished_run(tmp_path_factory, ham10000_dir):
             P.start_supernode(c, port, f"node-{task}", P.node_config(
                 hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
                                                 "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")}))
-        result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5")
+        result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5", "local-steps=2",
+                          "batch-size=32")
         assert result.returncode == 0, result.stdout + result.stderr + c.logs()
         with registry.client() as http:
             state = {
@@ -77,6 +78,14 @@ def test_models_are_registered_with_lineage_and_aliases(finished_run):
     assert clf["lineage"]["hospitals"] == ["hospital-rotation", "hospital-simclr"]
     assert 0 <= clf["lineage"]["metrics"]["balanced_accuracy"] <= 1
     assert clf["aliases"] == ["production"] and clf["synthetic_data"] is False
+    # The recipe and budget behind the version, and the temperature it is served at.
+    recipe, budget = clf["lineage"]["recipe"], clf["lineage"]["budget"]
+    assert recipe["arch"] == names.ARCH_EFFICIENTNET_LITE0 and recipe["pretrained"] is True and recipe["image-size"] == 32
+    assert recipe["ssl_tasks"] == {"hospital-rotation": "rotation", "hospital-simclr": "simclr"}
+    assert budget["rounds"] == {"ssl": 1, "finetune": 1} and budget["local_steps_per_round"] == recipe["local-steps"] > 0
+    cal = clf["lineage"]["calibration"]
+    assert cal["temperature"] in names.TEMPERATURE_GRID and cal["applied"] == (cal["temperature"] != 1.0)
+    assert 0 <= clf["lineage"]["metrics"]["ece"] <= 1
     assert [v["lineage"]["phase"] for v in state["encoder_versions"]] == ["ssl", "finetune"]
     assert state["encoder_versions"][-1]["aliases"] == ["production"]
 
