@@ -3,8 +3,13 @@
 # all as local processes; trains across the hospitals, then leaves the registry serving.
 #
 #   ./deploy-local.sh                      # = up with defaults
-#   ./deploy-local.sh up [--hospitals N] [--rounds N] [--finetune-rounds N] [--image-size PX]
-#                        [--data auto|synthetic|PATH] [--max-images N] [--round-timeout SECONDS]
+#   ./deploy-local.sh up [--preset default|quality] [--hospitals N] [--rounds N] [--finetune-rounds N]
+#                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH] [--max-images N]
+#                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]]
+#     --preset default: 3 hospitals, at most 600 images each (about 15 minutes on 2 CPU cores);
+#     --preset quality: HAM10000's 4 acquisition sites with all their images, the benchmark's
+#                       federated recipe (docs/benchmarks.md; under an hour on 2 CPU cores).
+#     Rounds, image size and local steps default to the app's run config (pyproject.toml).
 #   ./deploy-local.sh status
 #   ./deploy-local.sh down                 # stops exactly what `up` started
 #   ./deploy-local.sh --kind ...           # the same on a kind cluster (scripts/deploy-kind.sh)
@@ -30,13 +35,12 @@ REGISTRY_PORT="${FEDSSL_REGISTRY_PORT:-8460}"
 VENV="$ROOT/.venv"
 PIDS="$FEDSSL_HOME/pids"
 LOGS="$FEDSSL_HOME/logs"
-TASKS=(simclr rotation)
 
 say() { printf '\033[1m[fedssl]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
@@ -135,9 +139,12 @@ resolve_data() {  # prints "ham10000 PATH" or "synthetic"; never picks synthetic
 }
 
 cmd_up() {
-  local hospitals=3 rounds=3 ft_rounds=2 image_size=64 data=auto max_images=600 round_timeout=1800
+  local preset=default ssl_tasks=simclr hospitals="" rounds="" ft_rounds="" image_size="" local_steps="" data=auto max_images="" round_timeout=1800
   while [ $# -gt 0 ]; do
     case "$1" in
+      --preset) preset="${2:?--preset needs default or quality}"; shift 2 ;;
+      --ssl-tasks) ssl_tasks="${2:?--ssl-tasks needs a comma list of simclr and rotation}"; shift 2 ;;
+      --local-steps) local_steps="${2:?--local-steps needs a number}"; shift 2 ;;
       --hospitals) hospitals="${2:?--hospitals needs a number}"; shift 2 ;;
       --rounds) rounds="${2:?--rounds needs a number}"; shift 2 ;;
       --finetune-rounds) ft_rounds="${2:?--finetune-rounds needs a number}"; shift 2 ;;
@@ -149,11 +156,23 @@ cmd_up() {
       *) usage >&2; die "unknown option '$1'" ;;
     esac
   done
+  case "$preset" in
+    default) hospitals="${hospitals:-3}" max_images="${max_images:-600}" ;;
+    quality) hospitals="${hospitals:-4}" max_images="${max_images:-0}" ;;
+    *) die "--preset must be default or quality, got '$preset'" ;;
+  esac
   { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
-  is_int "$rounds" || die "--rounds must be a whole number, got '$rounds'"
-  is_int "$ft_rounds" || die "--finetune-rounds must be a whole number, got '$ft_rounds'"
-  { is_int "$image_size" && [ "$image_size" -ge 16 ]; } || die "--image-size must be a whole number >= 16, got '$image_size'"
+  [ -z "$rounds" ] || is_int "$rounds" || die "--rounds must be a whole number, got '$rounds'"
+  [ -z "$ft_rounds" ] || is_int "$ft_rounds" || die "--finetune-rounds must be a whole number, got '$ft_rounds'"
+  [ -z "$image_size" ] || { is_int "$image_size" && [ "$image_size" -ge 16 ]; } || die "--image-size must be a whole number >= 16, got '$image_size'"
+  [ -z "$local_steps" ] || { is_int "$local_steps" && [ "$local_steps" -ge 1 ]; } || die "--local-steps must be a whole number >= 1, got '$local_steps'"
   is_int "$max_images" || die "--max-images must be a whole number (0 = all), got '$max_images'"
+  local TASKS t
+  IFS=, read -r -a TASKS <<<"$ssl_tasks"
+  [ "${#TASKS[@]}" -ge 1 ] || die "--ssl-tasks needs at least one of simclr, rotation"
+  for t in "${TASKS[@]}"; do
+    case "$t" in simclr|rotation) ;; *) die "--ssl-tasks: unknown SSL task '$t' (expected simclr or rotation, comma-separated; hospitals take them in turn)" ;; esac
+  done
   { is_int "$round_timeout" && [ "$round_timeout" -ge 1 ]; } || die "--round-timeout must be a whole number of seconds >= 1, got '$round_timeout'"
 
   local source path="" warning="" resolved
@@ -222,11 +241,15 @@ cmd_up() {
   done
 
   local min_hospitals=$(( hospitals < 2 ? hospitals : 2 ))
-  say "submitting the run: $rounds SSL + $ft_rounds fine-tune rounds at ${image_size}px on $hospitals hospitals ($source data)"
+  local overrides=()
+  [ -n "$rounds" ] && overrides+=(-c "ssl-rounds=$rounds")
+  [ -n "$ft_rounds" ] && overrides+=(-c "finetune-rounds=$ft_rounds")
+  [ -n "$image_size" ] && overrides+=(-c "image-size=$image_size")
+  [ -n "$local_steps" ] && overrides+=(-c "local-steps=$local_steps")
+  say "submitting the run (preset $preset): ${rounds:-default} SSL + ${ft_rounds:-default} fine-tune rounds at ${image_size:-default} px on $hospitals hospitals ($source data, ${max_images/#0/all} images each at most); the app's defaults are in pyproject.toml [tool.flwr.app.config]"
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
-    -c "ssl-rounds=$rounds" -c "finetune-rounds=$ft_rounds" -c "image-size=$image_size" \
-    -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?
+    "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?
 
   # Training is over either way: free the CPU, keep the registry serving.
   for f in "$PIDS"/hospital-*.pid "$PIDS/superlink.pid"; do [ -e "$f" ] && stop "$f"; done

@@ -45,7 +45,8 @@ def alive(pid: int) -> bool:
 def deployed(tmp_path_factory, ham10000_dir):
     home = tmp_path_factory.mktemp("fedssl-home")
     env = env_for(home, free_port(), free_port())
-    up = script(env, "up", "--hospitals", "2", "--rounds", "1", "--finetune-rounds", "1", "--image-size", "32",
+    up = script(env, "up", "--hospitals", "2", "--rounds", "1", "--finetune-rounds", "1", "--image-size", "32", "--local-steps", "2",
+                "--ssl-tasks", "simclr,rotation",
                 "--data", str(ham10000_dir), "--max-images", "120", "--round-timeout", "240")
     try:
         yield home, env, up
@@ -105,6 +106,9 @@ def test_bad_arguments_are_refused_with_what_was_expected(deployed):
         (["up", "--image-size", "8"], "--image-size must be a whole number >= 16, got '8'"),
         (["up", "--data", "/nonexistent/ham"], "--data /nonexistent/ham: no HAM10000_metadata.csv there"),
         (["up", "--frobnicate"], "unknown option '--frobnicate'"),
+        (["up", "--preset", "fast"], "--preset must be default or quality, got 'fast'"),
+        (["up", "--local-steps", "0"], "--local-steps must be a whole number >= 1, got '0'"),
+        (["up", "--ssl-tasks", "simclr,jigsaw"], "--ssl-tasks: unknown SSL task 'jigsaw'"),
         (["restart"], "unknown command 'restart' (expected up, status, down or --kind)"),
     ]
     for args, message in cases:
