@@ -9,6 +9,8 @@
 #     --preset default: 3 hospitals, at most 600 images each (about 15 minutes on 2 CPU cores);
 #     --preset quality: HAM10000's 4 acquisition sites with all their images, the benchmark's
 #                       federated recipe (docs/benchmarks.md; under an hour on 2 CPU cores).
+#     SSL rounds are opt-in (--rounds N): on top of the ImageNet start they did not help at
+#     this budget (docs/benchmarks.md).
 #     Rounds, image size and local steps default to the app's run config (pyproject.toml).
 #   ./deploy-local.sh status
 #   ./deploy-local.sh down                 # stops exactly what `up` started
@@ -40,7 +42,7 @@ say() { printf '\033[1m[fedssl]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
