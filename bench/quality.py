@@ -1,40 +1,47 @@
-"""Model quality on real data, and what update encodings cost: federated SSL + federated
-fine-tuning next to pooled, local-only, no-SSL and per-task variants.
+"""Model quality on real data: federated SSL + federated fine-tuning next to pooled training,
+fine-tuning without SSL, a random start, and fewer labels, at the same compute budget.
 
 Data: HAM10000 at `--data`; 4 hospitals = the 4 acquisition sites of
-`HAM10000_metadata_dataverse.csv` (`partition-by = site`); each site split into train/test
-by lesion, stratified by class (test fraction 0.2). Every arm is scored on the pooled test
-set, the union of the sites' test splits (as FLamby's Fed-ISIC2019 does).
+`HAM10000_metadata_dataverse.csv` (`partition-by = site`). Each site is split into train/test
+by lesion, stratified by class (test fraction 0.2); a validation split (`--val-fraction`, by
+lesion) is carved from each site's training split. Every arm trains on the rest of the
+training splits, picks nothing on the test split, and is scored on the pooled test set (the
+union of the sites' test splits, as FLamby's Fed-ISIC2019 does). `--eval val` scores on the
+pooled validation split instead: that is what hyper-parameters are chosen on.
 
-Arms (`--arms`, default all):
-  federated       every site SimCLR, then federated full fine-tuning       (--seeds)
-  pooled          one model on the union of the sites' training images,
-                  same epochs: SimCLR then full fine-tuning                 (--seeds)
-  local           each site alone, same pipeline on its own images only     (first seed)
-  no-ssl          federated fine-tuning from a random encoder               (first seed)
-  rotation        every site rotation prediction                            (first seed)
-  mixed           sites alternate SimCLR / rotation (the product default)   (first seed)
-  fp16, int8      `federated` with compressed updates, both directions       (first seed)
-  projection-head frozen random backbone, only the SimCLR head shared       (first seed)
+Arms (`--arms`, default `federated,pooled,no-ssl,random,probes`); a `@F` suffix keeps only a
+fraction F of the training labels (by lesion, stratified; SSL still sees every image):
+  federated   every site SimCLR from the start weights, then federated full fine-tuning
+  pooled      one model on the union of the sites' training images, same steps
+  no-ssl      federated fine-tuning from the start weights, no SSL rounds
+  random      federated fine-tuning from random weights, no SSL rounds
+  random-ssl  every site SimCLR from random weights, then federated fine-tuning
+  local       each site alone, same pipeline and steps (scored on the pooled test; mean reported)
+  probes      linear probe and kNN of frozen encoders: random, start weights (no training)
+  ssl-probe   the federated SSL rounds only, then a linear probe and kNN of the encoder
+  fp16, int8  `federated` with compressed updates, both directions (bytes on the wire counted)
 
-The federation runs in this process with the code the hospitals and the aggregator run:
-`fedssl_flower.local` for a hospital's round (same seeds, private heads kept at the
-hospital), `strategy.weighted_average` for aggregation, `compression` for the encodings
-and `records.to_array_record` for the bytes on the wire (what the run folder reports).
-Flower's transport and process start-up are not in the loop: bench/flower_overhead.py
-measures those. Each arm's wall time is reported.
+Budget: the same number of optimizer steps of `--batch-size` images per arm. Federated arms
+take `--local-steps` batches per site per round (so `4 x local-steps` per round); pooled takes
+the same per round on one model. A SimCLR step forwards two views, about twice a fine-tuning
+step, so arms without SSL fine-tune for `finetune-rounds + 2 x ssl-rounds` rounds. Each arm's
+wall time is reported. The federation runs in this process with the code the hospitals and
+the aggregator run (`fedssl_flower.local`, `strategy.weighted_average`); Flower's transport is
+not in the loop (bench/flower_overhead.py measures it).
 
-    .venv/bin/python -m bench.quality [--arms federated,pooled] [--seeds 0,1,2]
+    .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
 
-Prints a table and writes JSON (default bench/results/quality.json); `bench/report.py`
-turns the JSON files into the plots and tables of docs/benchmarks.md.
+Prints a table and appends to JSON (default bench/results/quality.json, keyed by arm, seed and
+eval split: a rerun replaces its own entry); `bench/report.py` makes the plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -43,22 +50,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
 from fedssl_flower import local, records, training
 from fedssl_flower.config import RunConfig
 from fedssl_flower.data import HospitalData, load_hospital_data
+from fedssl_flower.data.partition import split_train_test
 from fedssl_flower.strategy import weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("federated", "pooled", "local", "no-ssl", "rotation", "mixed", "fp16", "int8", "projection-head")
-SEEDED_ARMS = ("federated", "pooled")  # run for every seed; the others for the first seed only
+ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
+DEFAULT_ARMS = "federated,pooled,no-ssl,random,probes"
+SEEDED_ARMS = ("federated",)  # run for every seed; the others for the first seed only
 HEADLINE = (names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_ACCURACY)
 # FLamby Fed-ISIC2019 (6 centres incl. the 4 HAM10000 sites, ImageNet-pretrained EfficientNet-b0,
 # balanced accuracy on the pooled test), for orientation only: different model, data and budget.
 FLAMBY_FED_ISIC2019 = {"pooled": 0.745, "FedAvg": 0.595, "Scaffold": 0.626}
 
 
+# ---------------------------------------------------------------------------- data
 def load_sites(args) -> list[HospitalData]:
     sites = []
     for i in range(4):
@@ -70,29 +81,108 @@ def load_sites(args) -> list[HospitalData]:
     return sites
 
 
+def _subset(data: HospitalData, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    t = torch.tensor(idx, dtype=torch.long)
+    return data.train_images[t], data.train_labels[t], [data.train_groups[i] for i in idx]
+
+
+def carve_validation(site: HospitalData, fraction: float) -> tuple[HospitalData, HospitalData]:
+    """(training data without the validation lesions, validation split as `test_*`)."""
+    train_idx, val_idx = split_train_test(list(range(len(site.train_labels))), site.train_groups,
+                                          site.train_labels.tolist(), fraction, seed=1)
+    ti, tl, tg = _subset(site, train_idx)
+    vi, vl, _ = _subset(site, val_idx)
+    train = dataclasses.replace(site, train_images=ti, train_labels=tl, train_groups=tg)
+    val = dataclasses.replace(site, test_images=vi, test_labels=vl)
+    return train, val
+
+
+def keep_labels(site: HospitalData, fraction: float, seed: int) -> HospitalData:
+    """Only `fraction` of the training lesions keep their label (stratified, at least one
+    lesion of each class present with two or more)."""
+    if fraction >= 1.0:
+        return site
+    _, kept = split_train_test(list(range(len(site.train_labels))), site.train_groups, site.train_labels.tolist(),
+                               fraction, seed=100 + seed)
+    ki, kl, kg = _subset(site, kept)
+    return dataclasses.replace(site, train_images=ki, train_labels=kl, train_groups=kg)
+
+
 def pooled_data(parts: list[HospitalData], name: str = "pooled") -> HospitalData:
     return HospitalData(
         hospital=name, class_names=parts[0].class_names,
         train_images=torch.cat([p.train_images for p in parts]), train_labels=torch.cat([p.train_labels for p in parts]),
         test_images=torch.cat([p.test_images for p in parts]), test_labels=torch.cat([p.test_labels for p in parts]),
+        train_groups=[g for p in parts for g in p.train_groups],
     )
 
 
-def scores(model: FedSSLModel, data: HospitalData) -> dict:
-    m = training.evaluate(model, data.test_images, data.test_labels, data.class_names)
-    return {k: m[k] for k in (*HEADLINE, names.M_F1, names.M_CONFUSION_MATRIX)}
+# ---------------------------------------------------------------------------- scores
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature minimising validation NLL on a log grid (what hospitals can report as an
+    NLL-per-temperature curve for the aggregator to sum)."""
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
+    nll = [float(F.cross_entropy(logits / t, labels)) for t in grid]
+    return float(grid[int(np.argmin(nll))])
 
 
-def probe(model: FedSSLModel, train: HospitalData, test: HospitalData, cfg: RunConfig) -> dict:
-    """Linear probe of the SSL encoder: how much diagnosis the features carry before fine-tuning."""
-    data = dataclasses.replace(train, test_images=test.test_images, test_labels=test.test_labels)
-    m = local.score(model, data, names.PHASE_SSL, cfg)
+def scores(model: FedSSLModel, test: HospitalData, val: HospitalData | None = None) -> dict:
+    from fedssl_flower.metrics import classification_metrics
+
+    logits = training.predict_logits(model, test.test_images)
+    proba = torch.softmax(logits, 1).numpy()
+    out = classification_metrics(test.test_labels.numpy(), proba, test.class_names)
+    keep = {k: out[k] for k in (*HEADLINE, names.M_F1, names.M_CONFUSION_MATRIX)}
+    keep["ece"] = training.expected_calibration_error(proba, test.test_labels.numpy())
+    if val is not None:
+        t = fit_temperature(training.predict_logits(model, val.test_images), val.test_labels)
+        keep["temperature"] = t
+        keep["ece_temperature_scaled"] = training.expected_calibration_error(torch.softmax(logits / t, 1).numpy(), test.test_labels.numpy())
+    return keep
+
+
+def headline(m: dict) -> dict:
     return {k: m[k] for k in HEADLINE}
 
 
+def _balanced_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
+    return float(np.mean([(pred[true == c] == c).float().mean() for c in true.unique()]))
+
+
+def probe(model: FedSSLModel, train: HospitalData, test: HospitalData, cfg: RunConfig) -> dict:
+    """Linear probe and kNN of the frozen encoder: how much diagnosis its features carry.
+    Features are computed once; the linear classifier is trained on them as the product's
+    SSL-round probe is (`probe-epochs` at `probe-lr`, class-weighted), the kNN is cosine with
+    k = 20 and similarity-weighted votes."""
+    from fedssl_flower.metrics import classification_metrics
+
+    f_train, f_test = training.embed(model, train.train_images), training.embed(model, test.test_images)
+    head = copy.deepcopy(model.classifier)
+    torch.manual_seed(cfg.seed)
+    head.reset_parameters()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=0.0)
+    weight = training._class_weights(train.train_labels, model.num_classes)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.probe_epochs):
+        for idx in training._batches(len(f_train), cfg.batch_size, g):
+            loss = F.cross_entropy(head(f_train[idx]), train.train_labels[idx], weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        proba = torch.softmax(head(f_test), 1).numpy()
+    out = headline(classification_metrics(test.test_labels.numpy(), proba, test.class_names))
+    a, b = F.normalize(f_train, dim=1), F.normalize(f_test, dim=1)
+    sims, idx = (b @ a.T).topk(20, dim=1)
+    votes = torch.zeros(len(b), len(test.class_names)).scatter_add_(1, train.train_labels[idx], torch.exp(sims / 0.07))
+    out["knn_balanced_accuracy"] = _balanced_accuracy(votes.argmax(1), test.test_labels)
+    return out
+
+
+# ---------------------------------------------------------------------------- training
 def fresh_model(cfg: RunConfig, num_classes: int) -> FedSSLModel:
-    torch.manual_seed(cfg.seed)  # what the aggregator and every ClientApp start from
-    return FedSSLModel(cfg.arch, num_classes=num_classes)
+    torch.manual_seed(cfg.seed)  # what the aggregator starts from
+    return FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained)
 
 
 def schedule(cfg: RunConfig) -> list[tuple[str, int]]:
@@ -106,175 +196,215 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
     return records.from_array_record(record, encoding), record.count_bytes()
 
 
-def federate(sites: list[HospitalData], test: HospitalData, cfg: RunConfig, tasks: list[str]) -> dict:
-    """The aggregator's round loop with every hospital in this process."""
+def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
+             cfg: RunConfig, task: str) -> dict:
+    """The aggregator's round loop with every hospital in this process: hospitals start each
+    round from the global shared groups (through the wire encoding) and keep their private heads."""
     num_classes = len(test.class_names)
-    state = fresh_model(cfg, num_classes).state_dict()
-    hospitals = [fresh_model(cfg, num_classes) for _ in sites]
-    has_model = [False] * len(sites)
     server = fresh_model(cfg, num_classes)
+    state = copy.deepcopy(server.state_dict())
+    hospitals = [copy.deepcopy(server) for _ in ssl_sites]
     curve, comm, ssl_probe = [], [], None
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
+        sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
         updates, traffic = [], {}
-        for i, (site, model, task) in enumerate(zip(sites, hospitals, tasks)):
-            down, sent = wire(records.state_arrays(state, None if not has_model[i] else shared), cfg.update_encoding)
+        for site, model in zip(sites, hospitals):
+            down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
-            has_model[i] = True
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd))
-            contributes = bool(set(shared) & set(training.trainable_groups(phase, task, cfg.share, cfg.finetune_mode)))
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd)
             up, received = wire(records.state_arrays(model.state_dict(), shared), cfg.update_encoding)
-            updates.append((up, m[names.M_EXAMPLES] if contributes else 0))
+            updates.append((up, m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for key, value in weighted_average(updates).items():
-            state[key] = torch.from_numpy(value).to(state[key].dtype).reshape(state[key].shape)
-        # The evaluation message (the same for every hospital) carries the new shared groups; hospitals keep them.
-        down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
-        for site, model in zip(sites, hospitals):
-            records.load_arrays(model, down)
-            traffic[site.hospital]["evaluate_sent"] = sent
+            state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
         server.load_state_dict(state)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
-            ssl_probe = probe(server, pooled_data(sites), test, cfg)
+            ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
         if phase == names.PHASE_FINETUNE:
-            final = scores(server, test)
-            curve.append({"round": rnd, **{k: v for k, v in final.items() if k in HEADLINE}})
+            curve.append({"round": rnd, **headline(scores(server, test))})
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
-    return {"test": final, "ssl_probe": ssl_probe, "curve": curve, "communication": comm}
+    if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
+        return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm}
+    return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm}
 
 
-def centralised(data: HospitalData, test: HospitalData, cfg: RunConfig, task: str, own_test: bool = False) -> dict:
-    """One model on one data set, the same epochs as the federation's rounds; `own_test` also
-    scores it on `data`'s own test split."""
+def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalData, val: HospitalData,
+                cfg: RunConfig, task: str, steps_per_round: int) -> dict:
+    """One model on one data set: the federation's rounds with `steps_per_round` steps each."""
+    cfg = dataclasses.replace(cfg, local_steps=steps_per_round)
     model = fresh_model(cfg, len(test.class_names))
     curve, ssl_probe = [], None
     for phase, rnd in schedule(cfg):
-        local.train_round(model, data, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd))
+        data = ssl_data if phase == names.PHASE_SSL else ft_data
+        local.train_round(model, data, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
-            ssl_probe = probe(model, data, test, cfg)
+            ssl_probe = probe(model, ft_data, val, cfg)
         if phase == names.PHASE_FINETUNE:
-            final = scores(model, test)
-            curve.append({"round": rnd, **{k: v for k, v in final.items() if k in HEADLINE}})
-    out = {"test": final, "ssl_probe": ssl_probe, "curve": curve}
-    if own_test:
-        out["own_test"] = {k: v for k, v in scores(model, data).items() if k in HEADLINE}
-    return out
+            curve.append({"round": rnd, **headline(scores(model, test))})
+            print(f"    {phase} round {rnd}: balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    return {"test": scores(model, test, val), "ssl_probe_val": ssl_probe, "curve": curve}
 
 
-def run_arm(arm: str, seed: int, sites: list[HospitalData], test: HospitalData, base: RunConfig) -> dict:
+def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
+            base: RunConfig) -> dict:
+    arm, _, frac = spec.partition("@")
+    fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
-    simclr, rotation = names.SSL_SIMCLR, names.SSL_ROTATION
+    val = pooled_data(vals, "pooled-val")
+    labelled = [keep_labels(s, fraction, seed) for s in sites]
+    no_ssl = {"ssl_rounds": 0, "finetune_rounds": base.finetune_rounds + 2 * base.ssl_rounds}
+    variant = {"no-ssl": no_ssl, "random": {**no_ssl, "pretrained": False}, "random-ssl": {"pretrained": False},
+               "fp16": {"update_encoding": "fp16"}, "int8": {"update_encoding": "int8"}}.get(arm, {})
+    cfg = dataclasses.replace(cfg, **variant)
     t0 = time.perf_counter()
-    if arm == "pooled":
-        out = centralised(pooled_data(sites), test, cfg, simclr)
+    if arm == "ssl-probe":
+        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), names.SSL_SIMCLR)
+        out["test"] = out.pop("ssl_probe_test")
+    elif arm == "probes":
+        pooled = pooled_data(labelled)
+        out = {"test": {}}
+        for name, pretrained in (("random", False), ("start", True)):
+            model = fresh_model(dataclasses.replace(cfg, pretrained=pretrained), len(test.class_names))
+            out[f"probe_{name}"] = {"val": probe(model, pooled, val, cfg), "test": probe(model, pooled, test, cfg)}
+        out["test"] = out["probe_start"]["test"]
+    elif arm == "pooled":
+        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites))
     elif arm == "local":
-        per_site = {s.hospital: centralised(s, test, cfg, simclr, own_test=True) for s in sites}
+        per_site = {s.hospital: centralised(s, ls, test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites))
+                    for s, ls in zip(sites, labelled)}
         out = {"sites": per_site,
-               "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in HEADLINE},
+               "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        tasks = {"rotation": [rotation] * 4, "mixed": [simclr, rotation] * 2}.get(arm, [simclr] * 4)
-        variant = {"no-ssl": {"ssl_rounds": 0}, "fp16": {"update_encoding": "fp16"}, "int8": {"update_encoding": "int8"},
-                   "projection-head": {"share": training.SHARE_PROJECTION_HEAD}}.get(arm, {})
-        cfg = dataclasses.replace(cfg, **variant)
-        out = federate(sites, test, cfg, tasks)
-        out["ssl_tasks"] = dict(zip((s.hospital for s in sites), tasks))
-    out.update({"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0,
+        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR)
+    out.update({"arm": spec, "label_fraction": fraction, "labelled_train_images": sum(len(s.train_labels) for s in labelled),
+                "seed": seed, "seconds": time.perf_counter() - t0,
                 "config": {k: v for k, v in cfg.as_dict().items() if k not in ("registry-url", "runs-dir", "data-warning")}})
     return out
 
 
+# ---------------------------------------------------------------------------- output
 def summarise(runs: list[dict]) -> dict:
     """Mean and sample standard deviation over seeds, per arm."""
     out = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         vals = [r for r in runs if r["arm"] == arm]
-        out[arm] = {"seeds": [r["seed"] for r in vals]}
-        for k in HEADLINE:
-            xs = [float(r["test"][k]) for r in vals]
-            out[arm][k] = {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+        out[arm] = {"seeds": [r["seed"] for r in vals], "minutes": statistics.mean(r["seconds"] for r in vals) / 60}
+        for k in (*HEADLINE, "ece", "ece_temperature_scaled"):
+            xs = [float(r["test"][k]) for r in vals if r["test"].get(k) is not None]
+            if xs:
+                out[arm][k] = {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
         comm = vals[0].get("communication")
-        if comm:  # mean bytes per hospital per round, by phase; the first round also ships the whole model
+        if comm:  # mean bytes per hospital per round (down + up), by phase
             out[arm]["bytes_per_hospital_per_round"] = {
-                phase: statistics.mean(sum(h["train_sent"] + h["train_received"] + h["evaluate_sent"] for h in r["hospitals"].values())
-                                       / len(r["hospitals"]) for r in rounds)
-                for phase in names.PHASES if (rounds := [r for r in comm[1:] if r["phase"] == phase])
+                phase: statistics.mean(sum(h["train_sent"] + h["train_received"] for h in r["hospitals"].values()) / len(r["hospitals"])
+                                       for r in rounds)
+                for phase in names.PHASES if (rounds := [r for r in comm if r["phase"] == phase])
             }
-            first = comm[0]["hospitals"].values()
-            out[arm]["bytes_first_round_per_hospital"] = statistics.mean(h["train_sent"] + h["train_received"] + h["evaluate_sent"] for h in first)
+        probes = [r["ssl_probe_val"] for r in vals if r.get("ssl_probe_val")]
+        if probes:
+            out[arm]["ssl_probe_val_balanced_accuracy"] = statistics.mean(p[names.M_BALANCED_ACCURACY] for p in probes)
+            out[arm]["ssl_knn_val_balanced_accuracy"] = statistics.mean(p["knn_balanced_accuracy"] for p in probes)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ham10000")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
-    ap.add_argument("--seeds", default="0,1,2", help="seeds of the federated and pooled arms; the first one for the others")
+    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of {', '.join(ARMS)}, each optionally @FRACTION of labels")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the federated arm; the first one for the others")
+    ap.add_argument("--eval", default="test", choices=("test", "val"), help="score on the pooled test or validation split")
+    ap.add_argument("--val-fraction", type=float, default=0.15, help="validation lesions carved from each site's training split")
+    ap.add_argument("--arch", default=names.ARCH_EFFICIENTNET_LITE0, choices=names.ARCHITECTURES)
+    ap.add_argument("--pretrained", default="true", choices=("true", "false"), help="start from ImageNet weights")
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--ssl-rounds", type=int, default=3, help="federated SSL rounds = pooled SSL epochs")
-    ap.add_argument("--finetune-rounds", type=int, default=3, help="federated fine-tune rounds = pooled fine-tune epochs")
+    ap.add_argument("--ssl-rounds", type=int, default=2)
+    ap.add_argument("--finetune-rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=25, help="batches per site per round (the budget)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--finetune-mode", default=training.FINETUNE_FULL, choices=training.FINETUNE_MODES)
+    ap.add_argument("--lr", type=float, default=1e-3, help="SSL learning rate")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", default=training.SCHEDULE_COSINE, choices=training.LR_SCHEDULES)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--finetune-loss", default=training.LOSS_BALANCED_SOFTMAX, choices=training.FINETUNE_LOSSES)
     ap.add_argument("--max-images-per-site", type=int, default=0, help="cap per site before the split (0 = all; for smoke runs)")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FEDSSL_HOME", ".fedssl")) / "cache")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown:
-        raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; expected some of {', '.join(ARMS)}")
+    specs = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for spec in specs:
+        arm, _, frac = spec.partition("@")
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
+        try:
+            ok = not frac or 0 < float(frac) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"arm {spec!r}: the label fraction after @ must be a number in (0, 1]")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
-    if args.finetune_rounds < 1:
-        raise SystemExit("--finetune-rounds must be >= 1: the arms are scored by their fine-tuned classifier")
+    if args.finetune_rounds < 1 or args.local_steps < 1:
+        raise SystemExit("--finetune-rounds and --local-steps must be >= 1: the arms are scored by their fine-tuned classifier")
     if not (args.data / "HAM10000_metadata_dataverse.csv").is_file():
         raise SystemExit(f"no HAM10000_metadata_dataverse.csv under {args.data}: the 4-site split needs it; pass --data")
 
     threads = set_torch_threads()
-    base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, image_size=args.image_size,
-                     batch_size=args.batch_size, lr=args.lr, finetune_mode=args.finetune_mode, local_baseline=False)
+    base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
+                     pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
+                     local_steps=args.local_steps, lr=args.lr, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
+                     weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, finetune_mode=training.FINETUNE_FULL,
+                     local_baseline=False)
     base.validate()
     t0 = time.perf_counter()
-    sites = load_sites(args)
-    test = pooled_data(sites, "pooled-test")
+    full = load_sites(args)
+    carved = [carve_validation(s, args.val_fraction) for s in full]
+    sites, vals = [c[0] for c in carved], [c[1] for c in carved]
+    test = pooled_data(full, "pooled-test") if args.eval == "test" else pooled_data(vals, "pooled-val")
     print(f"{len(sites)} sites loaded in {time.perf_counter() - t0:.0f}s: " + ", ".join(
-        f"{s.hospital} {len(s.train_images)}/{len(s.test_images)}" for s in sites) + " train/test images", flush=True)
+        f"{s.hospital} {len(s.train_images)}/{len(v.test_images)}/{len(f.test_images)}" for s, v, f in zip(sites, vals, full))
+        + " train/val/test images", flush=True)
 
-    runs = []
-    for arm in arms:
-        for seed in (seeds if arm in SEEDED_ARMS else seeds[:1]):
-            print(f"{arm} (seed {seed}) ...", flush=True)
-            runs.append(run_arm(arm, seed, sites, test, base))
-            r = runs[-1]
-            print(f"  balanced accuracy {r['test'][names.M_BALANCED_ACCURACY]:.3f}, macro AUC {r['test'][names.M_MACRO_AUC]:.3f}, "
-                  f"accuracy {r['test'][names.M_ACCURACY]:.3f} ({r['seconds'] / 60:.1f} min)", flush=True)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    runs = [r for r in previous.get("runs", [])]
+    for spec in specs:
+        for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
+            print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
+            r = run_arm(spec, seed, sites, vals, test, base)
+            r["eval"] = args.eval
+            r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds"))
+                            + f" --arms {spec} --seeds {seed}")
+            runs = [x for x in runs if (x["arm"], x["seed"], x.get("eval", "test")) != (spec, seed, args.eval)] + [r]
+            t = r["test"]
+            print(f"  balanced accuracy {t[names.M_BALANCED_ACCURACY]:.3f}, macro AUC {t[names.M_MACRO_AUC]:.3f}, "
+                  f"accuracy {t[names.M_ACCURACY]:.3f}, ECE {t.get('ece', float('nan')):.3f} ({r['seconds'] / 60:.1f} min)", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             result = {
                 "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(), "torch": torch.__version__},
-                "command": "python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                 if k not in ("data", "cache_dir", "out")),
                 "data": {"path": str(args.data), "image_size": args.image_size, "class_names": test.class_names,
-                         "sites": {s.hospital: {"train": len(s.train_images), "test": len(s.test_images),
-                                                "class_counts": s.audit["class_counts"]} for s in sites},
-                         "pooled_test": len(test.test_images)},
+                         "val_fraction": args.val_fraction,
+                         "sites": {s.hospital: {"train": len(s.train_images), "val": len(v.test_images), "test": len(f.test_images)}
+                                   for s, v, f in zip(sites, vals, full)},
+                         "pooled_test": sum(len(f.test_images) for f in full)},
                 "reference_flamby_fed_isic2019_balanced_accuracy": FLAMBY_FED_ISIC2019,
-                "summary": summarise(runs),
+                "summary": {split: summarise([x for x in runs if x.get("eval", "test") == split]) for split in ("test", "val")},
                 "runs": runs,
             }
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every arm: a long run loses nothing
 
     print()
-    print(f"{'arm':<16} {'seeds':>5} {'balanced acc':>16} {'macro AUC':>16} {'accuracy':>16}")
-    for arm, s in result["summary"].items():
+    print(f"{'arm':<18} {'seeds':>5} {'balanced acc':>16} {'macro AUC':>16} {'accuracy':>16}  ({args.eval})")
+    for arm, s in result["summary"][args.eval].items():
         cells = " ".join(f"{s[k]['mean']:>8.3f} ± {s[k]['std']:.3f}" for k in HEADLINE)
-        print(f"{arm:<16} {len(s['seeds']):>5} {cells}")
+        print(f"{arm:<18} {len(s['seeds']):>5} {cells}")
     print(f"\nwrote {args.out}")
 
 

@@ -21,10 +21,16 @@ import matplotlib.pyplot as plt
 
 MB = 1e6
 LABELS = {
-    "federated": "federated (SimCLR everywhere)", "pooled": "pooled (centralised)", "local": "each site alone (mean)",
-    "no-ssl": "federated, no SSL", "rotation": "federated, rotation only", "mixed": "federated, SimCLR + rotation",
-    "fp16": "federated, fp16 updates", "int8": "federated, int8 updates", "projection-head": "federated, projection head only",
+    "federated": "federated: SimCLR rounds, then fine-tuning", "pooled": "pooled (centralised), same steps",
+    "local": "each site alone (mean)", "no-ssl": "federated fine-tuning only (ImageNet start)",
+    "random": "federated fine-tuning only (random start)", "random-ssl": "federated SimCLR + fine-tuning (random start)",
+    "probes": "linear probe, frozen ImageNet encoder", "fp16": "federated, fp16 updates", "int8": "federated, int8 updates",
 }
+
+
+def _label(spec: str) -> str:
+    arm, _, frac = spec.partition("@")
+    return LABELS.get(arm, arm) + (f", {float(frac):.0%} of labels" if frac else "")
 
 
 def _load(path: Path) -> dict | None:
@@ -39,41 +45,40 @@ def _pm(s: dict) -> str:
 
 
 def quality(q: dict, out: Path) -> None:
-    summary = q["summary"]
-    print("| arm | seeds | balanced accuracy | macro AUC | accuracy | minutes per run |")
-    print("|---|---|---|---|---|---|")
+    summary = q["summary"]["test"]
+    runs = [r for r in q["runs"] if r.get("eval", "test") == "test"]
+    print("| arm | seeds | balanced accuracy | macro AUC | accuracy | ECE | ECE, temperature-scaled | minutes per run |")
+    print("|---|---|---|---|---|---|---|---|")
     for arm, s in summary.items():
-        minutes = statistics.mean(r["seconds"] for r in q["runs"] if r["arm"] == arm) / 60
-        print(f"| {LABELS.get(arm, arm)} | {len(s['seeds'])} | {_pm(s['balanced_accuracy'])} | {_pm(s['macro_auc'])} | "
-              f"{_pm(s['accuracy'])} | {minutes:.1f} |")
+        cal = s.get("ece_temperature_scaled")
+        print(f"| {_label(arm)} | {len(s['seeds'])} | {_pm(s['balanced_accuracy'])} | {_pm(s['macro_auc'])} | "
+              f"{_pm(s['accuracy'])} | {_pm(s['ece']) if 'ece' in s else 'n/a'} | {_pm(cal) if cal else 'n/a'} | {s['minutes']:.1f} |")
     print()
-    local = next((r for r in q["runs"] if r["arm"] == "local"), None)
-    if local:
-        print("| site alone | train images | balanced accuracy, pooled test | balanced accuracy, own test |")
-        print("|---|---|---|---|")
-        for site, r in local["sites"].items():
-            print(f"| {site} | {q['data']['sites'][site]['train']} | {r['test']['balanced_accuracy']:.3f} | "
-                  f"{r['own_test']['balanced_accuracy']:.3f} |")
-        print()
-    probes = [(r["arm"], r["seed"], r["ssl_probe"]["balanced_accuracy"]) for r in q["runs"] if r.get("ssl_probe")]
-    if probes:
-        print("| arm | linear probe after SSL, balanced accuracy (mean over seeds) |")
-        print("|---|---|")
-        for arm in dict.fromkeys(a for a, _, _ in probes):
-            print(f"| {LABELS.get(arm, arm)} | {statistics.mean(p for a, _, p in probes if a == arm):.3f} |")
+    probes = next((r for r in runs if r["arm"] == "probes"), None)
+    ssl = [r["ssl_probe_val"] for r in q["runs"] if r["arm"] == "federated" and r.get("ssl_probe_val")]
+    if probes or ssl:
+        print("| frozen encoder | linear probe, balanced accuracy (validation) | kNN balanced accuracy (validation) |")
+        print("|---|---|---|")
+        if probes:
+            for name, label in (("probe_random", "random weights"), ("probe_start", "ImageNet weights (the start)")):
+                v = probes[name]["val"]
+                print(f"| {label} | {v['balanced_accuracy']:.3f} | {v['knn_balanced_accuracy']:.3f} |")
+        if ssl:
+            print(f"| after the federated SimCLR rounds ({len(ssl)} seeds) | {statistics.mean(p['balanced_accuracy'] for p in ssl):.3f} | "
+                  f"{statistics.mean(p['knn_balanced_accuracy'] for p in ssl):.3f} |")
         print()
 
-    arms = list(summary)
+    arms = [a for a in summary if a != "probes"]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.5))
-    means = [summary[a]["balanced_accuracy"]["mean"] for a in arms]
-    stds = [summary[a]["balanced_accuracy"]["std"] for a in arms]
-    ax.barh([LABELS.get(a, a) for a in arms], means, xerr=stds, color=["#3b6ea8" if a in ("federated", "pooled") else "#9bb3cf" for a in arms])
+    ax.barh([_label(a) for a in arms], [summary[a]["balanced_accuracy"]["mean"] for a in arms],
+            xerr=[summary[a]["balanced_accuracy"]["std"] for a in arms],
+            color=["#3b6ea8" if a in ("federated", "pooled") else "#9bb3cf" for a in arms])
     ref = q.get("reference_flamby_fed_isic2019_balanced_accuracy", {})
     for name, value, style in (("FLamby pooled", ref.get("pooled"), "--"), ("FLamby FedAvg", ref.get("FedAvg"), ":")):
         if value:
-            ax.axvline(value, color="#b04040", linestyle=style, label=f"{name} {value} (EfficientNet-b0, ImageNet)")
+            ax.axvline(value, color="#b04040", linestyle=style, label=f"{name} {value} (EfficientNet-b0 at 224 px, GPU)")
     ax.invert_yaxis()
-    ax.set_xlabel("balanced accuracy, pooled test of the 4 HAM10000 sites")
+    ax.set_xlabel("balanced accuracy, pooled lesion-grouped test of the 4 HAM10000 sites")
     ax.set_xlim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -81,46 +86,58 @@ def quality(q: dict, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in ("federated", "pooled", "no-ssl", "mixed"):
-        runs = [r for r in q["runs"] if r["arm"] == arm and r.get("curve")]
-        if not runs:
-            continue
-        rounds = [c["round"] for c in runs[0]["curve"]]
-        ys = [statistics.mean(r["curve"][i]["balanced_accuracy"] for r in runs) for i in range(len(rounds))]
-        ax.plot(rounds, ys, marker="o", label=LABELS.get(arm, arm))
+    for arm in ("federated", "pooled", "no-ssl", "random"):
+        curves = [r["curve"] for r in runs if r["arm"] == arm and r.get("curve")]
+        if curves:
+            rounds = [c["round"] for c in curves[0]]
+            ax.plot(rounds, [statistics.mean(c[i]["balanced_accuracy"] for c in curves) for i in range(len(rounds))],
+                    marker="o", label=_label(arm))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("fine-tuning round (pooled: epoch)")
+    ax.set_xlabel("fine-tuning round")
     ax.set_ylabel("balanced accuracy, pooled test")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "quality_curves.png", dpi=110)
     plt.close(fig)
 
+    # Label efficiency: balanced accuracy against the fraction of training labels kept.
+    series = {}
+    for arm, s in summary.items():
+        base, _, frac = arm.partition("@")
+        if base in ("federated", "no-ssl", "random"):
+            series.setdefault(base, []).append((float(frac) if frac else 1.0, s["balanced_accuracy"]["mean"]))
+    if any(len(v) > 1 for v in series.values()):
+        print("| label fraction | " + " | ".join(_label(b) for b in series) + " |")
+        print("|---|" + "---|" * len(series))
+        for f in sorted({f for v in series.values() for f, _ in v}):
+            print(f"| {f:.0%} | " + " | ".join(next((f"{y:.3f}" for x, y in v if x == f), "n/a") for v in series.values()) + " |")
+        print()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for base, pts in series.items():
+            pts.sort()
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=_label(base))
+        ax.set_xscale("log")
+        ax.set_xticks([0.01, 0.1, 1.0], ["1 %", "10 %", "100 %"])
+        ax.set_xlabel("training labels kept (SSL sees every image)")
+        ax.set_ylabel("balanced accuracy, pooled test")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "label_efficiency.png", dpi=110)
+        plt.close(fig)
+
 
 def communication(q: dict, out: Path) -> None:
-    rows = [(a, s) for a, s in q["summary"].items() if s.get("bytes_per_hospital_per_round")]
+    rows = [(a, s) for a, s in q["summary"]["test"].items() if s.get("bytes_per_hospital_per_round")]
     if not rows:
         return
-    print("| update encoding / sharing | MB per hospital per SSL round | MB per fine-tune round | first round (whole model) | balanced accuracy |")
-    print("|---|---|---|---|---|")
+    print("| update encoding | MB per hospital per SSL round (down + up) | MB per fine-tune round | balanced accuracy |")
+    print("|---|---|---|---|")
     for arm, s in rows:
         b = s["bytes_per_hospital_per_round"]
         ssl = f"{b['ssl'] / MB:.1f}" if "ssl" in b else "n/a"
         ft = f"{b['finetune'] / MB:.1f}" if "finetune" in b else "n/a"
-        print(f"| {LABELS.get(arm, arm)} | {ssl} | {ft} | {s['bytes_first_round_per_hospital'] / MB:.1f} | "
-              f"{_pm(s['balanced_accuracy'])} |")
+        print(f"| {_label(arm)} | {ssl} | {ft} | {_pm(s['balanced_accuracy'])} |")
     print()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, s in rows:
-        b = s["bytes_per_hospital_per_round"]
-        x = b.get("ssl", b.get("finetune")) / MB
-        ax.scatter(x, s["balanced_accuracy"]["mean"])
-        ax.annotate(arm, (x, s["balanced_accuracy"]["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    ax.set_xlabel("MB per hospital per SSL round (down + up + evaluation)")
-    ax.set_ylabel("balanced accuracy, pooled test")
-    fig.tight_layout()
-    fig.savefig(out / "communication.png", dpi=110)
-    plt.close(fig)
 
 
 def scaling(s: dict, out: Path) -> None:
