@@ -7,8 +7,8 @@
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH] [--max-images N]
 #                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]]
 #     --preset default: 3 hospitals, at most 600 images each (about 15 minutes on 2 CPU cores);
-#     --preset quality: HAM10000's 4 acquisition sites with all their images, the benchmark's
-#                       federated recipe (docs/benchmarks.md; under an hour on 2 CPU cores).
+#     --preset quality: HAM10000's 4 acquisition sites with all their images, 25 local steps
+#                       per round (docs/benchmarks.md; under an hour on 2 CPU cores).
 #     SSL rounds are opt-in (--rounds N): on top of the ImageNet start they did not help at
 #     this budget (docs/benchmarks.md).
 #     Rounds, image size and local steps default to the app's run config (pyproject.toml).
@@ -160,7 +160,7 @@ cmd_up() {
   done
   case "$preset" in
     default) hospitals="${hospitals:-3}" max_images="${max_images:-600}" ;;
-    quality) hospitals="${hospitals:-4}" max_images="${max_images:-0}" ;;
+    quality) hospitals="${hospitals:-4}" max_images="${max_images:-0}" local_steps="${local_steps:-25}" ;;
     *) die "--preset must be default or quality, got '$preset'" ;;
   esac
   { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
@@ -248,7 +248,11 @@ cmd_up() {
   [ -n "$ft_rounds" ] && overrides+=(-c "finetune-rounds=$ft_rounds")
   [ -n "$image_size" ] && overrides+=(-c "image-size=$image_size")
   [ -n "$local_steps" ] && overrides+=(-c "local-steps=$local_steps")
-  say "submitting the run (preset $preset): ${rounds:-default} SSL + ${ft_rounds:-default} fine-tune rounds at ${image_size:-default} px on $hospitals hospitals ($source data, ${max_images/#0/all} images each at most); the app's defaults are in pyproject.toml [tool.flwr.app.config]"
+  local d_rounds d_ft d_size d_steps  # the app's defaults (pyproject.toml [tool.flwr.app.config]) for what was not given
+  read -r d_rounds d_ft d_size d_steps <<<"$("$VENV/bin/python" -c 'import sys, tomllib
+c = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
+print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])' "$ROOT/pyproject.toml")"
+  say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, ${max_images/#0/all} images each at most)"
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
     "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?
