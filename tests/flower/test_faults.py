@@ -42,7 +42,7 @@ def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
                 "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "1",
                 "-c", "ssl-rounds=3", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
                 "-c", "round-timeout=40.0", "-c", "message-retries=0", "-c", "local-baseline=false", "-c", "probe-epochs=2",
-                "-c", "local-steps=2", "-c", "batch-size=32"]
+                "-c", "local-steps=2", "-c", "batch-size=32", "-c", "arch=\"resnet18\"", "-c", "pretrained=false"]
         submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             wait_for(lambda: len(rounds(tmp_path)) >= 1, 300, "round 1")
@@ -82,7 +82,8 @@ def test_a_locked_superlink_database_is_waited_out(tmp_path, ham10000_dir):
                 "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "5",
                 "-c", "ssl-rounds=2", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
                 "-c", "round-timeout=300.0", "-c", "message-retries=0", "-c", "local-baseline=false",
-                "-c", "probe-epochs=1", "-c", "local-steps=2", "-c", "batch-size=32"]
+                "-c", "probe-epochs=1", "-c", "local-steps=2", "-c", "batch-size=32",
+                "-c", "arch=\"resnet18\"", "-c", "pretrained=false"]
         submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         db = sqlite3.connect(tmp_path / "superlink.db", timeout=30, isolation_level=None)
         try:

@@ -110,7 +110,7 @@ def _watch(browser: cdp.Browser, registry: P.Registry, running) -> dict | None:
 # One SSL and two fine-tune rounds: two classifier versions to compare on "Try it". The
 # round timeout bounds a lost hospital reply (see _federate) to minutes instead of 30.
 RUN_CONFIG = ("ssl-rounds=1", "finetune-rounds=2", "image-size=32", "probe-epochs=2", "round-timeout=240", "local-steps=2",
-              "batch-size=32")
+              "batch-size=32", "arch=\"resnet18\"", "pretrained=false")
 ATTEMPTS = 2
 
 
