@@ -41,7 +41,7 @@ def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
         args = [str(P.VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{port}", "--app", str(P.REPO_ROOT),
                 "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "1",
                 "-c", "ssl-rounds=3", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
-                "-c", "round-timeout=40.0", "-c", "message-retries=0", "-c", "local-baseline=false", "-c", "probe-epochs=2",
+                "-c", "round-timeout=90.0", "-c", "message-retries=0", "-c", "local-baseline=false", "-c", "probe-epochs=2",
                 "-c", "local-steps=2", "-c", "batch-size=32", "-c", "arch=\"resnet18\"", "-c", "pretrained=false"]
         submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
