@@ -2,8 +2,9 @@
 
 Thin handlers. Each unpacks the server's Message, calls the plain-PyTorch code in
 `training`, and replies with only the shared parameter groups and metrics. The hospital's
-own model (task heads included) and its local-only baseline are kept between rounds in the
-hospital's state directory (safetensors, written atomically), never sent anywhere.
+own model (task heads included), its local-only baseline and, with `keep-optimizer-state`, their
+fine-tuning AdamW moments are kept between rounds in the hospital's state directory
+(safetensors, written atomically), never sent anywhere.
 
 Why not `context.state`: Flower 1.41 ships the whole Context from each ClientApp process to
 the SuperNode in one HTTP request with a 30 s timeout. Two full ResNets (~90 MB) in it miss
@@ -100,6 +101,22 @@ def _keep(context: Context, key: str, model: FedSSLModel) -> None:
     weights.save_file(path, model.state_dict())  # atomic: a killed process leaves the previous round's file
 
 
+def _moments(context: Context, key: str, cfg: RunConfig, phase: str) -> dict | None:
+    """The carried optimizer state of model `key` (`keep-optimizer-state`, fine-tuning only):
+    a dict for `local.train_round`, filled from the state directory when a round left one."""
+    if not cfg.keep_optimizer_state or phase != names.PHASE_FINETUNE:
+        return None
+    path = _state_path(context, key)
+    return {"adamw": weights.load_file(path) if path.is_file() else None}
+
+
+def _keep_moments(context: Context, key: str, carried: dict | None) -> None:
+    if carried and carried.get("adamw"):
+        path = _state_path(context, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        weights.save_file(path, carried["adamw"])
+
+
 def _info(name: str, task: str, data: HospitalData) -> dict:
     return {"hospital": name, "ssl-task": task, "class-names": data.class_names, "audit": data.audit}
 
@@ -124,8 +141,10 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
     records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
     t0 = time.perf_counter()
-    metrics = local.train_round(model, data, task, phase, cfg, seed, rnd)
+    moments = _moments(context, records.STATE_OPTIMIZER, cfg, phase)
+    metrics = local.train_round(model, data, task, phase, cfg, seed, rnd, moments)
     metrics[names.M_COMPUTE_SECONDS] = time.perf_counter() - t0
+    _keep_moments(context, records.STATE_OPTIMIZER, moments)
     metrics[names.M_SETUP_SECONDS] = t_setup
     if startup is not None:
         metrics[names.M_STARTUP_SECONDS] = startup
@@ -144,8 +163,10 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.local_baseline:
         t0 = time.perf_counter()
         baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
-        baseline_metrics = local.train_round(baseline, data, task, phase, cfg, seed, rnd)
+        baseline_moments = _moments(context, records.STATE_LOCAL_ONLY_OPTIMIZER, cfg, phase)
+        baseline_metrics = local.train_round(baseline, data, task, phase, cfg, seed, rnd, baseline_moments)
         _keep(context, records.STATE_LOCAL_ONLY, baseline)
+        _keep_moments(context, records.STATE_LOCAL_ONLY_OPTIMIZER, baseline_moments)
         content[records.LOCAL_METRICS] = records.to_metric_record(baseline_metrics)
         metrics[names.M_BASELINE_SECONDS] = time.perf_counter() - t0
     metrics[names.M_HANDLER_SECONDS] = time.perf_counter() - t_start

@@ -50,6 +50,7 @@ class RunConfig:
     finetune_lr: float = 0.0  # full fine-tuning learning rate; 0 = lr
     lr_schedule: str = "constant"  # constant | cosine (decays over each phase's rounds)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
+    keep_optimizer_state: bool = False  # hospitals keep their fine-tuning AdamW moments across rounds (else fresh each round)
     finetune_loss: str = "weighted-ce"  # weighted-ce (inverse class frequency) | balanced-softmax (local label prior)
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
@@ -60,6 +61,8 @@ class RunConfig:
     round_timeout: float = 1800.0  # seconds a round waits for replies before going on without the missing
     message_retries: int = 1  # re-sends to a hospital still connected whose reply never came (a lost ClientApp task)
     local_baseline: bool = True  # each hospital also trains a private local-only model for comparison
+    server_lr: float = 1.0  # the aggregator's step on the averaged update (1 = FedAvg)
+    server_momentum: float = 0.0  # heavy-ball momentum of that step (FedAvgM); 0 = none
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
     registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
@@ -100,6 +103,8 @@ class RunConfig:
         need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
         need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
         need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        need(self.server_lr > 0, f"server-lr must be > 0 (1 = plain FedAvg), got {self.server_lr}")
+        need(0 <= self.server_momentum < 1, f"server-momentum must be in [0, 1), got {self.server_momentum}")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")

@@ -33,8 +33,10 @@ def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> 
                              offset=(max(1, rnd) - 1) * per_round, total=max(1, rounds) * per_round)
 
 
-def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1) -> dict:
-    """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning)."""
+def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1,
+                optimizer_state: dict | None = None) -> dict:
+    """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning).
+    `optimizer_state`: the hospital's fine-tuning optimizer moments, kept across rounds."""
     n = len(data.train_images)
     if phase == names.PHASE_SSL:
         return training.train_ssl(
@@ -45,6 +47,7 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
     return training.train_supervised(
         model, data.train_images, data.train_labels, batch_size=cfg.batch_size, mode=cfg.finetune_mode, seed=seed,
         loss=cfg.finetune_loss, schedule=schedule(cfg, phase, rnd, n, lr), weight_decay=cfg.weight_decay,
+        optimizer_state=optimizer_state,
     )
 
 

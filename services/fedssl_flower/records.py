@@ -29,6 +29,8 @@ INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
 # Names of the hospital's private models (files in its state directory, see client_app).
 STATE_MODEL = "model"  # the hospital's copy of the federated model, heads included
 STATE_LOCAL_ONLY = "local_only_model"  # the local-only baseline model, never sent
+STATE_OPTIMIZER = "optimizer"  # the federated model's fine-tuning AdamW moments (keep-optimizer-state)
+STATE_LOCAL_ONLY_OPTIMIZER = "local_only_optimizer"  # the baseline's
 
 
 def state_arrays(state: Mapping[str, torch.Tensor], groups: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

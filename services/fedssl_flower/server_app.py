@@ -35,7 +35,7 @@ from .errors import ConfigError, FedSSLError
 from .metrics import aggregate_metrics
 from .outputs import RunFolder
 from .registry_client import RegistryClient
-from .strategy import weighted_average
+from .strategy import ServerOptimizer, weighted_average
 
 log = logging.getLogger("fedssl.aggregator")
 
@@ -135,6 +135,8 @@ class Aggregator:
         self.started, self.t_start = _now(), time.monotonic()
         self.warnings: list[str] = [cfg.data_warning] if cfg.data_warning else []
         self.registered: dict[str, int] = {}
+        # Its velocity is not checkpointed: a resumed run restarts it from zero.
+        self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
 
     # ---------------------------------------------------------------- messaging
     def _node_ids(self) -> list[int]:
@@ -344,7 +346,7 @@ class Aggregator:
     def _recipe(self) -> dict:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
-                "lr", "finetune-lr", "lr-schedule", "weight-decay", "finetune-loss", "finetune-mode", "share", "update-encoding", "seed")
+                "lr", "finetune-lr", "lr-schedule", "weight-decay", "finetune-loss", "finetune-mode", "share", "server-lr", "server-momentum", "update-encoding", "seed")
         config = self.cfg.as_dict()
         return {k: config[k] for k in keep} | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}}
 
@@ -404,7 +406,9 @@ class Aggregator:
         for name in failed:
             _progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
         t_agg = time.monotonic()
-        for key, value in weighted_average(updates).items():
+        average = weighted_average(updates)
+        current = {k: self.state[k].numpy() for k in average}
+        for key, value in self.server_optimizer.step(current, average, phase).items():
             self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
 

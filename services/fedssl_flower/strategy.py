@@ -39,3 +39,50 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) ->
                 acc += arrays[key].astype(np.float64) * (n / total)
             out[key] = acc.astype(np.float32)
     return out
+
+
+STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class ServerOptimizer:
+    """The aggregator's step from the example-weighted average of the hospitals' models.
+
+    With `lr = 1` and `momentum = 0` the new global model is the average itself (FedAvg).
+    Otherwise the average's difference from the current global model is a pseudo-gradient
+    that the server applies with its own learning rate and heavy-ball momentum (FedAvgM,
+    Hsu et al. 2019; Reddi et al. 2021 "Adaptive Federated Optimization"): `v <- momentum * v +
+    delta`, `w <- w + lr * v`. It makes up for what averaging costs: four hospitals doing K
+    local steps each move the global model about as far as K steps, not 4K. BatchNorm
+    statistics are not trained parameters: they always take the plain average. The velocity
+    belongs to one phase (its parameter groups); it starts from zero at each phase.
+    """
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0) -> None:
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"server lr must be > 0 and momentum in [0, 1), got lr={lr}, momentum={momentum}")
+        self.lr, self.momentum = lr, momentum
+        self.velocity: dict[str, np.ndarray] = {}
+        self.phase: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.lr == 1.0 and self.momentum == 0.0
+
+    def step(self, current: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], phase: str = "") -> dict[str, np.ndarray]:
+        """The new values of the keys of `average`, given their `current` global values."""
+        if phase != self.phase:
+            self.velocity, self.phase = {}, phase
+        if self.plain:
+            return dict(average)
+        out: dict[str, np.ndarray] = {}
+        for key, avg in average.items():
+            if key.endswith(STATISTICS_SUFFIXES) or not np.issubdtype(avg.dtype, np.floating):
+                out[key] = avg
+                continue
+            cur = np.asarray(current[key], dtype=np.float64).reshape(avg.shape)
+            delta = avg.astype(np.float64) - cur
+            v = self.velocity.get(key)
+            v = delta if v is None else self.momentum * v + delta
+            self.velocity[key] = v
+            out[key] = (cur + self.lr * v).astype(avg.dtype)
+        return out

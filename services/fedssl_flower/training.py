@@ -140,6 +140,30 @@ def _optimizer(params: list[nn.Parameter], schedule: Schedule, weight_decay: flo
     return torch.optim.AdamW(params, lr=schedule.lr_at(0), weight_decay=weight_decay)
 
 
+def optimizer_moments(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat tensors (`"<index>.<name>"`), e.g. AdamW's
+    step, exp_avg and exp_avg_sq: storable as safetensors, no pickle."""
+    return {f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone()
+            for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, moments: dict[str, torch.Tensor]) -> None:
+    """Restore what `optimizer_moments` saved, for the same parameters in the same order."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params):
+            raise ConfigError(f"optimizer state entry {key!r} names no parameter of this model ({len(params)} trained tensors)")
+        if name != "step" and value.shape != params[int(index)].shape:
+            raise ConfigError(f"optimizer state entry {key!r} has shape {tuple(value.shape)}, "
+                              f"its parameter {tuple(params[int(index)].shape)}: it belongs to another model")
+        state.setdefault(int(index), {})[name] = value
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)
+
+
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -227,15 +251,21 @@ def train_supervised(
     loss: str = LOSS_WEIGHTED_CE,
     schedule: Schedule | None = None,
     weight_decay: float = 0.0,
+    optimizer_state: dict | None = None,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
-    softmax over the label prior of `labels`. `schedule` overrides `epochs` and `lr`."""
+    softmax over the label prior of `labels`. `schedule` overrides `epochs` and `lr`.
+    `optimizer_state`: a dict that carries the AdamW moments from one round to the next (read
+    from its "adamw" entry when present, written back after training, `optimizer_moments`);
+    without it every round starts a fresh optimizer."""
     _check(loss, FINETUNE_LOSSES, "finetune-loss")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     params = _prepare(model, groups)
     optimizer = _optimizer(params, schedule, weight_decay)
+    if optimizer_state is not None and optimizer_state.get("adamw"):
+        load_optimizer_moments(optimizer, optimizer_state["adamw"])
     g = torch.Generator().manual_seed(seed)
     counts = torch.bincount(labels, minlength=model.num_classes).float()
     if loss == LOSS_BALANCED_SOFTMAX:
@@ -271,6 +301,8 @@ def train_supervised(
             total += float(value.detach())
             batches += 1
         _channels_last(model, False)
+    if optimizer_state is not None:
+        optimizer_state["adamw"] = optimizer_moments(optimizer)
     mean = total / batches if batches else float("nan")
     return {names.M_LOSS: mean, names.M_FINETUNE_LOSS: mean, names.M_EXAMPLES: int(len(images))}
 
@@ -282,6 +314,31 @@ def embed(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) ->
     out = torch.cat([model.encoder(normalize(images[i : i + batch_size], model.mean, model.std)) for i in range(0, len(images), batch_size)])
     model.encoder.train(was_training)
     return out
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Sets every BatchNorm layer's running statistics to the mean over `images` (in batches,
+    as in training: each layer sees the batch statistics of the layers before it) of the batch
+    mean and variance, and returns them by layer name with the number of images behind them,
+    so that hospitals' statistics can be merged. Only the encoder's layers: heads are not run."""
+    layers = {f"encoder.{n}": m for n, m in model.encoder.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    saved = {n: m.momentum for n, m in layers.items()}
+    for m in layers.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    was_training = model.training
+    model.train()
+    try:
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size]
+            if len(batch) > 1:
+                model.encoder(normalize(batch, model.mean, model.std))
+    finally:
+        for n, m in layers.items():
+            m.momentum = saved[n]
+        model.train(was_training)
+    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in layers.items()}
 
 
 @torch.no_grad()

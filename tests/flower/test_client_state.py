@@ -41,3 +41,20 @@ def test_a_kept_model_comes_back_exactly_and_a_new_one_starts_from_the_seed(tmp_
     loaded = client_app._model(ctx, records.STATE_MODEL, cfg, num_classes=4)
     assert torch.equal(loaded.classifier.weight, fresh.classifier.weight)
     assert not any(p.name.startswith(".") for p in client_app._state_path(ctx, records.STATE_MODEL).parent.iterdir())
+
+
+def test_kept_optimizer_moments_come_back_from_the_state_directory_for_fine_tuning_only(tmp_path):
+    from fedssl_core import names
+
+    ctx = context(tmp_path, "h")
+    keep = RunConfig(arch="resnet18", keep_optimizer_state=True)
+    assert client_app._moments(ctx, records.STATE_OPTIMIZER, RunConfig(arch="resnet18"), names.PHASE_FINETUNE) is None
+    assert client_app._moments(ctx, records.STATE_OPTIMIZER, keep, names.PHASE_SSL) is None
+    first = client_app._moments(ctx, records.STATE_OPTIMIZER, keep, names.PHASE_FINETUNE)
+    assert first == {"adamw": None}  # nothing kept yet: a fresh optimizer
+    first["adamw"] = {"0.step": torch.tensor(12.0), "0.exp_avg": torch.randn(4, 3), "0.exp_avg_sq": torch.rand(4, 3)}
+    client_app._keep_moments(ctx, records.STATE_OPTIMIZER, first)
+    again = client_app._moments(ctx, records.STATE_OPTIMIZER, keep, names.PHASE_FINETUNE)
+    assert set(again["adamw"]) == set(first["adamw"])
+    assert all(torch.equal(again["adamw"][k], v) for k, v in first["adamw"].items())
+    assert client_app._state_path(ctx, records.STATE_OPTIMIZER) != client_app._state_path(ctx, records.STATE_LOCAL_ONLY_OPTIMIZER)

@@ -1,9 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 
 from fedssl_flower.config import RunConfig
 from fedssl_flower.errors import ConfigError
-from fedssl_flower.strategy import AggregationError, weighted_average
+from fedssl_flower.strategy import AggregationError, ServerOptimizer, weighted_average
 
 
 def test_run_config_defaults_come_from_pyproject(repo_root):
@@ -20,9 +22,11 @@ def test_run_config_defaults_come_from_pyproject(repo_root):
     ("image-size", 8, "image-size must be >= 16, got 8"),
     ("update-encoding", "zip", "update-encoding='zip'"),
     ("ssl-rounds", "three", "run config ssl-rounds='three' is not a valid int"),
+    ("server-momentum", 1.0, "server-momentum must be in [0, 1), got 1.0"),
+    ("server-lr", 0, "server-lr must be > 0 (1 = plain FedAvg), got 0.0"),
 ])
 def test_bad_run_config_is_named(key, value, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_mapping({key: value})
 
 
@@ -39,6 +43,26 @@ def test_weighted_average_refuses_mismatched_or_empty_updates():
         weighted_average([({"a": np.zeros(1)}, 1), ({"b": np.zeros(1)}, 1)])
     with pytest.raises(AggregationError, match="no hospital reported any training examples"):
         weighted_average([({"a": np.zeros(1)}, 0)])
+
+
+def test_server_optimizer_is_fedavg_by_default_and_fedavgm_otherwise():
+    current = {"w": np.array([1.0, 1.0], dtype=np.float32), "bn.running_mean": np.array([0.0], dtype=np.float32),
+               "bn.num_batches_tracked": np.array(4, dtype=np.int64)}
+    average = {"w": np.array([2.0, 0.0], dtype=np.float32), "bn.running_mean": np.array([3.0], dtype=np.float32),
+               "bn.num_batches_tracked": np.array(9, dtype=np.int64)}
+    plain = ServerOptimizer().step(current, average, "finetune")
+    assert all(np.array_equal(plain[k], average[k]) for k in average)
+
+    opt = ServerOptimizer(lr=2.0, momentum=0.5)
+    first = opt.step(current, average, "finetune")
+    assert first["w"].tolist() == [3.0, -1.0]  # w + 2 * (avg - w)
+    assert first["bn.running_mean"].tolist() == [3.0] and int(first["bn.num_batches_tracked"]) == 9  # statistics: averaged
+    second = opt.step(first, {**average, "w": first["w"] + np.float32(1.0)}, "finetune")
+    assert second["w"].tolist() == [3.0 + 2 * (0.5 * 1.0 + 1.0), -1.0 + 2 * (0.5 * -1.0 + 1.0)]  # v = 0.5 v + delta
+    after_phase = opt.step(current, average, "ssl")  # a new phase starts without velocity
+    assert after_phase["w"].tolist() == [3.0, -1.0]
+    with pytest.raises(ValueError, match="momentum in"):
+        ServerOptimizer(momentum=1.0)
 
 
 def test_temperature_is_fitted_on_the_summed_held_out_nll_and_baked_into_the_classifier():

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -115,3 +116,40 @@ def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
     assert abs(gap[training.LOSS_BALANCED_SOFTMAX]) < 0.3
     with pytest.raises(ConfigError, match="finetune-loss"):
         training.train_supervised(FedSSLModel(num_classes=2), images, labels, loss="focal")
+
+
+def test_kept_optimizer_moments_make_two_rounds_one_uninterrupted_run(data):
+    """keep-optimizer-state: a round that resumes the AdamW moments (through safetensors, as a
+    hospital's state directory keeps them) continues exactly where the previous round stopped;
+    a fresh optimizer does not."""
+    from fedssl_core import weights
+
+    images, labels = data.train_images[:48], data.train_labels[:48]
+    start = FedSSLModel(num_classes=len(data.class_names))
+
+    def rounds(steps_each: int, count: int, carry: bool) -> torch.Tensor:
+        model = FedSSLModel(num_classes=len(data.class_names))
+        model.load_state_dict(start.state_dict())
+        kept: dict | None = {} if carry else None
+        for r in range(count):  # the whole split is one batch: every step sees the same examples
+            training.train_supervised(model, images, labels, mode="linear", batch_size=64, seed=r, optimizer_state=kept,
+                                      schedule=training.Schedule(lr=0.05, steps=steps_each, offset=r * steps_each))
+            if carry:
+                kept = {"adamw": weights.from_bytes(weights.to_bytes(kept["adamw"]))}
+        return model.classifier.weight.detach().clone()
+
+    one_run = rounds(6, 1, carry=True)
+    assert torch.allclose(rounds(3, 2, carry=True), one_run, atol=1e-5)
+    assert not torch.allclose(rounds(3, 2, carry=False), one_run, atol=1e-3)  # a fresh AdamW restarts its moments
+
+
+def test_moments_of_another_model_are_refused_with_the_entry_named(data):
+    model = FedSSLModel(num_classes=len(data.class_names))
+    kept: dict = {}
+    training.train_supervised(model, data.train_images[:16], data.train_labels[:16], mode="linear", batch_size=16,
+                              schedule=training.Schedule(steps=1), optimizer_state=kept)
+    other = FedSSLModel(num_classes=len(data.class_names) + 1)
+    message = "optimizer state entry '0.exp_avg' has shape (7, 512), its parameter (8, 512): it belongs to another model"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        training.train_supervised(other, data.train_images[:16], data.train_labels[:16], mode="linear", batch_size=16,
+                                  schedule=training.Schedule(steps=1), optimizer_state=kept)
