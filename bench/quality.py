@@ -57,7 +57,7 @@ from fedssl_flower import local, records, training
 from fedssl_flower.config import RunConfig
 from fedssl_flower.data import HospitalData, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
-from fedssl_flower.strategy import weighted_average
+from fedssl_flower.strategy import ServerOptimizer, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
@@ -197,26 +197,31 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
-             cfg: RunConfig, task: str) -> dict:
+             cfg: RunConfig, task: str, bn_diagnostic: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
-    round from the global shared groups (through the wire encoding) and keep their private heads."""
+    round from the global shared groups (through the wire encoding) and keep their private heads.
+    `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
+    over every site's training images (what a statistics-only round would give)."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
     hospitals = [copy.deepcopy(server) for _ in ssl_sites]
+    moments = [{} if cfg.keep_optimizer_state else None for _ in ssl_sites]  # each hospital's AdamW, kept
     curve, comm, ssl_probe = [], [], None
+    optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
         updates, traffic = [], {}
-        for site, model in zip(sites, hospitals):
+        for site, model, kept in zip(sites, hospitals, moments):
             down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd)
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept)
             up, received = wire(records.state_arrays(model.state_dict(), shared), cfg.update_encoding)
             updates.append((up, m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
-        for key, value in weighted_average(updates).items():
+        average = weighted_average(updates)
+        for key, value in optimizer.step({k: state[k].numpy() for k in average}, average, phase).items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
         server.load_state_dict(state)
@@ -224,7 +229,12 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
         if phase == names.PHASE_FINETUNE:
             curve.append({"round": rnd, **headline(scores(server, test))})
+            if bn_diagnostic:  # the same model with BatchNorm statistics recomputed over every site's images
+                recal = copy.deepcopy(server)
+                training.recompute_batchnorm(recal, pooled_data(ssl_sites).train_images)
+                curve[-1]["bn_recomputed"] = headline(scores(recal, test))
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
+                                              + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
         return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm}
@@ -237,9 +247,10 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
     cfg = dataclasses.replace(cfg, local_steps=steps_per_round)
     model = fresh_model(cfg, len(test.class_names))
     curve, ssl_probe = [], None
+    moments = {} if cfg.keep_optimizer_state else None
     for phase, rnd in schedule(cfg):
         data = ssl_data if phase == names.PHASE_SSL else ft_data
-        local.train_round(model, data, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd)
+        local.train_round(model, data, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, moments)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(model, ft_data, val, cfg)
         if phase == names.PHASE_FINETUNE:
@@ -249,7 +260,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
-            base: RunConfig) -> dict:
+            base: RunConfig, bn_diagnostic: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -279,7 +290,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR)
+        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic)
     out.update({"arm": spec, "label_fraction": fraction, "labelled_train_images": sum(len(s.train_labels) for s in labelled),
                 "seed": seed, "seconds": time.perf_counter() - t0,
                 "config": {k: v for k, v in cfg.as_dict().items() if k not in ("registry-url", "runs-dir", "data-warning")}})
@@ -287,11 +298,20 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
 
 
 # ---------------------------------------------------------------------------- output
+def key(run: dict) -> tuple:
+    """What a rerun replaces: the same arm, seed, evaluation split and label."""
+    return run["arm"], run["seed"], run.get("eval", "test"), run.get("label", "")
+
+
+def arm_name(run: dict) -> str:
+    return run["arm"] + (f" [{run['label']}]" if run.get("label") else "")
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Mean and sample standard deviation over seeds, per arm."""
+    """Mean and sample standard deviation over seeds, per arm (and label)."""
     out = {}
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        vals = [r for r in runs if r["arm"] == arm]
+    for arm in dict.fromkeys(arm_name(r) for r in runs):
+        vals = [r for r in runs if arm_name(r) == arm]
         out[arm] = {"seeds": [r["seed"] for r in vals], "minutes": statistics.mean(r["seconds"] for r in vals) / 60}
         for k in (*HEADLINE, "ece", "ece_temperature_scaled"):
             xs = [float(r["test"][k]) for r in vals if r["test"].get(k) is not None]
@@ -329,9 +349,15 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--lr-schedule", default=training.SCHEDULE_COSINE, choices=training.LR_SCHEDULES)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--keep-optimizer-state", default="true", choices=("true", "false"),
+                    help="hospitals (and pooled training) keep their fine-tuning AdamW moments across rounds")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="the aggregator's step on the averaged update (1 = FedAvg)")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="server heavy-ball momentum (FedAvgM)")
     ap.add_argument("--finetune-loss", default=training.LOSS_BALANCED_SOFTMAX, choices=training.FINETUNE_LOSSES)
     ap.add_argument("--max-images-per-site", type=int, default=0, help="cap per site before the split (0 = all; for smoke runs)")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FEDSSL_HOME", ".fedssl")) / "cache")
+    ap.add_argument("--label", default="", help="names a variant (e.g. a lever under test): runs are keyed by arm, seed, eval and label")
+    ap.add_argument("--bn-diagnostic", action="store_true", help="federated arms: also score every round with BatchNorm statistics recomputed")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -360,7 +386,8 @@ def main() -> None:
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
                      pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
                      local_steps=args.local_steps, lr=args.lr, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
-                     weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, finetune_mode=training.FINETUNE_FULL,
+                     weight_decay=args.weight_decay, finetune_loss=args.finetune_loss,
+                     keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
                      local_baseline=False)
     base.validate()
     t0 = time.perf_counter()
@@ -377,12 +404,13 @@ def main() -> None:
     for spec in specs:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
-            r = run_arm(spec, seed, sites, vals, test, base)
-            r["eval"] = args.eval
+            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic)
+            r["eval"], r["label"] = args.eval, args.label
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds"))
+                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic"))
+                            + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
                             + f" --arms {spec} --seeds {seed}")
-            runs = [x for x in runs if (x["arm"], x["seed"], x.get("eval", "test")) != (spec, seed, args.eval)] + [r]
+            runs = [x for x in runs if key(x) != key(r)] + [r]
             t = r["test"]
             print(f"  balanced accuracy {t[names.M_BALANCED_ACCURACY]:.3f}, macro AUC {t[names.M_MACRO_AUC]:.3f}, "
                   f"accuracy {t[names.M_ACCURACY]:.3f}, ECE {t.get('ece', float('nan')):.3f} ({r['seconds'] / 60:.1f} min)", flush=True)
