@@ -87,7 +87,7 @@ def quality(q: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in ("federated", "pooled", "no-ssl", "random"):
-        curves = [r["curve"] for r in runs if r["arm"] == arm and r.get("curve")]
+        curves = [r["curve"] for r in runs if r["arm"] == arm and r.get("curve") and not r.get("label")]  # labelled runs are variants
         if curves:
             rounds = [c["round"] for c in curves[0]]
             ax.plot(rounds, [statistics.mean(c[i]["balanced_accuracy"] for c in curves) for i in range(len(rounds))],
