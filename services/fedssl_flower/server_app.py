@@ -346,7 +346,7 @@ class Aggregator:
     def _recipe(self) -> dict:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
-                "lr", "finetune-lr", "lr-schedule", "weight-decay", "finetune-loss", "finetune-mode", "share", "server-lr", "server-momentum", "update-encoding", "seed")
+                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "finetune-mode", "share", "server-lr", "server-momentum", "update-encoding", "seed")
         config = self.cfg.as_dict()
         return {k: config[k] for k in keep} | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}}
 
