@@ -112,9 +112,7 @@ def _moments(context: Context, key: str, cfg: RunConfig, phase: str) -> dict | N
 
 def _keep_moments(context: Context, key: str, carried: dict | None) -> None:
     if carried and carried.get("adamw"):
-        path = _state_path(context, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        weights.save_file(path, carried["adamw"])
+        weights.save_file(_state_path(context, key), carried["adamw"])  # atomic_write creates the folder
 
 
 def _info(name: str, task: str, data: HospitalData) -> dict:
