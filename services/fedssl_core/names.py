@@ -76,7 +76,8 @@ M_SETUP_SECONDS = "setup_seconds"  # run config + hospital data (decode cache) l
 M_COMPUTE_SECONDS = "compute_seconds"  # local training of the federated model
 M_BASELINE_SECONDS = "baseline_seconds"  # local training of the local-only baseline
 M_HANDLER_SECONDS = "handler_seconds"  # the whole train handler, (de)serialisation included
-TIMING_KEYS = (M_STARTUP_SECONDS, M_SETUP_SECONDS, M_COMPUTE_SECONDS, M_BASELINE_SECONDS, M_HANDLER_SECONDS)
+M_EVALUATE_SECONDS = "evaluate_seconds"  # scoring the received global model (and the baseline)
+TIMING_KEYS = (M_STARTUP_SECONDS, M_SETUP_SECONDS, M_COMPUTE_SECONDS, M_BASELINE_SECONDS, M_HANDLER_SECONDS, M_EVALUATE_SECONDS)
 LOCAL_ONLY_PREFIX = "local_only_"  # a hospital's local-only model: local_only_balanced_accuracy…
 
 # --- Environment variables shared across services ----------------------------------

@@ -138,6 +138,9 @@ def train(msg: Message, context: Context) -> Message:
 
     model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
     records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
+    # The received model is the previous round's global model: score it here, before training,
+    # so a round costs one exchange (and one ClientApp process) instead of two.
+    evaluation = _evaluation(context, model, cfg, data, instr)
     t0 = time.perf_counter()
     moments = _moments(context, records.STATE_OPTIMIZER, cfg, phase)
     metrics = local.train_round(model, data, task, phase, cfg, seed, rnd, moments)
@@ -157,6 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         records.WEIGHTS: records.to_array_record(records.state_arrays(model.state_dict(), shared), cfg.update_encoding),
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
+        **evaluation,
     })
     if cfg.local_baseline:
         t0 = time.perf_counter()
@@ -173,21 +177,37 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Score the aggregated global model (and the local-only baseline) on local held-out data."""
-    cfg, name, task, data = _setup(context)
-    phase = str(msg.content[records.CONFIG]["phase"])
-    model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
-    records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
-    _keep(context, records.STATE_MODEL, model)  # next round starts from the global model
-    content = RecordDict({
-        records.METRICS: records.to_metric_record(local.score(model, data, phase, cfg)),
-        records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
-    })
+def _evaluation(context: Context, model: FedSSLModel, cfg: RunConfig, data: HospitalData, instr) -> dict:
+    """Scores of the global `model` (and of the local-only baseline as it stands) on the
+    held-out split, as reply records, when the message asks for them (`evaluate-phase`: the
+    phase of the round that produced the model); {} otherwise."""
+    if "evaluate-phase" not in instr:
+        return {}
+    t0 = time.perf_counter()
+    phase = str(instr["evaluate-phase"])
+    scores = local.score(model, data, phase, cfg)
+    out = {}
     if cfg.local_baseline and _has_model(context, records.STATE_LOCAL_ONLY):
         baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
-        content[records.LOCAL_METRICS] = records.to_metric_record(local.score(baseline, data, phase, cfg))
+        out[records.LOCAL_EVAL_METRICS] = records.to_metric_record(local.score(baseline, data, phase, cfg))
+    scores[names.M_EVALUATE_SECONDS] = time.perf_counter() - t0
+    out[records.EVAL_METRICS] = records.to_metric_record(scores)
+    return out
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the aggregated global model (and the local-only baseline) on local held-out data:
+    the run's last model (every other global model is scored by the next round's train message)."""
+    cfg, name, task, data = _setup(context)
+    instr = msg.content[records.CONFIG]
+    model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
+    records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
+    _keep(context, records.STATE_MODEL, model)
+    content = RecordDict({
+        records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
+        **_evaluation(context, model, cfg, data, instr),
+    })
     return Message(content, reply_to=msg)
 
 

@@ -22,8 +22,10 @@ from . import compression
 # RecordDict keys of fedssl messages.
 WEIGHTS = "weights"  # ArrayRecord: the model groups sent or returned
 CONFIG = "config"  # ConfigRecord: instructions (server → hospital)
-METRICS = "metrics"  # MetricRecord: the global model's training/evaluation metrics
+METRICS = "metrics"  # MetricRecord: the round's local training metrics
 LOCAL_METRICS = "local_only_metrics"  # MetricRecord: the hospital's local-only model
+EVAL_METRICS = "eval_metrics"  # MetricRecord: the received global model scored on held-out data
+LOCAL_EVAL_METRICS = "local_only_eval_metrics"  # MetricRecord: the local-only model scored likewise
 INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
 
 # Names of the hospital's private models (files in its state directory, see client_app).

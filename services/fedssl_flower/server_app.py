@@ -1,10 +1,14 @@
 """The aggregator: a Flower ServerApp running federated SSL rounds, then federated fine-tuning.
 
 The round loop talks to hospitals only through Messages; the averaging is `strategy`, the
-metrics `metrics`, the bookkeeping `outputs` (run folder) and `registry_client`. Each
-round: train (hospitals return only the shared groups) → aggregate → evaluate the global
-model at every hospital (and each hospital's local-only baseline) → write the run folder
-→ register the global model with its lineage.
+metrics `metrics`, the bookkeeping `outputs` (run folder) and `registry_client`. One exchange
+per round: the train message carries the previous round's global model, which each hospital
+scores on its held-out split (with its local-only baseline) before it trains; the replies
+bring those scores and the update (only the shared groups). So each round: finish the
+previous round's record (run folder, registry metrics, model version with its lineage) →
+aggregate this round's updates. The last model is scored by one evaluate exchange at the end.
+Two exchanges per round would pay Flower's fixed cost (a ClientApp process per message, the
+model through the SuperLink) twice.
 
 Environment of the SuperLink (inherited by this process): FEDSSL_REGISTRY_URL,
 FEDSSL_REGISTRY_TOKEN, FEDSSL_RUNS_DIR.
@@ -48,6 +52,25 @@ app = ServerApp()
 
 class RunFailed(FedSSLError, RuntimeError):
     """The federation cannot go on (too few hospitals, hospitals failing at start-up)."""
+
+
+@dataclass
+class Trained:
+    """A round whose global model is aggregated but not yet scored: hospitals score it when the
+    next round's train message brings it (or in the run's final evaluation)."""
+
+    phase: str
+    round: int
+    total: int
+    state: dict[str, torch.Tensor]  # the global model after this round
+    per_hospital: dict[str, dict]  # training metrics by hospital
+    examples: dict[str, int]  # training examples by hospital that trained
+    failed: list[str]
+    bytes_sent: int
+    bytes_received: int
+    train_seconds: float
+    aggregate_seconds: float
+    seconds: float  # the round's wall time, its registration excluded
 
 
 @dataclass
@@ -263,11 +286,6 @@ class Aggregator:
         model = FedSSLModel(self.cfg.arch, num_classes=len(self.class_names), pretrained=self.cfg.pretrained)
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def _arrays_for(self, node: int, phase: str) -> dict:
-        if node not in self.nodes_with_model:
-            return records.state_arrays(self.state)  # first contact: the whole model
-        return records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
-
     # ---------------------------------------------------------------- registry
     def _data_facts(self) -> tuple[str, bool]:
         sources = sorted({h.audit.get("data_source", "?") for h in self.hospitals.values()})
@@ -303,7 +321,7 @@ class Aggregator:
             "error": error,
         }
 
-    def _register(self, phase: str, rnd: int, aggregated: dict, hospitals: list[str]) -> None:
+    def _register(self, state: dict[str, torch.Tensor], phase: str, rnd: int, aggregated: dict, hospitals: list[str]) -> None:
         if self.registry is None:
             return
         source, synthetic = self._data_facts()
@@ -323,13 +341,13 @@ class Aggregator:
             meta = {"fedssl.arch": self.cfg.arch, "fedssl.task": task, "fedssl.num_classes": str(len(self.class_names)),
                     "fedssl.image_size": str(self.cfg.image_size), "fedssl.run_id": self.run_id,
                     "fedssl.round": str(rnd), "fedssl.phase": phase}
-            state = select_groups(self.state, TASK_GROUPS[task])
+            served = select_groups(state, TASK_GROUPS[task])
             calibration = None
             if task == names.TASK_CLASSIFICATION:
-                state, calibration = _temperature_scaled(state, aggregated)
+                served, calibration = _temperature_scaled(served, aggregated)
                 if calibration:
                     meta["fedssl.temperature"] = str(calibration["temperature"])
-            blob = weights.to_bytes(state, meta)
+            blob = weights.to_bytes(served, meta)
             tags = {"phase": phase, "round": str(rnd), "ssl_tasks": ",".join(sorted({h.ssl_task for h in self.hospitals.values()}))}
             if self.warnings:
                 tags["warning"] = " | ".join(self.warnings)
@@ -359,26 +377,67 @@ class Aggregator:
                 "wall_seconds": round(time.monotonic() - self.t_start, 1)}
 
     # ---------------------------------------------------------------- rounds
-    def _round(self, phase: str, rnd: int, total: int) -> dict:
+    def _messages(self, nodes: list[int], message_type: str, config: dict, phases: tuple[str, ...],
+                  group_id: str) -> tuple[list[Message], int]:
+        """One message per node with the global model's groups that `phases` share (the whole
+        model at first contact) and `config`; returns them and the bytes of their weights."""
+        enc = self.cfg.update_encoding
+        msgs, sent = [], 0
+        for n in nodes:
+            if n in self.nodes_with_model:
+                groups = tuple(dict.fromkeys(g for p in phases for g in training.shared_groups(p, self.cfg.share, self.cfg.finetune_mode)))
+                arrays = records.state_arrays(self.state, groups)
+            else:
+                arrays = records.state_arrays(self.state)
+            content = RecordDict({records.WEIGHTS: records.to_array_record(arrays, enc), records.CONFIG: records.config_record(config)})
+            sent += content[records.WEIGHTS].count_bytes()
+            msgs.append(Message(content, dst_node_id=n, message_type=message_type, group_id=group_id))
+        return msgs, sent
+
+    def _evaluations(self, replies: dict[int, Message], trained: Trained) -> tuple[dict[str, dict], dict[str, int]]:
+        """The held-out scores of `trained`'s global model in `replies`, by hospital, and each
+        hospital's number of held-out images."""
+        scores, test_examples = {}, {}
+        for node, reply in sorted(replies.items()):
+            name = self.hospitals[node].name
+            if reply.has_error() or records.EVAL_METRICS not in reply.content:
+                continue  # a failed reply is reported with the round it trained for
+            m = records.from_metric_record(reply.content[records.EVAL_METRICS], len(self.class_names))
+            m["test_loss"] = m.pop(names.M_LOSS, None)
+            if records.LOCAL_EVAL_METRICS in reply.content:
+                local = records.from_metric_record(reply.content[records.LOCAL_EVAL_METRICS], len(self.class_names))
+                for k in (names.M_ACCURACY, names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_F1, names.M_CONFUSION_MATRIX):
+                    if k in local:
+                        m[names.LOCAL_ONLY_PREFIX + k] = local[k]
+            scores[name] = m
+            test_examples[name] = int(m.get(names.M_TEST_EXAMPLES, 0))
+        for node in sorted(set(self.hospitals) & set(replies)):
+            if self.hospitals[node].name not in scores and not replies[node].has_error():
+                log.warning("hospital %s sent no evaluation of %s round %d", self.hospitals[node].name, trained.phase, trained.round)
+        return scores, test_examples
+
+    def _round(self, phase: str, rnd: int, total: int, previous: Trained | None) -> Trained:
+        """Train round `rnd`: one exchange whose messages carry the previous round's global
+        model, which every hospital scores before it trains (so that round's record is
+        finished here), and whose replies are averaged into this round's global model."""
         t0 = time.monotonic()
         nodes = sorted(self._node_ids())
         self._describe(nodes, strict=False)
         nodes = [n for n in nodes if n in self.hospitals]
-        enc = self.cfg.update_encoding
-        config = {"phase": phase, "round": rnd}
-        msgs, bytes_sent = [], 0
-        for n in nodes:
-            content = RecordDict({records.WEIGHTS: records.to_array_record(self._arrays_for(n, phase), enc),
-                                  records.CONFIG: records.config_record(config)})
-            bytes_sent += content[records.WEIGHTS].count_bytes()
-            msgs.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=f"{phase}-{rnd}"))
+        config: dict[str, Any] = {"phase": phase, "round": rnd}
+        phases: tuple[str, ...] = (phase,)
+        if previous is not None:
+            config |= {"evaluate-phase": previous.phase, "evaluate-round": previous.round}
+            phases = (phase, previous.phase)
+        msgs, bytes_sent = self._messages(nodes, MessageType.TRAIN, config, phases, f"{phase}-{rnd}")
         t_send = time.monotonic()
         replies, missing = self._exchange(msgs)
         t_train = time.monotonic() - t_send
+        if previous is not None:
+            self._finish(previous, *self._evaluations(replies, previous), evaluated_in=f"{phase} round {rnd}")
 
         updates, per_hospital, examples, failed = [], {}, {}, []
         bytes_received = 0
-        trained: list[int] = []
         for node, reply in sorted(replies.items()):
             name = self.hospitals[node].name
             if reply.has_error():
@@ -386,7 +445,7 @@ class Aggregator:
                 log.warning("hospital %s failed %s round %d: %s", name, phase, rnd, reply.error.reason)
                 continue
             bytes_received += reply.content[records.WEIGHTS].count_bytes()
-            arrays = records.from_array_record(reply.content[records.WEIGHTS], enc)
+            arrays = records.from_array_record(reply.content[records.WEIGHTS], self.cfg.update_encoding)
             m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
             n_ex = int(m.get(names.M_EXAMPLES, 0))
             updates.append((arrays, n_ex))
@@ -396,7 +455,6 @@ class Aggregator:
                 local = records.from_metric_record(reply.content[records.LOCAL_METRICS], len(self.class_names))
                 per_hospital[name][names.LOCAL_ONLY_PREFIX + names.M_LOSS] = local.get(names.M_LOSS)
             self.nodes_with_model.add(node)
-            trained.append(node)
         failed += [self.hospitals[n].name for n in missing]
         if len(updates) < self.cfg.min_hospitals:
             raise RunFailed(
@@ -411,74 +469,70 @@ class Aggregator:
         for key, value in self.server_optimizer.step(current, average, phase).items():
             self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
+        return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed,
+                       bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0)
 
-        # Evaluate the new global model at the hospitals that trained this round.
-        shared = records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
-        eval_msgs = []
-        for n in trained:
-            content = RecordDict({records.WEIGHTS: records.to_array_record(shared, enc),
-                                  records.CONFIG: records.config_record(config)})
-            bytes_sent += content[records.WEIGHTS].count_bytes()
-            eval_msgs.append(Message(content, dst_node_id=n, message_type=MessageType.EVALUATE, group_id=f"{phase}-{rnd}-eval"))
+    def _final_evaluation(self, trained: Trained) -> None:
+        """Score the run's last global model: an exchange of its own, as no round follows."""
+        nodes = sorted(self._node_ids())
+        self._describe(nodes, strict=False)
+        nodes = [n for n in nodes if n in self.hospitals]
+        config = {"phase": trained.phase, "round": trained.round, "evaluate-phase": trained.phase, "evaluate-round": trained.round}
+        msgs, sent = self._messages(nodes, MessageType.EVALUATE, config, (trained.phase,), f"{trained.phase}-{trained.round}-eval")
         t_eval = time.monotonic()
-        test_examples = {}
-        eval_replies, eval_missing = self._exchange(eval_msgs)
-        for n in eval_missing:
-            log.warning("hospital %s did not answer the evaluation of %s round %d", self.hospitals[n].name, phase, rnd)
-        for node, reply in sorted(eval_replies.items()):
-            name = self.hospitals[node].name
-            if reply.has_error():
-                log.warning("hospital %s failed to evaluate %s round %d: %s", name, phase, rnd, reply.error.reason)
-                continue
-            m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
-            m["test_loss"] = m.pop(names.M_LOSS, None)
-            per_hospital[name].update(m)
-            test_examples[name] = int(m.get(names.M_TEST_EXAMPLES, 0))
-            if records.LOCAL_METRICS in reply.content:
-                local = records.from_metric_record(reply.content[records.LOCAL_METRICS], len(self.class_names))
-                for k in (names.M_ACCURACY, names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_F1, names.M_CONFUSION_MATRIX):
-                    if k in local:
-                        per_hospital[name][names.LOCAL_ONLY_PREFIX + k] = local[k]
+        replies, missing = self._exchange(msgs)
         t_eval = time.monotonic() - t_eval
+        for n in missing:
+            log.warning("hospital %s did not answer the evaluation of %s round %d", self.hospitals[n].name, trained.phase, trained.round)
+        for node, reply in sorted(replies.items()):
+            if reply.has_error():
+                log.warning("hospital %s failed to evaluate %s round %d: %s", self.hospitals[node].name, trained.phase,
+                            trained.round, reply.error.reason)
+        trained.bytes_sent += sent
+        self._finish(trained, *self._evaluations(replies, trained), evaluated_in="a final evaluation", evaluate_seconds=t_eval)
 
-        train_keys = {names.M_LOSS, names.M_FINETUNE_LOSS, names.ssl_loss_key(names.SSL_SIMCLR),
-                      names.ssl_loss_key(names.SSL_ROTATION), names.M_EXAMPLES, names.LOCAL_ONLY_PREFIX + names.M_LOSS,
-                      *names.TIMING_KEYS}
-        train_part = {h: {k: v for k, v in m.items() if k in train_keys} for h, m in per_hospital.items()}
-        eval_part = {h: {k: v for k, v in m.items() if k not in train_keys and not (k.startswith(names.LOCAL_ONLY_PREFIX) and isinstance(v, list))}
-                     for h, m in per_hospital.items()}
-        aggregated = aggregate_metrics(train_part, examples, self.class_names)
+    def _finish(self, t: Trained, scores: dict[str, dict], test_examples: dict[str, int], *, evaluated_in: str,
+                evaluate_seconds: float = 0.0) -> dict:
+        """Round `t`'s record, now that its global model is scored: the run folder, the
+        registry's round metrics and model versions, the progress line."""
+        per_hospital = {h: dict(m) for h, m in t.per_hospital.items()}
+        for h, m in scores.items():
+            per_hospital.setdefault(h, {}).update(m)
+        eval_part = {h: {k: v for k, v in m.items() if not (k.startswith(names.LOCAL_ONLY_PREFIX) and isinstance(v, list))}
+                     for h, m in scores.items()}
+        aggregated = aggregate_metrics(t.per_hospital, t.examples, self.class_names)
         aggregated.update(aggregate_metrics(eval_part, test_examples, self.class_names))
         # Per-SSL-task losses average over the hospitals running that task only.
         for task in names.SSL_TASKS:
             key = names.ssl_loss_key(task)
-            vals = [(m[key], examples[h]) for h, m in per_hospital.items() if m.get(key) is not None]
+            vals = [(m[key], t.examples[h]) for h, m in t.per_hospital.items() if m.get(key) is not None]
             if vals and sum(w for _, w in vals):
                 aggregated[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
 
-        duration = time.monotonic() - t0
+        phase, rnd = t.phase, t.round
         record = {
             "phase": phase, "round": rnd, "aggregated": aggregated, "hospitals": per_hospital,
-            "examples": examples, "failed_hospitals": failed, "duration_seconds": duration,
-            "bytes_sent": bytes_sent, "bytes_received": bytes_received,
-            "timing": {"train_seconds": t_train, "aggregate_seconds": t_agg, "evaluate_seconds": t_eval},
+            "examples": t.examples, "failed_hospitals": t.failed, "duration_seconds": t.seconds + evaluate_seconds,
+            "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
+            "timing": {"train_seconds": t.train_seconds, "aggregate_seconds": t.aggregate_seconds,
+                       "evaluate_seconds": evaluate_seconds, "evaluated_in": evaluated_in},
         }
-        self.folder.save_weights(phase, rnd, self.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
-                                                          "fedssl.run_id": self.run_id})
+        self.folder.save_weights(phase, rnd, t.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
+                                                       "fedssl.run_id": self.run_id})
         t_reg = time.monotonic()
         try:
             if self.registry is not None:
                 self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
                                                                               "duration_seconds", "bytes_sent", "bytes_received")})
-            self._register(phase, rnd, aggregated, sorted(per_hospital))
+            self._register(t.state, phase, rnd, aggregated, sorted(t.examples))
         finally:  # the round is on disk even when the registry is unreachable
             record["timing"]["register_seconds"] = time.monotonic() - t_reg
             self.folder.append_round(record)
         self.history.append(record)
         loss = aggregated.get(names.M_FINETUNE_LOSS if phase == names.PHASE_FINETUNE else names.M_LOSS)
         _progress("phase=%s round=%d/%d hospitals=%d loss=%s balanced_accuracy=%s macro_auc=%s (%.1fs)",
-                  phase, rnd, total, len(per_hospital), _fmt(loss), _fmt(aggregated.get(names.M_BALANCED_ACCURACY)),
-                  _fmt(aggregated.get(names.M_MACRO_AUC)), duration)
+                  phase, rnd, t.total, len(t.examples), _fmt(loss), _fmt(aggregated.get(names.M_BALANCED_ACCURACY)),
+                  _fmt(aggregated.get(names.M_MACRO_AUC)), t.seconds + evaluate_seconds)
         return record
 
     # ---------------------------------------------------------------- resume
@@ -539,11 +593,15 @@ class Aggregator:
             schedule = [s for s in schedule if (order[s[0]], s[1]) > (order[start[0]], start[1])]
             _progress("run %s: %d SSL + %d fine-tune rounds, %d hospitals (%s)", self.run_id, self.cfg.ssl_rounds,
                       self.cfg.finetune_rounds, len(self._hospital_names()), ", ".join(self._hospital_names()))
+            trained = None
             for phase, rnd, total in schedule:
-                self._round(phase, rnd, total)
-                self.folder.write_summary(self.summary("running"))
-                if self.registry is not None:
-                    self.registry.put_run(self.run_id, self._run_body("running"))
+                trained = self._round(phase, rnd, total, trained)
+                if self.history:
+                    self.folder.write_summary(self.summary("running"))
+                    if self.registry is not None:
+                        self.registry.put_run(self.run_id, self._run_body("running"))
+            if trained is not None:
+                self._final_evaluation(trained)
             if self.registry is not None:
                 for model_name, version in self.registered.items():
                     self.registry.set_alias(model_name, self.cfg.production_alias, version)

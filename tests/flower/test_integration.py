@@ -18,10 +18,11 @@ def finished_run(tmp_path_factory, ham10000_dir):
     with P.cluster(work) as c:
         registry = P.start_registry(c, work / "registry")
         _, port = P.start_superlink(c, registry=registry)
+        nodes = []
         for i, task in enumerate(names.SSL_TASKS):
-            P.start_supernode(c, port, f"node-{task}", P.node_config(
+            nodes.append(P.start_supernode(c, port, f"node-{task}", P.node_config(
                 hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
-                                                "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")}))
+                                                "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")})))
         result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5", "local-steps=2",
                           "batch-size=32")
         assert result.returncode == 0, result.stdout + result.stderr + c.logs()
@@ -36,6 +37,7 @@ def finished_run(tmp_path_factory, ham10000_dir):
             state["prediction"] = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict",
                                             files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
             state["rounds_csv"] = http.get(f"/v1/runs/{state['runs'][0]['run_id']}/rounds.csv").text
+        state["messages_received"] = [node.text().count("Received successfully") for node in nodes]
         yield result, work, state
 
 
@@ -44,6 +46,18 @@ def test_progress_is_printed(finished_run):
     assert "phase=ssl round=1/1 hospitals=2" in result.stdout
     assert "phase=finetune round=1/1 hospitals=2" in result.stdout
     assert "finished: completed" in result.stdout
+
+
+def test_each_round_is_one_exchange(finished_run):
+    """A hospital gets one message per round, which also scores the previous round's global
+    model, and one final evaluation: describe + 2 rounds + 1 = 4 messages, not 6."""
+    _, work, state = finished_run
+    assert state["messages_received"] == [4, 4]
+    (run_dir,) = (work / "runs").iterdir()
+    history = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["timing"]["evaluated_in"] for r in history] == ["finetune round 1", "a final evaluation"]
+    for r in history:  # every round's global model was scored at both hospitals
+        assert all(names.M_TEST_EXAMPLES in m and names.M_EXAMPLES in m for m in r["hospitals"].values()), r["hospitals"]
 
 
 def test_run_folder_has_metrics_weights_and_summary(finished_run):

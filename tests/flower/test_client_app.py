@@ -1,0 +1,65 @@
+"""The hospital's handlers called as Flower calls them: a ClientApp, a Message, a Context
+(the process around them is covered by the integration tests)."""
+
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedssl_core import names
+from fedssl_core.models import FedSSLModel
+from fedssl_flower import client_app, records
+
+RUN_CONFIG = {"arch": "resnet18", "pretrained": False, "image-size": 32, "batch-size": 16, "local-steps": 2,
+              "ssl-rounds": 0, "finetune-rounds": 3, "local-baseline": True, "keep-optimizer-state": True}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower's ClientApp process sets before it builds Messages."""
+    for key, value in {"_run_id": 3, "_node_id": 1, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def message(state, message_type, **config):
+    content = RecordDict({records.WEIGHTS: records.to_array_record(records.state_arrays(state)),
+                          records.CONFIG: records.config_record(config)})
+    return Message(content, dst_node_id=1, message_type=message_type, group_id="test")
+
+
+def reply_state(reply):
+    return {k: torch.from_numpy(v.copy()) for k, v in records.from_array_record(reply.content[records.WEIGHTS]).items()}
+
+
+def test_a_train_message_scores_the_global_model_it_brings_before_training(tmp_path, ham10000_dir):
+    """One exchange per round: the train message of round r carries round r-1's global model,
+    and the hospital's reply scores exactly that model (the same scores an evaluate message
+    with it gets), then the update trained from it."""
+    ctx = Context(run_id=3, node_id=1, state=RecordDict(), run_config=RUN_CONFIG, node_config={
+        "hospital": "h", "ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 80,
+        "cache-dir": str(tmp_path / "cache"), "threads": 1})
+    torch.manual_seed(0)
+    initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
+
+    first = client_app.app(message(initial, MessageType.TRAIN, phase="finetune", round=1), ctx)
+    assert not first.has_error(), first.error
+    assert records.EVAL_METRICS not in first.content  # round 1: no previous global model to score
+    assert records.METRICS in first.content and records.LOCAL_METRICS in first.content
+
+    global_1 = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in reply_state(first).items()}
+    second = client_app.app(message(global_1, MessageType.TRAIN, phase="finetune", round=2, **{
+        "evaluate-phase": "finetune", "evaluate-round": 1}), ctx)
+    assert not second.has_error(), second.error
+    scored = records.from_metric_record(second.content[records.EVAL_METRICS], len(names.HAM10000_CLASSES))
+    assert scored[names.M_TEST_EXAMPLES] > 0 and 0 <= scored[names.M_BALANCED_ACCURACY] <= 1
+    assert records.LOCAL_EVAL_METRICS in second.content  # the local-only baseline trained in round 1
+    trained = reply_state(second)
+    assert any(not torch.equal(trained[k], global_1[k]) for k in trained if trained[k].is_floating_point())
+
+    alone = client_app.app(message(global_1, MessageType.EVALUATE, phase="finetune", round=1, **{
+        "evaluate-phase": "finetune", "evaluate-round": 1}), ctx)
+    assert not alone.has_error(), alone.error
+    again = records.from_metric_record(alone.content[records.EVAL_METRICS], len(names.HAM10000_CLASSES))
+    for key in (names.M_CONFUSION_MATRIX, names.M_TEST_EXAMPLES):
+        assert again[key] == scored[key]
+    assert abs(again["loss"] - scored["loss"]) < 1e-5
