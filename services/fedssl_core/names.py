@@ -85,6 +85,7 @@ ENV_REGISTRY_URL = "FEDSSL_REGISTRY_URL"
 ENV_REGISTRY_TOKEN = "FEDSSL_REGISTRY_TOKEN"
 ENV_RUNS_DIR = "FEDSSL_RUNS_DIR"
 ENV_SUPERLINK_BUSY_TIMEOUT = "FEDSSL_SUPERLINK_BUSY_TIMEOUT_SECONDS"  # fedssl-superlink: SQLite lock wait
+ENV_WARM_CLIENTAPP = "FEDSSL_WARM_CLIENTAPP"  # fedssl-supernode: fork ClientApp tasks from a warm SuperExec (default true)
 
 # ImageNet statistics: the normalisation every fedssl model is trained and served with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -45,7 +45,7 @@ log = logging.getLogger("fedssl.aggregator")
 
 T = TypeVar("T")
 SUPERLINK_RETRY_SECONDS = 300.0  # how long a SuperLink call is retried while it fails transiently
-PULL_INTERVAL_SECONDS = 3.0  # between pulls for replies (Flower's Grid.send_and_receive waits 3 s too)
+PULL_INTERVAL_SECONDS = 1.0  # between pulls for replies (Flower's Grid.send_and_receive waits 3 s; a round here can take 5 s)
 
 app = ServerApp()
 

@@ -28,3 +28,23 @@ def test_round_trip_size_and_error(encoding, ratio, tol):
 def test_unknown_encoding():
     with pytest.raises(ConfigError, match="unknown update-encoding 'zip'"):
         encode_arrays(arrays(), "zip")
+
+
+@pytest.mark.parametrize("encoding", ["none", "fp16", "int8"])
+def test_weights_travel_as_one_packed_array(encoding):
+    """One Flower Array per message, whatever the number of tensors: Flower moves each Array
+    (and each 5 MB chunk) through the SuperLink as an object of its own."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedssl_flower import records
+
+    a = arrays()
+    record = records.to_array_record(a, encoding)
+    assert list(record.keys()) == [records.PACKED]
+    back = records.from_array_record(record, encoding)
+    assert set(back) == set(a) and back["bn.num_batches_tracked"] == 7 and back["w"].shape == (64, 32)
+    assert np.array_equal(back["w"], decode_arrays(encode_arrays(a, encoding), encoding)["w"])
+    foreign = ArrayRecord()
+    foreign["w"] = Array(a["w"])
+    with pytest.raises(ValueError, match=r"weights record with arrays \['w'\]; expected one 'packed' array"):
+        records.from_array_record(foreign)

@@ -167,10 +167,11 @@ def node_config(**values) -> str:
     return " ".join(parts)
 
 
-def start_supernode(c: Cluster, superlink_port: int, name: str, config: str) -> Proc:
-    return c.spawn(name, [str(VENV_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+def start_supernode(c: Cluster, superlink_port: int, name: str, config: str, *, warm: bool = True) -> Proc:
+    """fedssl-supernode; `warm=False`: Flower's own per-message `flwr-clientapp` processes."""
+    return c.spawn(name, [str(VENV_BIN / "fedssl-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
                           "--port", str(free_port()), "--node-config", config],
-                   base_env(FLWR_HOME=str(c.workdir / f"flwr-{name}")))
+                   base_env(FLWR_HOME=str(c.workdir / f"flwr-{name}"), FEDSSL_WARM_CLIENTAPP=str(warm).lower()))
 
 
 def submit(superlink_port: int, workdir: Path, *run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
