@@ -242,7 +242,7 @@ cmd_up() {
     [ -n "$path" ] && node_config+=" data-path=\"$path\""
     if ! alive "$PIDS/$name.pid"; then
       say "starting SuperNode $name (ssl-task=$task, partition $((i + 1))/$hospitals by $partition_by)"
-      FLWR_HOME="$FEDSSL_HOME/flwr-$name" start "$name" flower-supernode --insecure --superlink "127.0.0.1:$SUPERLINK_PORT" \
+      FLWR_HOME="$FEDSSL_HOME/flwr-$name" start "$name" fedssl-supernode --insecure --superlink "127.0.0.1:$SUPERLINK_PORT" \
         --port "$(free_port)" --node-config "$node_config"
     fi
   done

@@ -1,10 +1,11 @@
 # fedssl-supernode: a Flower SuperNode for one hospital, with the fedssl ClientApp's
-# dependencies (torch/torchvision, the `kaggle` client). The SuperNode starts the ClientApp as
-# a subprocess of its own (`--isolation subprocess`), so both live in this image. The hospital's
+# dependencies (torch/torchvision, the `kaggle` client). `fedssl-supernode` is flower-supernode
+# plus a warm SuperExec beside it that forks one process per ClientApp task (torch imported
+# once, not per message), so SuperNode and ClientApps live in this image. The hospital's
 # facts come from `--node-config`; its images are mounted at /data, its decode cache lives in
 # /var/lib/fedssl/cache:
 #
-#   flower-supernode --root-certificates /certs/ca.crt --superlink superlink:9092 \
+#   fedssl-supernode --root-certificates /certs/ca.crt --superlink superlink:9092 \
 #     --node-config 'hospital="hospital-1" ssl-task="simclr" data-source="ham10000" data-path="/data/ham10000"'
 #
 # Build from the repository root (see docker/README.md):
@@ -114,5 +115,5 @@ VOLUME ["/var/lib/fedssl"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 # For `docker run` next to a SuperLink named `superlink` on a private network, with HAM10000
 # mounted at /data/ham10000; the chart passes TLS options and each hospital's node config.
-CMD ["flower-supernode", "--insecure", "--superlink", "superlink:9092", \
+CMD ["fedssl-supernode", "--insecure", "--superlink", "superlink:9092", \
      "--node-config", "hospital=\"hospital-1\" data-source=\"ham10000\" data-path=\"/data/ham10000\""]

@@ -376,7 +376,7 @@ deploy_images() {
     [ "$source_kind" != ham10000 ] || node_config+=" data-path=\"/data/ham10000\""
     say "starting SuperNode $name ($node_config)"
     start "$name" "$name" "$PREFIX-$name" "$(image supernode)" "${data_opts[@]}" -- \
-      flower-supernode --insecure --superlink "superlink:$SUPERLINK_PORT" --node-config "$node_config"
+      fedssl-supernode --insecure --superlink "superlink:$SUPERLINK_PORT" --node-config "$node_config"
   done
   sleep 3
   for i in 1 2; do

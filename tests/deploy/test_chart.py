@@ -196,7 +196,7 @@ def test_every_supernode_dials_the_superlink_service(scenario):
     assert ("--insecure" in sl["args"]) is (not tls)
     for d in supernodes(objs):
         c = main_container(d)
-        assert c["command"] == [*TINI, "flower-supernode"]
+        assert c["command"] == [*TINI, "fedssl-supernode"]
         assert arg_value(c["args"], "--superlink") == address, d["metadata"]["name"]
         if tls:
             ca = arg_value(c["args"], "--root-certificates")

@@ -231,7 +231,7 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
 
 def test_the_flags_the_chart_passes_exist(capsys):
     """fedssl-submit (the run Job) and the Kaggle download (the init container) accept every
-    flag the chart hands them; fedssl-superlink and flower-supernode are started with theirs
+    flag the chart hands them; fedssl-superlink and fedssl-supernode are started with theirs
     in the test above."""
     from fedssl_flower import submit
     from fedssl_flower.data import kaggle
