@@ -7,8 +7,8 @@
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH] [--max-images N]
 #                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]]
 #     --preset default: 3 hospitals, at most 600 images each (25 minutes on 2 CPU cores, 2026-12-04);
-#     --preset quality: HAM10000's 4 acquisition sites with all their images, 25 local steps
-#                       per round (docs/benchmarks.md; under an hour on 2 CPU cores).
+#     --preset quality: HAM10000's 4 acquisition sites with all their images: the recipe of
+#                       docs/benchmarks.md section 1 through the real deployment.
 #     SSL rounds are opt-in (--rounds N): on top of the ImageNet start they did not help at
 #     this budget (docs/benchmarks.md).
 #     Rounds, image size and local steps default to the app's run config (pyproject.toml).
@@ -160,7 +160,7 @@ cmd_up() {
   done
   case "$preset" in
     default) hospitals="${hospitals:-3}" max_images="${max_images:-600}" ;;
-    quality) hospitals="${hospitals:-4}" max_images="${max_images:-0}" local_steps="${local_steps:-25}" ;;
+    quality) hospitals="${hospitals:-4}" max_images="${max_images:-0}" ;;
     *) die "--preset must be default or quality, got '$preset'" ;;
   esac
   { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
