@@ -168,18 +168,21 @@ def scaling(s: dict, out: Path) -> None:
 
 
 def speed(f: dict | None, r: dict | None) -> None:
-    if f:
-        print("| local training (ResNet-18, 64 px, batch 64, SimCLR) | images/s |")
+    if f and "modes" in f:
+        c = f["config"]
+        print(f"| local training ({c['arch']}, {c['image_size']} px, batch {c['batch_size']}, {c['phase']}) | images/s |")
         print("|---|---|")
         print(f"| plain PyTorch loop | {f['plain_loop']['images_per_s_median']:.1f} |")
-        print(f"| inside the ClientApp | {f['clientapp_images_per_s_median']:.1f} ({f['clientapp_vs_plain']:.2f}x) |")
+        for mode, m in f["modes"].items():
+            print(f"| inside the ClientApp, {mode} start | {m['clientapp_images_per_s_median']:.1f} ({m['clientapp_vs_plain']:.2f}x) |")
         print()
-        print("| round | total s | compute | process start | setup | (de)serialise | transport | aggregate | evaluate | register |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for s in f["rounds"]:
-            print(f"| {s['round']} | {s['round_seconds']:.1f} | {s['local_compute_seconds']:.1f} | {s['clientapp_process_start_seconds']:.1f} | "
-                  f"{s['clientapp_setup_seconds']:.2f} | {s['clientapp_other_seconds']:.2f} | {s['flower_transport_seconds']:.1f} | "
-                  f"{s['aggregate_seconds']:.2f} | {s['evaluate_seconds']:.1f} | {s['register_seconds']:.2f} |")
+        print("| start | round | total s | fixed cost | compute | scoring | process start | setup | (de)serialise, state | transport | register |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for mode, m in f["modes"].items():
+            for s in m["rounds"]:
+                print(f"| {mode} | {s['round']} | {s['round_seconds']:.1f} | {s['fixed_cost_seconds']:.1f} | {s['local_compute_seconds']:.1f} | "
+                      f"{s['scoring_seconds']:.1f} | {s['clientapp_process_start_seconds']:.1f} | {s['clientapp_setup_seconds']:.2f} | "
+                      f"{s['clientapp_other_seconds']:.2f} | {s['flower_transport_seconds']:.1f} | {s['register_seconds']:.2f} |")
         print()
     if r:
         c = r["config"]["concurrency"]
