@@ -6,7 +6,7 @@
 #   ./deploy-local.sh up [--preset default|quality] [--hospitals N] [--rounds N] [--finetune-rounds N]
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH] [--max-images N]
 #                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]]
-#     --preset default: 3 hospitals, at most 600 images each (25 minutes on 2 CPU cores, 2026-12-04);
+#     --preset default: 3 hospitals, at most 600 images each (8 minutes on 2 CPU cores, 2026-12-04);
 #     --preset quality: HAM10000's 4 acquisition sites with all their images: the recipe of
 #                       docs/benchmarks.md section 1 through the real deployment.
 #     SSL rounds are opt-in (--rounds N): on top of the ImageNet start they did not help at
