@@ -257,7 +257,7 @@ cmd_up() {
   read -r d_rounds d_ft d_size d_steps <<<"$("$VENV/bin/python" -c 'import sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
 print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])' "$ROOT/pyproject.toml")"
-  say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, ${max_images/#0/all} images each at most)"
+  say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each")))"
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
     "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?

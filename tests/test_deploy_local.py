@@ -64,7 +64,7 @@ def test_up_trains_across_hospitals_and_shows_progress(deployed):
     out = up.stdout + up.stderr
     assert up.returncode == 0, out[-6000:]
     assert "starting SuperNode hospital-1 (ssl-task=simclr" in out and "starting SuperNode hospital-2 (ssl-task=rotation" in out
-    assert "1 SSL + 1 fine-tune rounds of 2 local steps at 32 px on 2 hospitals" in out
+    assert "1 SSL + 1 fine-tune rounds of 2 local steps at 32 px on 2 hospitals (ham10000 data, at most 120 images each)" in out
     assert re.search(r"phase=ssl round=1/1 hospitals=2 loss=\d", out)
     assert re.search(r"phase=finetune round=1/1 hospitals=2 loss=\d+\.\d+ balanced_accuracy=\d", out)
     assert "registered fedssl-classifier version 1 as 'production'" in out
