@@ -55,24 +55,38 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size: shared pages split among the processes sharing them, so a
+    ClientApp task forked from the warm SuperExec is not charged again for torch's pages."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
 class TreeMemory:
     """Peak resident memory of process trees, sampled in a background thread."""
 
     def __init__(self, roots: dict[str, int], interval: float = 0.2) -> None:
         self.roots, self.interval = roots, interval
         self.peak = {name: 0 for name in roots}
+        self.peak_pss = {name: 0 for name in roots}
         self.idle = {name: _rss(pid) for name, pid in roots.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _tree(self, pid: int, kids: dict[int, list[int]]) -> int:
-        return _rss(pid) + sum(self._tree(k, kids) for k in kids.get(pid, []))
+    def _tree(self, pid: int, kids: dict[int, list[int]], size=_rss) -> int:
+        return size(pid) + sum(self._tree(k, kids, size) for k in kids.get(pid, []))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             kids = _children()
             for name, pid in self.roots.items():
                 self.peak[name] = max(self.peak[name], self._tree(pid, kids))
+                self.peak_pss[name] = max(self.peak_pss[name], self._tree(pid, kids, _pss))
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -116,6 +130,7 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
     (run_dir,) = (work / "runs").iterdir()
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     node_peaks = [v for k, v in mem.peak.items() if k != "superlink"]
+    node_pss = [v for k, v in mem.peak_pss.items() if k != "superlink"]
     node_idle = [v for k, v in mem.idle.items() if k != "superlink"]
     return {
         "hospitals": n,
@@ -128,6 +143,8 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
         "supernode_idle_rss_mb": statistics.mean(node_idle) / 2**20,
         "supernode_peak_rss_mb_mean": statistics.mean(node_peaks) / 2**20,
         "supernode_peak_rss_mb_max": max(node_peaks) / 2**20,
+        "supernode_peak_pss_mb_mean": statistics.mean(node_pss) / 2**20,
+        "supernode_peak_pss_mb_max": max(node_pss) / 2**20,
         "superlink_peak_rss_mb": mem.peak["superlink"] / 2**20,
     }
 
@@ -167,14 +184,17 @@ def main() -> None:
             r = one(args, n, Path(tmp) / f"n{n}", Path(tmp) / "cache")
             r["min_hospitals"] = max(1, round(n * args.min_fraction))
             results = sorted([*results, r], key=lambda x: x["hospitals"])
-            print(f"  round {r['round_seconds_median']:.1f}s; SuperNode peak {r['supernode_peak_rss_mb_mean']:.0f} MB "
+            print(f"  round {r['round_seconds_median']:.1f}s; SuperNode peak {r['supernode_peak_rss_mb_mean']:.0f} MB RSS, "
+                  f"{r['supernode_peak_pss_mb_mean']:.0f} MB PSS "
                   f"(idle {r['supernode_idle_rss_mb']:.0f} MB); SuperLink {r['superlink_peak_rss_mb']:.0f} MB; "
                   f"{r['lost_replies']} lost repl(ies) sent again", flush=True)
             out = {
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "append"},
                 "results": results,
-                "note": "ClientApps run with threads=1 node config; RSS counts shared library pages in every process",
+                "note": "ClientApps run with threads=1 node config; RSS counts shared library pages in every process, "
+                        "PSS splits them among the processes sharing them (a SuperNode's tree: fedssl-supernode, its warm "
+                        "SuperExec and the ClientApp tasks forked from it)",
             }
             args.out.write_text(json.dumps(out, indent=2) + "\n")  # after every N: a long run loses nothing
     print()
