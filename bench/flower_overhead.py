@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ from fedssl_flower.data import load_hospital_data
 from tests.support import processes as P
 
 REPO = Path(__file__).resolve().parents[1]
+BARE_PAYLOAD_BYTES = 13_735_963  # EfficientNet-Lite0's packed float32 weights, when no fedssl mode ran first
 
 
 def node_config(args, i: int, cache_dir: Path) -> dict:
@@ -93,6 +95,25 @@ def federated(args, work: Path, cache_dir: Path, warm: bool) -> tuple[list[dict]
     return rounds, result.stdout
 
 
+def bare(args, work: Path, payload_bytes: int) -> dict:
+    """Flower's floor: the bare app (bench/bare_flower) on the same kind of SuperLink and
+    SuperNodes (Flower's own `flower-supernode`), the same payload, handlers that return at once."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "bare.json"
+    with P.cluster(work) as c:
+        _, port = P.start_superlink(c, runs_dir=work / "runs")
+        for i in range(args.hospitals):
+            c.spawn(f"bare-node-{i}", [str(P.VENV_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                        "--port", str(P.free_port())], P.base_env(FLWR_HOME=str(work / f"flwr-node-{i}")))
+        cmd = [str(P.VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{port}", "--app", str(REPO / "bench" / "bare_flower"),
+               "--flwr-home", str(work / "flwr-cli"), "--poll-seconds", "5", "-c", f"rounds={args.rounds}",
+               "-c", f"payload-bytes={payload_bytes}", "-c", f"min-nodes={args.hospitals}", "-c", f'out="{out}"']
+        result = subprocess.run(cmd, env=P.base_env(), capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0 or not out.is_file():
+            raise SystemExit(f"the bare Flower run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{c.logs()[-5000:]}")
+    return json.loads(out.read_text())
+
+
 def split(record: dict, previous: dict | None) -> dict:
     """One round's exchange, by where its time went (the slowest hospital's view). The
     scoring done in this exchange is of the previous round's model: `previous`'s evaluation."""
@@ -132,7 +153,9 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=1024, help="images per hospital before the train/test split")
     ap.add_argument("--hospitals", type=int, default=1, help="1 isolates Flower's cost; more share this machine's cores")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--modes", default="warm,cold", help="ClientApp start: warm (fedssl-supernode), cold (Flower's default)")
+    ap.add_argument("--modes", default="warm,cold,bare",
+                    help="warm (fedssl-supernode), cold (Flower's per-message ClientApp programs), bare (a bare Flower app "
+                         "with the same payload whose handlers return at once: Flower's floor)")
     ap.add_argument("--phase", default=names.PHASE_FINETUNE, choices=names.PHASES)
     ap.add_argument("--ssl-task", default=names.SSL_SIMCLR, choices=names.SSL_TASKS)
     ap.add_argument("--arch", default="efficientnet_lite0", choices=names.ARCHITECTURES)
@@ -146,8 +169,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/flower_overhead.json"))
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"warm", "cold"}:
-        raise SystemExit(f"--modes {args.modes!r}: expected a comma-separated list of warm, cold")
+    if not modes or set(modes) - {"warm", "cold", "bare"}:
+        raise SystemExit(f"--modes {args.modes!r}: expected a comma-separated list of warm, cold, bare")
     if not (args.data / "HAM10000_metadata.csv").is_file():
         raise SystemExit(f"no HAM10000 at {args.data} (expected HAM10000_metadata.csv there); pass --data")
 
@@ -157,6 +180,13 @@ def main() -> None:
         print(f"plain PyTorch loop: {args.rounds} rounds of {args.phase} ...", flush=True)
         plain = plain_loop(args, cache_dir)  # also fills the decode cache the SuperNodes then read
         for mode in modes:
+            if mode == "bare":
+                payload = int(statistics.median([s["bytes_sent"] for r in runs.values() for s in r["rounds"]] or [BARE_PAYLOAD_BYTES * args.hospitals]))
+                print(f"bare Flower app: {args.hospitals} SuperNode(s), {args.rounds} rounds of {payload} bytes ...", flush=True)
+                floor = bare(args, Path(tmp) / "bare", payload // max(1, args.hospitals))
+                floor["round_seconds_median"] = statistics.median(r["round_seconds"] for r in floor["rounds"])
+                runs[mode] = floor
+                continue
             print(f"Flower ({mode} ClientApp start): {args.hospitals} SuperNode(s), {args.rounds} {args.phase} rounds ...", flush=True)
             t0 = time.perf_counter()
             rounds, _ = federated(args, Path(tmp) / f"federation-{mode}", cache_dir, warm=mode == "warm")
@@ -181,11 +211,17 @@ def main() -> None:
           f"{plain['train_examples']} images, {plain['torch_threads']} threads)")
     print(f"  plain PyTorch loop   {plain['images_per_s_median']:8.1f} images/s (median over {args.rounds} rounds)")
     for mode, r in runs.items():
+        if mode == "bare":
+            continue
         print(f"  ClientApp, {mode:<5}     {r['clientapp_images_per_s_median']:8.1f} images/s ({r['clientapp_vs_plain']:.2f}x)")
     cols = ["round_seconds", "fixed_cost_seconds", "local_compute_seconds", "scoring_seconds", "clientapp_process_start_seconds",
             "clientapp_setup_seconds", "clientapp_other_seconds", "flower_transport_seconds", "register_seconds"]
     short = ["round", "fixed", "compute", "scoring", "proc start", "setup", "ser/state", "transport", "register"]
     for mode, r in runs.items():
+        if mode == "bare":
+            print(f"\nbare Flower app, {r['payload_bytes']} bytes each way per node: rounds "
+                  + ", ".join(f"{x['round_seconds']:.2f}s" for x in r["rounds"]) + f" (median {r['round_seconds_median']:.2f}s)")
+            continue
         print(f"\nper-round time split, seconds (slowest hospital), {mode} ClientApp start; "
               f"final evaluation {r['rounds'][-1]['final_evaluation_seconds']:.1f}s")
         print(f"  {'#':>2} " + " ".join(f"{h:>10}" for h in short))

@@ -173,17 +173,25 @@ def speed(f: dict | None, r: dict | None) -> None:
         print(f"| local training ({c['arch']}, {c['image_size']} px, batch {c['batch_size']}, {c['phase']}) | images/s |")
         print("|---|---|")
         print(f"| plain PyTorch loop | {f['plain_loop']['images_per_s_median']:.1f} |")
-        for mode, m in f["modes"].items():
+        fedssl = {mode: m for mode, m in f["modes"].items() if mode != "bare"}
+        for mode, m in fedssl.items():
             print(f"| inside the ClientApp, {mode} start | {m['clientapp_images_per_s_median']:.1f} ({m['clientapp_vs_plain']:.2f}x) |")
         print()
         print("| start | round | total s | fixed cost | compute | scoring | process start | setup | (de)serialise, state | transport | register |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for mode, m in f["modes"].items():
+        for mode, m in fedssl.items():
             for s in m["rounds"]:
                 print(f"| {mode} | {s['round']} | {s['round_seconds']:.1f} | {s['fixed_cost_seconds']:.1f} | {s['local_compute_seconds']:.1f} | "
                       f"{s['scoring_seconds']:.1f} | {s['clientapp_process_start_seconds']:.1f} | {s['clientapp_setup_seconds']:.2f} | "
                       f"{s['clientapp_other_seconds']:.2f} | {s['flower_transport_seconds']:.1f} | {s['register_seconds']:.2f} |")
         print()
+        if "bare" in f["modes"]:
+            b = f["modes"]["bare"]
+            seconds = ", ".join(format(x["round_seconds"], ".1f") for x in b["rounds"])
+            print(f"Flower's floor, a bare app with the same payload ({b['payload_bytes'] / 1e6:.1f} MB each way) whose handlers return "
+                  f"at once: rounds of {seconds} s (median {b['round_seconds_median']:.1f} s); "
+                  + "; ".join(f"fedssl's fixed cost, {mode} start: median {m['fixed_cost_seconds_median']:.1f} s" for mode, m in fedssl.items()))
+            print()
     if r:
         c = r["config"]["concurrency"]
         print("| serving (ResNet-18 classifier, 64 px) | p50 ms | p99 ms | images/s |")
