@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import httpx
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl_core import names, weights
@@ -277,6 +277,12 @@ class Aggregator:
         for e in errors:
             log.warning("skipping a hospital this round: %s", e)
 
+    def _hospital_nodes(self) -> list[int]:
+        """The connected nodes that are known hospitals, newcomers described first."""
+        nodes = sorted(self._node_ids())
+        self._describe(nodes, strict=False)
+        return [n for n in nodes if n in self.hospitals]
+
     def _hospital_names(self) -> list[str]:
         return sorted({h.name for h in self.hospitals.values()})
 
@@ -381,16 +387,16 @@ class Aggregator:
                   group_id: str) -> tuple[list[Message], int]:
         """One message per node with the global model's groups that `phases` share (the whole
         model at first contact) and `config`; returns them and the bytes of their weights."""
-        enc = self.cfg.update_encoding
+        groups = tuple(dict.fromkeys(g for p in phases for g in training.shared_groups(p, self.cfg.share, self.cfg.finetune_mode)))
+        packed: dict[bool, ArrayRecord] = {}  # packed once per variant (shared groups, whole model), not per node
         msgs, sent = [], 0
         for n in nodes:
-            if n in self.nodes_with_model:
-                groups = tuple(dict.fromkeys(g for p in phases for g in training.shared_groups(p, self.cfg.share, self.cfg.finetune_mode)))
-                arrays = records.state_arrays(self.state, groups)
-            else:
-                arrays = records.state_arrays(self.state)
-            content = RecordDict({records.WEIGHTS: records.to_array_record(arrays, enc), records.CONFIG: records.config_record(config)})
-            sent += content[records.WEIGHTS].count_bytes()
+            known = n in self.nodes_with_model
+            if known not in packed:
+                arrays = records.state_arrays(self.state, groups if known else None)
+                packed[known] = records.to_array_record(arrays, self.cfg.update_encoding)
+            content = RecordDict({records.WEIGHTS: packed[known], records.CONFIG: records.config_record(config)})
+            sent += packed[known].count_bytes()
             msgs.append(Message(content, dst_node_id=n, message_type=message_type, group_id=group_id))
         return msgs, sent
 
@@ -421,9 +427,7 @@ class Aggregator:
         model, which every hospital scores before it trains (so that round's record is
         finished here), and whose replies are averaged into this round's global model."""
         t0 = time.monotonic()
-        nodes = sorted(self._node_ids())
-        self._describe(nodes, strict=False)
-        nodes = [n for n in nodes if n in self.hospitals]
+        nodes = self._hospital_nodes()
         config: dict[str, Any] = {"phase": phase, "round": rnd}
         phases: tuple[str, ...] = (phase,)
         if previous is not None:
@@ -474,9 +478,7 @@ class Aggregator:
 
     def _final_evaluation(self, trained: Trained) -> None:
         """Score the run's last global model: an exchange of its own, as no round follows."""
-        nodes = sorted(self._node_ids())
-        self._describe(nodes, strict=False)
-        nodes = [n for n in nodes if n in self.hospitals]
+        nodes = self._hospital_nodes()
         config = {"phase": trained.phase, "round": trained.round, "evaluate-phase": trained.phase, "evaluate-round": trained.round}
         msgs, sent = self._messages(nodes, MessageType.EVALUATE, config, (trained.phase,), f"{trained.phase}-{trained.round}-eval")
         t_eval = time.monotonic()
