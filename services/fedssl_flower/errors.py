@@ -2,7 +2,7 @@
 
 from fedssl_core.errors import ConfigError, FedSSLError
 
-__all__ = ["ConfigError", "DatasetMalformed", "DatasetNotFound", "FedSSLError", "KaggleDownloadError"]
+__all__ = ["ConfigError", "DatasetMalformed", "DatasetNotFound", "FedSSLError", "KaggleDownloadError", "LabelMismatch"]
 
 
 class DatasetNotFound(FedSSLError, FileNotFoundError):
@@ -14,4 +14,8 @@ class DatasetMalformed(FedSSLError, ValueError):
 
 
 class KaggleDownloadError(FedSSLError, RuntimeError):
-    """Downloading HAM10000 from Kaggle failed; nothing partial was left behind."""
+    """Downloading a Kaggle dataset failed; nothing partial was left behind."""
+
+
+class LabelMismatch(DatasetMalformed):
+    """Hospitals' class folders do not map onto one class list (unmatched, ambiguous or missing)."""

@@ -93,7 +93,8 @@ def test_imagefolder_with_label_map_reconciles_folder_names(tmp_path):
                                "class-names": "glioma,healthy,pituitary", "cache-dir": str(tmp_path / "c")}, 32)
     assert data.class_names == ["glioma", "healthy", "pituitary"]
     assert sorted(data.audit["class_counts"]["train"]) == ["glioma", "healthy", "pituitary"]
-    with pytest.raises(DatasetMalformed, match="folder class\\(es\\) no_tumor are not in class-names"):
+    assert data.audit["label_map"] == {"pituitary tumor": "pituitary", "no_tumor": "healthy", "glioma": "glioma"}
+    with pytest.raises(DatasetMalformed, match="folder 'no_tumor' matches no known class \\(known: glioma, pituitary tumor\\)"):
         load_hospital_data({"data-source": "imagefolder", "data-path": str(root), "class-names": "glioma,pituitary tumor",
                             "cache-dir": str(tmp_path / "c")}, 32)
 

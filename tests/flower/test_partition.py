@@ -76,5 +76,14 @@ def test_bad_partition_settings_are_named():
         partition_indices(["a"], [0], partition_id=2, num_partitions=2)
     with pytest.raises(ConfigError, match="needs an acquisition-site column"):
         partition_indices(["a"], [0], partition_id=0, num_partitions=1, by="site")
-    with pytest.raises(ConfigError, match="unknown partition-by 'random'"):
-        partition_indices(["a"], [0], partition_id=0, num_partitions=1, by="random")
+    with pytest.raises(ConfigError, match="unknown partition-by 'stripes'; expected one of lesion, dirichlet, site, random"):
+        partition_indices(["a"], [0], partition_id=0, num_partitions=1, by="stripes")
+
+
+def test_random_deals_single_images_like_lesion_deals_lesions():
+    # A class-per-folder tree has no lesion ids: each image is its own group, dealt at random.
+    groups = [f"img{i}" for i in range(30)]
+    labels = [i % 3 for i in range(30)]
+    parts = [partition_indices(groups, labels, partition_id=p, num_partitions=3, by="random", seed=4) for p in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(30)) and all(len(p) == 10 for p in parts)
+    assert parts == [partition_indices(groups, labels, partition_id=p, num_partitions=3, by="lesion", seed=4) for p in range(3)]

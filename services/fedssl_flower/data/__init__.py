@@ -53,11 +53,11 @@ class HospitalDataConfig:
     data_path: str = "data/ham10000"
     partition_id: int = 0
     num_partitions: int = 1
-    partition_by: str = PARTITION_LESION  # lesion | dirichlet | site
+    partition_by: str = PARTITION_LESION  # lesion | dirichlet | site | random (data.partition)
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
     max_images: int = 0  # 0 = all
-    label_map: str = ""  # imagefolder: "folder=class,..." or JSON
+    label_map: str = ""  # imagefolder: "folder=class,...", "hospital:folder=class,...", JSON or a file (data.labels)
     class_names: str = ""  # imagefolder: comma list fixing the class order
     synthetic_images: int = 600
     cache_dir: str = ""  # default: $FEDSSL_HOME/cache or ~/.cache/fedssl
@@ -124,6 +124,7 @@ def load_hospital_data(node_config: Mapping[str, Any], image_size: int, seed: in
         train_idx, test_idx = split_train_test(list(range(n)), groups, labels.tolist(), cfg.test_fraction, seed)
         images_np, labels_np = imgs, labels
         data_path = ""
+        label_map = {}
     else:
         path = Path(cfg.data_path).expanduser()
         if cfg.data_source == names.DATA_HAM10000:
@@ -131,7 +132,7 @@ def load_hospital_data(node_config: Mapping[str, Any], image_size: int, seed: in
                 kaggle.download_ham10000(path)
             cat = ham10000.load_catalog(path)
         else:
-            cat = imagefolder.load_catalog(path, imagefolder.parse_label_map(cfg.label_map), imagefolder.parse_class_names(cfg.class_names))
+            cat = imagefolder.load_catalog(path, cfg.label_map, imagefolder.parse_class_names(cfg.class_names), cfg.hospital)
         class_names = cat.class_names
         skipped.extend(f"{image_id}: listed in metadata but no image file" for image_id in cat.missing)
         mine = partition_indices(
@@ -153,6 +154,7 @@ def load_hospital_data(node_config: Mapping[str, Any], image_size: int, seed: in
         local = list(range(len(kept)))
         train_idx, test_idx = split_train_test(local, groups, labels_np.tolist(), cfg.test_fraction, seed)
         data_path = str(path)
+        label_map = cat.folder_classes
 
     data = HospitalData(
         hospital=cfg.hospital,
@@ -178,6 +180,8 @@ def load_hospital_data(node_config: Mapping[str, Any], image_size: int, seed: in
         },
         "skipped_files": skipped,
     }
+    if label_map:  # class-per-folder data: which folder became which class, recorded on the run
+        data.audit["label_map"] = label_map
     log.info(
         "hospital %s: %s data from %s, %d train / %d test images; train per class %s; %d skipped file(s)%s",
         cfg.hospital, cfg.data_source, data_path or "(generated)", len(train_idx), len(test_idx),

@@ -16,6 +16,7 @@ class Catalog:
     groups: list[str]
     sites: list[str] | None = None
     missing: list[str] = field(default_factory=list)  # rows whose image file does not exist
+    folder_classes: dict[str, str] = field(default_factory=dict)  # class-per-folder trees: folder -> class
 
     def __post_init__(self) -> None:
         n = len(self.paths)

@@ -1,75 +1,67 @@
 """A class-per-folder image tree (chest X-ray, brain MRI layouts), with a label map.
 
 Hospitals name the same class differently (`pituitary tumor` vs `pituitary`); node config
-`label-map` maps folder names to the federation's class names and `class-names` fixes the
-class order every hospital must share.
+`label-map` maps folder names to the federation's class names (see `labels`) and
+`class-names` fixes the class order every hospital must share.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..errors import ConfigError, DatasetMalformed, DatasetNotFound
+from ..errors import DatasetMalformed, DatasetNotFound
 from .catalog import Catalog
+from .labels import LabelMap, parse_class_names, parse_label_map, reconcile
+
+__all__ = ["IMAGE_SUFFIXES", "class_folders", "count_images", "load_catalog", "parse_class_names", "parse_label_map"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def parse_label_map(value: str | dict | None) -> dict[str, str]:
-    """`"pituitary tumor=pituitary,glioma tumor=glioma"` or a JSON object → {folder: class}."""
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    text = str(value).strip()
-    if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"label-map is not valid JSON: {exc}; expected {{\"folder\": \"class\"}}") from exc
-        return {str(k): str(v) for k, v in parsed.items()}
-    mapping = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        folder, sep, cls = item.partition("=")
-        if not sep or not folder.strip() or not cls.strip():
-            raise ConfigError(f"label-map entry {item!r} is not 'folder=class'; expected e.g. 'pituitary tumor=pituitary'")
-        mapping[folder.strip()] = cls.strip()
-    return mapping
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
-def parse_class_names(value: str | list | None) -> list[str] | None:
-    if not value:
-        return None
-    items = value if isinstance(value, list) else str(value).split(",")
-    return [str(c).strip() for c in items if str(c).strip()]
+def image_files(folder: Path) -> list[Path]:
+    """The images under `folder`, at any depth, in a stable order."""
+    return sorted(f for f in folder.rglob("*") if is_image(f))
 
 
-def load_catalog(path: Path, label_map: dict[str, str] | None = None, class_names: list[str] | None = None) -> Catalog:
+def count_images(folder: Path) -> int:
+    return sum(1 for f in folder.rglob("*") if is_image(f))
+
+
+def class_folders(path: Path) -> list[Path]:
+    """The visible sub-folders of `path`, by name."""
+    return sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+
+
+def load_catalog(path: Path, label_map: LabelMap | dict | str | None = None, class_names: list[str] | None = None,
+                 hospital: str = "") -> Catalog:
+    """The images of one hospital's class folders, labelled through `label_map` onto `class_names`.
+
+    Folders with no images are left out (their class is then missing here, which is fine when
+    `class_names` lists it). The folder → class mapping used is `Catalog.folder_classes`.
+    """
     path = Path(path)
     if not path.is_dir():
         raise DatasetNotFound(f"no image folder at {path}; expected one sub-folder per class holding JPEG/PNG images")
-    label_map = label_map or {}
-    folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = class_folders(path)
     if not folders:
         raise DatasetMalformed(f"{path} has no class sub-folders; expected e.g. {path}/<class>/<image>.jpg")
-    mapped = {d: label_map.get(d.name, d.name) for d in folders}
-    classes = class_names or sorted(set(mapped.values()))
-    unknown = sorted({c for c in mapped.values() if c not in classes})
-    if unknown:
-        raise DatasetMalformed(
-            f"{path}: folder class(es) {', '.join(unknown)} are not in class-names ({', '.join(classes)}); "
-            "add them to label-map (folder=class) or class-names"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels = [], []
-    for d in folders:
-        for f in sorted(d.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(f)
-                labels.append(index[mapped[d]])
-    if not paths:
+    files = {d.name: image_files(d) for d in folders}
+    if not any(files.values()):
         raise DatasetMalformed(f"{path} has class folders ({', '.join(d.name for d in folders)}) but no JPEG/PNG images")
+    name = hospital or path.name
+    rec = reconcile({name: [f for f in files if files[f]]}, parse_label_map(label_map), class_names,
+                    check_label_map=False, federation=False)
+    mapping = rec.mapping[name]
+    index = {c: i for i, c in enumerate(rec.class_names)}
+    paths, labels = [], []
+    for folder, fs in files.items():
+        for f in fs:
+            paths.append(f)
+            labels.append(index[mapping[folder]])
     # No patient ids in a plain folder tree: each image is its own group.
     groups = [str(p.relative_to(path)) for p in paths]
-    return Catalog(classes, paths, labels, groups)
+    return Catalog(rec.class_names, paths, labels, groups, folder_classes=dict(mapping))

@@ -18,7 +18,8 @@ from ..errors import ConfigError
 PARTITION_LESION = "lesion"
 PARTITION_DIRICHLET = "dirichlet"
 PARTITION_SITE = "site"
-PARTITION_SCHEMES = (PARTITION_LESION, PARTITION_DIRICHLET, PARTITION_SITE)
+PARTITION_RANDOM = "random"  # class-per-folder trees: no lesion or patient ids, each image is its own group
+PARTITION_SCHEMES = (PARTITION_LESION, PARTITION_DIRICHLET, PARTITION_SITE, PARTITION_RANDOM)
 
 
 def _group_members(groups: Sequence[str]) -> dict[str, list[int]]:
@@ -42,6 +43,7 @@ def partition_indices(
     """Indices of the samples that belong to hospital `partition_id` of `num_partitions`.
 
     - ``lesion``: groups shuffled and dealt round-robin (IID).
+    - ``random``: the same dealing, named for data whose groups are single images (folder trees).
     - ``dirichlet``: per class, groups split by proportions drawn from Dir(alpha): label skew,
       stronger as alpha shrinks.
     - ``site``: sites sorted by name; site j goes to hospital j mod num_partitions, so with as
@@ -55,7 +57,7 @@ def partition_indices(
     order = sorted(members)
     rng = np.random.default_rng(seed)
 
-    if by == PARTITION_LESION:
+    if by in (PARTITION_LESION, PARTITION_RANDOM):
         shuffled = [order[i] for i in rng.permutation(len(order))]
         chosen = shuffled[partition_id::num_partitions]
     elif by == PARTITION_DIRICHLET:
