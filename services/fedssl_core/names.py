@@ -83,6 +83,8 @@ LOCAL_ONLY_PREFIX = "local_only_"  # a hospital's local-only model: local_only_b
 # --- Environment variables shared across services ----------------------------------
 ENV_REGISTRY_URL = "FEDSSL_REGISTRY_URL"
 ENV_REGISTRY_TOKEN = "FEDSSL_REGISTRY_TOKEN"
+ENV_REGISTRY_TOKEN_FILE = "FEDSSL_REGISTRY_TOKEN_FILE"  # the token in a file (a mounted Secret), preferred
+ENV_REGISTRY_CA = "FEDSSL_REGISTRY_CA"  # CA certificate (PEM) to trust for an HTTPS registry
 ENV_RUNS_DIR = "FEDSSL_RUNS_DIR"
 ENV_SUPERLINK_BUSY_TIMEOUT = "FEDSSL_SUPERLINK_BUSY_TIMEOUT_SECONDS"  # fedssl-superlink: SQLite lock wait
 ENV_WARM_CLIENTAPP = "FEDSSL_WARM_CLIENTAPP"  # fedssl-supernode: fork ClientApp tasks from a warm SuperExec (default true)

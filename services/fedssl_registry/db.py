@@ -56,6 +56,16 @@ class ModelVersion(Base):
     model: Mapped[RegisteredModel] = relationship(back_populates="versions")
 
 
+class VersionCounter(Base):
+    """The last version number given to a model, so that a number is never given twice, even
+    after the newest version is deleted. A table of its own: `create_all` adds it to a
+    database that predates it, with no migration."""
+
+    __tablename__ = "version_counters"
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class Alias(Base):
     __tablename__ = "aliases"
     model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"), primary_key=True)

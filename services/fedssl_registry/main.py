@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__, dashboard, db
+from .api.deps import ReadAuth
 from .api.routes import models, runs, v2
 from .core import errors
 from .core.config import Settings
@@ -41,7 +42,8 @@ def create_app(settings: Settings) -> FastAPI:
         if m["latest_version"]:
             metrics.model_versions.labels(m["name"]).set(m["latest_version"])
     repository = ModelRepository(registry, cache_size=settings.model_cache_size, max_batch_size=settings.max_batch_size,
-                                 max_wait_ms=settings.max_batch_wait_ms, metrics=metrics, executor=torch_executor)
+                                 max_wait_ms=settings.max_batch_wait_ms, metrics=metrics, executor=torch_executor,
+                                 decode_workers=settings.decode_workers, loads_per_minute=settings.model_loads_per_minute)
     registry.listeners.append(repository.on_registry_event)
 
     @asynccontextmanager
@@ -63,7 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(ObserveMiddleware, metrics=metrics, max_body=settings.max_upload_bytes)
 
-    @app.get("/metrics", include_in_schema=False)
+    # Metrics name models and hospitals' traffic: they follow read_auth like every other read.
+    @app.get("/metrics", include_in_schema=False, dependencies=[ReadAuth])
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -77,6 +80,15 @@ def create_app(settings: Settings) -> FastAPI:
     def openapi_with_infer() -> dict:
         schema = openapi()
         schema["paths"].update(v2.openapi_paths())
+        # FastAPI declares a 422 with its own body on every route with a parameter; the
+        # routes declare the 422s they can answer (errors.error_responses), with our body.
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                ref = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+                if ref.get("$ref", "").endswith("/HTTPValidationError"):
+                    del op["responses"]["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
         return schema
 
     app.openapi = openapi_with_infer  # type: ignore[method-assign]
@@ -101,8 +113,9 @@ def run() -> None:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         print(f"fedssl-registry: cannot open the database {url}: {reason}", file=sys.stderr)
         raise SystemExit(2) from None
+    tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)} if settings.ssl_certfile else {}
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                http=HttpProtocol)
+                http=HttpProtocol, **tls)
 
 
 if __name__ == "__main__":

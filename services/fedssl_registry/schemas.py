@@ -1,28 +1,110 @@
-"""Request bodies of the /v1 API (responses are plain dicts built in `service`)."""
+"""Request bodies of the /v1 API (responses are plain dicts built in `service`), and the
+bounds every number and JSON value a client sends must keep: checked here, once, at the
+boundary, so nothing past it meets a value the database or the JSON encoder refuses."""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedssl_core import names
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# Version and round numbers live in Integer columns: 64-bit on SQLite, 32-bit on PostgreSQL.
+# The smaller bound holds on both, and no registry will ever reach it.
+DB_INT_MAX = 2**31 - 1
+# Integers inside JSON documents (metrics, counts, lineage): what a signed 64-bit integer holds.
+JSON_INT_MAX = 2**63 - 1
+# Deepest nesting of objects and arrays in a JSON body: lineage and run config need 5 or 6.
+MAX_JSON_DEPTH = 32
+
+VersionNumber = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
+RoundNumber = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
+Count = Annotated[int, Field(ge=0, le=JSON_INT_MAX)]
 
 
-class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def json_problem(value: Any, where: str = "") -> str | None:
+    """What makes `value` (parsed JSON) unfit to store and send back, as "<path>: <reason>",
+    or None: nesting deeper than MAX_JSON_DEPTH, NaN or Infinity (Python's json reads them,
+    strict JSON has no such numbers), integers beyond 64 bits, strings with NUL (PostgreSQL
+    text cannot hold it) or a lone UTF-16 surrogate (not UTF-8 encodable). Iterative, so
+    the check itself cannot run out of stack."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(value, (where,) if where else ())]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            return f"{'.'.join(path[:4])}…: nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays"
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                problem = _string_problem(key) if isinstance(key, str) else None
+                if problem:
+                    return f"{'.'.join(path) or 'body'}: key {key!r} {problem}"
+                stack.append((sub, (*path, str(key))))
+        elif isinstance(item, list):
+            stack.extend((sub, (*path, str(i))) for i, sub in enumerate(item))
+        else:
+            problem = None
+            if isinstance(item, float) and not math.isfinite(item):
+                problem = "must be a finite number (NaN and Infinity are not JSON)"
+            elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > JSON_INT_MAX:
+                problem = f"integer out of range: at most {JSON_INT_MAX} in magnitude"
+            elif isinstance(item, str):
+                problem = _string_problem(item)
+            if problem:
+                return f"{'.'.join(path) or 'body'}: {problem}"
+    return None
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate (\\ud800-\\udfff), which is not a Unicode character"
+    return None
+
+
+class Body(BaseModel):
+    """A JSON request body: unknown keys refused, every value storable (`json_problem`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _storable_json(cls, data: Any, handler: Any) -> Any:
+        model = handler(data)  # the fields' own constraints first: they name the tighter bound
+        problem = json_problem(data)
+        if problem:
+            raise ValueError(problem)
+        return model
+
+
+class InputSpec(Body):
     image_size: int = Field(ge=16, le=1024)
     channels: Literal[3] = 3
     mean: list[float] = Field(default_factory=lambda: list(names.IMAGENET_MEAN), min_length=3, max_length=3)
-    std: list[float] = Field(default_factory=lambda: list(names.IMAGENET_STD), min_length=3, max_length=3)
+    std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: list(names.IMAGENET_STD), min_length=3, max_length=3)
     class_names: list[str] = Field(default_factory=list)
 
+    @field_validator("class_names")
+    @classmethod
+    def _distinct_names(cls, v: list[str]) -> list[str]:
+        if any(not c.strip() for c in v):
+            raise ValueError("class names must be non-empty")
+        seen: set[str] = set()
+        for c in v:
+            if c in seen:
+                raise ValueError(f"class name {c!r} appears more than once; class names must be unique")
+            seen.add(c)
+        return v
 
-class ModelCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class ModelCreate(Body):
     name: str
     description: str = ""
     task: Literal["embedding", "classification"]
@@ -37,24 +119,22 @@ class ModelCreate(BaseModel):
         return v
 
 
-class VersionMetadata(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VersionMetadata(Body):
     tags: dict[str, str] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)
     data_source: str = ""
     synthetic_data: bool = False
 
 
-class AliasSet(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+class AliasSet(Body):
+    version: VersionNumber
 
 
-class RunUpsert(BaseModel):
+class RunUpsert(Body):
     model_config = ConfigDict(extra="allow")
     status: Literal["running", "succeeded", "failed"] = "running"
     phase: str | None = None
-    planned_rounds: dict[str, int] = Field(default_factory=dict)
+    planned_rounds: dict[str, Annotated[int, Field(ge=0, le=DB_INT_MAX)]] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     data_source: str = ""
     synthetic_data: bool = False
@@ -66,13 +146,13 @@ class RunUpsert(BaseModel):
     error: str | None = None
 
 
-class RoundCreate(BaseModel):
+class RoundCreate(Body):
     model_config = ConfigDict(extra="allow")
     phase: Literal["ssl", "finetune"]
-    round: int = Field(ge=1)
+    round: RoundNumber
     aggregated: dict[str, Any] = Field(default_factory=dict)
     hospitals: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    examples: dict[str, int] = Field(default_factory=dict)
-    duration_seconds: float | None = None
-    bytes_sent: int | None = None
-    bytes_received: int | None = None
+    examples: dict[str, Count] = Field(default_factory=dict)
+    duration_seconds: float | None = Field(None, ge=0)
+    bytes_sent: Count | None = None
+    bytes_received: Count | None = None

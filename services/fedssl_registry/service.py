@@ -7,29 +7,82 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedssl_core import models as core_models
-from fedssl_core import weights
-from fedssl_core.errors import FedSSLError
+from fedssl_core import names, weights
+from fedssl_core.errors import ConfigError, FedSSLError, WeightsError
+from fedssl_core.preprocessing import normalize
 
 from . import db
 from .core.errors import Conflict, InvalidInput, ModelNotFound
 from .schemas import NAME_RE, ModelCreate, RoundCreate, RunUpsert, VersionMetadata
 from .storage import ArtifactStore
 
+log = logging.getLogger("fedssl.registry")
+
 ROUND_CSV_SCALARS = (
     "examples", "loss", "ssl_loss_simclr", "ssl_loss_rotation", "finetune_loss", "test_loss", "accuracy",
     "balanced_accuracy", "macro_auc", "test_examples", "local_only_loss", "local_only_accuracy",
     "local_only_balanced_accuracy", "local_only_macro_auc",
 )
+
+
+def _head(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def servable_module(model: dict, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The serving module of registered `model` (a `Registry.model_dict`) holding `state`,
+    in eval mode. Torch: run it on the torch thread.
+
+    Raises a FedSSLError saying why unless the weights can answer patients: every tensor
+    has the dtype the model has for it (float32 parameters; a bool or int8 file of the right
+    shapes would be cast silently, bool to NaN), no value is NaN or infinite, keys and shapes
+    fit, and a forward pass of a probe image (mid-grey, the spec's size, normalised with its
+    mean/std) gives finite outputs: probabilities for a classifier, an embedding otherwise.
+    """
+    spec = model["input_spec"]
+    classification = model["task"] == names.TASK_CLASSIFICATION
+    module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None)
+    expected = module.state_dict()
+    wrong = sorted(f"{k} is {_dtype(state[k])}, expected {_dtype(expected[k])}"
+                   for k in set(expected) & set(state) if state[k].dtype != expected[k].dtype)
+    if wrong:
+        raise WeightsError(f"wrong dtype: {_head(wrong)}")
+    non_finite = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if non_finite:
+        raise WeightsError(f"NaN or infinite values in {_head(non_finite)}")
+    weights.load_into(module, state)
+    module.eval()
+    size = int(spec["image_size"])
+    try:
+        probe = normalize(np.full((1, 3, size, size), 128, dtype=np.uint8), spec.get("mean") or names.IMAGENET_MEAN,
+                          spec.get("std") or names.IMAGENET_STD)
+    except ValueError as exc:  # a model registered before input_spec was checked (std 0)
+        raise ConfigError(f"input_spec cannot normalise an image: {exc}") from None
+    with torch.inference_mode():
+        out = module(torch.from_numpy(probe))
+        out = torch.softmax(out, dim=1) if classification else out
+    if not bool(torch.isfinite(out).all()):
+        what = "probabilities" if classification else "embedding"
+        raise WeightsError(f"on a probe image (mid-grey, {size}x{size}) the model's {what} are not finite (NaN or infinity)")
+    return module
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -49,8 +102,13 @@ class Registry:
         self.listeners: list = []  # callables(event: str, payload: dict) — metrics, caches
 
     def _emit(self, event: str, payload: dict) -> None:
+        """Tell the listeners about a committed change. A listener that fails is logged: the
+        change is stored, so the client must not be told it failed."""
         for fn in self.listeners:
-            fn(event, payload)
+            try:
+                fn(event, payload)
+            except Exception:
+                log.exception("registry listener %r failed on a %s event", fn, event)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -113,16 +171,14 @@ class Registry:
     # ------------------------------------------------------------------ versions
     def _validate_weights(self, m: dict, path: Path) -> None:
         try:
-            state = weights.from_bytes(path.read_bytes())
-            num_classes = len(m["input_spec"].get("class_names", [])) or None
-            model = core_models.build_inference_model(m["task"], m["architecture"], num_classes)
-            weights.load_into(model, state)
+            servable_module(m, weights.from_bytes(path.read_bytes()))
         except FedSSLError as exc:
             raise InvalidInput(f"weights rejected for {m['name']!r} ({m['task']}, {m['architecture']}): {exc}") from exc
 
     def create_version(self, name: str, temp: Path, meta: VersionMetadata) -> dict:
         """Turn an uploaded temp file into the next version: validate, store, then one
-        transaction; concurrent uploads get distinct, gap-free numbers."""
+        transaction; concurrent uploads get distinct, gap-free numbers, and a number is never
+        given twice, even after its version was deleted."""
         try:
             model = self.get_model(name)
             if self.torch_executor is not None:
@@ -137,7 +193,16 @@ class Registry:
                 try:
                     with self.sessions.begin() as s:
                         m = self._model(s, name)
-                        number = (s.scalar(select(func.max(db.ModelVersion.version)).where(db.ModelVersion.model_id == m.id)) or 0) + 1
+                        # Never a number the model had before, even one whose version was
+                        # deleted: clients may hold it. MAX(version) covers databases from
+                        # before the counter existed.
+                        counter = s.get(db.VersionCounter, m.id)
+                        highest = s.scalar(select(func.max(db.ModelVersion.version)).where(db.ModelVersion.model_id == m.id)) or 0
+                        number = max(highest, counter.last_version if counter else 0) + 1
+                        if counter is None:
+                            s.add(db.VersionCounter(model_id=m.id, last_version=number))
+                        else:
+                            counter.last_version = number
                         v = db.ModelVersion(model_id=m.id, version=number, sha256=sha, size_bytes=size, tags=meta.tags,
                                             lineage=meta.lineage, data_source=meta.data_source, synthetic_data=meta.synthetic_data)
                         s.add(v)
@@ -145,7 +210,7 @@ class Registry:
                         s.refresh(m)
                         out = self.version_dict(m, v)
                     break
-                except IntegrityError:  # another process took the number: try the next one
+                except IntegrityError:  # another process took the number (or created the counter): try the next one
                     continue
         else:
             raise Conflict(f"could not allocate a version number for {name!r}; retry the upload")
@@ -255,6 +320,7 @@ class Registry:
         return out
 
     def add_round(self, run_id: str, body: RoundCreate) -> dict:
+        check_name(run_id, "run id")
         with self.sessions.begin() as s:
             if s.get(db.Run, run_id) is None:
                 raise ModelNotFound(f"run {run_id!r} not found; PUT /v1/runs/{run_id} first")
@@ -275,6 +341,7 @@ class Registry:
             return [self._run_dict(r, list(s.scalars(select(db.Round).where(db.Round.run_id == r.run_id)))) for r in runs]
 
     def get_run(self, run_id: str) -> dict:
+        check_name(run_id, "run id")
         with self.sessions() as s:
             r = s.get(db.Run, run_id)
             if r is None:

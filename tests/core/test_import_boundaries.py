@@ -12,6 +12,9 @@ FORBIDDEN = {
     "fedssl_flower": {"fastapi", "starlette", "uvicorn", "sqlalchemy", "fedssl_registry"},
     "fedssl_registry": {"flwr", "fedssl_flower"},
 }
+# Flower 1.41's SuperLink serves its HTTP APIs with uvicorn itself; fedssl-superlink patches that
+# server's shutdown (stop the ServerApps first). Only there is uvicorn Flower's, not the registry's.
+ALLOWED = {"fedssl_flower/superlink.py": {"uvicorn"}}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -28,5 +31,6 @@ def imported_roots(path: Path) -> set[str]:
 def test_package_does_not_import_forbidden(package):
     files = sorted((SERVICES / package).rglob("*.py"))
     assert files, f"no sources under services/{package}"
-    offenders = {str(f.relative_to(SERVICES)): sorted(imported_roots(f) & FORBIDDEN[package]) for f in files}
+    offenders = {str(f.relative_to(SERVICES)): sorted(imported_roots(f) & FORBIDDEN[package] - ALLOWED.get(str(f.relative_to(SERVICES)), set()))
+                 for f in files}
     assert {f: bad for f, bad in offenders.items() if bad} == {}

@@ -234,6 +234,9 @@ def test_a_truncated_file_is_a_clear_error(jpegs, photo, tmp_path):
      r"^not a decodable JPEG or PNG image: unrecognised or damaged JPEG/PNG header \(first bytes b'GIF89a\\x01\\x00'\)$"),
     (b"", {}, ImageDecodeError, r"unrecognised or damaged JPEG/PNG header \(first bytes b''\)"),
     ("png:100x100", {"max_pixels": 5000}, ImageDecodeError, r"^image is 100x100 pixels; at most 5000 pixels are accepted$"),
+    # issue 17, item 3: a 6,300 x 6,300 PNG (39.7 MP) was decoded whole, 158 MB (760 MB if RGBA)
+    ("png:4100x4000", {}, ImageDecodeError, r"^PNG image is 4100x4000 pixels; at most 16000000 pixels are accepted for PNG, "
+                                             r"which is decoded at full size \(JPEG: 40000000\); send a smaller image or a JPEG$"),
     ("png:10x10", {"size": 0}, ValueError, r"^image size must be a positive integer, got 0$"),
     (12, {}, TypeError, r"^load_image takes the image's bytes or a file path, got int$"),
     ("missing", {}, FileNotFoundError, r"No such file or directory"),
@@ -246,3 +249,56 @@ def test_bad_input_is_a_clear_error(tmp_path, source, kwargs, kind, error):
         source = tmp_path / "missing.jpg"
     with pytest.raises(kind, match=error):
         load_image(source, **{"size": SIZE, **kwargs})
+
+
+def test_a_jpeg_as_large_as_a_dslr_photo_is_accepted():
+    """JPEG keeps the 40 MP limit: libjpeg decodes it at 1/8 scale, a few MB for a 24 MP photo."""
+    flat = Image.new("RGB", (6000, 4000), (200, 120, 90))
+    assert (load_image(encode(flat, "JPEG", quality=90), SIZE).astype(int) - [[[200]], [[120]], [[90]]]).__abs__().max() <= 2
+
+
+def _full_size_reference(img: Image.Image, size: int) -> np.ndarray:
+    """What `load_image` computed before PNGs were reduced early: composite onto black (or
+    scale 16-bit by its range) at full size, then one antialiased resample of the centre square."""
+    if img.mode == "I;16":
+        v = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.rint((v - v.min()) * 255.0 / (v.max() - v.min())).astype(np.uint8), "L").convert("RGB")
+    elif img.mode == "RGBA":
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img).convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(img.resize((size, size), RESAMPLE, box=box)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16"])
+def test_a_large_png_reduced_early_gives_the_full_size_pixels(photo, mode):
+    """Issue 17, item 3: a large PNG is box-averaged (integer factor) right after decoding, so
+    alpha compositing and 16-bit scaling no longer run at full size; the tensor stays what the
+    full-size computation gives, to within a few levels (a box then a bilinear filter is not
+    quite one bilinear filter)."""
+    big = photo.resize((1600, 1200), Image.Resampling.BICUBIC)
+    if mode == "RGBA":  # soft edge: opaque left, a ramp, transparent right
+        ramp = np.clip((1100 - np.arange(1600)) / 600, 0, 1)
+        big.putalpha(Image.fromarray(np.rint(np.tile(ramp * 255, (1200, 1))).astype(np.uint8), "L"))
+    elif mode == "I;16":
+        big = Image.fromarray((np.asarray(big.convert("L")).astype(np.uint16) * 200 + 300))
+    data = encode(big)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.mode == mode
+    size = 32  # 1200 // 64: reduced by 18 before anything else
+    diff = np.abs(load_image(data, size).astype(int) - _full_size_reference(big, size))
+    assert diff.mean() < 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_a_large_png_is_turned_upright_before_it_is_reduced(photo, orientation):
+    """The reduction keeps the centred square of the upright picture, so a PNG whose EXIF
+    says it is turned gives the tensor of the upright one."""
+    upright = photo.resize((1600, 1200), Image.Resampling.BICUBIC)
+    stored = upright.transpose({6: Image.Transpose.ROTATE_90, 3: Image.Transpose.ROTATE_180}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    size = 32
+    diff = np.abs(load_image(encode(stored, exif=exif), size).astype(int) - load_image(encode(upright), size))
+    assert diff.mean() < 0.5 and diff.max() <= 4, (diff.mean(), diff.max())

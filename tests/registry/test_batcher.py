@@ -146,3 +146,46 @@ def test_a_failing_forward_fails_every_waiter_and_the_worker_goes_on(executor):
     results, after = run(main())
     assert all(isinstance(r, RuntimeError) and "forward exploded" in str(r) for r in results)
     np.testing.assert_array_equal(after, np.full((1, 2), 2.0))
+
+
+def test_a_large_request_is_split_and_interleaves_with_a_small_one(executor):
+    """Issue 17, item 4: a request of many rows ran as one forward however large, and every
+    request queued behind it waited for all of it. Now its rows go in chunks of at most
+    `max_batch_size`, and what is left of it queues behind the requests that came after."""
+    fwd = SlowForward(0.0)
+    batcher = DynamicBatcher(fwd, max_batch_size=4, max_wait_ms=10_000, executor=executor)
+    finished: list[str] = []
+
+    async def main():
+        async def one(label, x):
+            out = await batcher.submit(x)
+            finished.append(label)
+            return out
+
+        big = np.arange(12 * 2, dtype=np.float32).reshape(12, 2)
+        small = np.full((1, 2), -1, np.float32)
+        rb, rs = await asyncio.gather(one("big", big), one("small", small))
+        batcher.close()
+        return big, small, rb, rs
+
+    big, small, rb, rs = run(main())
+    np.testing.assert_array_equal(rb, big * 2)  # the chunks come back in order, whole
+    np.testing.assert_array_equal(rs, small * 2)
+    assert fwd.batches == [4, 4, 4, 1], fwd.batches  # big[0:4]; small + big[4:7]; big[7:11]; big[11:12]
+    assert finished == ["small", "big"]
+
+
+def test_a_failing_chunk_fails_its_request_once_and_drops_its_other_chunks(executor):
+    fwd = SlowForward(0.0, fail=True)
+    batcher = DynamicBatcher(fwd, max_batch_size=4, max_wait_ms=10, executor=executor)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="forward exploded"):
+            await batcher.submit(np.ones((10, 2), np.float32))
+        fwd.fail = False
+        out = await batcher.submit(np.ones((1, 2), np.float32))
+        batcher.close()
+        return out
+
+    np.testing.assert_array_equal(run(main()), np.full((1, 2), 2.0))
+    assert fwd.batches == [4, 1], fwd.batches  # the failed request's other chunks never ran

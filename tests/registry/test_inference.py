@@ -148,8 +148,8 @@ def test_v2_version_routes_answer_a_bad_version_like_infer(shared_registry, suff
     with shared_registry.client() as http:
         ok = http.get(f"/v2/models/clf/versions/1{suffix}")
         assert ok.status_code == 200 and (ok.json()["versions"] == ["1"] if not suffix else ok.json()["ready"])
-        for version, status, error in (("latest", 400, "version must be a positive integer, got 'latest'"),
-                                       ("0", 400, "version must be a positive integer, got '0'"),
+        for version, status, error in (("latest", 400, "version must be a positive integer (ASCII digits, at most 2147483647), got 'latest'"),
+                                       ("0", 400, "version must be a positive integer (ASCII digits, at most 2147483647), got '0'"),
                                        ("9", 404, "model 'clf' has no version 9")):
             r = http.get(f"/v2/models/clf/versions/{version}{suffix}")
             assert (r.status_code, r.json()) == (status, {"error": error})
@@ -181,10 +181,10 @@ def test_inference_bad_inputs(shared_registry, case):
             expected = (404, "model 'clf' has no version 9")
         elif case == "version_not_a_number":
             r = http.post("/v2/models/clf/versions/latest/infer", json={"inputs": [good]})
-            expected = (400, "version must be a positive integer, got 'latest'")
+            expected = (400, "version must be a positive integer (ASCII digits, at most 2147483647), got 'latest'")
         elif case == "version_zero":
             r = http.post("/v2/models/clf/versions/0/infer", json={"inputs": [good]})
-            expected = (400, "version must be a positive integer, got '0'")
+            expected = (400, "version must be a positive integer (ASCII digits, at most 2147483647), got '0'")
         elif case == "get_infer":
             r = http.get("/v2/models/clf/infer")
             assert r.headers["allow"] == "POST"
@@ -206,3 +206,25 @@ def test_inference_bad_inputs(shared_registry, case):
             r = http.post("/v1/models/clf:predict?alias=canary", files={"file": ("x.png", png(40, 40), "image/png")})
             expected = (404, "model 'clf' has no alias 'canary'")
         assert (r.status_code, r.json()) == (expected[0], {"error": expected[1]})
+
+
+def test_a_request_over_the_batch_cap_is_refused_naming_the_limit(shared_registry, weights_blob):
+    """Issue 17, item 4: one v2 request could carry any N (2,048 images took 1 GB and the model
+    for 7-15 s). N is capped (FEDSSL_REGISTRY_MAX_INFER_BATCH, 64 by default), the cap is in the
+    model metadata, and a request at the cap is still answered, row for row."""
+    with shared_registry.client() as http:
+        for path in ("/v2/models/clf", "/v2/models/clf/versions/1"):
+            assert http.get(path).json()["parameters"]["max_batch_size"] == 64
+        for n, status in ((65, 413), (64, 200)):
+            x = pixels(n, seed=n)
+            header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                             "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+            r = http.post("/v2/models/clf/infer", content=header + x.tobytes(),
+                          headers={"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+            assert r.status_code == status, r.text
+            if status == 413:
+                assert r.json() == {"error": "input 'image' has 65 images; at most 64 per request "
+                                             "(parameters.max_batch_size in the model's metadata): send them in several requests"}
+            else:  # 64 rows, more than a forward takes (max_batch_size 32): split, and reassembled in order
+                out = {o["name"]: o for o in r.json()["outputs"]}
+                np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(64, 3), reference(weights_blob, x), atol=1e-5)

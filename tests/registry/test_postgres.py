@@ -51,6 +51,8 @@ def test_registry_on_postgresql(cluster, tmp_path, weights_blob, database_url):
         after = (http.get("/v1/models").json(), http.get("/v1/models/clf/versions").json(), http.get("/v1/runs/r1").json())
         assert http.get("/v1/models/clf/versions/4/weights").content == weights_blob
         assert upload(http, "clf", weights_blob).json()["version"] == 5
+        assert http.delete("/v1/models/clf/versions/5").status_code == 204
+        assert upload(http, "clf", weights_blob).json()["version"] == 6  # a deleted number is never given again
     assert after == before
     assert [v["lineage"] for v in before[1]["versions"]] == [{"run_id": "r1", "round": 2}] * 4
 

@@ -32,3 +32,27 @@ def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class KeepAlive:
+    """One HTTP/1.1 connection reused for every request, as a keep-alive client would: a
+    server that drops it after an answer makes the next request fail."""
+
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.conn.auto_open = 0  # never reconnect behind the test's back
+        self.conn.connect()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        """(status, lower-cased headers, body) of one request on the shared connection."""
+        self.conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+        r = self.conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+    def close(self) -> None:
+        self.conn.close()

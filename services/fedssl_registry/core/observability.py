@@ -37,6 +37,14 @@ class Metrics:
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.inference_images = Counter("fedssl_inference_images_total", "Images run through models.", ["model"], registry=r)
         self.loaded_models = Gauge("fedssl_loaded_models", "Model versions loaded in memory.", registry=r)
+        self.model_loads = Counter("fedssl_model_loads_total", "Model versions loaded: pinned (an alias or the default) "
+                                   "or on demand (any other version).", ["model", "kind"], registry=r)
+        self.model_loads_refused = Counter("fedssl_model_loads_refused_total", "Requests answered 429: the version was not "
+                                           "loaded and the model's on-demand loads were at FEDSSL_REGISTRY_MODEL_LOADS_PER_MINUTE.",
+                                           ["model"], registry=r)
+        self.decodes_running = Gauge("fedssl_decodes_running", "Images or v2 request bodies being decoded now "
+                                     "(at most FEDSSL_REGISTRY_DECODE_WORKERS).", registry=r)
+        self.decodes_waiting = Gauge("fedssl_decodes_waiting", "Images or v2 request bodies waiting for a decode thread.", registry=r)
         self.model_versions = Gauge("fedssl_model_versions", "Registered versions per model.", ["model"], registry=r)
         self.fl_rounds = Counter("fedssl_federated_rounds_total", "Federated rounds reported by the aggregator.", ["phase"], registry=r)
         self.fl_loss = Gauge("fedssl_federated_round_loss", "Latest aggregated training loss per run and phase.", ["run_id", "phase"], registry=r)

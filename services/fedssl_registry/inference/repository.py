@@ -1,18 +1,31 @@
-"""Loaded models: built from registry weights on first use, kept in a bounded LRU cache.
+"""Loaded models: built from registry weights on first use, kept in a bounded cache.
 
 Requests name a model and optionally a version or alias. Resolving that to a version is a
 database read, so its answer is cached: a write in this process (alias moved, version added
 or deleted) clears the cache at once, and entries expire after `resolve_ttl` seconds so a
 write by another replica sharing the database shows within that time. The new version loads
 on its first request.
+
+What stays loaded, as a serving product keeps its deployed revisions up and loads others on
+demand (KServe's ModelMesh, Triton's model control):
+* pinned: each model's served versions, those an alias points at and its default (the
+  `production` alias, else the latest version). Loaded on first use, never evicted to make
+  room, and never refused: only a write with the token changes them.
+* on demand: any other version asked for by number. At most `cache_size` stay loaded (least
+  recently used evicted first), and each model loads at most `loads_per_minute` of them in
+  any 60 s. Loading a version takes the torch thread for about a second (a ResNet-18 on 2
+  cores), so a client cycling through more versions than the cache holds made every
+  request, everyone's, wait for a load; past the limit it gets 429 with Retry-After instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,9 +37,10 @@ from fedssl_core import names, weights
 from fedssl_core.errors import FedSSLError
 from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
 
-from ..core.errors import ModelNotReady
-from ..service import Registry
+from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady, TooManyLoads
+from ..service import Registry, servable_module
 from .batcher import DynamicBatcher
+from .decode import DecodePool
 
 
 @dataclass
@@ -53,6 +67,16 @@ class LoadedModel:
             out = torch.softmax(out, dim=1) if self.task == names.TASK_CLASSIFICATION else out
             return out.numpy().astype(np.float32, copy=False)
 
+    def check_finite(self, out: np.ndarray) -> np.ndarray:
+        """`out` (this request's rows of `forward`), unless a value is NaN or infinite: then
+        an InvalidInput, never an answer with no numbers in it. The upload's probe makes that
+        rare; extreme FP32 input values still overflow."""
+        if not np.isfinite(out).all():
+            what = "probabilities" if self.task == names.TASK_CLASSIFICATION else "embedding"
+            raise InvalidInput(f"model {self.name!r} version {self.version} gives non-finite {what} (NaN or infinity) "
+                               "for this input; normalised inputs are expected within a few units of 0")
+        return out
+
     @property
     def mean(self) -> tuple[float, ...]:
         return tuple(self.spec.get("mean") or names.IMAGENET_MEAN)
@@ -64,7 +88,7 @@ class LoadedModel:
     def preprocess(self, data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         """An uploaded JPEG/PNG → the normalised float32 (1, 3, S, S) array `forward` takes: the
         hospitals' `load_image` and `normalize`, with this version's image size, mean and std.
-        Numpy and Pillow only, so any thread may run it. Raises ImageDecodeError."""
+        Numpy and Pillow only (no torch): it runs on the decode pool. Raises ImageDecodeError."""
         return normalize(load_image(data, self.image_size, max_pixels)[None], self.mean, self.std)
 
 
@@ -83,26 +107,64 @@ def torch_thread(threads: int | None = None) -> ThreadPoolExecutor:
     return executor
 
 
+def pinned_versions(model: dict) -> frozenset[int]:
+    """The versions of `model` (a `Registry.model_dict`) that stay loaded: the alias targets
+    and the default an unversioned request gets (`production`, else the latest)."""
+    aliases = model.get("aliases") or {}
+    default = aliases.get("production", model.get("latest_version"))
+    return frozenset(v for v in (*aliases.values(), default) if v is not None)
+
+
+class LoadLimit:
+    """At most `per_minute` on-demand loads per model in any 60 s (0: no limit)."""
+
+    WINDOW = 60.0
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute, self.clock = per_minute, clock
+        self._loads: dict[str, deque[float]] = {}
+
+    def take(self, model: str) -> int | None:
+        """Counts one load of `model` and returns None, or, when the limit is reached, the
+        whole seconds until a load is allowed again (and counts nothing)."""
+        if self.per_minute <= 0:
+            return None
+        now = self.clock()
+        loads = self._loads.setdefault(model, deque())
+        while loads and now - loads[0] >= self.WINDOW:
+            loads.popleft()
+        if len(loads) >= self.per_minute:
+            return max(1, math.ceil(loads[0] + self.WINDOW - now))
+        loads.append(now)
+        return None
+
+
 class ModelRepository:
     def __init__(self, registry: Registry, *, cache_size: int, max_batch_size: int, max_wait_ms: float,
-                 metrics=None, resolve_ttl: float = 1.0, executor: ThreadPoolExecutor | None = None) -> None:
+                 metrics=None, resolve_ttl: float = 1.0, executor: ThreadPoolExecutor | None = None,
+                 decode_workers: int = 2, loads_per_minute: int = 0) -> None:
         self.registry = registry
         self.resolve_ttl = resolve_ttl
         self._resolved: dict[tuple, tuple[float, dict, dict]] = {}
         self.cache_size = max(1, cache_size)
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
         self.metrics = metrics
-        self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()  # least recently used first
+        self._pinned: dict[str, frozenset[int]] = {}  # per model, as of its last resolution
+        self.load_limit = LoadLimit(loads_per_minute)
         self._lock = threading.Lock()
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
         # Every torch operation of the service runs on one thread (`torch_thread`): loads,
         # forwards, and the registry's upload validation.
         self.executor = executor or torch_thread()
+        # Request decoding (Pillow, json, numpy) on its own bounded threads (`decode.DecodePool`).
+        self.decoder = DecodePool(decode_workers, metrics)
 
     def on_registry_event(self, event: str, payload: dict) -> None:
         """Registry listener: any change to models, versions or aliases invalidates resolution."""
         if event in ("model", "version", "version_deleted", "alias"):
             self._resolved.clear()
+            self._pinned.pop(payload.get("model") or payload.get("name"), None)
         if event == "version_deleted":
             self.forget(payload["model"], payload["version"])
 
@@ -115,20 +177,27 @@ class ModelRepository:
         if len(self._resolved) > 1024:  # bounded: names in requests are user input
             self._resolved.clear()
         self._resolved[key] = (time.monotonic(), model, ver)
+        self._pinned[model["name"]] = pinned_versions(model)
         return model, ver
+
+    def _pinned_of(self, name: str) -> frozenset[int]:
+        pinned = self._pinned.get(name)
+        if pinned is None:  # a write cleared it
+            try:
+                pinned = self._pinned[name] = pinned_versions(self.registry.get_model(name))
+            except ModelNotFound:
+                pinned = frozenset()
+        return pinned
 
     def loaded(self) -> list[tuple[str, int]]:
         return list(self._cache)
 
     def _build(self, model: dict, version: dict) -> LoadedModel:
         name, number = model["name"], version["version"]
-        try:
-            state = weights.load_file(self.registry.weights_path(name, number))
-            module = core_models.build_inference_model(model["task"], model["architecture"], len(model["input_spec"].get("class_names", [])) or None)
-            weights.load_into(module, state)
+        try:  # the upload checks again: a version stored before they existed may not pass them
+            module = servable_module(model, weights.load_file(self.registry.weights_path(name, number)))
         except FedSSLError as exc:
             raise ModelNotReady(f"model {name!r} version {number} cannot be loaded: {exc}") from exc
-        module.eval()
         loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None)  # type: ignore[arg-type]
         on_batch = (lambda n, s: self.metrics.observe_batch(name, n, s)) if self.metrics else None
         loaded.batcher = DynamicBatcher(loaded.forward, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
@@ -147,12 +216,30 @@ class ModelRepository:
             with self._lock:
                 if key in self._cache:
                     return self._cache[key]
+            pinned = self._pinned_of(key[0])
+            if key[1] not in pinned:
+                wait = self.load_limit.take(key[0])
+                if wait is not None:
+                    if self.metrics:
+                        self.metrics.model_loads_refused.labels(key[0]).inc()
+                    served = ", ".join(map(str, sorted(pinned))) or "none"
+                    raise TooManyLoads(
+                        f"model {key[0]!r} version {key[1]} is not loaded, and loading it would exceed this model's "
+                        f"{self.load_limit.per_minute} loads per minute of versions no alias points at "
+                        f"(FEDSSL_REGISTRY_MODEL_LOADS_PER_MINUTE); retry after {wait} s, or ask for a version kept "
+                        f"loaded (the production alias, else the latest, and other aliases: {served})", wait)
             loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self._build, model, ver)
+            if self.metrics:
+                self.metrics.model_loads.labels(key[0], "pinned" if key[1] in pinned else "on_demand").inc()
+            evicted = []
+            pins = {n: self._pinned_of(n) for n in {k[0] for k in self._cache}}  # a database read may happen: not under the lock
             with self._lock:
                 self._cache[key] = loaded
-                while len(self._cache) > self.cache_size:
-                    _, evicted = self._cache.popitem(last=False)
-                    evicted.batcher.close()
+                on_demand = [k for k in self._cache if k[1] not in pins.get(k[0], pinned)]
+                for old in on_demand[: max(0, len(on_demand) - self.cache_size)]:
+                    evicted.append(self._cache.pop(old))
+            for m in evicted:
+                m.batcher.close()
             if self.metrics:
                 self.metrics.loaded_models.set(len(self._cache))
             return loaded
@@ -165,4 +252,5 @@ class ModelRepository:
     def close(self) -> None:
         for m in self._cache.values():
             m.batcher.close()
+        self.decoder.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

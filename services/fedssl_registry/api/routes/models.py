@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
 from fedssl_core import names
 from fedssl_core.preprocessing import ImageDecodeError
 
-from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from ...schemas import AliasSet, ModelCreate, VersionMetadata
+from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_responses
+from ...schemas import DB_INT_MAX, MAX_JSON_DEPTH, AliasSet, ModelCreate, VersionMetadata
 from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, WriteAuth
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 SAFETENSORS_TYPES = {"application/octet-stream", "application/x-safetensors", ""}
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/jpg"}
+VersionPath = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="a version number")]
 
 
 def _require_multipart(request: Request) -> None:
@@ -29,27 +30,28 @@ def _require_multipart(request: Request) -> None:
         raise UnsupportedMediaType(f"expected a multipart/form-data upload with a 'file' field, got {ctype or 'no content type'}")
 
 
-@router.get("", dependencies=[ReadAuth])
+@router.get("", dependencies=[ReadAuth], responses=error_responses(401))
 def list_models(registry: RegistryDep) -> dict:
     return {"models": registry.list_models()}
 
 
-@router.post("", status_code=201, dependencies=[WriteAuth])
+@router.post("", status_code=201, dependencies=[WriteAuth], responses=error_responses(400, 401, 409, 413, 422))
 def create_model(body: ModelCreate, registry: RegistryDep) -> dict:
     return registry.create_model(body)
 
 
-@router.get("/{name}", dependencies=[ReadAuth])
+@router.get("/{name}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
 def get_model(name: str, registry: RegistryDep) -> dict:
     return registry.get_model(name)
 
 
-@router.get("/{name}/versions", dependencies=[ReadAuth])
+@router.get("/{name}/versions", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
 def list_versions(name: str, registry: RegistryDep) -> dict:
     return {"versions": registry.list_versions(name)}
 
 
-@router.post("/{name}/versions", status_code=201, dependencies=[WriteAuth])
+@router.post("/{name}/versions", status_code=201, dependencies=[WriteAuth],
+             responses=error_responses(400, 401, 404, 409, 413, 415, 422))
 async def upload_version(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
                          file: UploadFile = File(...), metadata: str | None = Form(None)) -> dict:
     _require_multipart(request)
@@ -58,6 +60,8 @@ async def upload_version(name: str, request: Request, registry: RegistryDep, set
         raise UnsupportedMediaType(f"weights must be a safetensors file sent as application/octet-stream, got {file.content_type}")
     try:
         meta = VersionMetadata.model_validate(json.loads(metadata)) if metadata else VersionMetadata()
+    except RecursionError:
+        raise InvalidInput(f"metadata is not valid: it nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays") from None
     except ValueError as exc:
         msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
         raise InvalidInput(f"metadata is not valid: {msg}") from None
@@ -83,35 +87,38 @@ async def upload_version(name: str, request: Request, registry: RegistryDep, set
     return await run_in_threadpool(registry.create_version, name, temp, meta)
 
 
-@router.get("/{name}/versions/{version}", dependencies=[ReadAuth])
-def get_version(name: str, version: int, registry: RegistryDep) -> dict:
+@router.get("/{name}/versions/{version}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 422))
+def get_version(name: str, version: VersionPath, registry: RegistryDep) -> dict:
     return registry.get_version(name, version)
 
 
-@router.get("/{name}/versions/{version}/weights", dependencies=[ReadAuth])
-def download_weights(name: str, version: int, registry: RegistryDep) -> FileResponse:
+@router.get("/{name}/versions/{version}/weights", dependencies=[ReadAuth], response_class=FileResponse,
+            responses={200: {"description": "The safetensors file", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                       **error_responses(400, 401, 404, 422)})
+def download_weights(name: str, version: VersionPath, registry: RegistryDep) -> FileResponse:
     path = registry.weights_path(name, version)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.safetensors")
 
 
-@router.delete("/{name}/versions/{version}", status_code=204, dependencies=[WriteAuth])
-def delete_version(name: str, version: int, registry: RegistryDep) -> None:
+@router.delete("/{name}/versions/{version}", status_code=204, dependencies=[WriteAuth], responses=error_responses(400, 401, 404, 409, 422))
+def delete_version(name: str, version: VersionPath, registry: RegistryDep) -> None:
     registry.delete_version(name, version)  # the model repository unloads it on the version_deleted event
 
 
-@router.put("/{name}/aliases/{alias}", dependencies=[WriteAuth])
+@router.put("/{name}/aliases/{alias}", dependencies=[WriteAuth], responses=error_responses(400, 401, 404, 413, 422))
 def set_alias(name: str, alias: str, body: AliasSet, registry: RegistryDep) -> dict:
     return registry.set_alias(name, alias, body.version)
 
 
-@router.delete("/{name}/aliases/{alias}", status_code=204, dependencies=[WriteAuth])
+@router.delete("/{name}/aliases/{alias}", status_code=204, dependencies=[WriteAuth], responses=error_responses(400, 401, 404))
 def delete_alias(name: str, alias: str, registry: RegistryDep) -> None:
     registry.delete_alias(name, alias)
 
 
-@router.post("/{name}:predict", dependencies=[ReadAuth])
+@router.post("/{name}:predict", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503))
 async def predict(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep,
-                  file: UploadFile = File(...), version: int | None = None, alias: str | None = None) -> dict:
+                  file: UploadFile = File(...), version: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
+                  alias: str | None = None) -> dict:
     """Classify (or embed) one uploaded JPEG/PNG image."""
     _require_multipart(request)
     if (file.content_type or "").lower() not in IMAGE_TYPES:
@@ -121,11 +128,10 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
         raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
     model = await repository.get(name, version, alias)
     try:
-        # numpy and Pillow only (no torch), so off the event loop and off the torch thread
-        x = await asyncio.to_thread(model.preprocess, data, settings.max_image_pixels)
+        x = await repository.decoder.run(model.preprocess, data, settings.max_image_pixels)
     except ImageDecodeError as exc:
         raise InvalidInput(str(exc)) from None
-    out = (await model.batcher.submit(x))[0]
+    out = model.check_finite((await model.batcher.submit(x))[0])
     if model.task == names.TASK_CLASSIFICATION:
         probs = out.tolist()
         best = int(out.argmax())

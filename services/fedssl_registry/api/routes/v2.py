@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
@@ -10,11 +11,13 @@ from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from ... import __version__
-from ...core.errors import InvalidInput
+from ...core.errors import InvalidInput, error_responses
 from ...inference import v2 as protocol
-from ..deps import ReadAuth, RegistryDep, RepositoryDep, check_token
+from ...schemas import DB_INT_MAX
+from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, check_token
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+VERSION_RE = re.compile(r"[0-9]{1,10}")
 # Checked by `_version` (400, as for any bad v2 request) rather than by FastAPI (422).
 VersionPath = Annotated[str, Path(description="a positive integer", examples=["1"])]
 
@@ -30,25 +33,25 @@ def ready(request: Request, registry: RegistryDep) -> dict:
     return {"ready": True}
 
 
-@router.get("", dependencies=[ReadAuth])
+@router.get("", dependencies=[ReadAuth], responses=error_responses(401))
 def server_metadata() -> dict:
     return {"name": "fedssl-registry", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
-def _metadata(registry, name: str, version: int | None) -> dict:
+def _metadata(registry, settings, name: str, version: int | None) -> dict:
     model, ver = registry.resolve(name, version)
     versions = [v["version"] for v in registry.list_versions(name)] if version is None else [ver["version"]]
-    return protocol.model_metadata(model, versions)
+    return protocol.model_metadata(model, versions, settings.max_infer_batch)
 
 
-@router.get("/models/{name}", dependencies=[ReadAuth])
-def model_metadata(name: str, registry: RegistryDep) -> dict:
-    return _metadata(registry, name, None)
+@router.get("/models/{name}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
+def model_metadata(name: str, registry: RegistryDep, settings: SettingsDep) -> dict:
+    return _metadata(registry, settings, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth])
-def model_version_metadata(name: str, version: VersionPath, registry: RegistryDep) -> dict:
-    return _metadata(registry, name, _version(version))
+@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
+def model_version_metadata(name: str, version: VersionPath, registry: RegistryDep, settings: SettingsDep) -> dict:
+    return _metadata(registry, settings, name, _version(version))
 
 
 async def _ready(name: str, version: int | None, repository) -> dict:
@@ -56,12 +59,12 @@ async def _ready(name: str, version: int | None, repository) -> dict:
     return {"name": loaded.name, "version": str(loaded.version), "ready": True}
 
 
-@router.get("/models/{name}/ready", dependencies=[ReadAuth])
+@router.get("/models/{name}/ready", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 429, 503))
 async def model_ready(name: str, repository: RepositoryDep) -> dict:
     return await _ready(name, None, repository)
 
 
-@router.get("/models/{name}/versions/{version}/ready", dependencies=[ReadAuth])
+@router.get("/models/{name}/versions/{version}/ready", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 429, 503))
 async def model_version_ready(name: str, version: VersionPath, repository: RepositoryDep) -> dict:
     return await _ready(name, _version(version), repository)
 
@@ -98,10 +101,14 @@ class _InferEndpoint:
         model = await state.repository.get(params["name"], _version(params.get("version")))
         with model.batcher.incoming():
             body = await read_body(receive)
-            header_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
-            req = protocol.parse_request(body, None if header_length is None else header_length.decode("latin-1"),
-                                         model.image_size, model.mean, model.std)
-        out = await model.batcher.submit(req.array)
+            raw_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
+            header_length = None if raw_length is None else raw_length.decode("latin-1")
+            args = (body, header_length, model.image_size, model.mean, model.std, state.settings.max_infer_batch)
+            if protocol.parses_inline(len(body), header_length):
+                req = protocol.parse_request(*args)
+            else:  # JSON and numpy work of up to seconds: off the event loop, bounded (inference.decode)
+                req = await state.repository.decoder.run(protocol.parse_request, *args)
+        out = model.check_finite(await model.batcher.submit(req.array))
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)
         response_headers = [(b"content-length", str(len(payload)).encode())]
         response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
@@ -113,11 +120,12 @@ _infer = _InferEndpoint()
 
 
 def _version(value: str | None) -> int | None:
-    """A v2 path's version: a positive integer, else 400 (as for any bad v2 request)."""
+    """A v2 path's version: a positive integer in ASCII digits, else 400 (as for any bad v2
+    request). Not `str.isdigit`: it takes '²' (which `int` refuses) and '١' (which it reads as 1)."""
     if value is None:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise InvalidInput(f"version must be a positive integer, got {value!r}")
+    if not VERSION_RE.fullmatch(value) or not 1 <= int(value) <= DB_INT_MAX:
+        raise InvalidInput(f"version must be a positive integer (ASCII digits, at most {DB_INT_MAX}), got {value!r}")
     return int(value)
 
 
@@ -141,7 +149,10 @@ def openapi_paths() -> dict:
     errors = {str(status): {"description": text, "content": {"application/json": {"schema": {
         "type": "object", "properties": {"error": {"type": "string"}}}}}}
         for status, text in ((400, "Bad tensor, shape, datatype or JSON"), (401, "Missing or wrong token (read auth)"),
-                             (404, "Unknown model or version"), (413, "Body too large"), (503, "Model cannot be loaded"))}
+                             (404, "Unknown model or version"),
+                             (413, "Body too large, or more images than the model metadata's parameters.max_batch_size"),
+                             (429, "Version not loaded and the model's on-demand loads at their limit; see Retry-After"),
+                             (503, "Model cannot be loaded"))}
     body = {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "description": "v2 inference request with JSON tensors"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
@@ -149,7 +160,7 @@ def openapi_paths() -> dict:
     ok = {"description": "v2 inference response (binary when the request asked for binary outputs)",
           "content": {"application/json": {}, "application/octet-stream": {}}}
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": DB_INT_MAX}}
 
     def op(summary: str, parameters: list) -> dict:
         return {"post": {"tags": ["v2"], "summary": summary, "parameters": parameters, "requestBody": body,
