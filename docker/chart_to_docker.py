@@ -106,7 +106,8 @@ class Translator:
         return self.configmaps[name][key]
 
     def aliases(self, obj: dict, pod_labels: dict, container: dict) -> list[str]:
-        ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        # Every container of the pod shares its network (a sidecar's ports are the pod's).
+        ports = {p.get("name"): p["containerPort"] for c in pod_spec(obj)["containers"] for p in c.get("ports") or []}
         names = []
         for svc in self.services:
             selector = svc["spec"].get("selector") or {}
@@ -209,6 +210,22 @@ class Translator:
                 if data is None:
                     raise Unsupported(f"{wname}: Secret {s['secretName']!r} is not among the rendered objects")
                 src = self.materialise(f"{wname}/{m['name']}", "Secret", s["secretName"], data, s.get("items"), s.get("defaultMode", 0o644))
+            elif "projected" in v and all(set(src) == {"secret"} for src in v["projected"]["sources"]):
+                # Secrets projected into one folder (the run Job's hospital public keys).
+                merged: dict[str, bytes] = {}
+                items = []
+                for i, src in enumerate(v["projected"]["sources"]):
+                    sec = src["secret"]
+                    data = self.secrets.get(sec["name"])
+                    if data is None:
+                        raise Unsupported(f"{wname}: Secret {sec['name']!r} is not among the rendered objects")
+                    for it in sec.get("items") or [{"key": k, "path": k} for k in data]:
+                        if it["key"] not in data:
+                            raise Unsupported(f"Secret {sec['name']} has no key {it['key']!r}")
+                        merged[f"{i}/{it['key']}"] = data[it["key"]]
+                        items.append({"key": f"{i}/{it['key']}", "path": it["path"]})
+                src = self.materialise(f"{wname}/{m['name']}", "projected Secrets", m["name"], merged, items,
+                                       v["projected"].get("defaultMode", 0o644))
             elif "configMap" in v:
                 c = v["configMap"]
                 data = self.configmaps.get(c["name"])
@@ -275,16 +292,20 @@ class Translator:
         return "none"
 
     # ------------------------------------------------------------------ one container
-    def container(self, obj: dict, spec: dict, c: dict, kind: str, labels: dict) -> None:
+    def container(self, obj: dict, spec: dict, c: dict, kind: str, labels: dict, pod: str | None = None) -> None:
+        """`pod`: the Docker container whose network this one joins (a sidecar of a Deployment)."""
         wname = obj["metadata"]["name"]
-        cname = f"{self.prefix}-{wname}" if kind != "init" else f"{self.prefix}-{wname}-{c['name']}"
+        cname = f"{self.prefix}-{wname}" if kind != "init" and not pod else f"{self.prefix}-{wname}-{c['name']}"
         env = self.env(obj, c)
         env_file = self.out / "env" / f"{cname}.env"
         env_file.parent.mkdir(parents=True, exist_ok=True)
         env_file.touch(mode=0o600)
         env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-        args = ["--name", cname, "--hostname", wname[:63], "--network", self.network, "--label", f"fedssl-smoke={self.prefix}"]
-        if kind == "deployment":
+        if pod:  # a sidecar: the pod's network namespace (127.0.0.1 is shared), no names of its own
+            args = ["--name", cname, "--network", f"container:{pod}", "--label", f"fedssl-smoke={self.prefix}", "--detach"]
+        else:
+            args = ["--name", cname, "--hostname", wname[:63], "--network", self.network, "--label", f"fedssl-smoke={self.prefix}"]
+        if kind == "deployment" and not pod:
             args.append("--detach")
             args += [a for alias in self.aliases(obj, labels, c) for a in ("--network-alias", alias)]
             for suffix, port in self.publish.items():
@@ -302,7 +323,8 @@ class Translator:
         args_file = self.out / "args" / f"{cname}.args"
         args_file.parent.mkdir(parents=True, exist_ok=True)
         args_file.write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
-        self.rows.append((kind, wname, cname, self.probe(c) if kind == "deployment" else "none", str(args_file)))
+        workload = f"{wname}/{c['name']}" if pod else wname
+        self.rows.append((kind, workload, cname, self.probe(c) if kind == "deployment" else "none", str(args_file)))
 
     def run(self) -> None:
         groups: dict[str, list[tuple[dict, dict]]] = {"deployment": [], "job": [], "test": []}
@@ -317,12 +339,15 @@ class Translator:
             groups[kind].append((o, spec))
         for kind, items in groups.items():
             for o, spec in items:
-                if len(spec["containers"]) != 1:
+                if len(spec["containers"]) != 1 and kind != "deployment":
                     raise Unsupported(f"{o['metadata']['name']}: {len(spec['containers'])} containers in one pod")
                 labels = (o["spec"].get("template") or {}).get("metadata", {}).get("labels") or o["metadata"].get("labels") or {}
                 for init in spec.get("initContainers") or []:
                     self.container(o, spec, init, "init", labels)
-                self.container(o, spec, spec["containers"][0], kind, labels)
+                first, *sidecars = spec["containers"]
+                self.container(o, spec, first, kind, labels)
+                for c in sidecars:  # started after the first, in its network namespace
+                    self.container(o, spec, c, kind, labels, pod=f"{self.prefix}-{o['metadata']['name']}")
         (self.out / "workloads.tsv").write_text("".join("\t".join(r) + "\n" for r in self.rows))
         (self.out / "volumes.tsv").write_text("".join(f"{n}\t{k}\t{s}\n" for n, (k, s) in self.volumes.items()))
 

@@ -91,6 +91,15 @@ FROM base AS superlink
 LABEL org.opencontainers.image.title="fedssl-superlink" \
       org.opencontainers.image.description="Flower SuperLink with the fedssl ServerApp (federated self-supervised learning)" \
       org.opencontainers.image.licenses="Apache-2.0"
+# nginx for `fedssl-superlink-proxy`, the sidecar that splits the SuperLink's one port into a
+# fleet listener (hospitals) and a token-guarded control listener (fedssl_flower/superlink_proxy.py).
+# nginx-light: the http core, ssl and proxy modules, nothing else. It runs as uid 10001 with
+# every file under /tmp, so the package's own directories stay as they are.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light \
+ && rm -rf /var/lib/apt/lists/* \
+ && nginx -v
 COPY --from=torch /opt/fedssl/torch /opt/fedssl/torch
 COPY --from=venv /opt/fedssl/venv /opt/fedssl/venv
 # The Flower App that `fedssl-submit` / `flwr run` packs into a FAB ([tool.flwr.app] fab-include).
@@ -107,8 +116,10 @@ USER 10001:10001
 WORKDIR /var/lib/fedssl
 # SuperLink state (--database), FLWR_HOME and the aggregator's run folders.
 VOLUME ["/var/lib/fedssl"]
-# Fleet, Control and Runtime APIs share this one port (flwr >= 1.41).
-EXPOSE 9092
+# The SuperLink alone: Fleet, Control and Runtime APIs share this one port (flwr >= 1.41).
+# In the chart the SuperLink listens on 127.0.0.1:9091 and fedssl-superlink-proxy serves 9092
+# (fleet) and 9093 (control).
+EXPOSE 9092 9093
 # tini reaps the ServerApp processes that Flower leaves behind as zombies.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 # For `docker run` on a private network; the chart passes TLS options instead of --insecure.

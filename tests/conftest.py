@@ -38,6 +38,16 @@ def ham10000_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def brain_mri_dir() -> Path:
+    """The real brain MRI hospitals (read-only; never copied into the repo): $FEDSSL_TEST_BRAIN_MRI,
+    else ../shared/data/brain-mri, laid out as <hospital>/<class folder>/<image>.jpg."""
+    path = Path(os.environ.get("FEDSSL_TEST_BRAIN_MRI", REPO_ROOT.parent / "shared" / "data" / "brain-mri"))
+    if not (path / "aiims-delhi").is_dir():
+        pytest.fail(f"the real brain MRI copy is missing: no aiims-delhi/ under {path}; set FEDSSL_TEST_BRAIN_MRI")
+    return path
+
+
 def require_tool(name: str) -> str:
     """Path of a command-line tool the project's bootstrap installs; skip loudly if absent."""
     path = shutil.which(name) or (str(REPO_ROOT / ".tools" / "bin" / name) if (REPO_ROOT / ".tools" / "bin" / name).exists() else None)

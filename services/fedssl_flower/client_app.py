@@ -141,6 +141,14 @@ def train(msg: Message, context: Context) -> Message:
     # The received model is the previous round's global model: score it here, before training,
     # so a round costs one exchange (and one ClientApp process) instead of two.
     evaluation = _evaluation(context, model, cfg, data, instr)
+    blocker = training.cannot_train(phase, len(data.train_images), cfg.finetune_mode)
+    if blocker:  # left out of this round with the reason; its scores of the previous model still count
+        log.warning("hospital %s left out of %s round %d: %s", name, phase, rnd, blocker)
+        return Message(RecordDict({
+            records.INFO: records.config_record({"hospital": name, "ssl-task": task, records.SKIPPED: blocker}),
+            records.METRICS: records.to_metric_record({names.M_EXAMPLES: 0}),
+            **evaluation,
+        }), reply_to=msg)
     t0 = time.perf_counter()
     moments = _moments(context, records.STATE_OPTIMIZER, cfg, phase)
     metrics = local.train_round(model, data, task, phase, cfg, seed, rnd, moments)
@@ -182,6 +190,9 @@ def _evaluation(context: Context, model: FedSSLModel, cfg: RunConfig, data: Hosp
     held-out split, as reply records, when the message asks for them (`evaluate-phase`: the
     phase of the round that produced the model); {} otherwise."""
     if "evaluate-phase" not in instr:
+        return {}
+    if not len(data.test_images):  # nothing held out to score on: the aggregator logs the missing scores
+        log.warning("hospital %s has no held-out images: the global model is not scored here", _hospital(context)[0])
         return {}
     t0 = time.perf_counter()
     phase = str(instr["evaluate-phase"])

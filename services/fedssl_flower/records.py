@@ -28,6 +28,7 @@ LOCAL_METRICS = "local_only_metrics"  # MetricRecord: the hospital's local-only 
 EVAL_METRICS = "eval_metrics"  # MetricRecord: the received global model scored on held-out data
 LOCAL_EVAL_METRICS = "local_only_eval_metrics"  # MetricRecord: the local-only model scored likewise
 INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
+SKIPPED = "skipped"  # INFO key: why a hospital could not train this round (its reply then has no WEIGHTS)
 PACKED = "packed"  # the one Array of a WEIGHTS record: every tensor in a safetensors buffer
 
 # Names of the hospital's private models (files in its state directory, see client_app).

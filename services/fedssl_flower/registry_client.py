@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import ssl
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
+
+from fedssl_core import names
+from fedssl_core.tokens import read_token_file
 
 from .errors import FedSSLError
 
@@ -23,11 +29,22 @@ class RegistryUnavailable(FedSSLError, RuntimeError):
 
 
 class RegistryClient:
-    def __init__(self, url: str, token: str = "", *, retries: int = 5, backoff: float = 1.0, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: str = "", *, retries: int = 5, backoff: float = 1.0, timeout: float = 120.0,
+                 ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify)
         self.retries, self.backoff = retries, backoff
+
+    @classmethod
+    def from_environment(cls, url: str, environ: Mapping[str, str] = os.environ, **kwargs: Any) -> RegistryClient:
+        """A client of `url` with the write token from the file `FEDSSL_REGISTRY_TOKEN_FILE` (a
+        mounted Secret) or else `FEDSSL_REGISTRY_TOKEN`, trusting `FEDSSL_REGISTRY_CA` for HTTPS."""
+        token = environ.get(names.ENV_REGISTRY_TOKEN, "")
+        if path := environ.get(names.ENV_REGISTRY_TOKEN_FILE, ""):
+            token = read_token_file(path, names.ENV_REGISTRY_TOKEN_FILE)
+        return cls(url, token, ca_file=environ.get(names.ENV_REGISTRY_CA) or None, **kwargs)
 
     def close(self) -> None:
         self._http.close()

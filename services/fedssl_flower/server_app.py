@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ import httpx
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 
 from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
@@ -66,6 +67,7 @@ class Trained:
     per_hospital: dict[str, dict]  # training metrics by hospital
     examples: dict[str, int]  # training examples by hospital that trained
     failed: list[str]
+    skipped: dict[str, str]  # hospital -> why it could not train this round
     bytes_sent: int
     bytes_received: int
     train_seconds: float
@@ -115,6 +117,18 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinite floats replaced by None: JSON has no such numbers, and one
+    hospital's undefined metric must not stop the round's record from being posted."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
@@ -149,13 +163,14 @@ class Aggregator:
     def __init__(self, grid: Grid, cfg: RunConfig, run_id: str) -> None:
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
         self.folder = RunFolder(cfg.runs_root, run_id)
-        self.registry = RegistryClient(cfg.registry, os.environ.get(names.ENV_REGISTRY_TOKEN, "")) if cfg.registry else None
+        self.registry = RegistryClient.from_environment(cfg.registry) if cfg.registry else None
         self.hospitals: dict[int, Hospital] = {}  # node id → hospital
         self.nodes_with_model: set[int] = set()  # nodes that hold the full model already
         self.class_names: list[str] = []
         self.state: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
         self.started, self.t_start = _now(), time.monotonic()
+        self.where, self.finished = "start-up", False  # where the run is, for a stop signal's record
         self.warnings: list[str] = [cfg.data_warning] if cfg.data_warning else []
         self.registered: dict[str, int] = {}
         # Its velocity is not checkpointed: a resumed run restarts it from zero.
@@ -319,6 +334,8 @@ class Aggregator:
                     "class_counts": h.audit.get("class_counts", {}).get("train", {}),
                     "test_class_counts": h.audit.get("class_counts", {}).get("test", {}),
                     "skipped_files": len(h.audit.get("skipped_files", [])),
+                    # Class folders as this hospital named them -> the federation's classes (imagefolder data).
+                    "label_map": h.audit.get("label_map"),
                 }
                 for h in {h.name: h for h in self.hospitals.values()}.values()
             },
@@ -440,13 +457,18 @@ class Aggregator:
         if previous is not None:
             self._finish(previous, *self._evaluations(replies, previous), evaluated_in=f"{phase} round {rnd}")
 
-        updates, per_hospital, examples, failed = [], {}, {}, []
+        updates, per_hospital, examples, failed, skipped = [], {}, {}, [], {}
         bytes_received = 0
         for node, reply in sorted(replies.items()):
             name = self.hospitals[node].name
             if reply.has_error():
                 failed.append(name)
                 log.warning("hospital %s failed %s round %d: %s", name, phase, rnd, reply.error.reason)
+                continue
+            if records.WEIGHTS not in reply.content:  # the hospital could not train and says why
+                info = reply.content[records.INFO] if records.INFO in reply.content else {}
+                skipped[name] = str(info.get(records.SKIPPED, "its reply carried no weights"))
+                _progress("%s round %d: hospital %s left out: %s", phase, rnd, name, skipped[name])
                 continue
             bytes_received += reply.content[records.WEIGHTS].count_bytes()
             arrays = records.from_array_record(reply.content[records.WEIGHTS], self.cfg.update_encoding)
@@ -462,8 +484,9 @@ class Aggregator:
         failed += [self.hospitals[n].name for n in missing]
         if len(updates) < self.cfg.min_hospitals:
             raise RunFailed(
-                f"{phase} round {rnd}: only {len(updates)} hospital(s) replied (failed or timed out: "
-                f"{', '.join(failed) or 'none'}); min-hospitals is {self.cfg.min_hospitals}"
+                f"{phase} round {rnd}: only {len(updates)} hospital(s) trained (failed or timed out: "
+                f"{', '.join(failed) or 'none'}; could not train: "
+                f"{'; '.join(f'{h}: {why}' for h, why in skipped.items()) or 'none'}); min-hospitals is {self.cfg.min_hospitals}"
             )
         for name in failed:
             _progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
@@ -473,7 +496,7 @@ class Aggregator:
         for key, value in self.server_optimizer.step(current, average, phase).items():
             self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
-        return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed,
+        return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed, skipped,
                        bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0)
 
     def _final_evaluation(self, trained: Trained) -> None:
@@ -512,9 +535,11 @@ class Aggregator:
                 aggregated[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
 
         phase, rnd = t.phase, t.round
+        aggregated = _finite(aggregated)
         record = {
-            "phase": phase, "round": rnd, "aggregated": aggregated, "hospitals": per_hospital,
-            "examples": t.examples, "failed_hospitals": t.failed, "duration_seconds": t.seconds + evaluate_seconds,
+            "phase": phase, "round": rnd, "aggregated": aggregated, "hospitals": _finite(per_hospital),
+            "examples": t.examples, "failed_hospitals": t.failed, "skipped_hospitals": t.skipped,
+            "duration_seconds": t.seconds + evaluate_seconds,
             "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
             "timing": {"train_seconds": t.train_seconds, "aggregate_seconds": t.aggregate_seconds,
                        "evaluate_seconds": evaluate_seconds, "evaluated_in": evaluated_in},
@@ -525,7 +550,8 @@ class Aggregator:
         try:
             if self.registry is not None:
                 self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
-                                                                              "duration_seconds", "bytes_sent", "bytes_received")})
+                                                                              "skipped_hospitals", "duration_seconds", "bytes_sent",
+                                                                              "bytes_received")})
             self._register(t.state, phase, rnd, aggregated, sorted(t.examples))
         finally:  # the round is on disk even when the registry is unreachable
             record["timing"]["register_seconds"] = time.monotonic() - t_reg
@@ -577,7 +603,34 @@ class Aggregator:
             "config": self.cfg.as_dict(), "started_at": self.started, "finished_at": _now(),
         }
 
+    def _record_failure(self, error: str, registry: RegistryClient | None) -> None:
+        """The run's end as failed, with `error`: run folder, registry (when reachable), log."""
+        self.finished = True
+        self.folder.write_summary(self.summary("failed", error))
+        if registry is not None:
+            try:
+                registry.put_run(self.run_id, self._run_body("failed", error))
+            except Exception as reg_exc:  # the run's own error matters more
+                log.error("could not record the failure in the registry: %s", reg_exc)
+        _progress("run %s FAILED: %s", self.run_id, error)
+
+    def _stopped(self) -> None:
+        """Flower's exit handler: a stop signal (the SuperLink shutting down, `flwr stop`) ends
+        this process without unwinding `run`, so the stop is recorded here, with its round."""
+        if self.finished:
+            return
+        # A client of its own: the signal may have interrupted the run's client mid-request.
+        registry = RegistryClient.from_environment(self.cfg.registry, retries=1, timeout=3.0) if self.registry is not None else None
+        try:
+            self._record_failure(f"stopped during {self.where}: the aggregator got a stop signal (the SuperLink shut down, "
+                                 "or the run was stopped); the registered rounds are kept: resubmit with "
+                                 "resume-from-registry=true to continue after the newest", registry)
+        finally:
+            if registry is not None:
+                registry.close()
+
     def run(self) -> None:
+        add_exit_handler(self._stopped)
         try:
             nodes = self._wait_for_hospitals()
             self._describe(nodes, strict=True)
@@ -597,29 +650,25 @@ class Aggregator:
                       self.cfg.finetune_rounds, len(self._hospital_names()), ", ".join(self._hospital_names()))
             trained = None
             for phase, rnd, total in schedule:
+                self.where = f"{phase} round {rnd}"
                 trained = self._round(phase, rnd, total, trained)
                 if self.history:
                     self.folder.write_summary(self.summary("running"))
                     if self.registry is not None:
                         self.registry.put_run(self.run_id, self._run_body("running"))
             if trained is not None:
+                self.where = "the final evaluation"
                 self._final_evaluation(trained)
             if self.registry is not None:
                 for model_name, version in self.registered.items():
                     self.registry.set_alias(model_name, self.cfg.production_alias, version)
                     _progress("registered %s version %d as '%s'", model_name, version, self.cfg.production_alias)
                 self.registry.put_run(self.run_id, self._run_body("succeeded"))
+            self.finished = True
             self.folder.write_summary(self.summary("succeeded"))
             _progress("run %s succeeded; run folder %s", self.run_id, self.folder.path)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self.folder.write_summary(self.summary("failed", error))
-            if self.registry is not None:
-                try:
-                    self.registry.put_run(self.run_id, self._run_body("failed", error))
-                except Exception as reg_exc:  # the run's own error matters more
-                    log.error("could not record the failure in the registry: %s", reg_exc)
-            _progress("run %s FAILED: %s", self.run_id, error)
+            self._record_failure(f"{type(exc).__name__}: {exc}", self.registry)
             raise
         finally:
             if self.registry is not None:

@@ -20,6 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+from fedssl_core import tokens
+from fedssl_core.errors import ConfigError
+
 CONNECTION = "fedssl"
 PROGRESS_MARK = "[fedssl]"
 
@@ -31,15 +34,48 @@ def _flwr() -> str:
     return exe
 
 
-def write_cli_config(home: Path, superlink: str, root_certificates: str | None) -> None:
-    """The flwr CLI reads SuperLink connections from $FLWR_HOME/config.toml."""
+def write_cli_config(home: Path, superlink: str, root_certificates: str | None,
+                     control_token: str | None = None) -> None:
+    """The flwr CLI reads SuperLink connections from $FLWR_HOME/config.toml.
+
+    `control_token`: the bearer token of the SuperLink's control listener
+    (fedssl_flower.superlink_proxy). The flwr CLI sends `Authorization: Bearer <access token>`
+    when its credential store ($FLWR_HOME/credentials.yaml) holds OIDC tokens for the
+    connection's address, so the token is stored there as one (the CLI refreshes only on a 401
+    that asks for it, which the proxy never sends).
+    """
     home.mkdir(parents=True, exist_ok=True)
+    if control_token:
+        write_control_token(home, superlink, control_token)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{superlink}"']
     if root_certificates:
         lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
     else:
         lines.append("insecure = true")
     (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_control_token(home: Path, superlink: str, token: str) -> None:
+    from flwr.cli.constant import ACCESS_TOKEN_STORE_KEY, AUTHN_TYPE_STORE_KEY, REFRESH_TOKEN_STORE_KEY
+    from flwr.common.constant import AuthnType
+    from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
+
+    store = FileCredentialStore(home / "credentials.yaml")
+    store.set(AUTHN_TYPE_STORE_KEY % superlink, AuthnType.OIDC.encode())
+    store.set(ACCESS_TOKEN_STORE_KEY % superlink, token.encode())
+    # Never sent (the CLI only uses it to refresh); it must exist for the CLI to send the token.
+    store.set(REFRESH_TOKEN_STORE_KEY % superlink, b"unused")
+    (home / "credentials.yaml").chmod(0o600)
+
+
+def read_token_file(path: str | None) -> str | None:
+    """The control token in `path` (None without one); exits naming the file when it is unusable."""
+    if not path:
+        return None
+    try:
+        return tokens.read_token_file(path, "the control token file")
+    except ConfigError as exc:
+        raise SystemExit(f"fedssl-submit: {exc}") from None
 
 
 def _run(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -55,15 +91,29 @@ def _json_out(proc: subprocess.CompletedProcess) -> dict:
         return {}
 
 
+class Unreachable(Exception):
+    """`flwr ls` got no answer from the SuperLink."""
+
+
 def run_status(flwr: str, run_id: str, env: dict) -> str:
-    proc = _run([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env, timeout=60)
-    runs = _json_out(proc).get("runs") or []
+    """The run's status as the SuperLink reports it; `Unreachable` when it does not answer."""
+    try:
+        proc = _run([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise Unreachable("`flwr ls` got no answer within 60 s") from None
+    out = _json_out(proc)
+    if proc.returncode != 0 or not out.get("success", True):
+        lines = [ln for ln in (out.get("error-message") or proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise Unreachable(lines[-1].strip() if lines else f"`flwr ls` exited {proc.returncode}")
+    runs = out.get("runs") or []
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
-def follow(flwr: str, run_id: str, env: dict, stop: threading.Event, ended: threading.Event) -> None:
+def follow(flwr: str, run_id: str, env: dict, stop: threading.Event, ended: threading.Event,
+           final: list[str] | None = None) -> None:
     """Print the aggregator's progress lines from the run's log stream until `stop`; set
-    `ended` when the aggregator says the run is over or the stream ends."""
+    `ended` when the aggregator says the run is over (its line appended to `final`) or the
+    stream ends."""
     proc = subprocess.Popen([flwr, "log", run_id, CONNECTION, "--stream"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -72,6 +122,8 @@ def follow(flwr: str, run_id: str, env: dict, stop: threading.Event, ended: thre
             if PROGRESS_MARK in line:
                 print(line[line.index(PROGRESS_MARK):].rstrip(), flush=True)
                 if _FINAL_LINE.search(line):
+                    if final is not None:
+                        final.append(line[line.index(PROGRESS_MARK):].rstrip())
                     ended.set()
             if stop.is_set():
                 break
@@ -101,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedssl-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--superlink", default=os.environ.get("FEDSSL_SUPERLINK", ""), help="SuperLink HOST:PORT (env FEDSSL_SUPERLINK)")
     p.add_argument("--root-certificates", default=os.environ.get("FEDSSL_SUPERLINK_CA"), help="CA certificate (PEM) for TLS; omit for an insecure SuperLink")
+    p.add_argument("--control-token-file", default=os.environ.get("FEDSSL_CONTROL_TOKEN_FILE") or None,
+                   help="file with the bearer token of the SuperLink's control listener (env FEDSSL_CONTROL_TOKEN_FILE)")
     p.add_argument("--app", default=os.environ.get("FEDSSL_APP_DIR", str(Path(__file__).resolve().parents[2])), help="Flower App directory (holds pyproject.toml)")
     p.add_argument("--run-config", "-c", action="append", default=[], help="run config override key=value (repeatable)")
     p.add_argument("--flwr-home", default=None, help="directory for the flwr CLI's config (default: a temporary one)")
@@ -108,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how often to ask the SuperLink for the run's status while its log stream is alive "
                         "(each ask starts a `flwr ls` process; the stream's end triggers an immediate check)")
     p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
+    p.add_argument("--superlink-grace", type=float, default=120.0,
+                   help="exit 1 when the SuperLink has not answered for this many seconds")
     args = p.parse_args(argv)
     if not args.superlink:
         p.error("--superlink HOST:PORT is required (or set FEDSSL_SUPERLINK)")
@@ -116,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     flwr = _flwr()
     home = Path(args.flwr_home) if args.flwr_home else Path(tempfile.mkdtemp(prefix="fedssl-flwr-"))
-    write_cli_config(home, args.superlink, args.root_certificates)
+    write_cli_config(home, args.superlink, args.root_certificates, read_token_file(args.control_token_file))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
     cmd = [flwr, "run", args.app, CONNECTION, "--format", "json"]
@@ -136,13 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[fedssl] submitted run {run_id} to SuperLink {args.superlink}", flush=True)
 
     stop, ended = threading.Event(), threading.Event()
-    follower = threading.Thread(target=follow, args=(flwr, run_id, env, stop, ended), daemon=True)
+    final: list[str] = []  # the aggregator's last line, once the stream brought it
+    follower = threading.Thread(target=follow, args=(flwr, run_id, env, stop, ended, final), daemon=True)
     follower.start()
     started = time.monotonic()
     status = "unknown"
-    ended_at = None
+    ended_at = lost_since = None
     while True:
-        status = run_status(flwr, run_id, env)
+        try:
+            status = run_status(flwr, run_id, env)
+            lost_since = None
+        except Unreachable as exc:
+            lost_since = lost_since or time.monotonic()
+            if final and "FAILED" in final[-1]:  # the aggregator said why before the SuperLink went away
+                print(f"fedssl-submit: run {run_id} failed and the SuperLink at {args.superlink} stopped answering "
+                      f"({exc})", file=sys.stderr)
+                return 1
+            if time.monotonic() - lost_since >= args.superlink_grace:
+                print(f"fedssl-submit: lost the SuperLink at {args.superlink}: no answer for {args.superlink_grace:.0f}s "
+                      f"(last: {exc}); run {run_id}'s fate is unknown here. If the aggregator was stopped it recorded "
+                      "that in the registry; resubmit with -c resume-from-registry=true to continue after the newest "
+                      "registered round", file=sys.stderr)
+                return 1
+            time.sleep(min(5.0, args.poll_seconds))
+            continue
         if status.startswith("finished"):
             break
         if args.timeout and time.monotonic() - started > args.timeout:
@@ -161,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     if status == "finished:completed":
         print(f"[fedssl] run {run_id} finished: completed", flush=True)
         return 0
-    logs = _run([flwr, "log", run_id, CONNECTION, "--show"], env, timeout=60).stdout
+    try:
+        logs = _run([flwr, "log", run_id, CONNECTION, "--show"], env, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        logs = ""
     failure = [ln[ln.index(PROGRESS_MARK):] for ln in logs.splitlines() if PROGRESS_MARK in ln and "FAILED" in ln]
     tail = [ln for ln in logs.splitlines() if ln.strip()][-15:]
     print(f"fedssl-submit: run {run_id} ended with status {status}", file=sys.stderr)

@@ -11,16 +11,26 @@ process and stops with it.
 `--isolation` given explicitly (e.g. `process` with a SuperExec of your own in another
 container) runs `flower-supernode` unchanged. `FEDSSL_WARM_CLIENTAPP=false` does the same with
 Flower's default subprocess isolation.
+
+With SuperNode authentication (`--auth-supernode-private-key`) a SuperLink refuses a key that
+is not registered yet, and Flower's SuperNode then exits (code 305). A hospital's key is
+registered by the run Job, or by an operator for a hospital outside the cluster, possibly after
+the hospital started: so this command waits instead, starting the SuperNode again every few
+seconds (up to `--max-retries` times, when given) and saying why, until the key is accepted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 from fedssl_core import names
+from fedssl_flower import node_keys
 
 
 def warm_enabled(environ=os.environ) -> bool:
@@ -49,8 +59,96 @@ def runtime_address(argv: list[str]) -> tuple[str, list[str]]:
     return f"{host}:{known.port}", ["--insecure"]
 
 
+def openssh_auth_key(argv: list[str], tmp_dir: Path) -> list[str]:
+    """`argv` with `--auth-supernode-private-key` pointing at an OpenSSH copy of the key when it
+    is PEM (the chart's generated keys; see fedssl_flower.node_keys)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--auth-supernode-private-key" and i + 1 < len(out):
+            index, path = i + 1, out[i + 1]
+        elif arg.startswith("--auth-supernode-private-key="):
+            index, path = i, arg.split("=", 1)[1]
+        else:
+            continue
+        data = Path(path).expanduser().read_bytes()
+        if node_keys.OPENSSH_PRIVATE_MARK in data:
+            return out
+        converted = tmp_dir / "fedssl-supernode-auth-key"
+        try:
+            node_keys.write_private(converted, node_keys.openssh_private_key(data, path))
+        except node_keys.NodeKeyError as exc:
+            raise SystemExit(f"fedssl-supernode: {exc}") from None
+        out[index] = str(converted) if index == i + 1 else f"--auth-supernode-private-key={converted}"
+        return out
+    return out
+
+
+# How Flower's SuperNode reports that it could not initialise its connection (flwr.supercore.exit:
+# SUPERNODE_CONNECTION_ERROR 305, e.g. "Failed to activate SuperNode" for an unregistered key).
+# The process itself exits 1 for every error, so the log line is what tells this one apart.
+CONNECTION_ERROR_MARK = b"Exit Code: 305"
+RETRY_FIRST_S, RETRY_MAX_S = 2.0, 10.0
+
+
+def uses_node_auth(argv: list[str]) -> bool:
+    return any(a == "--auth-supernode-private-key" or a.startswith("--auth-supernode-private-key=") for a in argv)
+
+
+def max_retries(argv: list[str]) -> int | None:
+    """flower-supernode's `--max-retries` (None: unlimited), also the number of restarts here."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--max-retries", type=int, default=None)
+    return ap.parse_known_args(argv)[0].max_retries
+
+
+def _pass_through(pipe, refused: threading.Event) -> None:
+    for line in pipe:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if CONNECTION_ERROR_MARK in line:
+            refused.set()
+
+
+def run_until_accepted(cmd: list[str], retries: int | None, first: float = RETRY_FIRST_S,
+                       longest: float = RETRY_MAX_S) -> int:
+    """Run the SuperNode `cmd` again while it exits because the SuperLink did not accept it, up
+    to `retries` times (None: until stopped); its exit code otherwise. SIGTERM/SIGINT go to the
+    running SuperNode and end the waiting."""
+    stop = threading.Event()
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        stop.set()
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    attempt, delay = 0, first
+    while True:
+        # Its output passes through unchanged (the pod's log), read for Flower's reason to exit.
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        refused = threading.Event()
+        # A thread, not a read to EOF: the SuperNode's own SuperExec (subprocess isolation)
+        # inherits the pipe and may outlive it.
+        reader = threading.Thread(target=_pass_through, args=(child.stdout, refused), daemon=True)
+        reader.start()
+        rc = child.wait()
+        reader.join(timeout=5)  # what it wrote before it exited is in the pipe already
+        if rc == 0 or not refused.is_set() or stop.is_set() or (retries is not None and attempt >= retries):
+            return rc
+        attempt += 1
+        print(f"fedssl-supernode: the SuperLink did not accept this SuperNode (Flower's exit code 305; with SuperNode "
+              f"authentication, its public key is not registered yet: the run Job registers the chart's hospitals, "
+              f"an operator others with `flwr supernode register`); starting it again in {delay:.0f} s "
+              f"(attempt {attempt}{'' if retries is None else f' of {retries}'})", file=sys.stderr, flush=True)
+        if stop.wait(delay):
+            return rc
+        delay = min(delay * 2, longest)
+
+
 def main() -> None:
-    argv = sys.argv[1:]
+    argv = openssh_auth_key(sys.argv[1:], Path(os.environ.get("TMPDIR", "/tmp")))
     explicit = any(a == "--isolation" or a.startswith("--isolation=") for a in argv)
     helping = any(a in ("-h", "--help", "-V", "--version") for a in argv)
     if not explicit and not helping and warm_enabled():
@@ -59,6 +157,10 @@ def main() -> None:
         # Started first: it retries the Runtime API until the SuperNode below serves it.
         subprocess.Popen([sys.executable, "-m", "fedssl_flower.warm_exec", "--runtime-api-address", address, *tls,
                           "--parent-pid", str(os.getpid())])
+    if uses_node_auth(argv) and not helping:
+        cmd = [sys.executable, "-c", "import sys; from flwr.supernode.cli import flower_supernode; "
+               "sys.argv[0] = 'flower-supernode'; flower_supernode()", *argv]
+        raise SystemExit(run_until_accepted(cmd, max_retries(argv)))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]

@@ -136,6 +136,17 @@ class Schedule:
                     return
 
 
+def cannot_train(phase: str, images: int, mode: str = FINETUNE_LINEAR) -> str | None:
+    """Why a hospital with `images` training images cannot take a `phase` round, or None.
+    Training BatchNorm (and SimCLR's negatives) needs two images in a batch; a linear probe on
+    frozen features needs one. Below that a round would take no step and report a NaN loss."""
+    need = 1 if phase == names.PHASE_FINETUNE and mode == FINETUNE_LINEAR else 2
+    if images < need:
+        return (f"{images} training image(s); {phase} training "
+                f"{'of the linear classifier ' if need == 1 else ''}needs at least {need}")
+    return None
+
+
 def _optimizer(params: list[nn.Parameter], schedule: Schedule, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=schedule.lr_at(0), weight_decay=weight_decay)
 
@@ -252,13 +263,18 @@ def train_supervised(
     schedule: Schedule | None = None,
     weight_decay: float = 0.0,
     optimizer_state: dict | None = None,
+    drift: dict | None = None,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
     softmax over the label prior of `labels`. `schedule` overrides `epochs` and `lr`.
     `optimizer_state`: a dict that carries the AdamW moments from one round to the next (read
     from its "adamw" entry when present, written back after training, `optimizer_moments`);
-    without it every round starts a fresh optimizer."""
+    without it every round starts a fresh optimizer.
+    `drift` (full mode; SCAFFOLD, Karimireddy et al. 2020): its "correction" (parameter name ->
+    tensor, the server's control variate minus this hospital's) is added to every gradient,
+    and the mean raw gradient of the round is written back as its "gradients" (the
+    hospital's next control variate)."""
     _check(loss, FINETUNE_LOSSES, "finetune-loss")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
@@ -291,16 +307,25 @@ def train_supervised(
             batches += 1
     else:
         _channels_last(model, True)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if drift is not None else []
+        grad_sums = {n: torch.zeros_like(p) for n, p in named}
         for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
             _set_lr(optimizer, schedule.lr_at(step))
             x = normalize(_augment_supervised(images[idx], g), model.mean, model.std)
             value = objective(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            for n, p in named:
+                if p.grad is not None:
+                    grad_sums[n] += p.grad
+                    if n in drift.get("correction", {}):
+                        p.grad += drift["correction"][n]
             optimizer.step()
             total += float(value.detach())
             batches += 1
         _channels_last(model, False)
+        if drift is not None and batches:
+            drift["gradients"] = {n: t / batches for n, t in grad_sums.items()}
     if optimizer_state is not None:
         optimizer_state["adamw"] = optimizer_moments(optimizer)
     mean = total / batches if batches else float("nan")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import re
 import tomllib
@@ -39,6 +40,7 @@ from tests.deploy.conftest import (
 CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 APP_CONFIG = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 SUPERLINK = f"{RELEASE}-superlink"
+CONTROL = f"{RELEASE}-superlink-control"
 REGISTRY = f"{RELEASE}-registry"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion >= 1.27, GKE's oldest
 # channel is newer) and the newest the bundled schemas know.
@@ -46,6 +48,12 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 # A container `command` replaces the image's ENTRYPOINT, so the chart names tini itself:
 # Flower leaves finished task processes behind, and PID 1 must reap them.
 TINI = ["/usr/bin/tini", "--"]
+
+
+def superlink_containers(objs: list[dict]) -> tuple[dict, dict]:
+    """The SuperLink container and its proxy sidecar."""
+    by_name = {c["name"]: c for c in pod_spec(named(objs, "Deployment", SUPERLINK))["containers"]}
+    return by_name["superlink"], by_name["proxy"]
 
 
 def values_of(name: str) -> dict:
@@ -126,13 +134,12 @@ def test_schema_refuses_typos_and_unknown_values(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"superlink": {"tls": {"enabled": False}, "supernodeAuth": {"enabled": True}}}, "needs superlink.tls.enabled"),
+    ({"superlink": {"tls": {"enabled": False}}}, "needs superlink.tls.enabled"),  # auth is on by default
     ({"hospitals": [{"name": "a", "sslTask": "simclr", "data": {"source": "kaggle"}}]}, "kaggle.existingSecret"),
     ({"hospitals": [{"name": "a", "sslTask": "simclr", "data": {"source": "synthetic"}},
                     {"name": "a", "sslTask": "rotation", "data": {"source": "synthetic"}}]}, "appears twice"),
     ({"hospitals": [{"name": "a", "sslTask": "simclr", "partition": 3, "data": {"source": "synthetic"}}]}, "out of range"),
     ({"hospitals": [{"name": "a", "sslTask": "simclr", "data": {"source": "pvc"}}]}, "claimName"),
-    ({"superlink": {"supernodeAuth": {"enabled": True}}}, "authSecret"),
 ])
 def test_impossible_combinations_fail_with_what_to_change(tmp_path, values, message):
     f = tmp_path / "v.yaml"
@@ -147,8 +154,9 @@ def test_notes_tell_how_to_follow_the_run_reach_the_registry_and_infer():
     assert f"kubectl logs -n {NAMESPACE} -f --pod-running-timeout=10m job/{RELEASE}-run-1" in notes
     assert f"kubectl port-forward -n {NAMESPACE} svc/{REGISTRY} 8080:8080" in notes
     assert f"kubectl get secret -n {NAMESPACE} {REGISTRY}-token -o jsonpath='{{.data.token}}'" in notes
-    assert re.search(r'curl -s -H "Authorization: Bearer \$FEDSSL_TOKEN" -F "file=@\S+" '
-                     r"http://127\.0\.0\.1:8080/v1/models/fedssl-classifier:predict", notes)
+    assert 'export FEDSSL_CURL="" FEDSSL_URL="http://127.0.0.1:8080"' in notes
+    assert re.search(r'curl -s \$FEDSSL_CURL -H "Authorization: Bearer \$FEDSSL_TOKEN" -F "file=@\S+" '
+                     r"\$FEDSSL_URL/v1/models/fedssl-classifier:predict", notes)
     assert "SYNTHETIC" in notes  # the defaults train on synthetic data and say so
     assert "helm test" in notes
 
@@ -185,14 +193,25 @@ def test_services_select_exactly_their_component(scenario):
 
 def test_every_supernode_dials_the_superlink_service(scenario):
     objs, values = render_scenario(scenario), values_of(scenario)
-    svc = named(objs, "Service", SUPERLINK)
-    port = svc["spec"]["ports"][0]
-    address = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{port['port']}"
-    sl = main_container(named(objs, "Deployment", SUPERLINK))
-    # The Service's target is the port the SuperLink process listens on, on every interface.
-    assert container_port(sl, port["targetPort"]) == int(arg_value(sl["args"], "--port"))
-    assert arg_value(sl["args"], "--host") == "0.0.0.0"
+    svc, control_svc = named(objs, "Service", SUPERLINK), named(objs, "Service", CONTROL)
+    (port,), (control_port,) = svc["spec"]["ports"], control_svc["spec"]["ports"]
+    assert (port["name"], control_port["name"]) == ("fleet", "control")
+    assert control_svc["spec"]["type"] == "ClusterIP"  # whatever type the hospitals' Service has
+    address = f"{SUPERLINK}.{NAMESPACE}.svc:{port['port']}"
+    control_address = f"{CONTROL}.{NAMESPACE}.svc:{control_port['port']}"
+    sl, proxy = superlink_containers(objs)
+    # The SuperLink listens on loopback only; the Services reach the proxy's two listeners,
+    # and the proxy forwards to the SuperLink.
+    assert arg_value(sl["args"], "--host") == "127.0.0.1" and not sl.get("ports")
+    assert proxy["command"] == [*TINI, "fedssl-superlink-proxy"]
+    assert container_port(proxy, port["targetPort"]) == int(arg_value(proxy["args"], "--fleet-listen"))
+    assert container_port(proxy, control_port["targetPort"]) == int(arg_value(proxy["args"], "--control-listen"))
+    assert arg_value(proxy["args"], "--upstream") == f"127.0.0.1:{arg_value(sl['args'], '--port')}"
     tls = values["superlink"]["tls"]["enabled"]
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"):
+        assert (arg_value(proxy["args"], flag) == arg_value(sl["args"], flag)) if tls else flag not in str(proxy["args"])
+    if tls:  # nginx verifies the SuperLink's certificate for the name it carries
+        assert arg_value(proxy["args"], "--upstream-server-name") == f"{SUPERLINK}.{NAMESPACE}.svc"
     assert ("--insecure" in sl["args"]) is (not tls)
     for d in supernodes(objs):
         c = main_container(d)
@@ -206,7 +225,8 @@ def test_every_supernode_dials_the_superlink_service(scenario):
             assert "--insecure" in c["args"]
     for job in by_kind(objs, "Job"):
         env = env_of(main_container(job))
-        assert env["FEDSSL_SUPERLINK"]["value"] == address
+        # The run Job dials the control listener, with the token file.
+        assert env["FEDSSL_SUPERLINK"]["value"] == control_address
         if tls:
             _assert_ca_only(job, main_container(job), env["FEDSSL_SUPERLINK_CA"]["value"])
         else:
@@ -228,12 +248,17 @@ def test_probes_and_ports_match_what_the_processes_listen_on(scenario):
     objs, values = render_scenario(scenario), values_of(scenario)
     tls = values["superlink"]["tls"]["enabled"]
 
-    sl = main_container(named(objs, "Deployment", SUPERLINK))
+    sl, proxy = superlink_containers(objs)
     sl_port = int(arg_value(sl["args"], "--port"))
+    # The kubelet probes the fleet listener; /health there is the SuperLink's, through nginx.
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        get = sl[probe]["httpGet"]
-        assert get["path"] == "/health" and container_port(sl, get["port"]) == sl_port
+        get = proxy[probe]["httpGet"]
+        assert get["path"] == "/health" and get["port"] == "fleet"
         assert get["scheme"] == ("HTTPS" if tls else "HTTP")
+    # The SuperLink itself is on loopback, which the kubelet cannot reach: probed from inside.
+    probe = sl["livenessProbe"]["exec"]["command"]
+    assert probe[3] == f"{'https' if tls else 'http'}://127.0.0.1:{sl_port}/health"
+    compile(probe[2], "probe", "exec")
 
     reg = main_container(named(objs, "Deployment", REGISTRY))
     env = env_of(reg)
@@ -248,7 +273,9 @@ def test_probes_and_ports_match_what_the_processes_listen_on(scenario):
     svc = named(objs, "Service", REGISTRY)["spec"]["ports"][0]
     assert container_port(reg, svc["targetPort"]) == reg_port
     # The aggregator uploads to the registry Service.
-    assert env_of(sl)["FEDSSL_REGISTRY_URL"]["value"] == f"http://{REGISTRY}.{NAMESPACE}.svc:{svc['port']}"
+    scheme = "https" if values["registry"]["tls"]["enabled"] else "http"
+    assert env_of(sl)["FEDSSL_REGISTRY_URL"]["value"] == f"{scheme}://{REGISTRY}.{NAMESPACE}.svc:{svc['port']}"
+    assert {reg[p]["httpGet"].get("scheme", "HTTP") for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {scheme.upper()}
 
     for d in supernodes(objs):
         c = main_container(d)
@@ -265,7 +292,7 @@ def test_probes_and_ports_match_what_the_processes_listen_on(scenario):
 def test_ports_agree_with_the_images(scenario):
     """The Dockerfiles' EXPOSE, when they exist, is what the chart uses by default."""
     objs = render_scenario(scenario)
-    for name, port in (("superlink", int(arg_value(main_container(named(objs, "Deployment", SUPERLINK))["args"], "--port"))),
+    for name, port in (("superlink", int(arg_value(superlink_containers(objs)[1]["args"], "--fleet-listen"))),
                        ("registry", int(env_of(main_container(named(objs, "Deployment", REGISTRY)))["FEDSSL_REGISTRY_PORT"]["value"]))):
         dockerfile = REPO_ROOT / "docker" / f"{name}.Dockerfile"
         if not dockerfile.exists():
@@ -432,7 +459,7 @@ def test_only_the_kaggle_download_sees_the_kaggle_credentials(scenario):
         for c in containers(spec):
             reads = any(e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == secret for e in c.get("env", []))
             kaggle_pod = component(w) == "supernode" and sources[pod_labels(w)["fedssl/hospital"]] == "kaggle"
-            assert reads == (kaggle_pod and c["name"] == "download-ham10000"), f"{w['metadata']['name']}/{c['name']}"
+            assert reads == (kaggle_pod and c["name"] in ("download-ham10000", "download-kaggle")), f"{w['metadata']['name']}/{c['name']}"
         assert not any(v.get("secret", {}).get("secretName") == secret for v in spec.get("volumes", []))
     assert bool(by_kind(objs, "Secret") and any(s["metadata"]["name"] == f"{RELEASE}-kaggle" for s in by_kind(objs, "Secret"))) \
         == ("kaggle" in sources.values() and not values["kaggle"]["existingSecret"])
@@ -448,7 +475,8 @@ def test_kaggle_hospitals_download_once_into_their_own_volume():
             continue
         init, main = spec["initContainers"][0], spec["containers"][0]
         assert init["command"] == [*TINI, "python", "-m", "fedssl_flower.data.kaggle"]
-        assert init["args"][0] == "/data/ham10000"
+        assert init["name"] == "download-ham10000"
+        assert init["args"] == ["/data/ham10000", "--dataset=kmader/skin-cancer-mnist-ham10000", "--format=ham10000"]
         config = _node_config(main)
         assert config["data-path"] == "/data/ham10000" and config["data-source"] == "ham10000"
         assert config["download"] is False  # the SuperNode itself never downloads
@@ -458,6 +486,50 @@ def test_kaggle_hospitals_download_once_into_their_own_volume():
         named(objs, "PersistentVolumeClaim", claim)
         for c in (init, main):  # the same volume, at the parent of the dataset (atomic rename)
             assert {"name": "data", "mountPath": "/data"} in [{k: m[k] for k in ("name", "mountPath")} for m in c["volumeMounts"]]
+
+
+def test_a_hospital_with_a_kaggle_dataset_downloads_it_and_trains_on_its_sub_path():
+    """Kaggle beyond HAM10000 (issue 15): the init container gets the slug and the sub-path, the
+    node config points at that sub-path as class folders; the download lands where
+    `KaggleDataset.target_in` puts it, on the volume the SuperNode mounts."""
+    from fedssl_flower.data import HospitalDataConfig
+    from fedssl_flower.data.kaggle import parse_dataset
+
+    objs = render_scenario("kaggle-folders")
+    dataset = "masoudnickparvar/brain-tumor-mri-dataset"
+    target = str(parse_dataset(dataset, "Training").target_in(Path("/data")))
+    assert target == f"/data/kaggle/{dataset}"
+    for d in supernodes(objs):
+        spec = pod_spec(d)
+        init, main = spec["initContainers"][0], spec["containers"][0]
+        assert init["name"] == "download-kaggle"
+        assert init["command"] == [*TINI, "python", "-m", "fedssl_flower.data.kaggle"]
+        assert init["args"] == [target, f"--dataset={dataset}", "--format=imagefolder", "--path=Training"]
+        config = _node_config(main)
+        assert config["data-source"] == "imagefolder" and config["data-path"] == f"{target}/Training"
+        assert config["partition-by"] == "random" and config["download"] is False
+        assert HospitalDataConfig.from_node_config(config).data_path == f"{target}/Training"
+        for c in (init, main):
+            assert {"name": "data", "mountPath": "/data"} in [{k: m[k] for k in ("name", "mountPath")} for m in c["volumeMounts"]]
+        assert "subPath" not in next(m for m in main["volumeMounts"] if m["name"] == "data")
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"source": "kaggle", "kaggle": {"dataset": "brain-tumor-mri-dataset"}}, ["/hospitals/0/data/kaggle/dataset", "does not match pattern"]),
+    ({"source": "kaggle", "kaggle": {"dataset": "a/b", "path": "../Training"}}, ["/hospitals/0/data/kaggle/path", "does not match pattern"]),
+    ({"source": "kaggle", "kaggle": {"dataset": "a/b", "path": "/Training"}}, ["/hospitals/0/data/kaggle/path"]),
+    ({"source": "kaggle", "kaggle": {"path": "Training"}}, ["/hospitals/0/data/kaggle", "dataset"]),
+    ({"source": "kaggle", "kaggle": {"dataset": "a/b", "subPath": "x"}}, ["/hospitals/0/data/kaggle", "subPath"]),
+    ({"source": "synthetic", "kaggle": {"dataset": "a/b"}}, ["/hospitals/0/data/source", "value must be 'kaggle'"]),
+])
+def test_a_bad_kaggle_dataset_is_refused_at_install_naming_the_field(tmp_path, data, words):
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"kaggle": {"existingSecret": "k"},
+                                      "hospitals": [{"name": "a", "sslTask": "simclr", "data": data}]}))
+    proc = helm("template", RELEASE, str(CHART), "-f", str(values), check=False)
+    assert proc.returncode != 0
+    for w in words:
+        assert w in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------ node and run config
@@ -558,9 +630,106 @@ def test_superlink_state_and_run_folders_persist(scenario):
     assert "--disable-runtime-dependency-installation" in c["args"]
     state = next(v for v in pod_spec(sl_dep)["volumes"] if v["name"] == "state")
     assert ("persistentVolumeClaim" in state) == values["superlink"]["persistence"]["enabled"]
-    token = env_of(c)["FEDSSL_REGISTRY_TOKEN"]["valueFrom"]["secretKeyRef"]
-    reg_token = env_of(main_container(named(objs, "Deployment", REGISTRY)))["FEDSSL_REGISTRY_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert token == reg_token  # the aggregator writes with the registry's own token
+
+
+def _token_file_source(obj: dict) -> tuple[str, str] | None:
+    """(Secret name, key) behind the container's FEDSSL_REGISTRY_TOKEN_FILE, None without one."""
+    c = main_container(obj)
+    path = env_of(c).get("FEDSSL_REGISTRY_TOKEN_FILE", {}).get("value")
+    if path is None:
+        return None
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(Path(path).parent))
+    assert mount.get("readOnly") is True
+    secret = next(v for v in pod_spec(obj)["volumes"] if v["name"] == mount["name"])["secret"]
+    item = next(i for i in secret["items"] if i["path"] == Path(path).name)
+    return secret["secretName"], item["key"]
+
+
+def test_registry_token_is_a_mounted_file_only_where_it_is_needed(scenario):
+    objs, values = render_scenario(scenario), values_of(scenario)
+    secret = values["registry"]["auth"]["existingSecret"] or f"{REGISTRY}-token"
+    holders = {}
+    for w in workloads(objs):
+        for c in containers(pod_spec(w)):
+            assert "FEDSSL_REGISTRY_TOKEN" not in env_of(c), f"{w['metadata']['name']}: the token is an env var"
+        if (source := _token_file_source(w)) is not None:
+            holders[w["metadata"]["name"]] = source
+    # The registry checks it, the aggregator (SuperLink) writes with it; nobody else holds it.
+    assert holders == {REGISTRY: (secret, "token"), SUPERLINK: (secret, "token")}
+
+
+def test_registry_env_names_are_settings_the_registry_reads(scenario):
+    from fedssl_registry.core.config import Settings
+
+    env = env_of(main_container(named(render_scenario(scenario), "Deployment", REGISTRY)))
+    prefix = Settings.model_config["env_prefix"].upper()
+    names = {k.removeprefix(prefix).lower() for k in env if k.startswith(prefix)}
+    assert {"token_file", "max_infer_batch", "decode_workers", "model_loads_per_minute"} <= names
+    assert names <= set(Settings.model_fields), names - set(Settings.model_fields)
+
+
+def test_pods_holding_the_token_roll_when_it_changes():
+    # Two separate renders (`render` caches by arguments, so the second one differs in a harmless value).
+    first, second = render([SCENARIOS["defaults"]]), render([SCENARIOS["defaults"]], ["podAnnotations.render=second"])
+    sums = []
+    for objs in (first, second):
+        token = named(objs, "Secret", f"{REGISTRY}-token")["data"]["token"]
+        checksum = hashlib.sha256(token.encode()).hexdigest()
+        for name in (REGISTRY, SUPERLINK):
+            assert named(objs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]["checksum/registry-token"] == checksum
+        sums.append(checksum)
+    # `helm template` cannot look the stored token up, so each render makes a new one (values.yaml
+    # tells GitOps users to set existingSecret); the checksum follows it into both pods.
+    assert sums[0] != sums[1]
+
+
+def test_registry_tls_serves_https_that_every_client_trusts():
+    from cryptography import x509
+
+    objs = render_scenario("registry-tls")
+    svc = named(objs, "Service", REGISTRY)["spec"]["ports"][0]
+    url = f"https://{REGISTRY}.{NAMESPACE}.svc:{svc['port']}"
+    secret = named(objs, "Secret", f"{REGISTRY}-tls")
+    files = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    cert, ca = x509.load_pem_x509_certificate(files["tls.crt"]), x509.load_pem_x509_certificate(files["ca.crt"])
+    cert.verify_directly_issued_by(ca)
+    dns = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    assert {f"{REGISTRY}.{NAMESPACE}.svc", "registry.fedssl.example.org"} <= dns
+
+    reg_dep = named(objs, "Deployment", REGISTRY)
+    reg = main_container(reg_dep)
+    env = env_of(reg)
+    mounts = {m["mountPath"]: m["name"] for m in reg["volumeMounts"]}
+    for var, key in (("FEDSSL_REGISTRY_SSL_CERTFILE", "tls.crt"), ("FEDSSL_REGISTRY_SSL_KEYFILE", "tls.key")):
+        path = Path(env[var]["value"])
+        volume = next(v for v in pod_spec(reg_dep)["volumes"] if v["name"] == mounts[str(path.parent)])
+        assert volume["secret"]["secretName"] == f"{REGISTRY}-tls" and {"key": key, "path": path.name} in volume["secret"]["items"]
+    assert {reg[p]["httpGet"]["scheme"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"HTTPS"}
+    assert "checksum/tls" in reg_dep["spec"]["template"]["metadata"]["annotations"]
+
+    # The aggregator, the run Job and the helm test pod dial HTTPS and trust the CA only (no key).
+    clients = [named(objs, "Deployment", SUPERLINK), *by_kind(objs, "Job"), *by_kind(objs, "Pod")]
+    assert len(clients) == 3
+    for obj in clients:
+        env = env_of(main_container(obj))
+        assert env["FEDSSL_REGISTRY_URL"]["value"] == url
+        _assert_ca_only(obj, main_container(obj), env["FEDSSL_REGISTRY_CA"]["value"])
+
+    # Prometheus scrapes over HTTPS with the CA and, as /metrics follows readAuth, with the token.
+    endpoint = by_kind(objs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["serverName"] == f"{REGISTRY}.{NAMESPACE}.svc"
+    assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": f"{REGISTRY}-tls", "key": "ca.crt"}
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": f"{REGISTRY}-token", "key": "token"}}
+
+
+def test_without_registry_tls_clients_dial_http_and_metrics_are_open_unless_read_auth():
+    objs = render_scenario("servicemonitor")
+    assert not [s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == f"{REGISTRY}-tls"]
+    for obj in (named(objs, "Deployment", SUPERLINK), *by_kind(objs, "Job")):
+        env = env_of(main_container(obj))
+        assert env["FEDSSL_REGISTRY_URL"]["value"].startswith("http://") and "FEDSSL_REGISTRY_CA" not in env
+    endpoint = by_kind(objs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "http" and "tlsConfig" not in endpoint and "authorization" not in endpoint
 
 
 def test_supernode_authentication_keys_come_from_each_hospitals_secret():
@@ -581,6 +750,52 @@ def test_supernode_authentication_keys_come_from_each_hospitals_secret():
     assert env_of(main_container(job))["FEDSSL_SUPERNODE_KEYS"]["value"] == mount["mountPath"]
 
 
+def test_supernode_authentication_is_on_by_default_with_generated_keys():
+    """Defaults: every hospital gets a key pair of its own (a Secret the chart generates), its
+    private key reaches its own pod only, and the run Job gets the public halves, which
+    fedssl_flower.node_keys turns into the OpenSSH keys Flower reads."""
+    from fedssl_flower import node_keys
+
+    objs, values = render_scenario("defaults"), values_of("defaults")
+    assert values["superlink"]["supernodeAuth"]["enabled"] is True
+    assert "--enable-supernode-auth" in superlink_containers(objs)[0]["args"]
+    secrets = {o["metadata"]["name"]: o for o in by_kind(objs, "Secret")}
+    for d in supernodes(objs):
+        hospital = pod_labels(d)["fedssl/hospital"]
+        name = f"{RELEASE}-{hospital}"
+        data = {k: base64.b64decode(v) for k, v in secrets[name]["data"].items()}
+        assert b"-----BEGIN OPENSSH PRIVATE KEY-----" in node_keys.openssh_private_key(data["private-key"])
+        assert node_keys.openssh_public_key(data["public-key"]).startswith(b"ecdsa-sha2-nistp256 ")
+        for w in workloads(objs):  # the private key is in this hospital's pod and nowhere else
+            uses = any(v.get("secret", {}).get("secretName") == name for v in pod_spec(w).get("volumes", []))
+            assert uses is (w is d), (name, w["metadata"]["name"])
+    job = by_kind(objs, "Job")[0]
+    projected = next(v for v in pod_spec(job)["volumes"] if v["name"] == "supernode-keys")["projected"]["sources"]
+    assert {s["secret"]["name"] for s in projected} == {f"{RELEASE}-{h['name']}" for h in values["hospitals"]}
+    assert all(s["secret"]["items"][0]["key"] == "public-key" for s in projected)
+
+
+def test_the_control_token_reaches_the_proxy_and_the_run_job_only_as_a_file(scenario):
+    objs = render_scenario(scenario)
+    token = f"{RELEASE}-control-token"
+    holders = []
+    for w in workloads(objs):
+        spec = pod_spec(w)
+        volumes = {v["name"] for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == token}
+        for c in containers(spec):
+            assert token not in json.dumps(c.get("env", [])), f"{w['metadata']['name']}/{c['name']}: token in env"
+            mounts = [m for m in c.get("volumeMounts", []) if m["name"] in volumes]
+            if mounts:
+                assert all(m.get("readOnly") for m in mounts)
+                holders.append(f"{component(w)}/{c['name']}")
+    jobs = by_kind(objs, "Job")
+    assert sorted(holders) == sorted(["superlink/proxy"] + ["run/run"] * len(jobs))
+    _, proxy = superlink_containers(objs)
+    assert arg_value(proxy["args"], "--control-token-file") == "/etc/fedssl/control-token/token"
+    for job in jobs:
+        assert env_of(main_container(job))["FEDSSL_CONTROL_TOKEN_FILE"]["value"] == "/etc/fedssl/control-token/token"
+
+
 def test_helm_test_pod_checks_the_registry_and_the_superlink(scenario):
     objs = render_scenario(scenario)
     pods = by_kind(objs, "Pod")
@@ -590,7 +805,8 @@ def test_helm_test_pod_checks_the_registry_and_the_superlink(scenario):
     assert "/v2/health/ready" in script and "/health" in script
     compile(script, "helm-test", "exec")
     env = env_of(c)
-    assert env["FEDSSL_REGISTRY_URL"]["value"] == f"http://{REGISTRY}.{NAMESPACE}.svc:8080"
+    scheme = "https" if values_of(scenario)["registry"]["tls"]["enabled"] else "http"
+    assert env["FEDSSL_REGISTRY_URL"]["value"] == f"{scheme}://{REGISTRY}.{NAMESPACE}.svc:8080"
 
 
 def test_observability_toggles():
@@ -678,22 +894,29 @@ def test_who_may_talk_to_whom(name):
     objs, values = render_scenario(name), values_of(name)
     pods = _pods(objs)
     sl_port, reg_port, health = values["superlink"]["port"], values["registry"]["port"], values["supernode"]["healthPort"]
+    control = values["superlink"]["controlPort"]
     hospitals = [h["name"] for h in values["hospitals"]]
     stranger = (NAMESPACE, {"app": "something-else"})
     elsewhere = ("other", pods["superlink"][1])  # a look-alike pod in another namespace
     superlink, registry = pods["superlink"], pods["registry"]
     for h in hospitals:
         assert allowed(objs, pods[h], superlink, sl_port), f"{h} cannot reach the SuperLink"
+        assert not allowed(objs, pods[h], superlink, control), f"{h} reaches the control listener"
         assert not allowed(objs, pods[h], registry, reg_port), f"{h} reaches the registry"
         for other in hospitals:
             assert not allowed(objs, pods[h], pods[other], health), f"{h} reaches {other}"
         assert not allowed(objs, stranger, pods[h], health)
-    assert allowed(objs, pods["run"], superlink, sl_port) and allowed(objs, pods["run"], registry, reg_port)
+    assert allowed(objs, pods["run"], superlink, control) and allowed(objs, pods["run"], registry, reg_port)
+    assert not allowed(objs, pods["run"], superlink, sl_port)  # the run Job needs the control listener only
+    assert not allowed(objs, pods["test"], superlink, control)
+    for port in (sl_port, control):  # the SuperLink's own port is on loopback: no policy names it
+        assert values["superlink"]["internalPort"] != port
     assert allowed(objs, superlink, registry, reg_port)
     assert allowed(objs, pods["test"], superlink, sl_port) and allowed(objs, pods["test"], registry, reg_port)
     assert not allowed(objs, registry, superlink, sl_port)
     for outsider in (stranger, elsewhere):
         assert not allowed(objs, outsider, superlink, sl_port)
+        assert not allowed(objs, outsider, superlink, control)
         assert not allowed(objs, outsider, registry, reg_port)
     prometheus = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
     assert allowed(objs, prometheus, registry, reg_port) == values["metrics"]["serviceMonitor"]["enabled"]

@@ -96,7 +96,7 @@ echo "unexpected kubectl $*" >&2; exit 2
     cert = x509.load_pem_x509_certificate((tls / "tls.crt").read_bytes())
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes()))
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "fedssl-superlink.fedssl.svc" in sans.get_values_for_type(x509.DNSName)
+    assert {"fedssl-superlink.fedssl.svc", "fedssl-superlink-control.fedssl.svc"} <= set(sans.get_values_for_type(x509.DNSName))
     assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
     assert (tls / "tls.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
     # What the SuperLink (uvicorn) does with them.
@@ -106,8 +106,16 @@ echo "unexpected kubectl $*" >&2; exit 2
     token = (store / "fedssl-registry-token" / "token").read_text()
     assert len(token) == 64 and "\n" not in token
 
+    assert len((store / "fedssl-control-token" / "token").read_text()) == 64
+    from fedssl_flower import node_keys
+
+    for hospital in ("hospital-1", "hospital-2", "hospital-3"):  # what fedssl-supernode and the run Job read
+        keys = store / f"fedssl-{hospital}-auth"
+        assert node_keys.openssh_private_key((keys / "private-key").read_bytes()).startswith(b"-----BEGIN OPENSSH")
+        assert node_keys.openssh_public_key((keys / "public-key").read_bytes()).startswith(b"ecdsa-sha2-nistp256 ")
+
     second = subprocess.run([str(script), "fedssl"], env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert second.returncode == 0 and second.stdout.count("keeping it") == 2
+    assert second.returncode == 0 and second.stdout.count("keeping it") == len(used)
     assert (store / "fedssl-registry-token" / "token").read_text() == token
 
 

@@ -73,7 +73,10 @@ def test_run_script_waits_stops_old_runs_and_hands_over_to_fedssl_submit(tmp_pat
 if [ "$1" = ls ]; then echo '{{"success": true, "runs": [{{"run-id": "7", "status": "running"}}, {{"run-id": "6", "status": "finished:completed"}}]}}'; fi
 ''')
     _stub(stubs, "fedssl-submit", f'echo "fedssl-submit $*" >> {calls}; exit 3\n')
-    env.update(FEDSSL_SUPERLINK=http_ok.removeprefix("http://"), FEDSSL_SUPERLINK_CA="", FEDSSL_REGISTRY_URL=http_ok)
+    token = tmp_path / "control-token"
+    token.write_text("t" * 40)
+    env.update(FEDSSL_SUPERLINK=http_ok.removeprefix("http://"), FEDSSL_SUPERLINK_CA="", FEDSSL_REGISTRY_URL=http_ok,
+               FEDSSL_CONTROL_TOKEN_FILE=str(token))
     proc = run_script(script, args, env, stubs)
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the run's failure is the Job's
     lines = calls.read_text().splitlines()
@@ -154,23 +157,39 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
     tls.mkdir()
     for k, v in secret["data"].items():
         (tls / k).write_bytes(base64.b64decode(v))
-    port, sl_state = free_port(), tmp_path / "superlink"
+    internal, fleet, control, sl_state = free_port(), free_port(), free_port(), tmp_path / "superlink"
     sl_state.mkdir()
+    token_dir = tmp_path / "control-token"
+    token_dir.mkdir()
+    token = named(objs, "Secret", f"fedssl-control-token")["data"]["token"]
+    (token_dir / "token").write_bytes(base64.b64decode(token))
     cluster = Cluster(tmp_path)
     try:
-        # SuperLink: the Deployment's command and arguments, on loopback.
-        sl = pod_spec(named(objs, "Deployment", SUPERLINK))["containers"][0]
+        # SuperLink: the Deployment's command and arguments (it listens on loopback).
+        pod = pod_spec(named(objs, "Deployment", SUPERLINK))
+        sl, proxy = pod["containers"]
+        internal_port = arg_value(sl["args"], "--port")
         sl_args = _remap(sl["args"], {"/etc/fedssl/superlink-tls": str(tls), "/var/lib/fedssl": str(sl_state),
-                                      "--host=0.0.0.0": "--host=127.0.0.1", f"--port={arg_value(sl['args'], '--port')}": f"--port={port}"})
-        assert "--enable-supernode-auth" in sl_args
+                                      f"--port={internal_port}": f"--port={internal}"})
+        assert "--enable-supernode-auth" in sl_args and "--host=127.0.0.1" in sl_args
         sl_env = {k: e["value"].replace("/var/lib/fedssl", str(sl_state)) for k, e in env_of(sl).items() if "value" in e}
         superlink = cluster.spawn("superlink", sl["command"][2:] + sl_args, base_env(**sl_env, FEDSSL_REGISTRY_TOKEN="t"))
         ctx = ssl.create_default_context(cafile=str(tls / "ca.crt"))
-        _wait_health(f"https://127.0.0.1:{port}/health", ctx, superlink)
-        # The certificate is valid for the Service name the hospitals dial.
-        host = f"{SUPERLINK}.fedssl.svc"
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
-            assert s.version()
+        _wait_health(f"https://127.0.0.1:{internal}/health", ctx, superlink)
+        # The proxy sidecar: its command and arguments, listeners on loopback here.
+        proxy_args = _remap(proxy["args"], {
+            "/etc/fedssl/superlink-tls": str(tls), "/etc/fedssl/control-token": str(token_dir),
+            "/tmp/fedssl-proxy": str(tmp_path / "proxy"), f"127.0.0.1:{internal_port}": f"127.0.0.1:{internal}",
+            f"--fleet-listen={arg_value(proxy['args'], '--fleet-listen')}": f"--fleet-listen=127.0.0.1:{fleet}",
+            f"--control-listen={arg_value(proxy['args'], '--control-listen')}": f"--control-listen=127.0.0.1:{control}"})
+        sidecar = cluster.spawn("proxy", [sys.executable, "-m", "fedssl_flower.superlink_proxy", *proxy_args], base_env())
+        _wait_health(f"https://127.0.0.1:{fleet}/health", ctx, sidecar)
+        _wait_health(f"https://127.0.0.1:{control}/health", ctx, sidecar)
+        # The certificate is valid for both Service names: the hospitals' and the run Job's.
+        for host, port in ((f"{SUPERLINK}.fedssl.svc", fleet), (f"{SUPERLINK}-control.fedssl.svc", control)):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=host) as s:
+                assert s.version()
 
         # The run Job: registers both hospitals' public keys (hospital-2 re-uses hospital-1's,
         # so the second registration meets "already in use"), then hands over to fedssl-submit.
@@ -182,8 +201,9 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
         shutil.copy(public, keys / "hospital-1.pub")
         shutil.copy(public, keys / "hospital-2.pub")
         _stub(stubs, "fedssl-submit", f'echo "$*" > {tmp_path / "submit"}\n')
-        env.update(FEDSSL_SUPERLINK=f"127.0.0.1:{port}", FEDSSL_SUPERLINK_CA=str(tls / "ca.crt"),
-                   FEDSSL_REGISTRY_URL=http_ok, FEDSSL_SUPERNODE_KEYS=str(keys))
+        env.update(FEDSSL_SUPERLINK=f"127.0.0.1:{control}", FEDSSL_SUPERLINK_CA=str(tls / "ca.crt"),
+                   FEDSSL_REGISTRY_URL=http_ok, FEDSSL_SUPERNODE_KEYS=str(keys),
+                   FEDSSL_CONTROL_TOKEN_FILE=str(token_dir / "token"))
         proc = run_script(script, args, env, stubs)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "registered the public key of hospital-1" in proc.stdout
@@ -196,7 +216,7 @@ def test_rendered_superlink_supernode_and_run_job_work_together(tmp_path, http_o
         sn_state.mkdir()
         sn_args = _remap(sn["args"], {
             "/etc/fedssl/superlink-ca": str(tls), "/etc/fedssl/supernode-auth/private-key": str(private),
-            f"{SUPERLINK}.fedssl.svc:{arg_value(sl['args'], '--port')}": f"127.0.0.1:{port}",
+            f"{SUPERLINK}.fedssl.svc:{arg_value(proxy['args'], '--fleet-listen')}": f"127.0.0.1:{fleet}",
             f"--port={arg_value(sn['args'], '--port')}": f"--port={runtime}",
             f"0.0.0.0:{arg_value(sn['args'], '--health-server-address').rsplit(':', 1)[1]}": f"127.0.0.1:{health}",
             "/var/lib/fedssl": str(sn_state)})

@@ -7,17 +7,9 @@ import time
 import pytest
 
 from tests.support import processes as P
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def rounds(work):
@@ -109,3 +101,89 @@ def test_a_locked_superlink_database_is_waited_out(tmp_path, ham10000_dir):
     history = rounds(tmp_path)
     assert [r["round"] for r in history] == [1, 2]
     assert all(list(r["hospitals"]) == ["solo"] and not r["failed_hospitals"] for r in history), history
+
+
+def test_a_hospital_that_cannot_train_is_left_out_with_its_reason(tmp_path, ham10000_dir):
+    """A hospital with one training image cannot take a round (BatchNorm and SimCLR need two
+    images in a batch). It used to reply with a NaN loss, and posting that round to the
+    registry crashed the run. Now it says why, is left out of the round, and the run, with
+    its registry, goes on."""
+    with P.cluster(tmp_path) as c:
+        registry = P.start_registry(c, tmp_path / "registry")
+        _, port = P.start_superlink(c, registry=registry)
+        for name, images in (("steady", 60), ("tiny", 1)):
+            P.start_supernode(c, port, name, P.node_config(
+                hospital=name, **{"ssl-task": "simclr", "data-path": str(ham10000_dir), "max-images": images,
+                                  "cache-dir": str(tmp_path / "cache")}))
+        done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "min-hospitals=1",
+                        "round-timeout=300.0", "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16",
+                        'arch="resnet18"', "pretrained=false", timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr + c.logs()
+        with registry.client() as http:
+            (run,) = http.get("/v1/runs").json()["runs"]
+            posted = http.get(f"/v1/runs/{run['run_id']}/rounds").json()["rounds"]
+
+    history = rounds(tmp_path)
+    assert [(r["phase"], r["round"]) for r in history] == [("ssl", 1), ("finetune", 1)]
+    for r in history:
+        assert list(r["examples"]) == ["steady"], r  # only the hospital that trained is averaged
+        assert r["skipped_hospitals"] == {"tiny": f"1 training image(s); {r['phase']} training needs at least 2"}, r
+        assert not r["failed_hospitals"], r
+    assert "hospital tiny left out: 1 training image(s); ssl training needs at least 2" in done.stdout + done.stderr
+    assert [p["skipped_hospitals"] for p in posted] == [r["skipped_hospitals"] for r in history], posted
+
+
+def test_superlink_sigterm_records_the_stop_and_a_resubmit_resumes(tmp_path, ham10000_dir):
+    """SIGTERM to the SuperLink (a pod deleted or rolled): it exits within the chart's 30 s
+    grace period although `fedssl-submit` holds a log stream open (it took ~58 s), the
+    aggregator records the stop in the registry with its round (the run stayed "running"),
+    `fedssl-submit` exits 1 naming a cause, and after a restart on the same database a run
+    submitted with resume-from-registry=true continues after the newest registered round."""
+    import re
+    import subprocess
+
+    def runs(http):
+        return {r["run_id"]: r for r in http.get("/v1/runs").json()["runs"]}
+
+    with P.cluster(tmp_path) as c:
+        registry = P.start_registry(c, tmp_path / "registry")
+        link, port = P.start_superlink(c, registry=registry)
+        P.start_supernode(c, port, "solo", P.node_config(
+            hospital="solo", **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 60,
+                                "cache-dir": str(tmp_path / "cache")}))
+        config = ["ssl-rounds=4", "finetune-rounds=0", "image-size=32", "min-hospitals=1", "local-baseline=false",
+                  "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="resnet18"', "pretrained=false"]
+        args = [str(P.VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{port}", "--app", str(P.REPO_ROOT),
+                "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "2", "--superlink-grace", "20"]
+        first = subprocess.Popen(args + [a for kv in config for a in ("-c", kv)], env=P.base_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: len(rounds(tmp_path)) >= 1, 300, "round 1 registered")  # registered before it is on disk
+            t0 = time.monotonic()
+            link.popen.send_signal(signal.SIGTERM)  # what the kubelet sends the container's main process
+            wait_for(lambda: link.popen.poll() is not None, 60, "the SuperLink to exit")
+            stop_seconds = time.monotonic() - t0
+            out, _ = first.communicate(timeout=300)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        assert stop_seconds < 30, f"the SuperLink took {stop_seconds:.0f}s to stop\n{link.text()[-3000:]}"
+        with registry.client() as http:
+            (stopped,) = runs(http).values()
+        assert stopped["status"] == "failed", stopped
+        where = re.search(r"stopped during ssl round (\d)", stopped["error"] or "")
+        assert where, stopped["error"]
+        assert first.returncode == 1 and ("stopped during ssl round" in out or "lost the SuperLink" in out), out
+
+        P.start_superlink(c, registry=registry, port=port, name="superlink-2")  # same port, same database
+        again = P.submit(port, tmp_path, *config, "resume-from-registry=true", timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr + c.logs()
+        with registry.client() as http:
+            resumed = [r for r in runs(http).values() if r["run_id"] != stopped["run_id"]]
+            versions = http.get("/v1/models/fedssl-encoder/versions").json()["versions"]
+    assert [r["status"] for r in resumed] == ["succeeded"], resumed
+    registered = sorted((v["lineage"]["run_id"] == stopped["run_id"], v["lineage"]["round"]) for v in versions)
+    done_before = [rnd for first_run, rnd in registered if first_run]
+    assert done_before and max(done_before) < 4, registered  # the first run stopped part-way, its rounds kept
+    # The resumed run trained only the rounds after the newest registered one.
+    assert [rnd for first_run, rnd in registered if not first_run] == list(range(max(done_before) + 1, 5)), registered

@@ -153,3 +153,25 @@ def test_moments_of_another_model_are_refused_with_the_entry_named(data):
     with pytest.raises(ConfigError, match=re.escape(message)):
         training.train_supervised(other, data.train_images[:16], data.train_labels[:16], mode="linear", batch_size=16,
                                   schedule=training.Schedule(steps=1), optimizer_state=kept)
+
+
+def test_drift_correction_reports_the_mean_gradient_and_shifts_every_step(data):
+    """SCAFFOLD: with a zero correction training is unchanged and the round's mean raw
+    gradient comes back (the hospital's next control variate); a correction shifts the step."""
+    def run(drift):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        training.train_supervised(model, data.train_images[:32], data.train_labels[:32], batch_size=16, mode="full",
+                                  schedule=training.Schedule(lr=1e-3, steps=2), seed=0, drift=drift)
+        return model
+
+    plain = run(None)
+    zero = {"correction": {}}
+    same = run(zero)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values()))
+    trainable = {n for n, p in same.named_parameters() if p.requires_grad}
+    assert set(zero["gradients"]) == trainable
+    assert all(torch.isfinite(g).all() for g in zero["gradients"].values())
+    assert any(g.abs().sum() > 0 for g in zero["gradients"].values())
+    shifted = run({"correction": {n: torch.full_like(g, 1e-2) for n, g in zero["gradients"].items()}})
+    assert not torch.equal(shifted.classifier.weight, plain.classifier.weight)

@@ -5,8 +5,10 @@
 # reports it completed.
 #
 # Arguments: run config overrides for fedssl-submit (`-c key=value ...`).
-# Environment (set by the chart): FEDSSL_SUPERLINK (host:port), FEDSSL_SUPERLINK_CA (CA file,
-# empty = insecure), FEDSSL_REGISTRY_URL, FEDSSL_APP_DIR, FEDSSL_WAIT_SECONDS,
+# Environment (set by the chart): FEDSSL_SUPERLINK (host:port of the SuperLink's control
+# listener), FEDSSL_CONTROL_TOKEN_FILE (its bearer token), FEDSSL_SUPERLINK_CA (CA file,
+# empty = insecure), FEDSSL_REGISTRY_URL, FEDSSL_REGISTRY_CA (CA file of an HTTPS registry,
+# empty = plain HTTP), FEDSSL_APP_DIR, FEDSSL_WAIT_SECONDS,
 # FEDSSL_STOP_RUNNING (true|false), FEDSSL_TIMEOUT_SECONDS, FEDSSL_SUPERNODE_KEYS (a folder of
 # <hospital>.pub files, empty = no SuperNode authentication).
 set -euo pipefail
@@ -39,17 +41,22 @@ PY
 scheme=http
 [ -n "${FEDSSL_SUPERLINK_CA:-}" ] && scheme=https
 wait_for SuperLink "$scheme://$FEDSSL_SUPERLINK/health" "${FEDSSL_SUPERLINK_CA:-}"
-wait_for registry "$FEDSSL_REGISTRY_URL/v2/health/ready"
+wait_for registry "$FEDSSL_REGISTRY_URL/v2/health/ready" "${FEDSSL_REGISTRY_CA:-}"
 
 # The flwr CLI's connection `fedssl`, written by the same code fedssl-submit uses.
-python -c 'import sys; from pathlib import Path; from fedssl_flower.submit import write_cli_config; write_cli_config(Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None)' \
-  "$flwr_home" "$FEDSSL_SUPERLINK" "${FEDSSL_SUPERLINK_CA:-}"
+# FEDSSL_SUPERLINK is the control listener; the token (a mounted Secret) goes into the CLI's
+# credential store, so every flwr command below sends it.
+python -c 'import sys; from pathlib import Path; from fedssl_flower.submit import read_token_file, write_cli_config; write_cli_config(Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None, read_token_file(sys.argv[4] or None))' \
+  "$flwr_home" "$FEDSSL_SUPERLINK" "${FEDSSL_SUPERLINK_CA:-}" "${FEDSSL_CONTROL_TOKEN_FILE:-}"
 
 if [ -n "${FEDSSL_SUPERNODE_KEYS:-}" ]; then
   for key in "$FEDSSL_SUPERNODE_KEYS"/*.pub; do
     [ -e "$key" ] || continue
     hospital="$(basename "$key" .pub)"
-    if out="$(flwr supernode register "$key" fedssl --name "$hospital" 2>&1)"; then
+    # OpenSSH, PEM or (the chart's generated keys) a certificate: Flower reads OpenSSH only.
+    openssh="$flwr_home/$hospital.pub"
+    python -m fedssl_flower.node_keys public "$key" "$openssh"
+    if out="$(flwr supernode register "$openssh" fedssl --name "$hospital" 2>&1)"; then
       log "registered the public key of $hospital"
     elif grep -qi "already in use" <<<"$out"; then
       log "the public key of $hospital is already registered"

@@ -180,11 +180,88 @@ thread per CPU of the node and be throttled). Empty when there is no CPU limit.
 {{- end -}}
 
 {{- define "fedssl.registry.url" -}}
-{{- printf "http://%s.%s.svc:%d" (include "fedssl.registry.name" .) .Release.Namespace (int .Values.registry.port) -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" .Values.registry.tls.enabled) (include "fedssl.registry.name" .) .Release.Namespace (int .Values.registry.port) -}}
 {{- end -}}
 
 {{- define "fedssl.registry.tokenSecretName" -}}
 {{- .Values.registry.auth.existingSecret | default (printf "%s-token" (include "fedssl.registry.name" .)) -}}
+{{- end -}}
+
+{{- define "fedssl.registry.tlsSecretName" -}}
+{{- .Values.registry.tls.existingSecret | default (printf "%s-tls" (include "fedssl.registry.name" .)) -}}
+{{- end -}}
+
+{{/* The write token as a file, never an environment variable: env FEDSSL_REGISTRY_TOKEN_FILE. */}}
+{{- define "fedssl.registry.tokenDir" -}}/etc/fedssl/registry-token{{- end -}}
+{{- define "fedssl.registry.caDir" -}}/etc/fedssl/registry-ca{{- end -}}
+
+{{/* What a client of the registry mounts: the token (`token`: true/false) and, with TLS, its CA. */}}
+{{- define "fedssl.registry.clientMounts" -}}
+{{- if .token }}
+- name: registry-token
+  mountPath: {{ include "fedssl.registry.tokenDir" .root }}
+  readOnly: true
+{{- end }}
+{{- if .root.Values.registry.tls.enabled }}
+- name: registry-ca
+  mountPath: {{ include "fedssl.registry.caDir" .root }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "fedssl.registry.clientVolumes" -}}
+{{- if .token }}
+- name: registry-token
+  secret:
+    secretName: {{ include "fedssl.registry.tokenSecretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: token
+        path: token
+{{- end }}
+{{- if .root.Values.registry.tls.enabled }}
+- name: registry-ca
+  secret:
+    secretName: {{ include "fedssl.registry.tlsSecretName" .root }}
+    defaultMode: 0444
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- end -}}
+
+{{- define "fedssl.registry.clientEnv" -}}
+- name: FEDSSL_REGISTRY_URL
+  value: {{ include "fedssl.registry.url" .root | quote }}
+{{- if .token }}
+- name: FEDSSL_REGISTRY_TOKEN_FILE
+  value: {{ printf "%s/token" (include "fedssl.registry.tokenDir" .root) | quote }}
+{{- end }}
+{{- if .root.Values.registry.tls.enabled }}
+- name: FEDSSL_REGISTRY_CA
+  value: {{ printf "%s/ca.crt" (include "fedssl.registry.caDir" .root) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The token (base64) once per render, shared by the Secret and the checksums: the stored
+one (`lookup`; an existingSecret's too, so rotating it and upgrading rolls the pods), else a
+new one for a generated Secret, else "" (`helm template` of an existingSecret). */}}
+{{- define "fedssl.registry.token" -}}
+{{- $auth := .Values.registry.auth -}}
+{{- if not (hasKey $auth "_token") -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "fedssl.registry.tokenSecretName" .) -}}
+{{- $token := dig "data" "token" "" $old -}}
+{{- if and (not $token) (not $auth.existingSecret) -}}
+{{- $token = randAlphaNum 48 | b64enc -}}
+{{- end -}}
+{{- $_ := set $auth "_token" $token -}}
+{{- end -}}
+{{- $auth._token -}}
+{{- end -}}
+
+{{/* Pods that hold the token roll when it changes. */}}
+{{- define "fedssl.registry.tokenChecksum" -}}
+checksum/registry-token: {{ include "fedssl.registry.token" . | sha256sum }}
 {{- end -}}
 
 {{/* ------------------------------------------------------------------ Hospitals */}}
@@ -215,6 +292,23 @@ thread per CPU of the node and be throttled). Empty when there is no CPU limit.
 {{- end -}}
 
 {{/*
+Where a kaggle hospital's download goes and where its images are: (dict "target" DIR "data" DIR).
+HAM10000 (no data.kaggle.dataset) stays at /data/ham10000; another dataset goes to
+/data/kaggle/OWNER/DATASET (fedssl_flower.data.kaggle.KaggleDataset.target_in) and its images
+are at data.kaggle.path inside it.
+*/}}
+{{- define "fedssl.hospital.kaggleDirs" -}}
+{{- $k := .data.kaggle | default dict -}}
+{{- if $k.dataset -}}
+{{- $target := printf "/data/kaggle/%s" $k.dataset -}}
+{{- $sub := trimSuffix "/" ($k.path | default "") -}}
+{{- dict "target" $target "data" (ternary (printf "%s/%s" $target $sub) $target (ne $sub "")) "path" $sub | toJson -}}
+{{- else -}}
+{{- dict "target" "/data/ham10000" "data" "/data/ham10000" "path" "" | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hospital" .).
 `partition: null` gives the hospital all of its data (one partition of one).
 */}}
@@ -226,8 +320,13 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- if eq $h.data.source "synthetic" -}}
 {{- $cfg = append $cfg "data-source=\"synthetic\"" -}}
 {{- else -}}
-{{- $format := ternary "ham10000" (default "ham10000" $h.data.format) (eq $h.data.source "kaggle") -}}
-{{- $path := ternary "/data/ham10000" (include "fedssl.hospital.dataMount" $h) (eq $h.data.source "kaggle") -}}
+{{- $format := default "ham10000" $h.data.format -}}
+{{- $path := include "fedssl.hospital.dataMount" $h -}}
+{{- if eq $h.data.source "kaggle" -}}
+{{- /* A Kaggle dataset other than HAM10000 is a class-per-folder tree at its sub-path. */ -}}
+{{- $format = ternary "imagefolder" "ham10000" (not (empty ($h.data.kaggle | default dict).dataset)) -}}
+{{- $path = (include "fedssl.hospital.kaggleDirs" $h | fromJson).data -}}
+{{- end -}}
 {{- $cfg = append $cfg (printf "data-source=%s" ($format | quote)) -}}
 {{- $cfg = append $cfg (printf "data-path=%s" ($path | quote)) -}}
 {{- end -}}
@@ -281,9 +380,6 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- end -}}
 {{- $_ := set $names .name true -}}
 {{- if not (kindIs "invalid" .partition) -}}{{- $withPartition = add1 $withPartition -}}{{- end -}}
-{{- if and $v.superlink.supernodeAuth.enabled (not .authSecret) -}}
-{{- fail (printf "hospital %s: superlink.supernodeAuth.enabled needs hospitals[].authSecret (a Secret with private-key and public-key)" .name) -}}
-{{- end -}}
 {{- if and (eq .data.source "pvc") (not .data.claimName) -}}
 {{- fail (printf "hospital %s: data.source=pvc needs data.claimName" .name) -}}
 {{- end -}}
@@ -291,7 +387,7 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- fail (printf "hospital %s: data.source=hostPath needs data.path (a directory on the node)" .name) -}}
 {{- end -}}
 {{- if and (eq .data.source "kaggle") (not $v.kaggle.existingSecret) (not (and $v.kaggle.username $v.kaggle.key)) -}}
-{{- fail (printf "hospital %s downloads HAM10000 from Kaggle: set kaggle.existingSecret (a Secret with username and key) or kaggle.username and kaggle.key" .name) -}}
+{{- fail (printf "hospital %s downloads its data from Kaggle: set kaggle.existingSecret (a Secret with username and key) or kaggle.username and kaggle.key" .name) -}}
 {{- end -}}
 {{- end -}}
 {{- $n := int ($v.federation.numPartitions | default $withPartition) -}}
