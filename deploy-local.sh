@@ -4,8 +4,21 @@
 #
 #   ./deploy-local.sh                      # = up with defaults
 #   ./deploy-local.sh up [--preset default|quality] [--hospitals N] [--rounds N] [--finetune-rounds N]
-#                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH] [--max-images N]
+#                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH|kaggle:SLUG] [--max-images N]
+#                        [--partition SCHEME] [--dirichlet-alpha A] [--label-map MAP] [--class-names a,b,...]
 #                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]]
+#     --data PATH is one of (it says which it found, and what each hospital holds, before training):
+#       the Kaggle HAM10000 layout     split into --hospitals N by --partition site|lesion|dirichlet;
+#       PATH/<hospital>/<class>/*.jpg  one SuperNode per hospital folder, named after it;
+#       PATH/<class>/*.jpg             split into --hospitals N by --partition random|dirichlet
+#                                      (--dirichlet-alpha A: label skew, smaller = stronger; 0.5).
+#     --data kaggle:OWNER/DATASET[/SUB/PATH] downloads a Kaggle dataset once (atomically, into
+#       data/kaggle/OWNER/DATASET; HAM10000 into data/ham10000) and uses SUB/PATH inside it as PATH,
+#       e.g. kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training
+#            kaggle:paultimothymooney/chest-xray-pneumonia/chest_xray/train  (needs Kaggle credentials).
+#     Class folders named differently (no_tumor, notumor, No Tumor; glioma_tumor, glioma) are matched
+#     and the mapping printed; anything else needs --label-map 'folder=class,hospital:folder=class'
+#     (or JSON, or a file). --class-names fixes the class list and its order.
 #     --preset default: 3 hospitals, at most 600 images each (8 minutes on 2 CPU cores, 2026-12-04);
 #     --preset quality: HAM10000's 4 acquisition sites with all their images: the recipe of
 #                       docs/benchmarks.md section 1 through the real deployment.
@@ -42,7 +55,7 @@ say() { printf '\033[1m[fedssl]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
 
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
@@ -117,30 +130,43 @@ cmd_status() {
   fi
 }
 
-resolve_data() {  # prints "ham10000 PATH" or "synthetic"; never picks synthetic images on its own
+kaggle_credentials() { { [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; } || [ -f "${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json" ]; }
+
+resolve_data() {  # prints "ham10000<TAB>PATH", "folder<TAB>PATH", "kaggle<TAB>SLUG<TAB>TARGET" or "synthetic"; never picks synthetic images on its own
   local choice="$1"
   case "$choice" in
     synthetic) echo "synthetic"; return ;;
+    kaggle:*)  # the full check (and the download) is fedssl_flower.data.kaggle's, once the venv is there
+      local slug="${choice#kaggle:}" owner dataset target
+      [[ "$slug" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?$ ]] \
+        || die "--data $choice: expected kaggle:OWNER/DATASET[/SUB/PATH] as in the dataset's Kaggle URL, e.g. kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training or kaggle:paultimothymooney/chest-xray-pneumonia/chest_xray/train"
+      owner="${slug%%/*}"; dataset="${slug#*/}"; dataset="${dataset%%/*}"
+      if [ "$owner/$dataset" = kmader/skin-cancer-mnist-ham10000 ]; then target="$ROOT/data/ham10000"; else target="$ROOT/data/kaggle/$owner/$dataset"; fi
+      if [ ! -f "$target/.fedssl-kaggle-dataset" ] && [ ! -f "$target/HAM10000_metadata.csv" ] && ! kaggle_credentials; then
+        die "--data $choice: $owner/$dataset is not in $target and there are no Kaggle credentials to download it: set KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}"
+      fi
+      printf 'kaggle\t%s\t%s\n' "$slug" "$target"; return ;;
     auto)
       if [ -n "${FEDSSL_DATA:-}" ]; then
         [ -f "$FEDSSL_DATA/HAM10000_metadata.csv" ] || die "FEDSSL_DATA=$FEDSSL_DATA has no HAM10000_metadata.csv (expected the Kaggle HAM10000 layout)"
-        echo "ham10000 $FEDSSL_DATA"; return
+        printf 'ham10000\t%s\n' "$FEDSSL_DATA"; return
       fi
       local dir
       for dir in "$ROOT/data/ham10000" "$ROOT/../shared/data/ham10000"; do
-        if [ -f "$dir/HAM10000_metadata.csv" ]; then echo "ham10000 $(cd "$dir" && pwd)"; return; fi
+        if [ -f "$dir/HAM10000_metadata.csv" ]; then printf 'ham10000\t%s\n' "$(cd "$dir" && pwd)"; return; fi
       done
-      if { [ -n "${KAGGLE_USERNAME:-}" ] && [ -n "${KAGGLE_KEY:-}" ]; } || [ -f "${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json" ]; then
-        echo "ham10000 $ROOT/data/ham10000"; return  # downloaded from Kaggle below
+      if kaggle_credentials; then
+        printf 'ham10000\t%s\n' "$ROOT/data/ham10000"; return  # downloaded from Kaggle below
       fi
       die "no HAM10000 found: --data auto looked at \$FEDSSL_DATA (unset), $ROOT/data/ham10000, $ROOT/../shared/data/ham10000 and Kaggle credentials (KAGGLE_USERNAME/KAGGLE_KEY or ${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}/kaggle.json, none). Put the Kaggle HAM10000 layout in one of those places, set FEDSSL_DATA or provide Kaggle credentials; or ask for fake images with --data synthetic" ;;
-    *)
-      [ -f "$choice/HAM10000_metadata.csv" ] || die "--data $choice: no HAM10000_metadata.csv there (expected the Kaggle HAM10000 layout)"
-      echo "ham10000 $(cd "$choice" && pwd)" ;;
+    *)  # which layout it holds is decided by fedssl_flower.data.layout, once the venv is there
+      [ -d "$choice" ] || die "--data $choice: no such folder; expected the Kaggle HAM10000 layout, PATH/<hospital>/<class>/<image> or PATH/<class>/<image>"
+      printf 'folder\t%s\n' "$(cd "$choice" && pwd)" ;;
   esac
 }
 
 cmd_up() {
+  local partition="" alpha="" label_map="" class_names=""
   local preset=default ssl_tasks=simclr hospitals="" rounds="" ft_rounds="" image_size="" local_steps="" data=auto max_images="" round_timeout=1800
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -151,19 +177,26 @@ cmd_up() {
       --rounds) rounds="${2:?--rounds needs a number}"; shift 2 ;;
       --finetune-rounds) ft_rounds="${2:?--finetune-rounds needs a number}"; shift 2 ;;
       --image-size) image_size="${2:?--image-size needs pixels}"; shift 2 ;;
-      --data) data="${2:?--data needs auto, synthetic or a path}"; shift 2 ;;
+      --data) data="${2:?--data needs auto, synthetic, a path or kaggle:OWNER/DATASET[/SUB/PATH]}"; shift 2 ;;
       --max-images) max_images="${2:?--max-images needs a number (0 = all)}"; shift 2 ;;
       --round-timeout) round_timeout="${2:?--round-timeout needs seconds}"; shift 2 ;;
+      --partition) partition="${2:?--partition needs site, lesion, dirichlet or random}"; shift 2 ;;
+      --dirichlet-alpha) alpha="${2:?--dirichlet-alpha needs a number > 0}"; shift 2 ;;
+      --label-map) label_map="${2:?--label-map needs folder=class entries, JSON or a file}"; shift 2 ;;
+      --class-names) class_names="${2:?--class-names needs a comma list of classes}"; shift 2 ;;
       -h|--help) usage; exit 0 ;;
       *) usage >&2; die "unknown option '$1'" ;;
     esac
   done
+  local default_hospitals
   case "$preset" in
-    default) hospitals="${hospitals:-3}" max_images="${max_images:-600}" ;;
-    quality) hospitals="${hospitals:-4}" max_images="${max_images:-0}" ;;
+    default) default_hospitals=3 max_images="${max_images:-600}" ;;
+    quality) default_hospitals=4 max_images="${max_images:-0}" ;;
     *) die "--preset must be default or quality, got '$preset'" ;;
   esac
-  { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
+  [ -z "$hospitals" ] || { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
+  [ -z "$alpha" ] || [[ "$alpha" =~ ^[0-9]*\.?[0-9]+$ ]] || die "--dirichlet-alpha must be a number > 0, got '$alpha'"
+  [ -z "$alpha" ] || [ "$partition" = dirichlet ] || die "--dirichlet-alpha needs --partition dirichlet"
   [ -z "$rounds" ] || is_int "$rounds" || die "--rounds must be a whole number, got '$rounds'"
   [ -z "$ft_rounds" ] || is_int "$ft_rounds" || die "--finetune-rounds must be a whole number, got '$ft_rounds'"
   [ -z "$image_size" ] || { is_int "$image_size" && [ "$image_size" -ge 16 ]; } || die "--image-size must be a whole number >= 16, got '$image_size'"
@@ -177,10 +210,11 @@ cmd_up() {
   done
   { is_int "$round_timeout" && [ "$round_timeout" -ge 1 ]; } || die "--round-timeout must be a whole number of seconds >= 1, got '$round_timeout'"
 
-  local source path="" warning="" resolved
+  local source path="" warning="" resolved kaggle_target=""
   resolved="$(resolve_data "$data")" || exit 1  # before installing anything: a missing dataset stops here
-  read -r source path <<<"$resolved"
+  IFS=$'\t' read -r source path kaggle_target <<<"$resolved"
   if [ "$source" = synthetic ]; then
+    [ -z "$partition$label_map$class_names" ] || die "--partition, --label-map and --class-names apply to real data (--data PATH or auto), not to --data synthetic"
     warning="SYNTHETIC DATA (--data synthetic): this model says nothing about real patients"
     warn "$warning"
   fi
@@ -194,6 +228,35 @@ cmd_up() {
     say "downloading HAM10000 from Kaggle into $path (once; the hospitals share this copy)"
     "$VENV/bin/python" -m fedssl_flower.data.kaggle "$path" || die "the Kaggle download failed (see above)"
   fi
+  if [ "$source" = kaggle ]; then  # path is the slug: download once, then its sub-path is the data folder
+    say "Kaggle dataset $path: into $kaggle_target (once; a no-op when it is there)"
+    path="$("$VENV/bin/python" -m fedssl_flower.data.kaggle "$kaggle_target" --dataset "$path" --print-path)" \
+      || die "--data $data: the Kaggle download or its sub-path failed (see above)"
+    source=folder
+    say "using $path"
+  fi
+
+  # Which layout the data has and what each hospital gets: one line per hospital, NAME<TAB>node config.
+  local plan="$FEDSSL_HOME/hospitals.tsv" layout_args=(--default-hospitals "$default_hospitals" --max-images "$max_images")
+  if [ "$source" = synthetic ]; then
+    local i
+    : >"$plan"
+    for i in $(seq 0 $((${hospitals:-$default_hospitals} - 1))); do
+      printf 'hospital-%d\tdata-source="synthetic" partition-id=%d num-partitions=%d\n' $((i + 1)) "$i" "${hospitals:-$default_hospitals}" >>"$plan"
+    done
+  else
+    [ -n "$hospitals" ] && layout_args+=(--hospitals "$hospitals")
+    [ -n "$partition" ] && layout_args+=(--partition "$partition")
+    [ -n "$alpha" ] && layout_args+=(--dirichlet-alpha "$alpha")
+    [ -n "$label_map" ] && layout_args+=(--label-map "$label_map")
+    [ -n "$class_names" ] && layout_args+=(--class-names "$class_names")
+    "$VENV/bin/python" -m fedssl_flower.data.layout "$path" "${layout_args[@]}" \
+      --write-json "$FEDSSL_HOME/layout.json" --node-configs "$plan" || die "--data $path cannot be federated as it is (see the error above)"
+    source="$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["kind"])' "$FEDSSL_HOME/layout.json")"
+  fi
+  local names=() data_configs=() name data_config
+  while IFS=$'\t' read -r name data_config; do names+=("$name"); data_configs+=("$data_config"); done <"$plan"
+  hospitals="${#names[@]}"
 
   # Registry (with a token generated once and kept private).
   local token_file="$FEDSSL_HOME/registry.token"
@@ -223,25 +286,20 @@ cmd_up() {
   fi
   wait_port "$SUPERLINK_PORT" SuperLink "$LOGS/superlink.log" "$PIDS/superlink.pid"
 
-  # One SuperNode per hospital: alternating SSL tasks, one partition each.
-  local partition_by=lesion
-  if [ "$source" = ham10000 ] && [ -f "$path/HAM10000_metadata_dataverse.csv" ] && [ "$hospitals" -le 4 ]; then
-    partition_by=site  # the acquisition sites: real, non-IID hospitals
-  fi
+  # One SuperNode per hospital: alternating SSL tasks, its data as planned above.
   # The hospitals share this machine's cores: one torch thread each, or cores / hospitals.
   # Left to itself each ClientApp takes every core, and 3 hospitals on 2 cores ran 5x slower.
   local cores threads
   cores="$(nproc 2>/dev/null || echo 1)"
   threads=$(( cores / hospitals )); [ "$threads" -ge 1 ] || threads=1
-  local i name task node_config
-  for i in $(seq 0 $((hospitals - 1))); do
-    name="hospital-$((i + 1))"
+  local i task node_config
+  for i in "${!names[@]}"; do
+    name="${names[$i]}"
     task="${TASKS[$((i % ${#TASKS[@]}))]}"
-    node_config="hospital=\"$name\" ssl-task=\"$task\" data-source=\"$source\" partition-id=$i num-partitions=$hospitals"
-    node_config+=" partition-by=\"$partition_by\" max-images=$max_images cache-dir=\"$FEDSSL_HOME/cache\" threads=$threads"
-    [ -n "$path" ] && node_config+=" data-path=\"$path\""
+    node_config="hospital=\"$name\" ssl-task=\"$task\" ${data_configs[$i]}"
+    node_config+=" max-images=$max_images cache-dir=\"$FEDSSL_HOME/cache\" threads=$threads"
     if ! alive "$PIDS/$name.pid"; then
-      say "starting SuperNode $name (ssl-task=$task, partition $((i + 1))/$hospitals by $partition_by)"
+      say "starting SuperNode $name (ssl-task=$task)"
       FLWR_HOME="$FEDSSL_HOME/flwr-$name" start "$name" fedssl-supernode --insecure --superlink "127.0.0.1:$SUPERLINK_PORT" \
         --port "$(free_port)" --node-config "$node_config"
     fi
@@ -257,13 +315,13 @@ cmd_up() {
   read -r d_rounds d_ft d_size d_steps <<<"$("$VENV/bin/python" -c 'import sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
 print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])' "$ROOT/pyproject.toml")"
-  say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each")))"
+  say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each"))"
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
     "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?
 
   # Training is over either way: free the CPU, keep the registry serving.
-  for f in "$PIDS"/hospital-*.pid "$PIDS/superlink.pid"; do [ -e "$f" ] && stop "$f"; done
+  for f in "$PIDS"/*.pid; do [ "$f" = "$PIDS/registry.pid" ] || stop "$f"; done
   if [ "$rc" -ne 0 ]; then
     die "the federated run failed (see above; logs in $LOGS). The registry is still up: ./deploy-local.sh down stops it"
   fi
@@ -271,6 +329,8 @@ print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])'
   local sample="$FEDSSL_HOME/sample.png"
   if [ "$source" = ham10000 ] && [ -d "$path/HAM10000_images_part_1" ]; then
     sample="$(find "$path/HAM10000_images_part_1" -name '*.jpg' -print -quit)"
+  elif [ "$source" != synthetic ]; then
+    sample="$(find "$path" \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) -print -quit)"
   else
     "$VENV/bin/python" -c "from PIL import Image; Image.new('RGB', (64, 64), (180, 120, 90)).save('$sample')"
   fi

@@ -33,6 +33,17 @@ def pids(home: Path) -> dict[str, int]:
     return {p.stem: int(p.read_text()) for p in (home / "pids").glob("*.pid")}
 
 
+def stop_everything(env: dict[str, str], home: Path) -> None:
+    """`deploy-local.sh down`, then SIGKILL to whatever it left (belt and braces: a test never
+    leaves a process behind)."""
+    script(env, "down", timeout=120)
+    for pid in pids(home).values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -51,12 +62,7 @@ def deployed(tmp_path_factory, ham10000_dir):
     try:
         yield home, env, up
     finally:
-        script(env, "down", timeout=120)
-        for pid in pids(home).values():  # belt and braces: never leave a process behind
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_everything(env, home)
 
 
 def test_up_trains_across_hospitals_and_shows_progress(deployed):
@@ -105,7 +111,11 @@ def test_bad_arguments_are_refused_with_what_was_expected(deployed):
     cases = [
         (["up", "--hospitals", "0"], "--hospitals must be a whole number >= 1, got '0'"),
         (["up", "--image-size", "8"], "--image-size must be a whole number >= 16, got '8'"),
-        (["up", "--data", "/nonexistent/ham"], "--data /nonexistent/ham: no HAM10000_metadata.csv there"),
+        (["up", "--data", "/nonexistent/ham"], "--data /nonexistent/ham: no such folder; expected the Kaggle HAM10000 layout, "
+                                               "PATH/<hospital>/<class>/<image> or PATH/<class>/<image>"),
+        (["up", "--data", "synthetic", "--label-map", "a=b"], "--partition, --label-map and --class-names apply to real data"),
+        (["up", "--dirichlet-alpha", "0.3"], "--dirichlet-alpha needs --partition dirichlet"),
+        (["up", "--partition", "dirichlet", "--dirichlet-alpha", "x"], "--dirichlet-alpha must be a number > 0, got 'x'"),
         (["up", "--frobnicate"], "unknown option '--frobnicate'"),
         (["up", "--preset", "fast"], "--preset must be default or quality, got 'fast'"),
         (["up", "--local-steps", "0"], "--local-steps must be a whole number >= 1, got '0'"),
@@ -137,15 +147,22 @@ def test_down_stops_exactly_what_up_started(tmp_path, deployed):
 
 
 def test_a_failed_run_exits_non_zero_with_the_server_error(tmp_path, ham10000_dir):
-    # One hospital whose data holds no images: the ServerApp's start-up audit fails the run.
+    # A HAM10000 copy with no rows is refused before anything starts, by the layout check.
     empty = tmp_path / "ham-empty"
     empty.mkdir()
     header = (ham10000_dir / "HAM10000_metadata.csv").read_text().splitlines()[0]
     (empty / "HAM10000_metadata.csv").write_text(header + "\n")
     env = env_for(tmp_path / "home", free_port(), free_port())
+    r = script(env, "up", "--hospitals", "1", "--data", str(empty), timeout=300)
+    assert r.returncode != 0 and f"--data {empty} cannot be federated as it is" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "home" / "pids").exists() or pids(tmp_path / "home") == {}
+    # One hospital whose images all fail to decode: the ServerApp's start-up audit fails the run.
+    for cls in ("a", "b"):
+        (tmp_path / "unreadable" / cls).mkdir(parents=True)
+        (tmp_path / "unreadable" / cls / "x.jpg").write_bytes(b"not a jpeg")
     try:
         r = script(env, "up", "--hospitals", "1", "--rounds", "1", "--finetune-rounds", "0", "--image-size", "32",
-                   "--data", str(empty), timeout=600)
+                   "--data", str(tmp_path / "unreadable"), timeout=600)
         out = r.stdout + r.stderr
         assert r.returncode != 0, out[-4000:]
         assert "the federated run failed" in out
@@ -165,4 +182,27 @@ def test_without_a_dataset_auto_stops_before_installing_anything(tmp_path):
     assert r.returncode != 0
     assert f"no HAM10000 found: --data auto looked at $FEDSSL_DATA (unset), {repo}/data/ham10000, {repo}/../shared/data/ham10000" in r.stderr
     assert "or ask for fake images with --data synthetic" in r.stderr
+    assert not (repo / ".venv").exists() and not (tmp_path / "home").exists()  # nothing installed, nothing started
+
+
+@pytest.mark.parametrize("data, words", [
+    ("kaggle:brain-tumor-mri-dataset", ["--data kaggle:brain-tumor-mri-dataset: expected kaggle:OWNER/DATASET[/SUB/PATH]",
+                                        "kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training"]),
+    ("kaggle:masoud nickparvar/x", ["expected kaggle:OWNER/DATASET[/SUB/PATH] as in the dataset's Kaggle URL"]),
+    ("kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training",
+     ["masoudnickparvar/brain-tumor-mri-dataset is not in {repo}/data/kaggle/masoudnickparvar/brain-tumor-mri-dataset",
+      "no Kaggle credentials to download it: set KAGGLE_USERNAME and KAGGLE_KEY"]),
+])
+def test_a_kaggle_dataset_that_cannot_be_had_stops_before_installing_anything(tmp_path, data, words):
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    (repo / "deploy-local.sh").write_bytes(SCRIPT.read_bytes())
+    env = env_for(tmp_path / "home", free_port(), free_port())
+    env["HOME"] = str(tmp_path / "home")
+    env.pop("KAGGLE_USERNAME", None), env.pop("KAGGLE_KEY", None), env.pop("KAGGLE_CONFIG_DIR", None)
+    r = subprocess.run(["bash", str(repo / "deploy-local.sh"), "up", "--data", data], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=repo)
+    assert r.returncode != 0
+    for w in words:
+        assert w.format(repo=repo) in r.stderr, r.stderr
     assert not (repo / ".venv").exists() and not (tmp_path / "home").exists()  # nothing installed, nothing started
