@@ -1,13 +1,23 @@
 """Model quality on real data: federated SSL + federated fine-tuning next to pooled training,
 fine-tuning without SSL, a random start, and fewer labels, at the same compute budget.
 
-Data: HAM10000 at `--data`; 4 hospitals = the 4 acquisition sites of
-`HAM10000_metadata_dataverse.csv` (`partition-by = site`). Each site is split into train/test
-by lesion, stratified by class (test fraction 0.2); a validation split (`--val-fraction`, by
-lesion) is carved from each site's training split. Every arm trains on the rest of the
-training splits, picks nothing on the test split, and is scored on the pooled test set (the
-union of the sites' test splits, as FLamby's Fed-ISIC2019 does). `--eval val` scores on the
-pooled validation split instead: that is what hyper-parameters are chosen on.
+Data (`--data`), either
+- HAM10000: 4 hospitals = the 4 acquisition sites of `HAM10000_metadata_dataverse.csv`
+  (`partition-by = site`). Each site is split into train/test by lesion, stratified by class
+  (test fraction 0.2); a validation split (`--val-fraction`, by lesion) is carved from each
+  site's training split; or
+- one folder per hospital, one folder per class inside it (e.g. the brain MRI hospitals): the
+  hospitals are the folders, their class folders reconciled into one class list by
+  `fedssl_flower.data.layout.plan`, as `deploy-local.sh up --data PATH` does (`--label-map`,
+  `--class-names`). Such folders carry no patient ids, so every image is its own group: each
+  hospital's images are split train/test (0.2) and then train/val (`--val-fraction`) at
+  random, stratified by class, by the product's `split_train_test`. Slices of one patient
+  can therefore land on both sides of a split.
+In both cases the splits are drawn once (seed 0), the same for every `--seeds` value. Every
+arm trains on the rest of the training splits, picks nothing on the test split, and is scored
+on the pooled test set (the union of the sites' test splits, as FLamby's Fed-ISIC2019 does).
+`--eval val` scores on the pooled validation split instead: that is what hyper-parameters are
+chosen on.
 
 Arms (`--arms`, default `federated,pooled,no-ssl,random,probes`); a `@F` suffix keeps only a
 fraction F of the training labels (by lesion, stratified; SSL still sees every image):
@@ -22,7 +32,7 @@ fraction F of the training labels (by lesion, stratified; SSL still sees every i
   fp16, int8  `federated` with compressed updates, both directions (bytes on the wire counted)
 
 Budget: the same number of optimizer steps of `--batch-size` images per arm. Federated arms
-take `--local-steps` batches per site per round (so `4 x local-steps` per round); pooled takes
+take `--local-steps` batches per site per round (so `sites x local-steps` per round); pooled takes
 the same per round on one model. A SimCLR step forwards two views, about twice a fine-tuning
 step, so arms without SSL fine-tune for `finetune-rounds + 2 x ssl-rounds` rounds. Each arm's
 wall time is reported. The federation runs in this process with the code the hospitals and
@@ -30,6 +40,7 @@ the aggregator run (`fedssl_flower.local`, `strategy.weighted_average`); Flower'
 not in the loop (bench/flower_overhead.py measures it).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
+    .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
 
 Prints a table and appends to JSON (default bench/results/quality.json, keyed by arm, seed and
 eval split: a rerun replaces its own entry); `bench/report.py` makes the plots.
@@ -44,6 +55,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -55,8 +67,9 @@ from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
 from fedssl_flower import local, records, training
 from fedssl_flower.config import RunConfig
-from fedssl_flower.data import HospitalData, load_hospital_data
+from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
+from fedssl_flower.errors import FedSSLError
 from fedssl_flower.strategy import ServerOptimizer, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,16 +80,35 @@ HEADLINE = (names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_ACCURACY)
 # FLamby Fed-ISIC2019 (6 centres incl. the 4 HAM10000 sites, ImageNet-pretrained EfficientNet-b0,
 # balanced accuracy on the pooled test), for orientation only: different model, data and budget.
 FLAMBY_FED_ISIC2019 = {"pooled": 0.745, "FedAvg": 0.595, "Scaffold": 0.626}
+SITES_METADATA = "HAM10000_metadata_dataverse.csv"  # HAM10000's acquisition sites: the 4 hospitals
 
 
 # ---------------------------------------------------------------------------- data
 def load_sites(args) -> list[HospitalData]:
+    """The hospitals of `args.data`: HAM10000's sites, else its hospital folders (see `main`)."""
+    if not (args.data / SITES_METADATA).is_file():
+        return load_hospital_folders(args)
     sites = []
     for i in range(4):
         cfg = {"hospital": f"site-{i}", "data-path": str(args.data), "partition-by": "site", "num-partitions": 4,
                "partition-id": i, "max-images": args.max_images_per_site, "cache-dir": str(args.cache_dir)}
         data = load_hospital_data(cfg, args.image_size, seed=0)  # one split for every seed
         data.hospital = data.audit["partition"]["sites"][0]
+        sites.append(data)
+    return sites
+
+
+def load_hospital_folders(args) -> list[HospitalData]:
+    """One hospital per folder with the node config `deploy-local.sh` would give its SuperNode
+    (class folders reconciled by `layout.plan`); the layout is kept on each site's audit."""
+    plan = layout.plan(args.data, label_map=args.label_map or None, class_names=args.class_names or None,
+                       max_images=args.max_images_per_site)
+    print(plan.describe(), flush=True)
+    sites = []
+    for h in plan.hospitals:
+        cfg = {**h.node_config, "hospital": h.name, "max-images": args.max_images_per_site, "cache-dir": str(args.cache_dir)}
+        data = load_hospital_data(cfg, args.image_size, seed=0)  # one split for every seed
+        data.audit["layout"] = {"kind": plan.kind, "folder": h.folder, "label_map": plan.label_map.get(h.name, {})}
         sites.append(data)
     return sites
 
@@ -197,11 +229,13 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
-             cfg: RunConfig, task: str, bn_diagnostic: bool = False) -> dict:
+             cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
-    over every site's training images (what a statistics-only round would give)."""
+    over every site's training images (what a statistics-only round would give).
+    `scaffold`: fine-tuning corrects each hospital's gradients by SCAFFOLD control variates
+    (server minus hospital; a hospital's variate is its mean gradient of its last round)."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -209,17 +243,27 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     moments = [{} if cfg.keep_optimizer_state else None for _ in ssl_sites]  # each hospital's AdamW, kept
     curve, comm, ssl_probe = [], [], None
     optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+    control, controls = {}, [{} for _ in ssl_sites]  # SCAFFOLD: the server's and each hospital's variates
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
-        updates, traffic = [], {}
-        for site, model, kept in zip(sites, hospitals, moments):
+        updates, traffic, deltas = [], {}, []
+        for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept)
+            drift = None
+            if scaffold and phase == names.PHASE_FINETUNE:
+                mine = controls[i]
+                drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift)
+            if drift is not None and "gradients" in drift:
+                deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
+                controls[i] = drift["gradients"]
             up, received = wire(records.state_arrays(model.state_dict(), shared), cfg.update_encoding)
             updates.append((up, m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
+        for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
+            control[n] = control.get(n, 0) + sum(d[n] for d in deltas) / len(deltas)
         average = weighted_average(updates)
         for key, value in optimizer.step({k: state[k].numpy() for k in average}, average, phase).items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
@@ -260,7 +304,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
-            base: RunConfig, bn_diagnostic: bool = False) -> dict:
+            base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -290,7 +334,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic)
+        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold)
     out.update({"arm": spec, "label_fraction": fraction, "labelled_train_images": sum(len(s.train_labels) for s in labelled),
                 "seed": seed, "seconds": time.perf_counter() - t0,
                 "config": {k: v for k, v in cfg.as_dict().items() if k not in ("registry-url", "runs-dir", "data-warning")}})
@@ -298,6 +342,18 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
 
 
 # ---------------------------------------------------------------------------- output
+def class_counts(train: HospitalData, val: HospitalData, full: HospitalData) -> dict[str, dict[str, int]]:
+    """Images per class in a site's train, validation and test splits."""
+    def count(labels: torch.Tensor) -> dict[str, int]:
+        return {c: int((labels == i).sum()) for i, c in enumerate(full.class_names)}
+    return {"train": count(train.train_labels), "val": count(val.test_labels), "test": count(full.test_labels)}
+
+
+def _layout(site: HospitalData) -> dict:
+    """Hospital folders: the folder and its folder -> class map (`load_hospital_folders`)."""
+    return {"layout": site.audit["layout"]} if "layout" in site.audit else {}
+
+
 def key(run: dict) -> tuple:
     """What a rerun replaces: the same arm, seed, evaluation split and label."""
     return run["arm"], run["seed"], run.get("eval", "test"), run.get("label", "")
@@ -354,9 +410,13 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=1.0, help="the aggregator's step on the averaged update (1 = FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="server heavy-ball momentum (FedAvgM)")
     ap.add_argument("--finetune-loss", default=training.LOSS_BALANCED_SOFTMAX, choices=training.FINETUNE_LOSSES)
+    ap.add_argument("--label-map", default="", help="hospital folders: folder=class / hospital:folder=class entries, JSON or "
+                    "a file, as for deploy-local.sh (e.g. 'tata-memorial-mumbai:Normal=notumor')")
+    ap.add_argument("--class-names", default="", help="hospital folders: the class list, in order (comma list)")
     ap.add_argument("--max-images-per-site", type=int, default=0, help="cap per site before the split (0 = all; for smoke runs)")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FEDSSL_HOME", ".fedssl")) / "cache")
     ap.add_argument("--label", default="", help="names a variant (e.g. a lever under test): runs are keyed by arm, seed, eval and label")
+    ap.add_argument("--scaffold", action="store_true", help="federated arms: SCAFFOLD drift correction in fine-tuning (bench only)")
     ap.add_argument("--bn-diagnostic", action="store_true", help="federated arms: also score every round with BatchNorm statistics recomputed")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
@@ -379,8 +439,18 @@ def main() -> None:
         raise SystemExit("--seeds: give at least one seed")
     if args.finetune_rounds < 1 or args.local_steps < 1:
         raise SystemExit("--finetune-rounds and --local-steps must be >= 1: the arms are scored by their fine-tuned classifier")
-    if not (args.data / "HAM10000_metadata_dataverse.csv").is_file():
-        raise SystemExit(f"no HAM10000_metadata_dataverse.csv under {args.data}: the 4-site split needs it; pass --data")
+    folders = not (args.data / SITES_METADATA).is_file()
+    if folders:  # not HAM10000 with sites: hospital folders, or an error saying what the folder holds
+        try:
+            kind = layout.detect(args.data)
+        except FedSSLError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if kind != layout.LAYOUT_HOSPITAL_FOLDERS:
+            raise SystemExit(f"--data {args.data} holds {layout.LAYOUTS[kind]}; the benchmark needs HAM10000 with its "
+                             f"{SITES_METADATA} (4 sites) or one folder per hospital (PATH/<hospital>/<class>/<image>)")
+    elif args.label_map or args.class_names:
+        raise SystemExit(f"--label-map/--class-names apply to hospital folders (PATH/<hospital>/<class>/<image>), not to "
+                         f"HAM10000 at {args.data}")
 
     threads = set_torch_threads()
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
@@ -391,7 +461,10 @@ def main() -> None:
                      local_baseline=False)
     base.validate()
     t0 = time.perf_counter()
-    full = load_sites(args)
+    try:
+        full = load_sites(args)
+    except FedSSLError as exc:  # a label mismatch or an empty folder: the message says what to change
+        raise SystemExit(f"error: {exc}") from None
     carved = [carve_validation(s, args.val_fraction) for s in full]
     sites, vals = [c[0] for c in carved], [c[1] for c in carved]
     test = pooled_data(full, "pooled-test") if args.eval == "test" else pooled_data(vals, "pooled-val")
@@ -404,12 +477,17 @@ def main() -> None:
     for spec in specs:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
-            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic)
+            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold)
             r["eval"], r["label"] = args.eval, args.label
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic"))
+                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold",
+                                                                              "label_map", "class_names"))
+                            + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
+                            + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
-                            + f" --arms {spec} --seeds {seed}")
+                            + (" --scaffold" if args.scaffold else "")
+                            + f" --arms {spec} --seeds {seed}"
+                            + (f" --data {shlex.quote(str(args.data))}" if folders else ""))
             runs = [x for x in runs if key(x) != key(r)] + [r]
             t = r["test"]
             print(f"  balanced accuracy {t[names.M_BALANCED_ACCURACY]:.3f}, macro AUC {t[names.M_MACRO_AUC]:.3f}, "
@@ -419,7 +497,8 @@ def main() -> None:
                 "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(), "torch": torch.__version__},
                 "data": {"path": str(args.data), "image_size": args.image_size, "class_names": test.class_names,
                          "val_fraction": args.val_fraction,
-                         "sites": {s.hospital: {"train": len(s.train_images), "val": len(v.test_images), "test": len(f.test_images)}
+                         "sites": {s.hospital: {"train": len(s.train_images), "val": len(v.test_images), "test": len(f.test_images),
+                                                "class_counts": class_counts(s, v, f), **_layout(f)}
                                    for s, v, f in zip(sites, vals, full)},
                          "pooled_test": sum(len(f.test_images) for f in full)},
                 "reference_flamby_fed_isic2019_balanced_accuracy": FLAMBY_FED_ISIC2019,

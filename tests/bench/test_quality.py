@@ -2,9 +2,13 @@
 scores them on the pooled test, keeps fewer labels when asked, counts the bytes each update
 encoding puts on the wire, and appends to its JSON so a long benchmark can run in pieces."""
 
+import argparse
 import json
 import subprocess
 import sys
+
+import numpy as np
+import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -62,3 +66,63 @@ def test_quality_bench_refuses_unknown_arms_and_fractions(tmp_path):
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         assert message in proc.stderr
+
+
+def _hospital_folders(root, per_class=10):
+    """Two hospitals naming their classes their own way; one writes grayscale PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tree = {"general-a": {"glioma": "RGB", "notumor": "RGB"}, "clinic-b": {"Glioma": "L", "Normal": "L"}}
+    for hospital, folders in tree.items():
+        for folder, mode in folders.items():
+            (root / hospital / folder).mkdir(parents=True)
+            for i in range(per_class):
+                shape = (24, 24, 3) if mode == "RGB" else (24, 24)
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+                    root / hospital / folder / f"{i}.{'jpg' if mode == 'RGB' else 'png'}")
+    return root
+
+
+def test_hospital_folders_are_the_hospitals_split_at_random_by_class(tmp_path):
+    from bench import quality
+
+    data = _hospital_folders(tmp_path / "mri")
+    args = argparse.Namespace(data=data, label_map="clinic-b:Normal=notumor", class_names="", max_images_per_site=0,
+                              image_size=16, cache_dir=tmp_path / "cache")
+    sites = quality.load_sites(args)
+    assert [s.hospital for s in sites] == ["clinic-b", "general-a"]
+    assert all(s.class_names == ["glioma", "notumor"] for s in sites)
+    assert sites[0].audit["layout"]["label_map"]["Normal"] == {"class": "notumor", "how": "label-map"}
+    for site in sites:
+        train, val = quality.carve_validation(site, 0.15)
+        assert len(train.train_labels) + len(val.test_labels) + len(site.test_labels) == 20
+        for split in (train.train_labels, val.test_labels, site.test_labels):  # stratified: both classes everywhere
+            assert sorted(split.unique().tolist()) == [0, 1]
+        images = [x.numpy().tobytes() for split in (train.train_images, val.test_images, site.test_images) for x in split]
+        assert len(set(images)) == 20  # every image in exactly one split
+    again = quality.load_sites(args)  # one split, whatever the run's seed
+    assert all(torch.equal(a.test_images, b.test_images) for a, b in zip(sites, again))
+
+
+def test_quality_bench_runs_on_hospital_folders(tmp_path):
+    data = _hospital_folders(tmp_path / "mri")
+    run = [sys.executable, "-m", "bench.quality", "--data", str(data), "--image-size", "16", "--ssl-rounds", "0",
+           "--finetune-rounds", "1", "--local-steps", "1", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
+           "--out", str(tmp_path / "q.json"), "--arms", "local,no-ssl", "--seeds", "0"]
+    proc = subprocess.run(run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # 'Normal' matches no class: named, with the fix
+    assert "clinic-b: folder 'Normal'" in proc.stderr and "--label-map" in proc.stderr
+
+    proc = subprocess.run([*run, "--label-map", "clinic-b:Normal=notumor"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hospital-folders" in proc.stdout
+    result = json.loads((tmp_path / "q.json").read_text())
+    sites = result["data"]["sites"]
+    assert sorted(sites) == ["clinic-b", "general-a"]
+    assert result["data"]["class_names"] == ["glioma", "notumor"]
+    assert result["data"]["pooled_test"] == sum(s["test"] for s in sites.values())
+    assert sites["clinic-b"]["class_counts"]["test"] == {"glioma": 2, "notumor": 2}
+    local = next(r for r in result["runs"] if r["arm"] == "local")
+    assert sorted(local["sites"]) == ["clinic-b", "general-a"]  # each hospital alone, scored on the pooled test
+    assert "--label-map clinic-b:Normal=notumor" in local["command"] and f"--data {data}" in local["command"]
