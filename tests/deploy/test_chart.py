@@ -570,6 +570,100 @@ def test_node_config_is_what_the_hospital_code_reads(scenario):
             assert threads == max(1, -(-cpus // 1)), f"{config['hospital']}: threads {threads} for a CPU limit of {limit}"
 
 
+def _hospital_values(tmp_path, data: dict, **more) -> Path:
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump({"kaggle": {"existingSecret": "k"},
+                                 "hospitals": [{"name": "mri-a", "sslTask": "simclr", "data": data, **more}]}))
+    return f
+
+
+LABEL_MAP = {"pituitary tumor": "pituitary", "Normal": "notumor", "it's <meningioma> & \"co\"": "meningioma"}
+CLASS_NAMES = ["glioma", "meningioma", "notumor", "pituitary", "o'clock tumor"]
+
+
+@pytest.mark.parametrize("data", [
+    {"source": "hostPath", "path": "/srv/mri", "format": "imagefolder"},
+    {"source": "pvc", "claimName": "mri", "format": "imagefolder"},
+    {"source": "kaggle", "kaggle": {"dataset": "masoudnickparvar/brain-tumor-mri-dataset", "path": "Training"}},
+])
+def test_a_hospitals_label_map_and_class_names_reach_its_data_loader(tmp_path, data):
+    """data.labelMap and data.classNames come out of --node-config, as Flower reads it, as the
+    label map and class list the hospital's loader parses (folder names with spaces and quotes)."""
+    from fedssl_flower.data import HospitalDataConfig
+    from fedssl_flower.data.labels import parse_class_names, parse_label_map
+
+    values = _hospital_values(tmp_path, {**data, "labelMap": LABEL_MAP, "classNames": CLASS_NAMES})
+    [d] = supernodes(render([values]))
+    config = _node_config(main_container(d))
+    assert config["data-source"] == "imagefolder"
+    parsed = HospitalDataConfig.from_node_config(config)
+    label_map = parse_label_map(parsed.label_map)
+    assert label_map.common == LABEL_MAP and not label_map.per_hospital
+    assert label_map.for_hospital("mri-a")["pituitary tumor"] == "pituitary"
+    assert parse_class_names(parsed.class_names) == CLASS_NAMES
+
+
+def test_a_label_map_sorts_a_hospitals_folders_into_the_shared_classes(tmp_path):
+    """The rendered node config, loaded by the hospital's own code on folders named its way."""
+    from fedssl_flower.data import HospitalDataConfig, imagefolder
+    from fedssl_flower.data.labels import parse_class_names
+
+    values = _hospital_values(tmp_path, {"source": "pvc", "claimName": "mri", "format": "imagefolder",
+                                         "labelMap": {"pituitary tumor": "pituitary", "Normal": "notumor"},
+                                         "classNames": ["glioma", "notumor", "pituitary"]})
+    [d] = supernodes(render([values]))
+    parsed = HospitalDataConfig.from_node_config(_node_config(main_container(d)))
+    for folder in ("pituitary tumor", "Normal", "glioma"):
+        (tmp_path / "mri" / folder).mkdir(parents=True)
+        (tmp_path / "mri" / folder / "a.png").write_bytes(b"")
+    cat = imagefolder.load_catalog(tmp_path / "mri", parsed.label_map, parse_class_names(parsed.class_names), parsed.hospital)
+    assert cat.class_names == ["glioma", "notumor", "pituitary"]
+    assert cat.folder_classes == {"pituitary tumor": "pituitary", "Normal": "notumor", "glioma": "glioma"}
+
+
+@pytest.mark.parametrize("data, field, what", [
+    ({"source": "synthetic", "labelMap": {"pituitary tumor": "pituitary"}}, "labelMap", "synthetic"),
+    ({"source": "kaggle", "classNames": ["mel", "nv"]}, "classNames", "HAM10000"),
+    ({"source": "pvc", "claimName": "c", "labelMap": {"melanoma": "mel"}}, "labelMap", "format ham10000"),
+    ({"source": "hostPath", "path": "/srv/ham", "format": "ham10000", "labelMap": {"melanoma": "mel"}}, "labelMap", "format ham10000"),
+])
+def test_a_label_map_on_data_with_fixed_classes_fails_naming_the_hospital(tmp_path, data, field, what):
+    proc = helm("template", RELEASE, str(CHART), "-f", str(_hospital_values(tmp_path, data)), check=False)
+    assert proc.returncode != 0
+    assert f"hospital mri-a: data.{field} is for class-per-folder data" in proc.stderr, proc.stderr
+    assert "imagefolder" in proc.stderr and what in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("data, more, message", [
+    ({"labelMap": {"a": "b"}}, {"nodeConfig": {"label-map": "a=b"}}, "both data.labelMap and nodeConfig.label-map"),
+    ({"labelMap": {"Normal": "notumor", "astro": "astrocytoma"}, "classNames": ["glioma", "notumor"]}, {},
+     "data.labelMap maps to astrocytoma, which data.classNames (glioma, notumor) does not list"),
+    ({"classNames": ["it's", 'a "b"']}, {}, "data.classNames"),
+])
+def test_label_map_and_class_names_that_cannot_work_fail_naming_the_hospital(tmp_path, data, more, message):
+    values = _hospital_values(tmp_path, {"source": "pvc", "claimName": "c", "format": "imagefolder", **data}, **more)
+    proc = helm("template", RELEASE, str(CHART), "-f", str(values), check=False)
+    assert proc.returncode != 0 and "hospital mri-a" in proc.stderr and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"classNames": ["glioma", 3]}, ["/hospitals/0/data/classNames/1", "want string"]),
+    ({"classNames": ["glioma", "glioma"]}, ["/hospitals/0/data/classNames", "equal"]),
+    ({"classNames": ["glioma,pituitary"]}, ["/hospitals/0/data/classNames/0", "does not match pattern"]),
+    ({"classNames": [" "]}, ["/hospitals/0/data/classNames/0", "does not match pattern"]),
+    ({"classNames": "glioma,pituitary"}, ["/hospitals/0/data/classNames", "want array"]),
+    ({"labelMap": {"Normal": 1}}, ["/hospitals/0/data/labelMap/Normal", "want string"]),
+    ({"labelMap": {"Normal": ""}}, ["/hospitals/0/data/labelMap/Normal", "does not match pattern"]),
+    ({"labelMap": ["Normal=notumor"]}, ["/hospitals/0/data/labelMap", "want object"]),
+])
+def test_schema_refuses_label_maps_and_class_lists_of_the_wrong_shape(tmp_path, data, words):
+    values = _hospital_values(tmp_path, {"source": "pvc", "claimName": "c", "format": "imagefolder", **data})
+    proc = helm("template", RELEASE, str(CHART), "-f", str(values), check=False)
+    assert proc.returncode != 0
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
 def test_hospitals_share_one_dataset_in_disjoint_partitions():
     objs = render_scenario("defaults")
     configs = [_node_config(main_container(d)) for d in supernodes(objs)]

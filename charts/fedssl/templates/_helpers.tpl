@@ -309,6 +309,33 @@ are at data.kaggle.path inside it.
 {{- end -}}
 
 {{/*
+A string as a --node-config value. Flower cuts --node-config at quotes and knows no escapes
+(flwr.common.config.parse_config_args), then reads each value as TOML: '...' (a literal) unless
+the value holds a ', else "..." when it holds no " or \. (dict "value" STRING "what" "hospital h: data.x")
+*/}}
+{{- define "fedssl.tomlString" -}}
+{{- $s := .value -}}
+{{- if contains "\n" $s -}}
+{{- fail (printf "%s: %q holds a line break; expected a single line" .what $s) -}}
+{{- else if not (contains "'" $s) -}}
+{{- printf "'%s'" $s -}}
+{{- else if not (or (contains "\"" $s) (contains "\\" $s)) -}}
+{{- printf "\"%s\"" $s -}}
+{{- else -}}
+{{- fail (printf "%s: %q holds both ' and \" (or \\), which a --node-config value cannot; rename the folder or class" .what $s) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A hospital's data.labelMap as its node config `label-map`: compact JSON {"folder":"class"}
+(fedssl_flower.data.labels.parse_label_map), every ' written as \u0027 so that it fits a '...'
+value whatever the folder names hold (as fedssl_flower.data.layout writes it).
+*/}}
+{{- define "fedssl.hospital.labelMapValue" -}}
+{{- printf "'%s'" (toJson . | replace "'" "\\u0027") -}}
+{{- end -}}
+
+{{/*
 A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hospital" .).
 `partition: null` gives the hospital all of its data (one partition of one).
 */}}
@@ -329,6 +356,13 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- end -}}
 {{- $cfg = append $cfg (printf "data-source=%s" ($format | quote)) -}}
 {{- $cfg = append $cfg (printf "data-path=%s" ($path | quote)) -}}
+{{- /* Class-per-folder data: its folder -> class map and class list (fedssl.validate allows them only there). */ -}}
+{{- with $h.data.labelMap -}}
+{{- $cfg = append $cfg (printf "label-map=%s" (include "fedssl.hospital.labelMapValue" .)) -}}
+{{- end -}}
+{{- with $h.data.classNames -}}
+{{- $cfg = append $cfg (printf "class-names=%s" (include "fedssl.tomlString" (dict "value" (join "," .) "what" (printf "hospital %s: data.classNames" $h.name)))) -}}
+{{- end -}}
 {{- end -}}
 {{- $withPartition := list -}}
 {{- range $root.Values.hospitals -}}{{- if not (kindIs "invalid" .partition) -}}{{- $withPartition = append $withPartition .name -}}{{- end -}}{{- end -}}
@@ -385,6 +419,27 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- end -}}
 {{- if and (eq .data.source "hostPath") (not .data.path) -}}
 {{- fail (printf "hospital %s: data.source=hostPath needs data.path (a directory on the node)" .name) -}}
+{{- end -}}
+{{- $h := . -}}
+{{- $imagefolder := or (and (has .data.source (list "pvc" "hostPath")) (eq (default "ham10000" .data.format) "imagefolder")) (and (eq .data.source "kaggle") (not (empty (.data.kaggle | default dict).dataset))) -}}
+{{- $what := ternary "synthetic images" (printf "%s with format %s" .data.source (default "ham10000" .data.format)) (eq .data.source "synthetic") -}}
+{{- if eq .data.source "kaggle" -}}{{- $what = "kaggle HAM10000 (no data.kaggle.dataset)" -}}{{- end -}}
+{{- range $field := list "labelMap" "classNames" -}}
+{{- if and (not $imagefolder) (not (empty (get $h.data $field))) -}}
+{{- fail (printf "hospital %s: data.%s is for class-per-folder data (data.format: imagefolder on pvc/hostPath, or data.kaggle.dataset on kaggle); its data is %s, whose classes are fixed" $h.name $field $what) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $field := dict "label-map" "labelMap" "class-names" "classNames" -}}
+{{- if and (not (empty (get $h.data $field))) (hasKey ($h.nodeConfig | default dict) $key) -}}
+{{- fail (printf "hospital %s: both data.%s and nodeConfig.%s are set; keep data.%s only" $h.name $field $key $field) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .data.labelMap .data.classNames -}}
+{{- $stray := list -}}
+{{- range $folder, $class := .data.labelMap -}}{{- if not (has (trim $class) $h.data.classNames) -}}{{- $stray = append $stray (trim $class) -}}{{- end -}}{{- end -}}
+{{- with $stray -}}
+{{- fail (printf "hospital %s: data.labelMap maps to %s, which data.classNames (%s) does not list; add it there or fix the map" $h.name (join ", " (uniq .)) (join ", " $h.data.classNames)) -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq .data.source "kaggle") (not $v.kaggle.existingSecret) (not (and $v.kaggle.username $v.kaggle.key)) -}}
 {{- fail (printf "hospital %s downloads its data from Kaggle: set kaggle.existingSecret (a Secret with username and key) or kaggle.username and kaggle.key" .name) -}}
