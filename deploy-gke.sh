@@ -3,7 +3,9 @@
 # repository when it is missing, builds and pushes the three images, gets the cluster's
 # credentials, stores the Kaggle credentials in a Secret and installs (or upgrades) the chart
 # with charts/fedssl/values-gke.yaml. Safe to re-run: every step is create-if-missing or an
-# upgrade; each run starts a new training run.
+# upgrade; each run starts a new training run. The hospitals train on HAM10000 (values-gke.yaml),
+# on any other Kaggle dataset split among them (--data kaggle:OWNER/DATASET[/SUB/PATH]), or on
+# synthetic images.
 #
 #   ./deploy-gke.sh --project P --region R --cluster C [options]
 #
@@ -17,9 +19,26 @@
 #   --release NAME    Helm release (default fedssl)      --namespace NS  (default fedssl)
 #   --tag TAG         image tag (default: the git commit, plus a time stamp when the tree has
 #                     changes)
-#   --synthetic       hospitals train on synthetic images (no Kaggle credentials needed)
+#   --data auto|kaggle|synthetic|kaggle:OWNER/DATASET[/SUB/PATH]
+#                     the hospitals' data: auto (default) = kaggle = HAM10000 from Kaggle;
+#                     kaggle:OWNER/DATASET[/SUB/PATH] = any Kaggle dataset (as in its URL) whose
+#                     SUB/PATH holds one folder per class, e.g.
+#                     kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training, downloaded by
+#                     each hospital in the cluster; synthetic = generated images
+#   --synthetic       the same as --data synthetic (no Kaggle credentials needed)
+#   --hospitals N     hospitals, one SuperNode each (default: values-gke.yaml's 3)
+#   --partition SCHEME how the dataset is split into the hospitals: HAM10000 site, lesion (the
+#                     chart's default) or dirichlet; a kaggle:... dataset random (default) or
+#                     dirichlet
+#   --dirichlet-alpha A label skew of --partition dirichlet, smaller = stronger (default 0.5)
+#   --label-map MAP   kaggle:... only: 'folder=class,...' (or a file of such lines) for class
+#                     folders named differently; passed to every hospital
+#   --class-names a,b,... kaggle:... only: the class list and its order
 #   --skip-build      deploy images already pushed with --tag
 #   --dry-run         print the commands instead of running them (needs none of the tools)
+#
+#   e.g. ./deploy-gke.sh --project P --region R --cluster C \
+#          --data kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training --partition dirichlet
 #
 # Kaggle credentials: KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json. Build
 # options: FEDSSL_DOCKER_BUILD_ARGS (more `docker build` arguments), FEDSSL_EXTRA_CA (a CA
@@ -36,7 +55,7 @@ KAGGLE_SECRET=fedssl-kaggle
 say() { printf '\033[1m[fedssl-gke]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl-gke] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl-gke] ERROR:\033[0m %s\n' "$1" >&2; exit "${2:-1}"; }
-usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,46p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=0
 # shellcheck source=SCRIPTDIR/scripts/lib/dry-run.sh
@@ -49,7 +68,9 @@ REPOSITORY="${FEDSSL_GKE_REPOSITORY:-fedssl}"
 RELEASE=fedssl
 NAMESPACE=fedssl
 TAG=""
-SYNTHETIC=0
+DATA=auto
+HOSPITALS=""
+PARTITION="" ALPHA="" LABEL_MAP="" CLASS_NAMES=""
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -60,7 +81,13 @@ while [ $# -gt 0 ]; do
     --release) RELEASE="${2:?--release needs a name}"; shift 2 ;;
     --namespace) NAMESPACE="${2:?--namespace needs a name}"; shift 2 ;;
     --tag) TAG="${2:?--tag needs a tag}"; shift 2 ;;
-    --synthetic) SYNTHETIC=1; shift ;;
+    --data) DATA="${2:?--data needs auto, kaggle, synthetic or kaggle:OWNER/DATASET[/SUB/PATH]}"; shift 2 ;;
+    --synthetic) DATA=synthetic; shift ;;
+    --hospitals) HOSPITALS="${2:?--hospitals needs a number}"; shift 2 ;;
+    --partition) PARTITION="${2:?--partition needs site, lesion or dirichlet (HAM10000), random or dirichlet (kaggle:...)}"; shift 2 ;;
+    --dirichlet-alpha) ALPHA="${2:?--dirichlet-alpha needs a number > 0}"; shift 2 ;;
+    --label-map) LABEL_MAP="${2:?--label-map needs folder=class entries or a file of them}"; shift 2 ;;
+    --class-names) CLASS_NAMES="${2:?--class-names needs a comma list of classes}"; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -72,6 +99,13 @@ done
 [ -n "$CLUSTER" ] || die "--cluster is required (or set FEDSSL_GKE_CLUSTER): the name of the GKE cluster" 2
 [[ "$PROJECT" =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || die "--project '$PROJECT' is not a Google Cloud project id" 2
 [[ "$REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "--region '$REGION' is not a region (e.g. europe-west4; zones such as europe-west4-a are not regions)" 2
+# The data, its partition and labels, checked together (scripts/lib/data.sh) before anything runs;
+# 3 hospitals as in values-gke.yaml unless --hospitals says otherwise.
+# shellcheck source=SCRIPTDIR/scripts/lib/kaggle.sh
+source "$ROOT/scripts/lib/kaggle.sh"
+# shellcheck source=SCRIPTDIR/scripts/lib/data.sh
+source "$ROOT/scripts/lib/data.sh"
+data_plan "$DATA" "${HOSPITALS:-3}" "$PARTITION" "$ALPHA" "$LABEL_MAP" "$CLASS_NAMES" || die "$DATA_ERROR" 2
 
 # --- tools -------------------------------------------------------------------------------
 HELM=helm
@@ -104,10 +138,8 @@ IMAGES="$HOST/$PROJECT/$REPOSITORY"
 CONTEXT="gke_${PROJECT}_${REGION}_${CLUSTER}"
 
 # --- Kaggle credentials (before anything changes in the cloud) -----------------------------
-# shellcheck source=SCRIPTDIR/scripts/lib/kaggle.sh
-source "$ROOT/scripts/lib/kaggle.sh"
-if [ "$SYNTHETIC" = 0 ] && ! kaggle_credentials; then
-  die "the hospitals download HAM10000 from Kaggle: set KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ~/.kaggle (https://www.kaggle.com/settings, 'Create New Token'), or pass --synthetic"
+if [ "$DATA_SOURCE" = kaggle ] && ! kaggle_credentials; then
+  die "the hospitals download $DATA_WHAT from Kaggle: set KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ~/.kaggle (https://www.kaggle.com/settings, 'Create New Token'), or pass --synthetic (= --data synthetic)"
 fi
 
 # --- 1. Artifact Registry repository ---------------------------------------------------------
@@ -148,7 +180,7 @@ else
 fi
 run "${k[@]}" label namespace "$NAMESPACE" --overwrite \
   pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted
-if [ "$SYNTHETIC" = 0 ]; then
+if [ "$DATA_SOURCE" = kaggle ]; then
   say "Kaggle credentials into secret/$KAGGLE_SECRET (only the hospitals' download step reads it)"
   if [ "$DRY_RUN" = 1 ]; then
     echo "+ ${k[*]} -n $NAMESPACE create secret generic $KAGGLE_SECRET --from-file=username=<kaggle username> --from-file=key=<kaggle key> --dry-run=client -o yaml | ${k[*]} apply -f -"
@@ -165,13 +197,13 @@ fi
 # --- 4. the chart ----------------------------------------------------------------------------
 helm_args=(upgrade --install "$RELEASE" "$ROOT/charts/fedssl" --namespace "$NAMESPACE" --kube-context "$CONTEXT"
   -f "$ROOT/charts/fedssl/values-gke.yaml" --set "image.registry=$IMAGES" --set "image.tag=$TAG")
-if [ "$SYNTHETIC" = 1 ]; then
-  hospitals='[{"name":"hospital-1","sslTask":"simclr","partition":0,"data":{"source":"synthetic"}},'
-  hospitals+='{"name":"hospital-2","sslTask":"rotation","partition":1,"data":{"source":"synthetic"}},'
-  hospitals+='{"name":"hospital-3","sslTask":"simclr","partition":2,"data":{"source":"synthetic"}}]'
-  helm_args+=(--set-json "hospitals=$hospitals")
+# values-gke.yaml's hospitals train on HAM10000; any other data, or another number of hospitals,
+# replaces them (hospital-1..N, SSL tasks in turn, partition i each).
+if [ "$DATA_KIND" != ham10000 ] || [ -n "$HOSPITALS" ]; then
+  helm_args+=(--set-json "hospitals=$DATA_HOSPITALS")
 fi
-say "installing release $RELEASE in namespace $NAMESPACE"
+helm_args+=(${DATA_SETS[@]+"${DATA_SETS[@]}"})
+say "installing release $RELEASE in namespace $NAMESPACE: $DATA_WHAT${DATA_PARTITION:+ split by $DATA_PARTITION}"
 run "$HELM" "${helm_args[@]}"
 
 fullname="$RELEASE"; [[ "$RELEASE" == *fedssl* ]] || fullname="$RELEASE-fedssl"

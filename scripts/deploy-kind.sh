@@ -7,9 +7,21 @@
 #   ./deploy-local.sh --kind down               stop the port-forward and uninstall the release
 #
 # Options:
-#   --data auto|kaggle|synthetic   the hospitals' data; auto (default) = kaggle: HAM10000 from Kaggle
-#                                  (KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json); synthetic only when asked
+#   --data auto|kaggle|synthetic|kaggle:OWNER/DATASET[/SUB/PATH]
+#                                  the hospitals' data; auto (default) = kaggle = HAM10000 from Kaggle;
+#                                  kaggle:OWNER/DATASET[/SUB/PATH] = any Kaggle dataset (as in its URL),
+#                                  SUB/PATH holding one folder per class, e.g.
+#                                  kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training; both need
+#                                  KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json (each hospital
+#                                  downloads it in the cluster); synthetic only when asked
 #   --hospitals N                  hospitals, one SuperNode each (default 3)
+#   --partition SCHEME             how the dataset is split into the hospitals: HAM10000 site, lesion
+#                                  (the chart's default) or dirichlet; a kaggle:... dataset random
+#                                  (default) or dirichlet
+#   --dirichlet-alpha A            label skew of --partition dirichlet, smaller = stronger (default 0.5)
+#   --label-map MAP                kaggle:... only: 'folder=class,...' (or a file of such lines) for
+#                                  class folders named differently; passed to every hospital
+#   --class-names a,b,...          kaggle:... only: the class list and its order
 #   --rounds N                     self-supervised rounds (default 3)
 #   --finetune-rounds N            fine-tuning rounds (default 2)
 #   --image-size PX                image side (default 64)
@@ -19,6 +31,9 @@
 #   --port PORT                    local port of the registry port-forward (default 8480)
 #   --timeout SECONDS              longest wait for the run (default 7200)
 #   --dry-run                      print the commands instead of running them
+#
+#   e.g. ./deploy-local.sh --kind --data kaggle:masoudnickparvar/brain-tumor-mri-dataset/Training \
+#          --hospitals 3 --partition dirichlet --dirichlet-alpha 0.3
 #
 # Environment: FEDSSL_KIND_CLUSTER (cluster name), FEDSSL_NAMESPACE, FEDSSL_RELEASE,
 # FEDSSL_HOME (state, default ./.fedssl), FEDSSL_DOCKER_BUILD_ARGS (more `docker build`
@@ -37,12 +52,11 @@ FEDSSL_HOME="${FEDSSL_HOME:-$ROOT/.fedssl}"
 CONTEXT="kind-$CLUSTER"
 KAGGLE_SECRET=fedssl-kaggle
 COMPONENTS=(superlink supernode registry)
-TASKS=(simclr rotation)
 
 say() { printf '\033[1m[fedssl-kind]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl-kind] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl-kind] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,42p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 DRY_RUN=0
@@ -79,6 +93,8 @@ check_tools() {
 
 # shellcheck source=SCRIPTDIR/lib/kaggle.sh
 source "$ROOT/scripts/lib/kaggle.sh"
+# shellcheck source=SCRIPTDIR/lib/data.sh
+source "$ROOT/scripts/lib/data.sh"
 
 # The Kaggle Secret from the credentials, through files (never on a command line).
 create_kaggle_secret() {
@@ -145,10 +161,15 @@ SAMPLE_PNG_B64="iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAJklEQVR42mPcUhHF
 
 cmd_up() {
   local data=auto hospitals=3 rounds=3 ft_rounds=2 image_size=64 tag="" build=1 port=8480 timeout=7200
+  local partition="" alpha="" label_map="" class_names=""
   while [ $# -gt 0 ]; do
     case "$1" in
-      --data) data="${2:?--data needs auto, kaggle or synthetic}"; shift 2 ;;
+      --data) data="${2:?--data needs auto, kaggle, synthetic or kaggle:OWNER/DATASET[/SUB/PATH]}"; shift 2 ;;
       --hospitals) hospitals="${2:?--hospitals needs a number}"; shift 2 ;;
+      --partition) partition="${2:?--partition needs site, lesion or dirichlet (HAM10000), random or dirichlet (kaggle:...)}"; shift 2 ;;
+      --dirichlet-alpha) alpha="${2:?--dirichlet-alpha needs a number > 0}"; shift 2 ;;
+      --label-map) label_map="${2:?--label-map needs folder=class entries or a file of them}"; shift 2 ;;
+      --class-names) class_names="${2:?--class-names needs a comma list of classes}"; shift 2 ;;
       --rounds) rounds="${2:?--rounds needs a number}"; shift 2 ;;
       --finetune-rounds) ft_rounds="${2:?--finetune-rounds needs a number}"; shift 2 ;;
       --image-size) image_size="${2:?--image-size needs pixels}"; shift 2 ;;
@@ -161,8 +182,9 @@ cmd_up() {
       *) usage >&2; die "unknown option '$1'" ;;
     esac
   done
-  case "$data" in auto|kaggle|synthetic) ;; *) die "--data must be auto, kaggle or synthetic, got '$data'" ;; esac
   { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
+  # The data, its partition and labels, checked together (scripts/lib/data.sh) before anything runs.
+  data_plan "$data" "$hospitals" "$partition" "$alpha" "$label_map" "$class_names" || die "$DATA_ERROR"
   is_int "$rounds" || die "--rounds must be a whole number, got '$rounds'"
   is_int "$ft_rounds" || die "--finetune-rounds must be a whole number, got '$ft_rounds'"
   { is_int "$image_size" && [ "$image_size" -ge 16 ]; } || die "--image-size must be a whole number >= 16, got '$image_size'"
@@ -176,11 +198,10 @@ cmd_up() {
     docker info >/dev/null 2>&1 || die "docker is installed but its daemon does not answer (start it, or check that you may use it)"
   fi
 
-  # Data: HAM10000 from Kaggle; synthetic images only when asked for, never as a fallback.
-  local source=synthetic
-  if [ "$data" = kaggle ] || [ "$data" = auto ]; then
-    kaggle_credentials || die "--data $data needs Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json): the hospitals download HAM10000 from Kaggle; or ask for fake images with --data synthetic"
-    source=kaggle
+  # Data: from Kaggle (HAM10000 or the dataset named); synthetic images only when asked for, never as a fallback.
+  local source="$DATA_SOURCE"
+  if [ "$source" = kaggle ]; then
+    kaggle_credentials || die "--data $data needs Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json): the hospitals download $DATA_WHAT from Kaggle; or ask for fake images with --data synthetic"
   fi
   [ "$source" = synthetic ] && warn "SYNTHETIC DATA (--data synthetic): the models will say nothing about real patients"
 
@@ -213,17 +234,13 @@ cmd_up() {
     create_kaggle_secret
   fi
 
-  # The hospitals: alternating SSL tasks, one partition of the shared dataset each.
-  local i list=""
-  for i in $(seq 0 $((hospitals - 1))); do
-    list+="${list:+,}{\"name\":\"hospital-$((i + 1))\",\"sslTask\":\"${TASKS[$((i % ${#TASKS[@]}))]}\",\"partition\":$i,\"data\":{\"source\":\"$source\"}}"
-  done
+  # The hospitals: alternating SSL tasks, one partition of the shared dataset each (DATA_HOSPITALS).
   local helm_args=(upgrade --install "$RELEASE" "$ROOT/charts/fedssl" --namespace "$NAMESPACE" --kube-context "$CONTEXT"
-    -f "$ROOT/charts/fedssl/values-kind.yaml" --set "image.tag=$tag" --set-json "hospitals=[$list]"
+    -f "$ROOT/charts/fedssl/values-kind.yaml" --set "image.tag=$tag" --set-json "hospitals=$DATA_HOSPITALS"
     --set "run.config.ssl-rounds=$rounds" --set "run.config.finetune-rounds=$ft_rounds"
-    --set "run.config.image-size=$image_size")
+    --set "run.config.image-size=$image_size" ${DATA_SETS[@]+"${DATA_SETS[@]}"})
   [ "$source" = kaggle ] && helm_args+=(--set "kaggle.existingSecret=$KAGGLE_SECRET")
-  say "installing the chart (release $RELEASE in namespace $NAMESPACE): $hospitals hospitals, $source data"
+  say "installing the chart (release $RELEASE in namespace $NAMESPACE): $hospitals hospitals, $DATA_WHAT${DATA_PARTITION:+ split by $DATA_PARTITION}"
   run "$HELM" "${helm_args[@]}"
 
   local k=(kubectl --context "$CONTEXT" -n "$NAMESPACE")
@@ -243,7 +260,7 @@ cmd_up() {
     sleep 2
   done
   [ -n "$job" ] || die "the chart installed no run Job (${k[*]} get jobs)"
-  say "following job/$job (hospitals may still be pulling images or downloading HAM10000)"
+  say "following job/$job (hospitals may still be pulling images or downloading $DATA_WHAT)"
   "${k[@]}" logs -f --pod-running-timeout=30m "job/$job" &
   local logs_pid=$! state="" waited=0
   while [ "$waited" -lt "$timeout" ]; do

@@ -1,6 +1,8 @@
 """The shell scripts: shellcheck on every one of them; deploy-gke.sh --dry-run prints the
 gcloud/docker/kubectl/helm commands for the given project, region and cluster (and the helm
-command it prints really renders); deploy-kind.sh says which tools are missing."""
+command it prints really renders); deploy-kind.sh says which tools are missing. Both launchers
+take --data kaggle:OWNER/DATASET[/SUB/PATH] with --partition/--dirichlet-alpha/--label-map/
+--class-names: every hospital downloads that dataset and gets its own part of it."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT, require_tool
 from tests.deploy.conftest import helm_path
 
 GKE = REPO_ROOT / "deploy-gke.sh"
 KIND = REPO_ROOT / "scripts" / "deploy-kind.sh"
+GKE_FLAGS = ["--project", "acme-fl-42", "--region", "europe-west4", "--cluster", "fl-cluster", "--tag", "t"]
+BRAIN = "masoudnickparvar/brain-tumor-mri-dataset"
 
 
 def shell_scripts() -> list[Path]:
@@ -77,6 +82,29 @@ def _renders(helm_upgrade: list[str]) -> str:
     proc = subprocess.run([helm_path(), *args], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def _supernodes(rendered: str) -> dict[str, dict]:
+    """Each hospital's SuperNode: {hospital: {"init": [args of its download container] or None,
+    "node_config": the --node-config text}}."""
+    out = {}
+    for obj in yaml.safe_load_all(rendered):
+        if not obj or obj["kind"] != "Deployment" or obj["metadata"]["labels"].get("app.kubernetes.io/component") != "supernode":
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        container = next(c for c in spec["containers"] if c["name"] == "supernode")
+        node_config = next(a for a in container["args"] if a.startswith("--node-config="))[len("--node-config="):]
+        init = [c for c in spec.get("initContainers", []) if c["name"].startswith("download-")]
+        hospital = node_config.split('hospital="', 1)[1].split('"', 1)[0]
+        out[hospital] = {"init": init[0] if init else None, "node_config": node_config}
+    return out
+
+
+def _node_config(text: str) -> dict:
+    """A --node-config as flower-supernode reads it (Flower's own parser)."""
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([text])
 
 
 # ------------------------------------------------------------------------------- deploy-gke
@@ -146,6 +174,81 @@ def test_gke_needs_kaggle_credentials_unless_synthetic(tmp_path):
     assert not _find(cmds, "create", "secret")
     rendered = _renders(next(c for c in cmds if c[1:3] == ["upgrade", "--install"]))
     assert "download-ham10000" not in rendered and 'data-source=\\"synthetic\\"' in rendered
+
+
+def test_gke_dry_run_federates_a_kaggle_class_folder_dataset_split_by_dirichlet(tmp_path):
+    key = _kaggle_json(tmp_path)
+    proc = _run(GKE, ["--dry-run", *GKE_FLAGS, "--data", f"kaggle:{BRAIN}/Training", "--partition", "dirichlet"],
+                _env(tmp_path, "/usr/bin:/bin"))
+    assert proc.returncode == 0, proc.stderr
+    cmds = _commands(proc.stdout)
+    assert _find(cmds, "create", "secret", "generic", "fedssl-kaggle")  # the Secret as for HAM10000
+    assert key not in proc.stdout + proc.stderr
+    helm = next(c for c in cmds if c[1:3] == ["upgrade", "--install"])
+    assert "federation.partitionBy=dirichlet" in helm
+    hospitals = _supernodes(_renders(helm))
+    assert sorted(hospitals) == ["hospital-1", "hospital-2", "hospital-3"]  # values-gke.yaml's three
+    for i, name in enumerate(sorted(hospitals)):
+        init, cfg = hospitals[name]["init"], _node_config(hospitals[name]["node_config"])
+        assert init["name"] == "download-kaggle"
+        assert init["args"] == [f"/data/kaggle/{BRAIN}", f"--dataset={BRAIN}", "--format=imagefolder", "--path=Training"]
+        assert cfg["data-source"] == "imagefolder" and cfg["data-path"] == f"/data/kaggle/{BRAIN}/Training"
+        assert (cfg["partition-id"], cfg["num-partitions"]) == (i, 3)
+        assert cfg["partition-by"] == "dirichlet" and cfg["dirichlet-alpha"] == 0.5
+        assert cfg["ssl-task"] == ("simclr", "rotation")[i % 2] and cfg["download"] is False
+
+
+def test_gke_kaggle_dataset_defaults_to_a_random_split_and_plain_kaggle_stays_ham10000(tmp_path):
+    _kaggle_json(tmp_path)
+    env = _env(tmp_path, "/usr/bin:/bin")
+    proc = _run(GKE, ["--dry-run", *GKE_FLAGS, "--data", "kaggle:paultimothymooney/chest-xray-pneumonia/chest_xray//train/",
+                      "--hospitals", "2"], env)
+    assert proc.returncode == 0, proc.stderr
+    hospitals = _supernodes(_renders(next(c for c in _commands(proc.stdout) if c[1:3] == ["upgrade", "--install"])))
+    assert sorted(hospitals) == ["hospital-1", "hospital-2"]
+    for name, h in hospitals.items():
+        cfg = _node_config(h["node_config"])
+        assert "--path=chest_xray/train" in h["init"]["args"]  # normalised as the download would
+        assert cfg["partition-by"] == "random" and cfg["num-partitions"] == 2 and "dirichlet-alpha" not in cfg
+    for data in ("kaggle", "kaggle:kmader/skin-cancer-mnist-ham10000"):
+        proc = _run(GKE, ["--dry-run", *GKE_FLAGS, "--data", data, "--partition", "site"], env)
+        assert proc.returncode == 0, proc.stderr
+        helm = next(c for c in _commands(proc.stdout) if c[1:3] == ["upgrade", "--install"])
+        assert not any(a.startswith("hospitals=") for a in helm)  # values-gke.yaml's HAM10000 hospitals
+        hospitals = _supernodes(_renders(helm))
+        assert len(hospitals) == 3
+        for h in hospitals.values():
+            cfg = _node_config(h["node_config"])
+            assert h["init"]["name"] == "download-ham10000" and cfg["data-source"] == "ham10000"
+            assert cfg["partition-by"] == "site"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "kaggle:onlyowner"], "--data kaggle:onlyowner: expected kaggle:OWNER/DATASET[/SUB/PATH] as in the dataset's Kaggle URL"),
+    (["--data", "kaggle:masoud nickparvar/x"], "expected kaggle:OWNER/DATASET[/SUB/PATH]"),
+    (["--data", f"kaggle:{BRAIN}/../Training"], "'..' is not allowed in the sub-path"),
+    (["--data", "kaggle:kmader/skin-cancer-mnist-ham10000/x"], "HAM10000 is used from the top of its download"),
+    (["--data", "ham"], "--data must be auto, kaggle (both HAM10000), synthetic or kaggle:OWNER/DATASET[/SUB/PATH], got 'ham'"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--partition", "site"],
+     f"--partition site: --data kaggle:{BRAIN}/Training is a class-per-folder tree, which has no lesion ids or acquisition sites"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--partition", "lesion"], "split it by random or dirichlet"),
+    (["--data", "kaggle", "--partition", "random"], "--partition random: HAM10000 splits by site, lesion or dirichlet"),
+    (["--partition", "site", "--hospitals", "5"], "HAM10000 has 4 acquisition sites, so at most 4 hospitals"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--partition", "iid"], "--partition iid: expected site, lesion or dirichlet"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--dirichlet-alpha", "0.3"], "--dirichlet-alpha needs --partition dirichlet"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--partition", "dirichlet", "--dirichlet-alpha", "0"], "--dirichlet-alpha must be a number > 0, got '0'"),
+    (["--label-map", "no_tumor=notumor"], "HAM10000's 7 classes come from its metadata"),
+    (["--synthetic", "--partition", "random"], "not to --data synthetic"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--label-map", '{"no_tumor": "notumor"}'], "write it as 'folder=class,...' entries"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--label-map", "hospital-1:no_tumor=notumor"], "they share one label map"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--class-names", "glioma,,notumor"], "none empty"),
+    (["--hospitals", "0"], "--hospitals must be a whole number >= 1, got '0'"),
+])
+def test_gke_refuses_bad_data_options_before_running_anything(tmp_path, args, message):
+    _kaggle_json(tmp_path)
+    proc = _run(GKE, ["--dry-run", *GKE_FLAGS, *args], _env(tmp_path, "/usr/bin:/bin"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not _commands(proc.stdout)  # nothing was (or would have been) run
 
 
 def test_gke_without_dry_run_lists_the_missing_tools(tmp_path):
@@ -225,3 +328,46 @@ def test_kind_without_kaggle_credentials_refuses_unless_synthetic_is_asked_for(t
 def test_kind_refuses_bad_options(tmp_path):
     proc = _run(KIND, ["--hospitals", "zero"], _env(tmp_path, "/usr/bin:/bin"))
     assert proc.returncode == 1 and "--hospitals must be a whole number" in proc.stderr
+
+
+def test_kind_dry_run_federates_a_kaggle_dataset_with_its_label_options(tmp_path):
+    _kaggle_json(tmp_path)
+    label_file = tmp_path / "labels.txt"
+    label_file.write_text("# the MRI folders\nno_tumor=notumor\r\nglioma_tumor=glioma\n\n")
+    env = _env(tmp_path, "/usr/bin:/bin")
+    proc = _run(KIND, ["--dry-run", "--tag", "t", "--hospitals", "4", "--data", f"kaggle:{BRAIN}/Training",
+                       "--partition", "dirichlet", "--dirichlet-alpha", "0.3", "--label-map", str(label_file),
+                       "--class-names", "glioma,meningioma,notumor,pituitary"], env)
+    assert proc.returncode == 0, proc.stderr
+    cmds = _commands(proc.stdout)
+    assert _find(cmds, "create", "secret", "generic", "fedssl-kaggle")
+    helm = next(c for c in cmds if c[1:3] == ["upgrade", "--install"])
+    assert "kaggle.existingSecret=fedssl-kaggle" in helm and "federation.dirichletAlpha=0.3" in helm
+    hospitals = _supernodes(_renders(helm))
+    assert sorted(hospitals) == [f"hospital-{i}" for i in range(1, 5)]
+    from fedssl_flower.data import HospitalDataConfig
+
+    for i, name in enumerate(sorted(hospitals)):
+        h = hospitals[name]
+        assert f"--dataset={BRAIN}" in h["init"]["args"] and "--path=Training" in h["init"]["args"]
+        cfg = _node_config(h["node_config"])
+        assert cfg["label-map"] == "no_tumor=notumor,glioma_tumor=glioma"  # the file, read here
+        data = HospitalDataConfig.from_node_config(cfg)  # what the hospital's ClientApp reads
+        assert (data.data_source, data.data_path) == ("imagefolder", f"/data/kaggle/{BRAIN}/Training")
+        assert (data.partition_id, data.num_partitions, data.partition_by, data.dirichlet_alpha) == (i, 4, "dirichlet", 0.3)
+        assert data.class_names == "glioma,meningioma,notumor,pituitary" and data.max_images == 600  # values-kind.yaml
+
+
+@pytest.mark.parametrize("entry", [KIND, REPO_ROOT / "deploy-local.sh"], ids=["deploy-kind.sh", "deploy-local.sh --kind"])
+@pytest.mark.parametrize("args, message", [
+    (["--data", "kaggle:onlyowner"], "--data kaggle:onlyowner: expected kaggle:OWNER/DATASET[/SUB/PATH]"),
+    (["--data", f"kaggle:{BRAIN}/Training", "--partition", "site"], "has no lesion ids or acquisition sites"),
+    (["--data", "auto", "--class-names", "a,b"], "they apply to class-per-folder data"),
+])
+def test_kind_refuses_bad_data_options_before_running_anything(tmp_path, entry, args, message):
+    _kaggle_json(tmp_path)
+    stubs = _stubs(tmp_path / "bin", ["docker", "kind", "kubectl", "helm"])
+    prefix = ["--kind"] if entry.name == "deploy-local.sh" else []
+    proc = _run(entry, [*prefix, *args], _env(tmp_path, f"{stubs}:/usr/bin:/bin"))
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert not (stubs / "called").exists()  # refused before any tool ran
