@@ -621,6 +621,23 @@ def test_a_label_map_sorts_a_hospitals_folders_into_the_shared_classes(tmp_path)
     assert cat.folder_classes == {"pituitary tumor": "pituitary", "Normal": "notumor", "glioma": "glioma"}
 
 
+def test_node_config_strings_with_quotes_reach_the_hospital_as_written(tmp_path):
+    """hospitals[].nodeConfig strings are TOML literals on --node-config: a JSON label map (double
+    quotes, spaces) arrives as written; a value holding both quote kinds fails naming the key."""
+    from fedssl_flower.data import HospitalDataConfig
+    from fedssl_flower.data.labels import parse_label_map
+
+    data = {"source": "pvc", "claimName": "mri", "format": "imagefolder"}
+    text = '{"pituitary tumor": "pituitary", "Normal": "notumor"}'
+    [d] = supernodes(render([_hospital_values(tmp_path, data, nodeConfig={"label-map": text, "test-fraction": 0.25})]))
+    config = _node_config(main_container(d))
+    assert config["label-map"] == text and config["test-fraction"] == 0.25
+    assert parse_label_map(HospitalDataConfig.from_node_config(config).label_map).common == {"pituitary tumor": "pituitary", "Normal": "notumor"}
+    bad = _hospital_values(tmp_path, data, nodeConfig={"label-map": '{"it\'s": "x"}'})
+    proc = helm("template", RELEASE, str(CHART), "-f", str(bad), check=False)
+    assert proc.returncode != 0 and "hospital mri-a: nodeConfig.label-map" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("data, field, what", [
     ({"source": "synthetic", "labelMap": {"pituitary tumor": "pituitary"}}, "labelMap", "synthetic"),
     ({"source": "kaggle", "classNames": ["mel", "nv"]}, "classNames", "HAM10000"),

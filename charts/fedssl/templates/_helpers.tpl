@@ -388,7 +388,7 @@ A hospital's --node-config (docs/architecture.md section 4): (dict "root" $ "hos
 {{- if $threads -}}{{- $cfg = append $cfg (printf "threads=%s" $threads) -}}{{- end -}}
 {{- range $k, $v := $h.nodeConfig -}}
 {{- if kindIs "string" $v -}}
-{{- $cfg = append $cfg (printf "%s=%s" $k ($v | quote)) -}}
+{{- $cfg = append $cfg (printf "%s=%s" $k (include "fedssl.tomlString" (dict "value" $v "what" (printf "hospital %s: nodeConfig.%s" $h.name $k)))) -}}
 {{- else if kindIs "bool" $v -}}
 {{- $cfg = append $cfg (printf "%s=%t" $k $v) -}}
 {{- else -}}
