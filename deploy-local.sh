@@ -6,7 +6,7 @@
 #   ./deploy-local.sh up [--preset default|quality] [--hospitals N] [--rounds N] [--finetune-rounds N]
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH|kaggle:SLUG] [--max-images N]
 #                        [--partition SCHEME] [--dirichlet-alpha A] [--label-map MAP] [--class-names a,b,...]
-#                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]]
+#                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]] [--register-local-models]
 #     --data PATH is one of (it says which it found, and what each hospital holds, before training):
 #       the Kaggle HAM10000 layout     split into --hospitals N by --partition site|lesion|dirichlet;
 #       PATH/<hospital>/<class>/*.jpg  one SuperNode per hospital folder, named after it;
@@ -25,6 +25,9 @@
 #     SSL rounds are opt-in (--rounds N): on top of the ImageNet start they did not help at
 #     this budget (docs/benchmarks.md).
 #     Rounds, image size and local steps default to the app's run config (pyproject.toml).
+#     --register-local-models: each hospital's own (local-only) classifier is registered beside the
+#       global one (fedssl-local-<hospital>), and the dashboard's "Try it" scores an image with all of
+#       them. Off by default: a hospital's own model is its property.
 #   ./deploy-local.sh status
 #   ./deploy-local.sh down                 # stops exactly what `up` started
 #   ./deploy-local.sh --kind ...           # the same on a kind cluster (scripts/deploy-kind.sh)
@@ -55,7 +58,7 @@ say() { printf '\033[1m[fedssl]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
@@ -166,7 +169,7 @@ resolve_data() {  # prints "ham10000<TAB>PATH", "folder<TAB>PATH", "kaggle<TAB>S
 }
 
 cmd_up() {
-  local partition="" alpha="" label_map="" class_names=""
+  local partition="" alpha="" label_map="" class_names="" register_local=false
   local preset=default ssl_tasks=simclr hospitals="" rounds="" ft_rounds="" image_size="" local_steps="" data=auto max_images="" round_timeout=1800
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -184,6 +187,7 @@ cmd_up() {
       --dirichlet-alpha) alpha="${2:?--dirichlet-alpha needs a number > 0}"; shift 2 ;;
       --label-map) label_map="${2:?--label-map needs folder=class entries, JSON or a file}"; shift 2 ;;
       --class-names) class_names="${2:?--class-names needs a comma list of classes}"; shift 2 ;;
+      --register-local-models) register_local=true; shift ;;
       -h|--help) usage; exit 0 ;;
       *) usage >&2; die "unknown option '$1'" ;;
     esac
@@ -311,6 +315,7 @@ cmd_up() {
   [ -n "$ft_rounds" ] && overrides+=(-c "finetune-rounds=$ft_rounds")
   [ -n "$image_size" ] && overrides+=(-c "image-size=$image_size")
   [ -n "$local_steps" ] && overrides+=(-c "local-steps=$local_steps")
+  [ "$register_local" = true ] && overrides+=(-c "register-local-models=true")
   local d_rounds d_ft d_size d_steps  # the app's defaults (pyproject.toml [tool.flwr.app.config]) for what was not given
   read -r d_rounds d_ft d_size d_steps <<<"$("$VENV/bin/python" -c 'import sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
@@ -339,6 +344,9 @@ print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])'
   echo
   echo "  curl -s -H \"Authorization: Bearer \$(cat $token_file)\" -F \"file=@$sample\" $registry_url/v1/models/fedssl-classifier:predict"
   echo
+  if [ "$register_local" = true ]; then
+    say "each hospital's own model is registered as fedssl-local-<hospital>; compare them on one image: $registry_url/dashboard/try"
+  fi
   say "models: curl -s $registry_url/v1/models | python3 -m json.tool ; stop everything: ./deploy-local.sh down"
 }
 

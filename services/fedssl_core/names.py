@@ -24,6 +24,7 @@ MODEL_TASKS = (TASK_EMBEDDING, TASK_CLASSIFICATION)
 # --- Registered model names and aliases the aggregator uses -------------------------
 ENCODER_MODEL = "fedssl-encoder"
 CLASSIFIER_MODEL = "fedssl-classifier"
+LOCAL_MODEL_PREFIX = "fedssl-local-"  # + hospital slug: a hospital's local-only classifier (register-local-models)
 ALIAS_PRODUCTION = "production"
 ALIAS_STAGING = "staging"
 

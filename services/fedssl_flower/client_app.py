@@ -4,7 +4,8 @@ Thin handlers. Each unpacks the server's Message, calls the plain-PyTorch code i
 `training`, and replies with only the shared parameter groups and metrics. The hospital's
 own model (task heads included), its local-only baseline and, with `keep-optimizer-state`, their
 fine-tuning AdamW moments are kept between rounds in the hospital's state directory
-(safetensors, written atomically), never sent anywhere.
+(safetensors, written atomically), never sent anywhere; the one exception is opt-in: with
+`register-local-models` the local-only classifier is sent once, after the last round.
 
 Why not `context.state`: Flower 1.41 ships the whole Context from each ClientApp process to
 the SuperNode in one HTTP request with a 30 s timeout. Two full ResNets (~90 MB) in it miss
@@ -27,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl_core import names, weights
-from fedssl_core.models import FedSSLModel, set_torch_threads
+from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
 from . import local, records, training
 from .config import RunConfig
@@ -219,7 +220,25 @@ def evaluate(msg: Message, context: Context) -> Message:
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
         **_evaluation(context, model, cfg, data, instr),
     })
+    if "send-local-model" in instr and bool(instr["send-local-model"]) and cfg.register_local_models:
+        local_model = _local_model(context, cfg, data, name)
+        if local_model is not None:
+            content[records.LOCAL_WEIGHTS] = local_model
     return Message(content, reply_to=msg)
+
+
+def _local_model(context: Context, cfg: RunConfig, data: HospitalData, name: str) -> ArrayRecord | None:
+    """The local-only classifier (encoder + classifier; no SSL heads) as a reply record, for
+    the aggregator to register beside the global model. Sent only when the run asks for it
+    (`register-local-models`, off by default) and the message says so: once, after the last
+    fine-tune round."""
+    if not _has_model(context, records.STATE_LOCAL_ONLY):
+        log.warning("hospital %s has no local-only model to send (it never trained one)", name)
+        return None
+    baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
+    groups = TASK_GROUPS[names.TASK_CLASSIFICATION]
+    log.info("hospital %s sends its local-only classifier for registration (register-local-models)", name)
+    return records.to_array_record(records.state_arrays(baseline.state_dict(), groups), cfg.update_encoding)
 
 
 def parse_info(record) -> dict:

@@ -61,6 +61,10 @@ class RunConfig:
     round_timeout: float = 1800.0  # seconds a round waits for replies before going on without the missing
     message_retries: int = 1  # re-sends to a hospital still connected whose reply never came (a lost ClientApp task)
     local_baseline: bool = True  # each hospital also trains a private local-only model for comparison
+    # Each hospital's local-only classifier is sent once, after the last fine-tune round, and
+    # registered beside the global one (fedssl-local-<hospital>). Off by default: a hospital's
+    # own model is its property, and sending it is a choice the federation makes explicitly.
+    register_local_models: bool = False
     server_lr: float = 1.0  # the aggregator's step on the averaged update (1 = FedAvg)
     server_momentum: float = 0.0  # heavy-ball momentum of that step (FedAvgM); 0 = none
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
@@ -108,6 +112,10 @@ class RunConfig:
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")
+        need(not self.register_local_models or self.local_baseline,
+             "register-local-models=true needs local-baseline=true: without it hospitals train no local-only model to register")
+        need(not self.register_local_models or self.finetune_rounds > 0,
+             "register-local-models=true needs finetune-rounds >= 1: local-only classifiers exist only after fine-tuning")
 
     @property
     def registry(self) -> str:

@@ -26,6 +26,7 @@ CONFIG = "config"  # ConfigRecord: instructions (server → hospital)
 METRICS = "metrics"  # MetricRecord: the round's local training metrics
 LOCAL_METRICS = "local_only_metrics"  # MetricRecord: the hospital's local-only model
 EVAL_METRICS = "eval_metrics"  # MetricRecord: the received global model scored on held-out data
+LOCAL_WEIGHTS = "local_only_weights"  # ArrayRecord: the local-only classifier, sent once when register-local-models asks
 LOCAL_EVAL_METRICS = "local_only_eval_metrics"  # MetricRecord: the local-only model scored likewise
 INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
 SKIPPED = "skipped"  # INFO key: why a hospital could not train this round (its reply then has no WEIGHTS)
@@ -33,7 +34,7 @@ PACKED = "packed"  # the one Array of a WEIGHTS record: every tensor in a safete
 
 # Names of the hospital's private models (files in its state directory, see client_app).
 STATE_MODEL = "model"  # the hospital's copy of the federated model, heads included
-STATE_LOCAL_ONLY = "local_only_model"  # the local-only baseline model, never sent
+STATE_LOCAL_ONLY = "local_only_model"  # the local-only baseline model, sent only when register-local-models asks
 STATE_OPTIMIZER = "optimizer"  # the federated model's fine-tuning AdamW moments (keep-optimizer-state)
 STATE_LOCAL_ONLY_OPTIMIZER = "local_only_optimizer"  # the baseline's
 

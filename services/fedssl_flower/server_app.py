@@ -33,7 +33,7 @@ from flwr.supercore.exit import add_exit_handler
 from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
 
-from . import records, training
+from . import local_models, records, training
 from .client_app import parse_info
 from .config import RunConfig
 from .errors import ConfigError, FedSSLError
@@ -173,6 +173,9 @@ class Aggregator:
         self.where, self.finished = "start-up", False  # where the run is, for a stop signal's record
         self.warnings: list[str] = [cfg.data_warning] if cfg.data_warning else []
         self.registered: dict[str, int] = {}
+        self.local_models: dict[str, dict] = {}  # hospital -> its registered local-only classifier, or why not
+        if cfg.register_local_models and self.registry is None:
+            log.warning("register-local-models=true but no registry is configured: local-only models stay at the hospitals")
         # Its velocity is not checkpointed: a resumed run restarts it from zero.
         self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
 
@@ -339,18 +342,22 @@ class Aggregator:
                 }
                 for h in {h.name: h for h in self.hospitals.values()}.values()
             },
+            **({"local_models": self.local_models} if self.local_models else {}),
             "started_at": self.started,
             "finished_at": _now() if status != "running" else None,
             "error": error,
         }
 
+    def _input_spec(self) -> dict:
+        mean, std = names.NORMALIZATION[self.cfg.arch]
+        return {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
+                "class_names": self.class_names}
+
     def _register(self, state: dict[str, torch.Tensor], phase: str, rnd: int, aggregated: dict, hospitals: list[str]) -> None:
         if self.registry is None:
             return
         source, synthetic = self._data_facts()
-        mean, std = names.NORMALIZATION[self.cfg.arch]
-        spec = {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
-                "class_names": self.class_names}
+        spec = self._input_spec()
         scalars = {k: v for k, v in aggregated.items() if isinstance(v, (int, float))}
         targets = [(names.ENCODER_MODEL, names.TASK_EMBEDDING)]
         if phase == names.PHASE_FINETUNE:
@@ -391,10 +398,11 @@ class Aggregator:
         config = self.cfg.as_dict()
         return {k: config[k] for k in keep} | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}}
 
-    def _budget(self, phase: str) -> dict:
-        """What the model cost up to this registration: rounds per phase (this one included),
-        local steps per round at each hospital, and the run's wall time so far."""
-        rounds = {p: sum(1 for h in self.history if h["phase"] == p) + (p == phase) for p in names.PHASES}
+    def _budget(self, phase: str, recorded: bool = False) -> dict:
+        """What the model cost up to this registration: rounds per phase (this one included;
+        `recorded`: it is in the history already), local steps per round at each hospital,
+        and the run's wall time so far."""
+        rounds = {p: sum(1 for h in self.history if h["phase"] == p) + (p == phase and not recorded) for p in names.PHASES}
         return {"rounds": rounds, "local_steps_per_round": self.cfg.local_steps or None, "local_epochs_per_round":
                 None if self.cfg.local_steps else self.cfg.local_epochs, "batch_size": self.cfg.batch_size,
                 "wall_seconds": round(time.monotonic() - self.t_start, 1)}
@@ -503,6 +511,9 @@ class Aggregator:
         """Score the run's last global model: an exchange of its own, as no round follows."""
         nodes = self._hospital_nodes()
         config = {"phase": trained.phase, "round": trained.round, "evaluate-phase": trained.phase, "evaluate-round": trained.round}
+        local = self.cfg.register_local_models and trained.phase == names.PHASE_FINETUNE and self.registry is not None
+        if local:
+            config["send-local-model"] = True
         msgs, sent = self._messages(nodes, MessageType.EVALUATE, config, (trained.phase,), f"{trained.phase}-{trained.round}-eval")
         t_eval = time.monotonic()
         replies, missing = self._exchange(msgs)
@@ -514,7 +525,59 @@ class Aggregator:
                 log.warning("hospital %s failed to evaluate %s round %d: %s", self.hospitals[node].name, trained.phase,
                             trained.round, reply.error.reason)
         trained.bytes_sent += sent
-        self._finish(trained, *self._evaluations(replies, trained), evaluated_in="a final evaluation", evaluate_seconds=t_eval)
+        record = self._finish(trained, *self._evaluations(replies, trained), evaluated_in="a final evaluation", evaluate_seconds=t_eval)
+        if local:
+            self._register_local_models(replies, record)
+
+    def _register_local_models(self, replies: dict[int, Message], record: dict) -> None:
+        """Each hospital's local-only classifier from the final evaluation's `replies`
+        (register-local-models), registered as fedssl-local-<hospital> with the scores it got
+        on its hospital's own held-out images and the global version it was trained beside.
+        A hospital that sent none, or sent something that is not the federation's
+        classifier, is logged and recorded on the run; the others are registered."""
+        assert self.registry is not None
+        by_node = {node: self.hospitals[node].name for node in replies}
+        model_names = local_models.model_names(self._hospital_names())
+        source, synthetic = self._data_facts()
+        global_version = self.registered.get(names.CLASSIFIER_MODEL)
+        for node, reply in sorted(replies.items(), key=lambda item: by_node[item[0]]):
+            name = by_node[node]
+            if reply.has_error() or records.LOCAL_WEIGHTS not in reply.content:
+                why = f"its reply failed: {reply.error.reason}" if reply.has_error() else "its reply carried no local-only model"
+                self.local_models[name] = {"error": why}
+                _progress("hospital %s: local-only model not registered: %s", name, why)
+                continue
+            try:
+                arrays = records.from_array_record(reply.content[records.LOCAL_WEIGHTS], self.cfg.update_encoding)
+                state = local_models.classifier_state(arrays, self.state)
+            except ValueError as exc:
+                self.local_models[name] = {"error": f"refused: {exc}"}
+                _progress("hospital %s: local-only model refused, not registered: %s", name, exc)
+                continue
+            model_name = model_names[name]
+            metrics = local_models.scores(record["hospitals"].get(name, {}))
+            self.registry.ensure_model(
+                model_name, task=names.TASK_CLASSIFICATION, architecture=self.cfg.arch, input_spec=self._input_spec(),
+                description=f"hospital {name}'s local-only classifier: trained on its own images alone, beside the "
+                            "federated fedssl-classifier (register-local-models)")
+            meta = {"fedssl.arch": self.cfg.arch, "fedssl.task": names.TASK_CLASSIFICATION,
+                    "fedssl.num_classes": str(len(self.class_names)), "fedssl.image_size": str(self.cfg.image_size),
+                    "fedssl.run_id": self.run_id, "fedssl.round": str(record["round"]), "fedssl.phase": record["phase"],
+                    "fedssl.local_only": name}
+            version = self.registry.upload_version(model_name, weights.to_bytes(state, meta), {
+                "tags": {"kind": "local-only", "hospital": name, "phase": record["phase"], "round": str(record["round"]),
+                         **({"warning": " | ".join(self.warnings)} if self.warnings else {})},
+                "lineage": {"run_id": self.run_id, "round": record["round"], "phase": record["phase"], "hospitals": [name],
+                            "local_only": True, "hospital": name, "metrics": _finite(metrics),
+                            "scored_on": f"{name}'s own held-out images",
+                            "global_model": {"name": names.CLASSIFIER_MODEL, "version": global_version},
+                            "recipe": self._recipe(), "budget": self._budget(record["phase"], recorded=True)},
+                "data_source": source,
+                "synthetic_data": synthetic,
+            })
+            self.local_models[name] = {"model": model_name, "version": int(version["version"]),
+                                       "global_model": {"name": names.CLASSIFIER_MODEL, "version": global_version}}
+            _progress("registered hospital %s's local-only classifier as %s version %d", name, model_name, int(version["version"]))
 
     def _finish(self, t: Trained, scores: dict[str, dict], test_examples: dict[str, int], *, evaluated_in: str,
                 evaluate_seconds: float = 0.0) -> dict:
@@ -599,7 +662,7 @@ class Aggregator:
             "classes": self.class_names,
             "data": self._data_facts()[0], "synthetic_data": self._data_facts()[1], "warnings": self.warnings,
             "hospitals": {h.name: {"ssl_task": h.ssl_task, "audit": h.audit} for h in self.hospitals.values()},
-            "rounds_done": len(self.history), "final_metrics": last, "registered": self.registered,
+            "rounds_done": len(self.history), "final_metrics": last, "registered": self.registered, "local_models": self.local_models,
             "config": self.cfg.as_dict(), "started_at": self.started, "finished_at": _now(),
         }
 
@@ -663,6 +726,9 @@ class Aggregator:
                 for model_name, version in self.registered.items():
                     self.registry.set_alias(model_name, self.cfg.production_alias, version)
                     _progress("registered %s version %d as '%s'", model_name, version, self.cfg.production_alias)
+                for entry in self.local_models.values():
+                    if "model" in entry:
+                        self.registry.set_alias(entry["model"], self.cfg.production_alias, entry["version"])
                 self.registry.put_run(self.run_id, self._run_body("succeeded"))
             self.finished = True
             self.folder.write_summary(self.summary("succeeded"))

@@ -103,6 +103,9 @@ def test_models_are_registered_with_lineage_and_aliases(finished_run):
     assert 0 <= clf["lineage"]["metrics"]["ece"] <= 1
     assert [v["lineage"]["phase"] for v in state["encoder_versions"]] == ["ssl", "finetune"]
     assert state["encoder_versions"][-1]["aliases"] == ["production"]
+    # register-local-models is off by default: no hospital's own model left its hospital.
+    assert not [m["name"] for m in state["models"] if m["name"].startswith(names.LOCAL_MODEL_PREFIX)]
+    assert "local_models" not in state["runs"][0]
 
 
 def test_registry_tracked_the_run_and_serves_the_classifier(finished_run):

@@ -93,6 +93,9 @@ function versionDetail(model, v, scores) {
     ["Run", lin.run_id ? h("a", { class: "mono", href: `/dashboard/runs/${encodeURIComponent(lin.run_id)}`, text: lin.run_id }) : "–"],
     ["Phase / round", lin.phase ? `${lin.phase} / ${lin.round}` : "–"],
     ["Hospitals", (lin.hospitals || []).join(", ") || "–"],
+    lin.local_only ? ["Local-only", [`trained by ${lin.hospital} on its own images alone, beside `,
+      lin.global_model?.name ? h("a", { class: "mono", href: `/dashboard/models/${encodeURIComponent(lin.global_model.name)}?version=${lin.global_model.version}`,
+        text: `${lin.global_model.name} v${lin.global_model.version}` }) : "the global model"]] : null,
     ["Data", v.synthetic_data ? [syntheticBadge(), ` ${v.data_source || ""}`] : v.data_source || "–"],
     ["Tags", Object.keys(v.tags || {}).length ? Object.entries(v.tags).map(([k, val]) => h("span", { class: "tag", text: `${k}=${val}` })) : "none"],
     ["SHA-256", h("span", { class: "mono small", text: v.sha256 })],
@@ -102,7 +105,8 @@ function versionDetail(model, v, scores) {
     : probe ? "linear probe on this encoder" : "the classifier trained on this encoder";
   const scoresBlock = hasCm
     ? h("div", { class: "chart-grid chart-grid-wide" },
-      h("div", {}, h("h3", { text: `Per-class scores (${what}, pooled test sets of all hospitals)` }), perClass(classes, m)),
+      h("div", {}, h("h3", { text: `Per-class scores (${what}, ${lin.local_only ? lin.scored_on || "its hospital's own held-out images" : "pooled test sets of all hospitals"})` }),
+        perClass(classes, m)),
       heatMap({ id: "confusion_matrix", title: `Confusion matrix · ${model.name} v${v.version}`, labels: classes, matrix: m.confusion_matrix }))
     : empty("No per-class scores were recorded for this version (its run round is not in this registry).");
   const actions = model.task === "classification"

@@ -172,10 +172,24 @@ function hospitalsSection(run, rounds, names, colour) {
   });
 
   return section("Hospitals", { id: "hospitals" },
-    names.length ? [datasetTable, note, h("div", { class: "chart-grid chart-grid-wide" }, dist, globalVsLocal(rounds, names))] : empty("No hospital has joined yet."));
+    names.length ? [datasetTable, note, h("div", { class: "chart-grid chart-grid-wide" }, dist, globalVsLocal(run, rounds, names))] : empty("No hospital has joined yet."));
 }
 
-function globalVsLocal(rounds, names) {
+/** The hospitals' registered local-only classifiers (register-local-models): a link to each, or why there is none. */
+function localModels(run, names) {
+  if (!run.local_models) return null;
+  return h("div", { class: "local-models note-spaced" },
+    h("h3", { text: "Hospitals' own models in the registry" }),
+    h("ul", { class: "plain-list" }, names.map((n) => {
+      const entry = run.local_models[n];
+      return h("li", { "data-hospital": n }, h("span", { class: "hospital-name", text: n }), " → ",
+        !entry ? h("span", { class: "muted", text: "none sent" })
+          : !entry.model ? h("span", { class: "error-text", text: `not registered: ${entry.error || "?"}` })
+            : h("a", { class: "mono", href: `/dashboard/models/${encodeURIComponent(entry.model)}?version=${entry.version}`, text: `${entry.model} v${entry.version}` }));
+    })));
+}
+
+function globalVsLocal(run, rounds, names) {
   const latest = [...rounds].reverse().find((r) => names.some((n) => isNum(r.hospitals?.[n]?.[`${LOCAL}balanced_accuracy`])))
     || [...rounds].reverse().find((r) => names.some((n) => isNum(r.hospitals?.[n]?.balanced_accuracy)));
   if (!latest) return h("div", { class: "chart" }, empty("Per-hospital scores appear after the first evaluated round."));
@@ -205,9 +219,17 @@ function globalVsLocal(rounds, names) {
       { name: "global (federated) model", color: INK, values: names.map((n) => metricOf(latest.hospitals?.[n], "balanced_accuracy")) },
       { name: "local-only model", color: "#a3a3a3", values: names.map((n) => metricOf(latest.hospitals?.[n], `${LOCAL}balanced_accuracy`)) },
     ],
-    caption: "Each hospital scores both models on its own held-out test images; the local-only model never leaves the hospital.",
+    caption: "Each hospital scores both models on its own held-out test images. The local-only model stays at its hospital "
+      + "unless the run registers it (register-local-models).",
   });
-  return h("div", { class: "compare", "data-round": roundLabel(latest) }, chart, tbl);
+  const registered = Object.values(run.local_models || {}).find((e) => e.model && e.global_model?.name);
+  const tryIt = registered
+    ? h("p", { class: "note-spaced" }, h("a", {
+      class: "btn", id: "try-local", text: "Score one image with the global model and every hospital's own model",
+      href: `/dashboard/try?model=${encodeURIComponent(registered.global_model.name)}&version=${encodeURIComponent(registered.global_model.version)}`
+        + `&run=${encodeURIComponent(run.run_id)}` }))
+    : null;
+  return h("div", { class: "compare", "data-round": roundLabel(latest) }, chart, tbl, localModels(run, names), tryIt);
 }
 
 // ------------------------------------------------------------------ rounds

@@ -1,5 +1,8 @@
 // Try it: upload a JPEG/PNG, see the production model's prediction and, side by side, the
-// predictions of other chosen versions (of any registered classifier) on the same image.
+// predictions of other chosen versions (of any registered classifier) on the same image. When
+// the run behind the chosen global version registered its hospitals' local-only classifiers
+// (register-local-models), those are ticked too: one image, the global model and every
+// hospital's own model.
 
 import { api } from "./api.js";
 import { clear, empty, h, s, section } from "./dom.js";
@@ -12,13 +15,31 @@ export function poll() {
   return null; // the page holds the user's choices; it is never re-rendered under them
 }
 
+/** A hospital's local-only classifier version (register-local-models): its lineage says so. */
+const isLocal = (v) => v?.lineage?.local_only === true;
+const hospitalOf = (v) => v.lineage?.hospital || v.tags?.hospital || "?";
+
 export async function load() {
   const models = (await api.models()).filter((m) => m.task === "classification");
   const versions = await Promise.all(models.map((m) => api.versions(m.name)));
-  return { models: models.map((m, i) => ({ ...m, versionList: versions[i] })) };
+  const all = models.map((m, i) => ({ ...m, versionList: versions[i], local: versions[i].some(isLocal) }));
+  // Global classifiers first, then the hospitals' own models by name.
+  all.sort((a, b) => Number(a.local) - Number(b.local) || a.name.localeCompare(b.name));
+  return { models: all };
 }
 
-/** Which (model, version) pairs start ticked: the URL's choice, else each production version. */
+/** The run of the first ticked global version: its hospitals' local-only models join it. */
+function withLocalModels(models, chosen, runId) {
+  let run = runId;
+  if (!run) {
+    for (const m of models) for (const v of m.versionList) if (!isLocal(v) && chosen.has(`${m.name}@${v.version}`) && v.lineage?.run_id) run ||= v.lineage.run_id;
+  }
+  if (!run) return;
+  for (const m of models) for (const v of m.versionList) if (isLocal(v) && v.lineage.run_id === run) chosen.add(`${m.name}@${v.version}`);
+}
+
+/** Which (model, version) pairs start ticked: the URL's choice, else the first production
+ * version; with either, the local-only models its run registered (`run=` names the run). */
 function initialChoice(models, args) {
   const chosen = new Set();
   const wanted = models.find((m) => m.name === args.model);
@@ -34,6 +55,7 @@ function initialChoice(models, args) {
       if (v) { chosen.add(`${m.name}@${v}`); break; }
     }
   }
+  withLocalModels(models, chosen, args.run);
   return chosen;
 }
 
@@ -48,7 +70,9 @@ function versionLabel(v) {
 
 function probabilityBars(probabilities, label) {
   const entries = Object.entries(probabilities).sort((a, b) => b[1] - a[1]);
-  const rowH = 22, W = 360, L = 64, R = 58;
+  // Room on the left for the longest class name (about 6.6 px a character at the tick size).
+  const longest = Math.max(...entries.map(([cls]) => cls.length), 4);
+  const rowH = 22, L = Math.min(Math.max(64, Math.round(longest * 6.6) + 12), 170), R = 58, W = L + 238 + R;
   const root = s("svg", { viewBox: `0 0 ${W} ${entries.length * rowH + 4}`, class: "prob-svg", role: "img", "aria-label": "class probabilities" });
   entries.forEach(([cls, p], i) => {
     const y = 2 + i * rowH;
@@ -63,7 +87,10 @@ function probabilityBars(probabilities, label) {
 }
 
 function resultCard(model, version, result, error) {
-  const card = h("article", { class: ["result", error && "result-error"], "data-model": model.name, "data-version": version.version },
+  const local = isLocal(version);
+  const card = h("article", { class: ["result", error && "result-error", local && "result-local"], "data-model": model.name, "data-version": version.version,
+    "data-kind": local ? "local" : "global", "data-hospital": local ? hospitalOf(version) : null },
+    h("p", { class: "result-kind small", text: local ? `${hospitalOf(version)}'s own model (local-only)` : "global (federated) model" }),
     h("header", {}, h("span", { class: "mono", text: model.name }), " ", h("strong", { text: `v${version.version}` }),
       version.aliases.map((a) => h("span", { class: ["chip", a === "production" && "chip-prod"], text: a }))));
   if (error) {
@@ -109,7 +136,8 @@ export function render({ models }, args) {
   drop.addEventListener("dragleave", () => drop.classList.remove("drag"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("drag"); setFile(e.dataTransfer.files[0]); });
 
-  const picks = models.map((m) => h("fieldset", { class: "pick" }, h("legend", { class: "mono", text: m.name }),
+  const picks = models.map((m) => h("fieldset", { class: ["pick", m.local && "pick-local"] },
+    h("legend", {}, h("span", { class: "mono", text: m.name }), m.local ? h("span", { class: "chip", text: "local-only" }) : null),
     m.versionList.slice().reverse().map((v) => {
       const key = `${m.name}@${v.version}`;
       const box = h("input", { type: "checkbox", value: key, checked: chosen.has(key), "data-model": m.name, "data-version": v.version });
@@ -128,29 +156,36 @@ export function render({ models }, args) {
     clear(results);
     const targets = [];
     for (const m of models) for (const v of m.versionList.slice().reverse()) if (chosen.has(`${m.name}@${v.version}`)) targets.push([m, v]);
-    // Production versions first: they are what the service answers without a version.
-    targets.sort((a, b) => Number(b[1].aliases.includes("production")) - Number(a[1].aliases.includes("production")));
+    // Global models first, production first among them (what the service answers without a
+    // version); then the hospitals' own models by hospital.
+    const rank = ([, v]) => (isLocal(v) ? 2 : v.aliases.includes("production") ? 0 : 1);
+    targets.sort((a, b) => rank(a) - rank(b) || (isLocal(a[1]) ? hospitalOf(a[1]).localeCompare(hospitalOf(b[1])) : 0));
     const outcomes = await Promise.all(targets.map(async ([m, v]) => {
       try { return [m, v, await api.predict(m.name, v.version, file), null]; } catch (err) { return [m, v, null, err]; }
     }));
     for (const [m, v, res, err] of outcomes) results.append(resultCard(m, v, res, err));
     const labels = new Set(outcomes.filter((o) => o[2]).map((o) => o[2].label));
     const failed = outcomes.filter((o) => o[3]).length;
+    const globalAnswer = outcomes.find((o) => o[2] && !isLocal(o[1]));
+    const locals = outcomes.filter((o) => o[2] && isLocal(o[1]));
     status.textContent = failed ? `${failed} of ${outcomes.length} requests were refused.`
-      : outcomes.length > 1 ? (labels.size === 1 ? `All ${outcomes.length} versions agree: ${[...labels][0]}.` : `The versions disagree: ${[...labels].join(" vs ")}.`)
-        : "Done.";
+      : globalAnswer && locals.length
+        ? `The global model says ${globalAnswer[2].label}; ${locals.filter((o) => o[2].label === globalAnswer[2].label).length} of `
+          + `${locals.length} hospitals' own models agree (${locals.map((o) => `${hospitalOf(o[1])}: ${o[2].label}`).join(", ")}).`
+        : outcomes.length > 1 ? (labels.size === 1 ? `All ${outcomes.length} versions agree: ${[...labels][0]}.` : `The versions disagree: ${[...labels].join(" vs ")}.`)
+          : "Done.";
     results.dataset.done = String(outcomes.length);
     refresh();
   });
 
   return h("div", { class: "try-page" },
     h("div", { class: "page-head" }, h("h1", { text: "Try it" }),
-      h("p", { class: "muted", text: "Upload a dermoscopic image; the registry's classifier versions predict its class. Research use only: not a diagnosis." })),
+      h("p", { class: "muted", text: "Upload an image of the kind the model was trained on; the registry's classifier versions predict its class. Research use only: not a diagnosis." })),
     h("div", { class: "try-grid" },
       h("section", { class: "card" }, h("h2", { text: "1. Image" }), input, drop, preview),
       h("section", { class: "card" }, h("h2", { text: "2. Model versions" }),
-        h("p", { class: "small muted", text: "Production is ticked; tick other versions to compare them on the same image. "
-          + "Hospitals' local-only models never leave the hospitals, so they are compared on each run's page, not here." }), picks,
+        h("p", { class: "small muted", text: "Production is ticked, with each hospital's own (local-only) model when its run registered them "
+          + "(register-local-models; off by default, they are the hospitals' property). Tick other versions to compare them on the same image." }), picks,
         h("div", { class: "actions" }, button), status)),
     section("Predictions", { id: "predictions" }, results));
 }
