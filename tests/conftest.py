@@ -48,6 +48,21 @@ def brain_mri_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven over the DevTools protocol (tests/registry/cdp.py)."""
+    from tests.registry import cdp
+
+    exe = cdp.find_chromium()
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; scripts/bootstrap.sh does it)")
+    b = cdp.Browser(exe)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
 def require_tool(name: str) -> str:
     """Path of a command-line tool the project's bootstrap installs; skip loudly if absent."""
     path = shutil.which(name) or (str(REPO_ROOT / ".tools" / "bin" / name) if (REPO_ROOT / ".tools" / "bin" / name).exists() else None)

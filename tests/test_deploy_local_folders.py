@@ -151,18 +151,6 @@ def test_each_hospitals_own_model_is_registered_beside_the_global_one(mri_run, b
         assert len(weights) == 1 + len(HOSPITALS)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    exe = cdp.find_chromium()
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; scripts/bootstrap.sh does it)")
-    b = cdp.Browser(exe)
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def _shoot(tab: cdp.Tab, directory, name: str) -> None:
     tab.browser.pump(0.3)
     path = tab.screenshot(directory / name)

@@ -59,18 +59,6 @@ class Federation:
     shots: Path
 
 
-@pytest.fixture(scope="module")
-def browser():
-    exe = cdp.find_chromium()
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; scripts/bootstrap.sh does it)")
-    b = cdp.Browser(exe)
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def _snapshot(tab: cdp.Tab) -> dict:
     return tab.eval("""({
         status: document.querySelector('.run-page')?.dataset.status || null,
