@@ -171,9 +171,15 @@ class Aggregation:
         if phase != self.phase or not self.sent:
             self.configure(phase, rnd, current, [node for node, _, _ in updates])
         counted = [(node, arrays, n) for node, arrays, n in updates if n > 0]
-        # Statistics and integer buffers (and every check of the replies' parameter sets).
-        average = weighted_average([(arrays, n) for _, arrays, n in counted])
-        keys = [k for k in sorted(average) if is_trained(k, average[k])]
+        if not counted:
+            raise AggregationError("no hospital reported any training examples; nothing to aggregate")
+        for _, arrays, _ in counted[1:]:
+            if set(arrays) != set(counted[0][1]):
+                diff = sorted(set(counted[0][1]).symmetric_difference(arrays))
+                raise AggregationError(f"hospitals returned different parameter sets (e.g. {', '.join(diff[:3])})")
+        keys = sorted(k for k, v in counted[0][1].items() if is_trained(k, v))
+        # Statistics and integer buffers: the plain average / the max.
+        out = weighted_average([({k: v for k, v in arrays.items() if k not in keys}, n) for _, arrays, n in counted])
         replies = []
         for node, arrays, n in counted:
             sent = self.sent.get(node) or next(iter(self.sent.values()))
@@ -184,10 +190,9 @@ class Aggregation:
         self.sent = {}
         if new is None:
             raise AggregationError(f"strategy {self.cfg.strategy} returned no arrays for {phase} round {rnd}")
-        out = dict(average)
         for key in keys:
-            # `+ 0.0` turns a -0.0 into 0.0, as weighted_average's sum from zeros does.
-            out[key] = (new[key].numpy().astype(np.float64) + 0.0).astype(average[key].dtype).reshape(average[key].shape)
+            # float32 as weighted_average makes it; `+ 0.0` turns a -0.0 into 0.0, as its sum from zeros does.
+            out[key] = (new[key].numpy().astype(np.float64) + 0.0).astype(np.float32).reshape(counted[0][1][key].shape)
         if self.cfg.strategy == STRATEGY_FEDAVG:
             out = self.server_optimizer.step(current, out, phase)
         return out
