@@ -39,7 +39,7 @@ from .strategy import STATISTICS_SUFFIXES, AggregationError, ServerOptimizer, we
 if TYPE_CHECKING:
     from .config import RunConfig
 
-# Flower's strategy class for each run-config `strategy`, and which run-config keys it takes.
+# Flower's strategy class for each run-config `strategy`.
 _CLASSES = {STRATEGY_FEDAVG: flwr_strategy.FedAvg, STRATEGY_FEDAVGM: flwr_strategy.FedAvgM,
             STRATEGY_FEDADAM: flwr_strategy.FedAdam, STRATEGY_FEDYOGI: flwr_strategy.FedYogi,
             STRATEGY_FEDADAGRAD: flwr_strategy.FedAdagrad, STRATEGY_FEDPROX: flwr_strategy.FedProx,
@@ -68,12 +68,14 @@ def build_strategy(cfg: "RunConfig") -> flwr_strategy.FedAvg:
     """The Flower strategy object named by `cfg.strategy`, with its run-config parameters.
 
     Node sampling is the aggregator's (every connected hospital trains), so the strategy
-    samples everything it is shown: fraction 1, at least one node."""
+    samples everything it is shown: fraction 1, at least one node. Its evaluation settings
+    are unused (the hospitals score the global model in the train exchange) and left at
+    values Flower does not warn about."""
     if cfg.strategy not in _CLASSES:
         raise AggregationError(f"strategy={cfg.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     config = cfg.as_dict()
     params = {flower: config[key] for key, flower in PARAMETERS[cfg.strategy].items()}
-    return _CLASSES[cfg.strategy](fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+    return _CLASSES[cfg.strategy](fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                                   min_available_nodes=1, **params)
 
 
