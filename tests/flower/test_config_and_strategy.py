@@ -154,7 +154,9 @@ def _flower_directly(strategy, rounds):
     return results
 
 
-def test_fedavg_through_flower_is_weighted_average_bit_for_bit():
+def test_fedavg_is_flowers_fedavg_bit_for_bit():
+    """strategy=fedavg is computed by weighted_average (no per-Array serialisation): the same
+    bytes as Flower's FedAvg on the trained parameters, as its ServerApp loop drives it."""
     current = _model_arrays()
     updates = _updates(current) + [(15, {k: v * 0 - 99 for k, v in current.items()}, 0)]  # no examples: left out
     agg, out = _aggregate("fedavg", current, updates)
@@ -163,6 +165,9 @@ def test_fedavg_through_flower_is_weighted_average_bit_for_bit():
     assert sorted(out) == sorted(expected)
     for k in expected:
         assert out[k].dtype == expected[k].dtype and out[k].tobytes() == expected[k].tobytes(), k
+    (flowers,) = _flower_directly(flwr_strategy.FedAvg(), [(current, [u for u in updates if u[2] > 0])])
+    for k, v in flowers.items():
+        assert (v + np.float32(0.0)).tobytes() == out[k].tobytes(), k
 
 
 def test_fedavg_keeps_the_server_step_of_server_lr_and_momentum():
