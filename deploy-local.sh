@@ -7,6 +7,7 @@
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH|kaggle:SLUG] [--max-images N]
 #                        [--partition SCHEME] [--dirichlet-alpha A] [--label-map MAP] [--class-names a,b,...]
 #                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]] [--register-local-models]
+#                        [--run-config "KEY=VALUE KEY=VALUE ..."]
 #     --data PATH is one of (it says which it found, and what each hospital holds, before training):
 #       the Kaggle HAM10000 layout     split into --hospitals N by --partition site|lesion|dirichlet;
 #       PATH/<hospital>/<class>/*.jpg  one SuperNode per hospital folder, named after it;
@@ -28,6 +29,10 @@
 #     --register-local-models: each hospital's own (local-only) classifier is registered beside the
 #       global one (fedssl-local-<hospital>), and the dashboard's "Try it" scores an image with all of
 #       them. Off by default: a hospital's own model is its property.
+#     --run-config "KEY=VALUE ...": any run config of the app (pyproject.toml [tool.flwr.app.config],
+#       documented in services/fedssl_flower/config.py), passed to fedssl-submit as -c overrides like
+#       `flwr run --run-config`; space-separated, repeatable, given last so they win, e.g.
+#       --run-config "strategy=fedadam server-eta=0.01"   --run-config "strategy=krum num-malicious-nodes=1"
 #   ./deploy-local.sh status
 #   ./deploy-local.sh down                 # stops exactly what `up` started
 #   ./deploy-local.sh --kind ...           # the same on a kind cluster (scripts/deploy-kind.sh)
@@ -58,7 +63,7 @@ say() { printf '\033[1m[fedssl]\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m[fedssl] WARNING:\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[fedssl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; }
 
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
@@ -168,8 +173,21 @@ resolve_data() {  # prints "ham10000<TAB>PATH", "folder<TAB>PATH", "kaggle<TAB>S
   esac
 }
 
+# run_config_entries "KEY=VALUE ...": one KEY=VALUE per line, or exit naming the malformed entry
+# or the key the app does not have (its [tool.flwr.app.config] in pyproject.toml).
+run_config_entries() {
+  local keys entry key
+  keys="$(awk '/^\[/{on = ($0 == "[tool.flwr.app.config]"); next} on && /^[a-z][a-z0-9-]* *=/{sub(/ *=.*/, ""); print}' "$ROOT/pyproject.toml")"
+  for entry in $1; do
+    [[ "$entry" =~ ^([a-z][a-z0-9-]*)=(.+)$ ]] || die "--run-config entry '$entry' is not KEY=VALUE with a kebab-case key and a value (e.g. strategy=fedadam); separate entries with spaces"
+    key="${BASH_REMATCH[1]}"
+    grep -qx "$key" <<<"$keys" || die "--run-config key '$key' is not a run config key of the app (pyproject.toml [tool.flwr.app.config]): $(tr '\n' ' ' <<<"$keys")"
+    printf '%s\n' "$entry"
+  done
+}
+
 cmd_up() {
-  local partition="" alpha="" label_map="" class_names="" register_local=false
+  local partition="" alpha="" label_map="" class_names="" register_local=false run_config=()
   local preset=default ssl_tasks=simclr hospitals="" rounds="" ft_rounds="" image_size="" local_steps="" data=auto max_images="" round_timeout=1800
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -188,6 +206,12 @@ cmd_up() {
       --label-map) label_map="${2:?--label-map needs folder=class entries, JSON or a file}"; shift 2 ;;
       --class-names) class_names="${2:?--class-names needs a comma list of classes}"; shift 2 ;;
       --register-local-models) register_local=true; shift ;;
+      --run-config)
+        local entries
+        entries="$(run_config_entries "${2:?--run-config needs \"KEY=VALUE KEY=VALUE ...\"}")"
+        [ -n "$entries" ] || die "--run-config needs at least one KEY=VALUE"
+        while IFS= read -r e; do run_config+=(-c "$e"); done <<<"$entries"
+        shift 2 ;;
       -h|--help) usage; exit 0 ;;
       *) usage >&2; die "unknown option '$1'" ;;
     esac
@@ -323,7 +347,8 @@ print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])'
   say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each"))"
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
-    "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" || rc=$?
+    "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" \
+    ${run_config[@]+"${run_config[@]}"} || rc=$?
 
   # Training is over either way: free the CPU, keep the registry serving.
   for f in "$PIDS"/*.pid; do [ "$f" = "$PIDS/registry.pid" ] || stop "$f"; done

@@ -206,3 +206,17 @@ def test_a_kaggle_dataset_that_cannot_be_had_stops_before_installing_anything(tm
     for w in words:
         assert w.format(repo=repo) in r.stderr, r.stderr
     assert not (repo / ".venv").exists() and not (tmp_path / "home").exists()  # nothing installed, nothing started
+
+
+@pytest.mark.parametrize("entries,message", [
+    ("strategy=fedadam bogus", "--run-config entry 'bogus' is not KEY=VALUE with a kebab-case key and a value"),
+    ("Strategy=krum", "--run-config entry 'Strategy=krum' is not KEY=VALUE"),
+    ("strategy=", "--run-config entry 'strategy=' is not KEY=VALUE"),
+    ("strateg=fedadam", "--run-config key 'strateg' is not a run config key of the app (pyproject.toml [tool.flwr.app.config])"),
+    (" ", "--run-config needs at least one KEY=VALUE"),
+])
+def test_a_malformed_run_config_stops_before_anything_starts(tmp_path, entries, message):
+    home = tmp_path / "home"
+    r = script(env_for(home, free_port(), free_port()), "up", "--run-config", entries, timeout=60)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert not (home / "pids").exists()  # nothing was started

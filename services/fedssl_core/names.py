@@ -16,6 +16,15 @@ SSL_SIMCLR = "simclr"
 SSL_ROTATION = "rotation"
 SSL_TASKS = (SSL_SIMCLR, SSL_ROTATION)
 
+# --- Aggregation strategies (run config `strategy`): Flower's strategy classes of these names ---
+STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDPROX = "fedavg", "fedavgm", "fedprox"
+STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD = "fedadam", "fedyogi", "fedadagrad"
+STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG = "fedmedian", "fedtrimmedavg"
+STRATEGY_KRUM, STRATEGY_MULTIKRUM = "krum", "multikrum"
+STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX,
+              STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
+FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  # server-eta, server-tau (and betas)
+
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"
 TASK_CLASSIFICATION = "classification"

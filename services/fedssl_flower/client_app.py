@@ -152,7 +152,9 @@ def train(msg: Message, context: Context) -> Message:
         }), reply_to=msg)
     t0 = time.perf_counter()
     moments = _moments(context, records.STATE_OPTIMIZER, cfg, phase)
-    metrics = local.train_round(model, data, task, phase, cfg, seed, rnd, moments)
+    # FedProx (strategy=fedprox): Flower's strategy puts proximal-mu in the train config.
+    proximal_mu = float(instr[records.PROXIMAL_MU]) if records.PROXIMAL_MU in instr else 0.0
+    metrics = local.train_round(model, data, task, phase, cfg, seed, rnd, moments, proximal_mu=proximal_mu)
     metrics[names.M_COMPUTE_SECONDS] = time.perf_counter() - t0
     _keep_moments(context, records.STATE_OPTIMIZER, moments)
     metrics[names.M_SETUP_SECONDS] = t_setup

@@ -65,8 +65,21 @@ class RunConfig:
     # registered beside the global one (fedssl-local-<hospital>). Off by default: a hospital's
     # own model is its property, and sending it is a choice the federation makes explicitly.
     register_local_models: bool = False
-    server_lr: float = 1.0  # the aggregator's step on the averaged update (1 = FedAvg)
-    server_momentum: float = 0.0  # heavy-ball momentum of that step (FedAvgM); 0 = none
+    # How the aggregator combines the hospitals' trained parameters, computed by Flower's own
+    # strategy class of that name (services/fedssl_flower/aggregation.py): fedavg | fedavgm |
+    # fedadam | fedyogi | fedadagrad | fedprox | fedmedian | fedtrimmedavg | krum | multikrum.
+    # BatchNorm statistics always take the plain example-weighted average, integer buffers the max.
+    strategy: str = names.STRATEGY_FEDAVG
+    server_lr: float = 1.0  # fedavg and fedavgm: the aggregator's step on the averaged update (1 = FedAvg)
+    server_momentum: float = 0.0  # fedavg and fedavgm: heavy-ball momentum of that step (FedAvgM); 0 = none
+    server_eta: float = 0.1  # fedadam | fedyogi | fedadagrad: the server learning rate (Flower's eta), > 0
+    server_beta_1: float = 0.9  # fedadam | fedyogi: first-moment decay (Flower's beta_1), in [0, 1)
+    server_beta_2: float = 0.99  # fedadam | fedyogi: second-moment decay (Flower's beta_2), in [0, 1)
+    server_tau: float = 1e-3  # fedadam | fedyogi | fedadagrad: adaptivity (Flower's tau), > 0
+    proximal_mu: float = 0.0  # fedprox: hospitals add mu/2 * ||w - w_global||^2 to their local loss, >= 0
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end per coordinate, in [0, 0.5)
+    num_malicious_nodes: int = 0  # krum | multikrum: hospitals assumed malicious (f), >= 0
+    num_nodes_to_select: int = 1  # multikrum: replies averaged after selection, >= 1
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
     registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
@@ -107,8 +120,22 @@ class RunConfig:
         need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
         need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
         need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        need(self.strategy in names.STRATEGIES, f"strategy={self.strategy!r}; expected one of {', '.join(names.STRATEGIES)}")
         need(self.server_lr > 0, f"server-lr must be > 0 (1 = plain FedAvg), got {self.server_lr}")
         need(0 <= self.server_momentum < 1, f"server-momentum must be in [0, 1), got {self.server_momentum}")
+        need(self.strategy in (names.STRATEGY_FEDAVG, names.STRATEGY_FEDAVGM) or (self.server_lr == 1.0 and self.server_momentum == 0.0),
+             f"server-lr and server-momentum act with strategy=fedavg or fedavgm only, not strategy={self.strategy}"
+             + ("; its server step is server-eta" if self.strategy in names.FEDOPT_STRATEGIES else ""))
+        need(self.server_eta > 0, f"server-eta must be > 0, got {self.server_eta}")
+        need(0 <= self.server_beta_1 < 1, f"server-beta-1 must be in [0, 1), got {self.server_beta_1}")
+        need(0 <= self.server_beta_2 < 1, f"server-beta-2 must be in [0, 1), got {self.server_beta_2}")
+        need(self.server_tau > 0, f"server-tau must be > 0, got {self.server_tau}")
+        need(self.proximal_mu >= 0, f"proximal-mu must be >= 0 (0 = no proximal term), got {self.proximal_mu}")
+        need(self.proximal_mu == 0 or self.strategy == names.STRATEGY_FEDPROX,
+             f"proximal-mu={self.proximal_mu} acts with strategy=fedprox only, not strategy={self.strategy}")
+        need(0 <= self.trim_beta < 0.5, f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        need(self.num_malicious_nodes >= 0, f"num-malicious-nodes must be >= 0, got {self.num_malicious_nodes}")
+        need(self.num_nodes_to_select >= 1, f"num-nodes-to-select must be >= 1, got {self.num_nodes_to_select}")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")

@@ -33,14 +33,14 @@ from flwr.supercore.exit import add_exit_handler
 from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
 
-from . import local_models, records, training
+from . import aggregation, local_models, records, training
+from .aggregation import Aggregation, check_update
 from .client_app import parse_info
 from .config import RunConfig
 from .errors import ConfigError, FedSSLError
 from .metrics import aggregate_metrics
 from .outputs import RunFolder
 from .registry_client import RegistryClient
-from .strategy import ServerOptimizer, weighted_average
 
 log = logging.getLogger("fedssl.aggregator")
 
@@ -68,6 +68,7 @@ class Trained:
     examples: dict[str, int]  # training examples by hospital that trained
     failed: list[str]
     skipped: dict[str, str]  # hospital -> why it could not train this round
+    refused: dict[str, str]  # hospital -> why its update was refused (not the shared model, or not finite)
     bytes_sent: int
     bytes_received: int
     train_seconds: float
@@ -176,8 +177,9 @@ class Aggregator:
         self.local_models: dict[str, dict] = {}  # hospital -> its registered local-only classifier, or why not
         if cfg.register_local_models and self.registry is None:
             log.warning("register-local-models=true but no registry is configured: local-only models stay at the hospitals")
-        # Its velocity is not checkpointed: a resumed run restarts it from zero.
-        self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        # Flower's strategy for `strategy` (and fedssl's server step for fedavg); its state
+        # (momentum, moments) is not checkpointed: a resumed run restarts it.
+        self.aggregation = Aggregation(cfg)
 
     # ---------------------------------------------------------------- messaging
     def _node_ids(self) -> list[int]:
@@ -394,9 +396,11 @@ class Aggregator:
     def _recipe(self) -> dict:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
-                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "finetune-mode", "share", "server-lr", "server-momentum", "update-encoding", "seed")
+                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "finetune-mode", "share",
+                "strategy", "server-lr", "server-momentum", "update-encoding", "seed")
         config = self.cfg.as_dict()
-        return {k: config[k] for k in keep} | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}}
+        return ({k: config[k] for k in keep} | {"strategy_parameters": aggregation.parameters(self.cfg)}
+                | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}})
 
     def _budget(self, phase: str, recorded: bool = False) -> dict:
         """What the model cost up to this registration: rounds per phase (this one included;
@@ -458,6 +462,9 @@ class Aggregator:
         if previous is not None:
             config |= {"evaluate-phase": previous.phase, "evaluate-round": previous.round}
             phases = (phase, previous.phase)
+        expected = records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
+        # What the strategy adds to the train config (FedProx: proximal-mu); it sees the current model.
+        config |= self.aggregation.configure(phase, rnd, expected, nodes)
         msgs, bytes_sent = self._messages(nodes, MessageType.TRAIN, config, phases, f"{phase}-{rnd}")
         t_send = time.monotonic()
         replies, missing = self._exchange(msgs)
@@ -465,7 +472,7 @@ class Aggregator:
         if previous is not None:
             self._finish(previous, *self._evaluations(replies, previous), evaluated_in=f"{phase} round {rnd}")
 
-        updates, per_hospital, examples, failed, skipped = [], {}, {}, [], {}
+        updates, per_hospital, examples, failed, skipped, refused = [], {}, {}, [], {}, {}
         bytes_received = 0
         for node, reply in sorted(replies.items()):
             name = self.hospitals[node].name
@@ -479,10 +486,14 @@ class Aggregator:
                 _progress("%s round %d: hospital %s left out: %s", phase, rnd, name, skipped[name])
                 continue
             bytes_received += reply.content[records.WEIGHTS].count_bytes()
-            arrays = records.from_array_record(reply.content[records.WEIGHTS], self.cfg.update_encoding)
+            arrays, why = self._accepted(reply, expected)
+            if arrays is None:  # garbage never reaches the strategy; the round goes on with the others
+                refused[name] = str(why)
+                _progress("%s round %d: hospital %s's update refused: %s", phase, rnd, name, why)
+                continue
             m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
             n_ex = int(m.get(names.M_EXAMPLES, 0))
-            updates.append((arrays, n_ex))
+            updates.append((node, arrays, n_ex))
             examples[name] = n_ex
             per_hospital[name] = m
             if records.LOCAL_METRICS in reply.content:
@@ -494,18 +505,31 @@ class Aggregator:
             raise RunFailed(
                 f"{phase} round {rnd}: only {len(updates)} hospital(s) trained (failed or timed out: "
                 f"{', '.join(failed) or 'none'}; could not train: "
-                f"{'; '.join(f'{h}: {why}' for h, why in skipped.items()) or 'none'}); min-hospitals is {self.cfg.min_hospitals}"
+                f"{'; '.join(f'{h}: {why}' for h, why in skipped.items()) or 'none'}; refused: "
+                f"{'; '.join(f'{h}: {why}' for h, why in refused.items()) or 'none'}); min-hospitals is {self.cfg.min_hospitals}"
             )
         for name in failed:
             _progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
         t_agg = time.monotonic()
-        average = weighted_average(updates)
-        current = {k: self.state[k].numpy() for k in average}
-        for key, value in self.server_optimizer.step(current, average, phase).items():
+        for key, value in self.aggregation.aggregate(phase, rnd, expected, updates).items():
             self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
         return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed, skipped,
-                       bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0)
+                       refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0)
+
+    def _accepted(self, reply: Message, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """The update in `reply`, unpacked, or None and why it is refused: weights that cannot
+        be read, metrics without an example count, or `aggregation.check_update` against
+        `expected` (the global model's shared groups for the phase)."""
+        try:
+            arrays = records.from_array_record(reply.content[records.WEIGHTS], self.cfg.update_encoding)
+        except Exception as exc:  # a foreign or corrupt buffer: refused, never fatal to the round
+            return None, f"its weights could not be read: {type(exc).__name__}: {exc}"
+        n_ex = reply.content[records.METRICS].get(names.M_EXAMPLES) if records.METRICS in reply.content else None
+        if isinstance(n_ex, bool) or not isinstance(n_ex, int) or n_ex < 0:
+            return None, f"its example count {n_ex!r} is not an integer >= 0"
+        why = check_update(arrays, expected)
+        return (None, why) if why else (arrays, None)
 
     def _final_evaluation(self, trained: Trained) -> None:
         """Score the run's last global model: an exchange of its own, as no round follows."""
@@ -601,7 +625,7 @@ class Aggregator:
         aggregated = _finite(aggregated)
         record = {
             "phase": phase, "round": rnd, "aggregated": aggregated, "hospitals": _finite(per_hospital),
-            "examples": t.examples, "failed_hospitals": t.failed, "skipped_hospitals": t.skipped,
+            "examples": t.examples, "failed_hospitals": t.failed, "skipped_hospitals": t.skipped, "refused_hospitals": t.refused,
             "duration_seconds": t.seconds + evaluate_seconds,
             "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
             "timing": {"train_seconds": t.train_seconds, "aggregate_seconds": t.aggregate_seconds,
@@ -613,7 +637,8 @@ class Aggregator:
         try:
             if self.registry is not None:
                 self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
-                                                                              "skipped_hospitals", "duration_seconds", "bytes_sent",
+                                                                              "skipped_hospitals", "refused_hospitals",
+                                                                              "duration_seconds", "bytes_sent",
                                                                               "bytes_received")})
             self._register(t.state, phase, rnd, aggregated, sorted(t.examples))
         finally:  # the round is on disk even when the registry is unreachable

@@ -8,7 +8,7 @@ Images arrive as uint8 (N, 3, S, S) tensors and are augmented/normalised per bat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +180,23 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def proximal_reference(model: nn.Module, groups: tuple[str, ...], mu: float) -> dict[str, torch.Tensor] | None:
+    """The values, now, of `model`'s trainable parameters in the shared `groups`: the global
+    model FedProx pulls toward (captured at the start of the round). None when `mu` is 0."""
+    if not mu:
+        return None
+    prefixes = tuple(f"{g}." for g in groups)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefixes)}
+
+
+def proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term (Li et al. 2020), `mu / 2 * ||w - w_global||^2` over the
+    parameters named in `reference` (`proximal_reference`): added to the local loss, it keeps
+    a hospital's update near the global model it started from."""
+    params = dict(model.named_parameters())
+    return (mu / 2) * sum(((params[n] - ref) ** 2).sum() for n, ref in reference.items())
+
+
 def _channels_last(model: nn.Module, on: bool) -> None:
     """Convolutions run ~1.4x faster on CPU in channels-last layout; state dicts leave in the
     default layout so serialisation sees ordinary contiguous tensors."""
@@ -199,12 +216,16 @@ def train_ssl(
     temperature: float = 0.5,
     schedule: Schedule | None = None,
     weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
 ) -> dict:
     """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
-    `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`."""
+    `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
+    adds FedProx's `proximal_term` toward the shared groups' values at the start (the
+    reported loss stays the SSL loss alone)."""
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
+    reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
     criterion = NTXentLoss(temperature)
@@ -224,7 +245,7 @@ def train_ssl(
             x = normalize(rotated, model.mean, model.std).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model.rotation_head(model.encoder(x)), k)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if reference is None else loss + proximal_term(model, reference, proximal_mu)).backward()
         optimizer.step()
         total += float(loss.detach())
         batches += 1
@@ -264,6 +285,7 @@ def train_supervised(
     weight_decay: float = 0.0,
     optimizer_state: dict | None = None,
     drift: dict | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -274,11 +296,17 @@ def train_supervised(
     `drift` (full mode; SCAFFOLD, Karimireddy et al. 2020): its "correction" (parameter name ->
     tensor, the server's control variate minus this hospital's) is added to every gradient,
     and the mean raw gradient of the round is written back as its "gradients" (the
-    hospital's next control variate)."""
+    hospital's next control variate).
+    `proximal_mu` > 0 adds FedProx's `proximal_term` toward the shared groups' values at the
+    start (the reported loss stays the task loss alone)."""
     _check(loss, FINETUNE_LOSSES, "finetune-loss")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     params = _prepare(model, groups)
+    reference = proximal_reference(model, shared_groups(names.PHASE_FINETUNE, mode=mode), proximal_mu)
+
+    def with_proximal(value: torch.Tensor) -> torch.Tensor:
+        return value if reference is None else value + proximal_term(model, reference, proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     if optimizer_state is not None and optimizer_state.get("adamw"):
         load_optimizer_moments(optimizer, optimizer_state["adamw"])
@@ -301,7 +329,7 @@ def train_supervised(
             _set_lr(optimizer, schedule.lr_at(step))
             value = objective(model.classifier(features[idx]), labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            with_proximal(value).backward()
             optimizer.step()
             total += float(value.detach())
             batches += 1
@@ -314,7 +342,7 @@ def train_supervised(
             x = normalize(_augment_supervised(images[idx], g), model.mean, model.std)
             value = objective(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            with_proximal(value).backward()
             for n, p in named:
                 if p.grad is not None:
                     grad_sums[n] += p.grad

@@ -92,3 +92,212 @@ def test_temperature_is_fitted_on_the_summed_held_out_nll_and_baked_into_the_cla
     flat = aggregate_metrics({"a": {names.M_NLL_BY_TEMPERATURE: [abs(t - 1.0) for t in grid]}}, {"a": 1}, ["x", "y"])
     same, cal = _temperature_scaled(state, flat)
     assert same is state and cal["applied"] is False
+
+
+# ------------------------------------------------------------------ strategies (Flower's own classes)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import strategy as flwr_strategy  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedssl_flower import aggregation  # noqa: E402
+from fedssl_flower.aggregation import Aggregation, check_update  # noqa: E402
+
+NODES = [11, 12, 13, 14, 15]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower's ServerApp process sets before Messages are built."""
+    for key, value in {"_run_id": 3, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def _model_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"encoder.conv.weight": rng.normal(size=(4, 3)).astype(np.float32),
+            "encoder.bn.weight": rng.normal(size=4).astype(np.float32),
+            "encoder.bn.running_mean": rng.normal(size=4).astype(np.float32),
+            "encoder.bn.running_var": rng.uniform(0.5, 2, size=4).astype(np.float32),
+            "encoder.bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+
+
+def _updates(current, n=4, seed=1, examples=(30, 10, 20, 40, 25)):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        arrays = {k: (v + rng.normal(scale=0.1, size=v.shape).astype(np.float32) if v.dtype == np.float32 else v + i)
+                  for k, v in current.items()}
+        out.append((NODES[i], arrays, examples[i]))
+    return out
+
+
+def _aggregate(name, current, updates, rnd=1, **config):
+    agg = Aggregation(RunConfig.from_mapping({"strategy": name, **config}))
+    agg.configure("ssl", rnd, current, [node for node, _, _ in updates])
+    return agg, agg.aggregate("ssl", rnd, current, updates)
+
+
+def _flower_directly(strategy, rounds):
+    """Flower's strategy driven as its own ServerApp loop drives it, on float64 arrays of the
+    trained parameters only: `rounds` is [(current, updates)]; returns each round's result."""
+    results = []
+    for rnd, (current, updates) in enumerate(rounds, start=1):
+        trained = sorted(k for k in current if aggregation.is_trained(k, current[k]))
+        record = ArrayRecord({k: Array(current[k].astype(np.float64)) for k in trained})
+        sent = list(strategy.configure_train(rnd, record, ConfigRecord(), aggregation._Hospitals([u[0] for u in updates])))
+        by_node = {m.metadata.dst_node_id: m for m in sent}
+        replies = [Message(RecordDict({"arrays": ArrayRecord({k: Array(a[k].astype(np.float64)) for k in trained}),
+                                       "metrics": MetricRecord({"num-examples": n})}), reply_to=by_node[node])
+                   for node, a, n in updates]
+        new, _ = strategy.aggregate_train(rnd, replies)
+        results.append({k: new[k].numpy().astype(np.float32) for k in trained})
+    return results
+
+
+def test_fedavg_is_flowers_fedavg_bit_for_bit():
+    """strategy=fedavg is computed by weighted_average (no per-Array serialisation): the same
+    bytes as Flower's FedAvg on the trained parameters, as its ServerApp loop drives it."""
+    current = _model_arrays()
+    updates = _updates(current) + [(15, {k: v * 0 - 99 for k, v in current.items()}, 0)]  # no examples: left out
+    agg, out = _aggregate("fedavg", current, updates)
+    assert isinstance(agg.strategy, flwr_strategy.FedAvg)
+    expected = weighted_average([(a, n) for _, a, n in updates])
+    assert sorted(out) == sorted(expected)
+    for k in expected:
+        assert out[k].dtype == expected[k].dtype and out[k].tobytes() == expected[k].tobytes(), k
+    (flowers,) = _flower_directly(flwr_strategy.FedAvg(), [(current, [u for u in updates if u[2] > 0])])
+    for k, v in flowers.items():
+        assert (v + np.float32(0.0)).tobytes() == out[k].tobytes(), k
+
+
+def test_fedavg_keeps_the_server_step_of_server_lr_and_momentum():
+    current = _model_arrays()
+    updates = _updates(current)
+    _, out = _aggregate("fedavg", current, updates, **{"server-lr": 2.0, "server-momentum": 0.5})
+    expected = ServerOptimizer(2.0, 0.5).step(current, weighted_average([(a, n) for _, a, n in updates]), "ssl")
+    assert all(out[k].tobytes() == expected[k].tobytes() for k in expected)
+
+
+@pytest.mark.parametrize("name,flower,config", [
+    ("fedadam", flwr_strategy.FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2), {"server-eta": 0.05, "server-beta-1": 0.8,
+                                                                                    "server-beta-2": 0.95, "server-tau": 1e-2}),
+    ("fedyogi", flwr_strategy.FedYogi(eta=0.05, tau=1e-2), {"server-eta": 0.05, "server-tau": 1e-2}),
+    ("fedadagrad", flwr_strategy.FedAdagrad(eta=0.05, tau=1e-2), {"server-eta": 0.05, "server-tau": 1e-2}),
+    ("fedavgm", flwr_strategy.FedAvgM(server_learning_rate=1.5, server_momentum=0.9), {"server-lr": 1.5, "server-momentum": 0.9}),
+])
+def test_server_optimising_strategies_make_flowers_update_over_rounds(name, flower, config):
+    """Two rounds (so moments and momentum carry): the adapter's trained parameters are what
+    Flower's strategy makes of the same arrays; statistics are the plain average."""
+    agg = Aggregation(RunConfig.from_mapping({"strategy": name, **config}))
+    current, rounds, ours = _model_arrays(), [], []
+    for rnd in (1, 2):
+        updates = _updates(current, seed=rnd)
+        agg.configure("ssl", rnd, current, [u[0] for u in updates])
+        new = agg.aggregate("ssl", rnd, current, updates)
+        rounds.append((current, updates))
+        ours.append(new)
+        plain = weighted_average([(a, n) for _, a, n in updates])
+        for k in ("encoder.bn.running_mean", "encoder.bn.running_var", "encoder.bn.num_batches_tracked"):
+            assert new[k].tobytes() == plain[k].tobytes(), k  # BatchNorm statistics bypass the strategy
+        assert not np.array_equal(new["encoder.conv.weight"], plain["encoder.conv.weight"])
+        current = new
+    theirs = _flower_directly(flower, rounds)
+    for mine, flowers in zip(ours, theirs, strict=True):
+        for k, v in flowers.items():
+            np.testing.assert_allclose(mine[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_fedadam_first_round_by_hand():
+    current = _model_arrays()
+    updates = _updates(current)
+    eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    _, out = _aggregate("fedadam", current, updates, **{"server-eta": eta, "server-beta-1": b1, "server-beta-2": b2, "server-tau": tau})
+    key = "encoder.conv.weight"
+    w = current[key].astype(np.float64)
+    total = sum(n for _, _, n in updates)
+    delta = sum(a[key].astype(np.float64) * n / total for _, a, n in updates) - w
+    m, v = (1 - b1) * delta, (1 - b2) * delta ** 2
+    step = eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)  # Flower's bias correction at server round 1
+    np.testing.assert_allclose(out[key], w + step * m / (np.sqrt(v) + tau), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,config", [("fedmedian", {}), ("fedtrimmedavg", {"trim-beta": 0.2}),
+                                         ("krum", {"num-malicious-nodes": 1}),
+                                         ("multikrum", {"num-malicious-nodes": 1, "num-nodes-to-select": 2})])
+def test_robust_strategies_resist_one_reply_scaled_a_hundred_times(name, config):
+    current = _model_arrays()
+    honest = _updates(current, n=4)
+    bad = (NODES[4], {k: (v * 100 if v.dtype == np.float32 else v) for k, v in honest[0][1].items()}, 25)
+    key = "encoder.conv.weight"
+    honest_mean = np.mean([a[key] for _, a, _ in honest], axis=0)
+    spread = max(np.abs(a[key] - honest_mean).max() for _, a, _ in honest)
+    _, fedavg = _aggregate("fedavg", current, honest + [bad])
+    _, robust = _aggregate(name, current, honest + [bad], **config)
+    assert np.abs(fedavg[key] - honest_mean).max() > 10 * spread  # the plain average is dragged away
+    assert np.abs(robust[key] - honest_mean).max() <= spread, name  # the robust one stays among the honest
+
+
+def test_fedprox_puts_proximal_mu_in_the_train_config():
+    agg = Aggregation(RunConfig.from_mapping({"strategy": "fedprox", "proximal-mu": 0.25}))
+    assert isinstance(agg.strategy, flwr_strategy.FedProx)
+    assert agg.configure("finetune", 1, _model_arrays(), NODES[:2]) == {"proximal-mu": 0.25}
+    assert Aggregation(RunConfig()).configure("finetune", 1, _model_arrays(), NODES[:2]) == {}
+
+
+def test_a_new_phase_gets_a_new_strategy():
+    agg = Aggregation(RunConfig.from_mapping({"strategy": "fedadam"}))
+    current = _model_arrays()
+    agg.configure("ssl", 1, current, NODES[:4])
+    agg.aggregate("ssl", 1, current, _updates(current))
+    first = agg.strategy
+    assert first.m_t is not None
+    classifier = {"classifier.weight": np.ones((2, 3), np.float32)}
+    agg.configure("finetune", 1, classifier, NODES[:2])
+    assert agg.strategy is not first and agg.strategy.m_t is None
+
+
+def test_check_update_refuses_what_is_not_the_shared_model():
+    expected = _model_arrays()
+    assert check_update(dict(expected), expected) is None
+    assert check_update({**expected, "encoder.bn.num_batches_tracked": np.array([7])}, expected) is None  # a scalar as one element
+    nan = {**expected, "encoder.bn.weight": np.array([1, np.nan, 0, 0], np.float32)}
+    assert check_update(nan, expected) == "tensor encoder.bn.weight holds NaN or infinite values"
+    inf = {**expected, "encoder.conv.weight": np.full((4, 3), np.inf, np.float32)}
+    assert check_update(inf, expected) == "tensor encoder.conv.weight holds NaN or infinite values"
+    missing = {k: v for k, v in expected.items() if k != "encoder.bn.running_var"}
+    assert check_update(missing, expected) == "missing 1 tensor(s) of the shared model: encoder.bn.running_var"
+    extra = {**expected, "rotation_head.weight": np.zeros(3, np.float32)}
+    assert check_update(extra, expected) == "1 tensor(s) the shared model does not have: rotation_head.weight"
+    shape = {**expected, "encoder.conv.weight": np.zeros((3, 4), np.float32)}
+    assert check_update(shape, expected) == "tensor encoder.conv.weight has shape (3, 4); the global model's has (4, 3)"
+    dtype = {**expected, "encoder.conv.weight": np.zeros((4, 3), np.float64)}
+    assert check_update(dtype, expected) == "tensor encoder.conv.weight has dtype float64; the global model's is float32"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"strategy": "fedsgd"}, "strategy='fedsgd'; expected one of fedavg, fedavgm, fedadam"),
+    ({"strategy": "fedadam", "server-lr": 0.5}, "server-lr and server-momentum act with strategy=fedavg or fedavgm only, "
+                                                 "not strategy=fedadam; its server step is server-eta"),
+    ({"server-eta": 0}, "server-eta must be > 0, got 0.0"),
+    ({"server-beta-1": 1.0}, "server-beta-1 must be in [0, 1), got 1.0"),
+    ({"server-beta-2": -0.1}, "server-beta-2 must be in [0, 1), got -0.1"),
+    ({"server-tau": 0}, "server-tau must be > 0, got 0.0"),
+    ({"strategy": "fedprox", "proximal-mu": -1}, "proximal-mu must be >= 0 (0 = no proximal term), got -1.0"),
+    ({"proximal-mu": 0.1}, "proximal-mu=0.1 acts with strategy=fedprox only, not strategy=fedavg"),
+    ({"trim-beta": 0.5}, "trim-beta must be in [0, 0.5), got 0.5"),
+    ({"num-malicious-nodes": -1}, "num-malicious-nodes must be >= 0, got -1"),
+    ({"num-nodes-to-select": 0}, "num-nodes-to-select must be >= 1, got 0"),
+])
+def test_bad_strategy_config_is_named_with_its_range(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_mapping(overrides)
+
+
+@pytest.mark.parametrize("name", aggregation.STRATEGIES)
+def test_every_strategy_is_a_flower_strategy_with_its_run_config(name):
+    cfg = RunConfig.from_mapping({"strategy": name, "trim-beta": 0.3, "num-malicious-nodes": 2, "num-nodes-to-select": 3,
+                                  "server-eta": 0.02, **({"proximal-mu": 0.5} if name == "fedprox" else {})})
+    built = aggregation.build_strategy(cfg)
+    assert isinstance(built, flwr_strategy.FedAvg)
+    for key, attr in aggregation.PARAMETERS[name].items():
+        assert getattr(built, attr) == cfg.as_dict()[key], (name, key)

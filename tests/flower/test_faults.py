@@ -107,7 +107,9 @@ def test_a_hospital_that_cannot_train_is_left_out_with_its_reason(tmp_path, ham1
     """A hospital with one training image cannot take a round (BatchNorm and SimCLR need two
     images in a batch). It used to reply with a NaN loss, and posting that round to the
     registry crashed the run. Now it says why, is left out of the round, and the run, with
-    its registry, goes on."""
+    its registry, goes on. (Run with strategy=fedprox, whose outcome with one training
+    hospital is FedAvg's: Flower's FedProx sends proximal-mu, the hospital trains with the
+    proximal term, and the registered versions name the strategy in their recipe.)"""
     with P.cluster(tmp_path) as c:
         registry = P.start_registry(c, tmp_path / "registry")
         _, port = P.start_superlink(c, registry=registry)
@@ -117,11 +119,12 @@ def test_a_hospital_that_cannot_train_is_left_out_with_its_reason(tmp_path, ham1
                                   "cache-dir": str(tmp_path / "cache")}))
         done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "min-hospitals=1",
                         "round-timeout=300.0", "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16",
-                        'arch="resnet18"', "pretrained=false", timeout=600)
+                        'arch="resnet18"', "pretrained=false", "strategy=fedprox", "proximal-mu=0.01", timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr + c.logs()
         with registry.client() as http:
             (run,) = http.get("/v1/runs").json()["runs"]
             posted = http.get(f"/v1/runs/{run['run_id']}/rounds").json()["rounds"]
+            versions = http.get("/v1/models/fedssl-classifier/versions").json()["versions"]
 
     history = rounds(tmp_path)
     assert [(r["phase"], r["round"]) for r in history] == [("ssl", 1), ("finetune", 1)]
@@ -131,6 +134,10 @@ def test_a_hospital_that_cannot_train_is_left_out_with_its_reason(tmp_path, ham1
         assert not r["failed_hospitals"], r
     assert "hospital tiny left out: 1 training image(s); ssl training needs at least 2" in done.stdout + done.stderr
     assert [p["skipped_hospitals"] for p in posted] == [r["skipped_hospitals"] for r in history], posted
+    assert [p["refused_hospitals"] for p in posted] == [r["refused_hospitals"] for r in history] == [{}, {}], posted
+    assert run["config"]["strategy"] == "fedprox" and run["config"]["proximal-mu"] == 0.01
+    assert {(v["lineage"]["recipe"]["strategy"], json.dumps(v["lineage"]["recipe"]["strategy_parameters"])) for v in versions} \
+        == {("fedprox", '{"proximal-mu": 0.01}')}, versions
 
 
 def test_superlink_sigterm_records_the_stop_and_a_resubmit_resumes(tmp_path, ham10000_dir):

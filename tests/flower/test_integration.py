@@ -96,7 +96,7 @@ def test_models_are_registered_with_lineage_and_aliases(finished_run):
     recipe, budget = clf["lineage"]["recipe"], clf["lineage"]["budget"]
     assert recipe["arch"] == names.ARCH_EFFICIENTNET_LITE0 and recipe["pretrained"] is True and recipe["image-size"] == 32
     assert recipe["ssl_tasks"] == {"hospital-rotation": "rotation", "hospital-simclr": "simclr"}
-    assert recipe["keep-optimizer-state"] is True and recipe["server-lr"] == 1.0  # the app's defaults
+    assert recipe["keep-optimizer-state"] is True and recipe["server-lr"] == 1.0 and recipe["strategy"] == "fedavg"  # the app's defaults
     assert budget["rounds"] == {"ssl": 1, "finetune": 1} and budget["local_steps_per_round"] == recipe["local-steps"] > 0
     cal = clf["lineage"]["calibration"]
     assert cal["temperature"] in names.TEMPERATURE_GRID and cal["applied"] == (cal["temperature"] != 1.0)

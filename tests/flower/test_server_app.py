@@ -86,3 +86,95 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ refused updates, on the aggregator's reply path
+import uuid  # noqa: E402
+
+import numpy as np  # noqa: E402
+from flwr.app import Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedssl_core import names  # noqa: E402
+from fedssl_flower import records  # noqa: E402
+from fedssl_flower.config import RunConfig  # noqa: E402
+from fedssl_flower.strategy import weighted_average  # noqa: E402
+
+HOSPITALS = {1: ("a", 30), 2: ("b", 10), 3: ("garbage", 20)}
+
+
+class AnsweringGrid:
+    """The Grid calls the aggregator makes, answered at once: each train message gets the
+    reply `answer(node, sent_arrays)` builds, a real Flower reply Message (`reply_to`); ids
+    are given as Flower's InMemoryGrid gives them."""
+
+    def __init__(self, answer):
+        self.answer, self.replies = answer, {}
+
+    def get_node_ids(self):
+        return list(HOSPITALS)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            sent = records.from_array_record(msg.content[records.WEIGHTS])
+            self.replies[msg.metadata.message_id] = Message(self.answer(msg.metadata.dst_node_id, sent), reply_to=msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def _update(node, sent):
+    """Hospital `node`'s reply: the shared classifier moved by its node number; the garbage
+    hospital's holds a NaN."""
+    arrays = {k: v + np.float32(node) for k, v in sent.items() if k.startswith(f"{names.GROUP_CLASSIFIER}.")}
+    if HOSPITALS[node][0] == "garbage":
+        arrays[f"{names.GROUP_CLASSIFIER}.bias"][0] = np.nan
+    return RecordDict({records.WEIGHTS: records.to_array_record(arrays),
+                       records.METRICS: records.to_metric_record({names.M_EXAMPLES: HOSPITALS[node][1]})})
+
+
+def _aggregator(tmp_path, monkeypatch, **run_config):
+    for key, value in {"_run_id": 3, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, key, value)
+    monkeypatch.delenv(names.ENV_REGISTRY_URL, raising=False)
+    cfg = RunConfig.from_mapping({"arch": "resnet18", "pretrained": False, "finetune-mode": "linear", "message-retries": 0,
+                                  "runs-dir": str(tmp_path), "round-timeout": 5.0, **run_config})
+    agg = server_app.Aggregator(AnsweringGrid(_update), cfg, "run-1")
+    agg.class_names = ["x", "y"]
+    agg.hospitals = {n: server_app.Hospital(name, names.SSL_SIMCLR, agg.class_names, {}, [n]) for n, (name, _) in HOSPITALS.items()}
+    agg._init_model()
+    return agg
+
+
+def test_a_garbage_update_is_refused_with_its_reason_and_the_others_are_aggregated(tmp_path, monkeypatch, capsys):
+    agg = _aggregator(tmp_path, monkeypatch, **{"strategy": "fedmedian"})
+    before = {k: v.numpy().copy() for k, v in agg.state.items() if k.startswith(f"{names.GROUP_CLASSIFIER}.")}
+    trained = agg._round(names.PHASE_FINETUNE, 1, 1, None)
+    why = f"tensor {names.GROUP_CLASSIFIER}.bias holds NaN or infinite values"
+    assert trained.refused == {"garbage": why}
+    assert sorted(trained.examples) == ["a", "b"] and not trained.failed
+    assert f"finetune round 1: hospital garbage's update refused: {why}" in capsys.readouterr().out
+    # The median of the two accepted hospitals: their mean, the state moved by (1 + 2) / 2.
+    for k, v in before.items():
+        np.testing.assert_allclose(agg.state[k].numpy(), v + 1.5, rtol=1e-6)
+    assert all(np.isfinite(v.numpy()).all() for v in agg.state.values() if v.is_floating_point())
+
+
+def test_refused_hospitals_are_named_when_too_few_remain(tmp_path, monkeypatch):
+    agg = _aggregator(tmp_path, monkeypatch, **{"min-hospitals": 3})
+    with pytest.raises(server_app.RunFailed, match=r"only 2 hospital\(s\) trained .*refused: garbage: tensor classifier.bias holds NaN"):
+        agg._round(names.PHASE_FINETUNE, 1, 1, None)
+
+
+def test_the_default_round_is_fedavg_of_the_accepted_updates(tmp_path, monkeypatch):
+    agg = _aggregator(tmp_path, monkeypatch)
+    before = {k: v.numpy().copy() for k, v in agg.state.items() if k.startswith(f"{names.GROUP_CLASSIFIER}.")}
+    agg._round(names.PHASE_FINETUNE, 1, 1, None)
+    expected = weighted_average([({k: v + np.float32(n) for k, v in before.items()}, HOSPITALS[n][1]) for n in (1, 2)])
+    assert all(agg.state[k].numpy().tobytes() == expected[k].tobytes() for k in expected)
+    assert agg._recipe()["strategy"] == "fedavg"
+    assert agg._recipe()["strategy_parameters"] == {"server-lr": 1.0, "server-momentum": 0.0}

@@ -175,3 +175,43 @@ def test_drift_correction_reports_the_mean_gradient_and_shifts_every_step(data):
     assert any(g.abs().sum() > 0 for g in zero["gradients"].values())
     shifted = run({"correction": {n: torch.full_like(g, 1e-2) for n, g in zero["gradients"].items()}})
     assert not torch.equal(shifted.classifier.weight, plain.classifier.weight)
+
+
+def test_proximal_term_is_half_mu_times_the_squared_distance_and_pulls_toward_the_reference():
+    layer = torch.nn.Linear(3, 2)
+    reference = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    term = training.proximal_term(layer, reference, 0.5)
+    assert float(term.detach()) == pytest.approx(0.5 / 2 * 6 * 1.0)  # six weights, each 1 away
+    term.backward()
+    assert torch.allclose(layer.weight.grad, torch.full((2, 3), 0.5))  # mu * (w - w_ref): descent goes back
+    assert torch.count_nonzero(layer.bias.grad) == 0
+    assert training.proximal_reference(layer, ("weight",), 0.0) is None  # mu = 0: nothing captured, nothing added
+
+
+@pytest.mark.parametrize("phase", names.PHASES)
+def test_fedprox_keeps_the_shared_groups_near_the_start_of_the_round(phase, data):
+    """The same round with and without a strong proximal term: with it, the shared groups end
+    nearer the global model they started from; the reported loss is the task's alone."""
+    def one_round(mu):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        start = snapshot(model)
+        if phase == names.PHASE_SSL:
+            metrics = training.train_ssl(model, data.train_images[:32], names.SSL_ROTATION, epochs=2, batch_size=16, lr=1e-2,
+                                         proximal_mu=mu)
+            shared = training.shared_groups(phase)
+        else:
+            metrics = training.train_supervised(model, data.train_images[:64], data.train_labels[:64], epochs=3, batch_size=16,
+                                                lr=1e-1, mode="linear", proximal_mu=mu)
+            shared = training.shared_groups(phase, mode="linear")
+        after = model.state_dict()
+        moved = sum(float(((after[k].float() - start[k].float()) ** 2).sum()) for k in start
+                    if k.startswith(tuple(f"{g}." for g in shared)) and start[k].is_floating_point() and "running" not in k)
+        return moved, metrics
+
+    free, _ = one_round(0.0)
+    held, metrics = one_round(100.0)
+    assert held < 0.5 * free, (held, free)
+    assert math.isfinite(metrics[names.M_LOSS])

@@ -473,7 +473,8 @@ def test_a_synthetic_run_is_marked_unmistakably_and_hostile_names_stay_text(fede
     ssl1 = rnd(fed, "ssl", 1)
     task_loss = names.ssl_loss_key(fed.run["hospitals"][HOSPITALS[0]]["ssl_task"])
     aggregated = {k: v for k, v in ssl1["aggregated"].items() if not k.startswith(names.M_SSL_LOSS) or k == task_loss}
-    round_body = {**ssl1, "aggregated": aggregated, "hospitals": {hostile: ssl1["hospitals"][HOSPITALS[0]]}, "examples": {hostile: 1}}
+    round_body = {**ssl1, "aggregated": aggregated, "hospitals": {hostile: ssl1["hospitals"][HOSPITALS[0]]}, "examples": {hostile: 1},
+                  "refused_hospitals": {hostile: "tensor encoder.fc.weight holds NaN or infinite values"}}
     with fed.registry.client() as http:
         assert http.put("/v1/runs/synthetic-demo", json=body).status_code == 200
         assert http.post("/v1/runs/synthetic-demo/rounds", json=round_body).status_code == 201
@@ -488,6 +489,8 @@ def test_a_synthetic_run_is_marked_unmistakably_and_hostile_names_stay_text(fede
                       "return {text: b.textContent, top: r.top, height: r.height}; })()")
     assert "SYNTHETIC DATA" in banner["text"] and banner["height"] > 20 and banner["top"] < 400  # above the fold
     assert hostile in tab.text(".hospitals-table")
+    refused = tab.text("[data-refused]")  # the aggregator's refusal, its hospital name as text
+    assert refused.startswith("Update refused (SSL 1):") and hostile in refused and refused.endswith("holds NaN or infinite values")
     assert tab.eval("window.__pwned === undefined && document.querySelectorAll('img[src=\"x\"]').length === 0")
     assert tab.eval(f"""[...document.querySelectorAll('[data-chart="balanced_accuracy"] g.series')].some(g => g.dataset.series === {json.dumps(hostile)})""")
     shoot(tab, fed, "run-synthetic.png")

@@ -69,7 +69,7 @@ function fact(label, value, key) {
   return h("div", { class: "fact", "data-fact": key }, h("div", { class: "fact-label", text: label }), h("div", { class: "fact-value", text: value }));
 }
 
-function alerts(run) {
+function alerts(run, rounds) {
   const out = [];
   if (isSynthetic(run)) {
     out.push(h("div", { class: "banner-synthetic", "data-synthetic-banner": "" },
@@ -78,6 +78,13 @@ function alerts(run) {
   }
   if (run.status === "failed" && run.error) out.push(h("div", { class: "alert alert-error" }, h("strong", { text: "Run failed: " }), h("span", { class: "mono", text: run.error })));
   for (const w of run.warnings || []) out.push(h("div", { class: "alert alert-warn" }, h("strong", { text: "Warning: " }), h("span", { text: w })));
+  // Updates the aggregator refused before aggregation (not the shared model, NaN/Inf): never averaged.
+  for (const rd of rounds) {
+    for (const [name, why] of Object.entries(rd.refused_hospitals || {})) {
+      out.push(h("div", { class: "alert alert-warn", "data-refused": name },
+        h("strong", { text: `Update refused (${roundLabel(rd)}): ` }), h("span", { class: "hospital-name", text: name }), h("span", { text: ` · ${why}` })));
+    }
+  }
   return out;
 }
 
@@ -279,7 +286,7 @@ export function render({ run, rounds }) {
   const colour = colours(names);
   return h("div", { class: "run-page", "data-run": run.run_id, "data-status": run.status },
     header(run, rounds),
-    alerts(run),
+    alerts(run, rounds),
     h("nav", { class: "subnav", "aria-label": "Run sections" },
       [["#curves", "Training curves"], ["#hospitals", "Hospitals"], ["#rounds", "Rounds"]].map(([href, text]) => h("a", { href, text }))),
     curves(run, rounds, names, colour),
