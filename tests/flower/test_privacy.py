@@ -162,3 +162,35 @@ def test_a_hospital_missing_from_the_round_gets_a_wrapper_for_those_that_replied
 def test_bad_dp_config_is_named(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_mapping(overrides)
+
+
+# ------------------------------------------------------------------ the aggregator's stop at the budget
+def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path, monkeypatch, capsys):
+    """The aggregator's reply path with the Grid stand-in of test_server_app (a garbage
+    hospital refused, two accepted): three planned rounds, a budget for two. The third is never
+    sent, the second's model is the run's last (the final evaluation scores it, `run` then gives
+    the production alias to the versions registered for it), the run records why it stopped,
+    and each round's record carries the epsilon spent."""
+    from tests.flower.test_server_app import _aggregator
+
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1.0})
+    two, three = _flower_accountant(cfg, 2).epsilon, _flower_accountant(cfg, 3).epsilon
+    agg = _aggregator(tmp_path, monkeypatch, **DP, **{"dp-noise-multiplier": 1.0, "dp-max-epsilon": (two + three) / 2,
+                                                      "finetune-rounds": 3})
+    agg.aggregation.population = len(agg._hospital_names())
+    pushed = []
+    push = agg.grid.push_messages
+    agg.grid.push_messages = lambda msgs: pushed.append(msgs[0].metadata.group_id) or push(msgs)
+    trained = agg._train([(names.PHASE_FINETUNE, r, 3) for r in (1, 2, 3)])
+    assert (trained.phase, trained.round) == (names.PHASE_FINETUNE, 2)
+    assert pushed == ["finetune-1", "finetune-2"]  # round 3 was refused before anything was sent
+    agg._final_evaluation(trained)
+    assert [r["round"] for r in agg.history] == [1, 2]
+    lines = [json.loads(x) for x in (agg.folder.path / "rounds.jsonl").read_text().splitlines()]
+    assert [x["privacy"]["releases"] for x in lines] == [1, 2]
+    assert lines[1]["privacy"]["epsilon"] == pytest.approx(two) and lines[1]["privacy"]["hospitals"] == 2
+    assert lines[1]["privacy"]["population"] == 3
+    assert any(w.startswith("privacy budget reached: stopped before finetune round 3") for w in agg.warnings)
+    out = capsys.readouterr().out
+    assert "phase=finetune round=2 privacy: epsilon=" in out and "privacy budget reached" in out
+    assert agg._recipe()["dp"] == "central-fixed"
