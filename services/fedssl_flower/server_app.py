@@ -701,6 +701,7 @@ class Aggregator:
             "data": self._data_facts()[0], "synthetic_data": self._data_facts()[1], "warnings": self.warnings,
             "hospitals": {h.name: {"ssl_task": h.ssl_task, "audit": h.audit} for h in self.hospitals.values()},
             "rounds_done": len(self.history), "final_metrics": last, "registered": self.registered, "local_models": self.local_models,
+            **({"privacy": self.aggregation.privacy_spent()} if self.aggregation.privacy_spent() else {}),
             "config": self.cfg.as_dict(), "started_at": self.started, "finished_at": _now(),
         }
 

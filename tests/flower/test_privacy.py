@@ -194,3 +194,4 @@ def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path,
     out = capsys.readouterr().out
     assert "phase=finetune round=2 privacy: epsilon=" in out and "privacy budget reached" in out
     assert agg._recipe()["dp"] == "central-fixed"
+    assert agg.summary("succeeded")["privacy"] == lines[1]["privacy"]
