@@ -37,7 +37,12 @@ the same per round on one model. A SimCLR step forwards two views, about twice a
 step, so arms without SSL fine-tune for `finetune-rounds + 2 x ssl-rounds` rounds. Each arm's
 wall time is reported. The federation runs in this process with the code the hospitals and
 the aggregator run (`fedssl_flower.local`, `strategy.weighted_average`); Flower's transport is
-not in the loop (bench/flower_overhead.py measures it).
+not in the loop (bench/flower_overhead.py measures it). With `--dp central-fixed` (and
+`--dp-noise-multiplier`, `--dp-clipping-norm`, `--dp-delta`, `--dp-max-epsilon`) the federated
+arms aggregate as the aggregator does under run config dp (`aggregation.Aggregation`: Flower's
+fixed-clipping wrapper and RDP accountant, equal weights, BatchNorm statistics kept) and stop
+before a round past the budget; each run records its `privacy` spent (use `--label` to keep
+epsilon arms apart from the plain ones).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
     .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
