@@ -37,7 +37,12 @@ the same per round on one model. A SimCLR step forwards two views, about twice a
 step, so arms without SSL fine-tune for `finetune-rounds + 2 x ssl-rounds` rounds. Each arm's
 wall time is reported. The federation runs in this process with the code the hospitals and
 the aggregator run (`fedssl_flower.local`, `strategy.weighted_average`); Flower's transport is
-not in the loop (bench/flower_overhead.py measures it).
+not in the loop (bench/flower_overhead.py measures it). With `--dp central-fixed` (and
+`--dp-noise-multiplier`, `--dp-clipping-norm`, `--dp-delta`, `--dp-max-epsilon`) the federated
+arms aggregate as the aggregator does under run config dp (`aggregation.Aggregation`: Flower's
+fixed-clipping wrapper and RDP accountant, equal weights, BatchNorm statistics kept) and stop
+before a round past the budget; each run records its `privacy` spent (use `--label` to keep
+epsilon arms apart from the plain ones).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
     .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
@@ -70,6 +75,7 @@ from fedssl_flower.config import RunConfig
 from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
 from fedssl_flower.errors import FedSSLError
+from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted
 from fedssl_flower.strategy import ServerOptimizer, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,9 +250,25 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     curve, comm, ssl_probe = [], [], None
     optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
     control, controls = {}, [{} for _ in ssl_sites]  # SCAFFOLD: the server's and each hospital's variates
+    # --dp: the aggregator's own aggregation (Flower's DP wrapper and accountant), hospital i as node i + 1.
+    private = Aggregation(cfg) if cfg.dp != names.DP_OFF else None
+    if private is not None:
+        private.population = len(ssl_sites)
+        from flwr.supercore.task_identity import TaskIdentity  # Flower's Messages need what a ServerApp process sets
+        for key in ("run_id", "node_id", "task_id"):
+            if getattr(TaskIdentity, f"_{key}") is None:
+                setattr(TaskIdentity, key, 0)
+    stopped = None
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
+        if private is not None:
+            try:
+                private.configure(phase, rnd, records.state_arrays(state, shared), list(range(1, len(sites) + 1)))
+            except PrivacyBudgetExhausted as exc:  # as the aggregator: stop before the round, keep the last model
+                stopped = f"{phase} round {rnd}: {exc}"
+                print(f"    privacy budget reached, stopped before {stopped}", flush=True)
+                break
         updates, traffic, deltas = [], {}, []
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
@@ -264,8 +286,14 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
             control[n] = control.get(n, 0) + sum(d[n] for d in deltas) / len(deltas)
-        average = weighted_average(updates)
-        for key, value in optimizer.step({k: state[k].numpy() for k in average}, average, phase).items():
+        if private is not None:
+            new = private.aggregate(phase, rnd, records.state_arrays(state, shared),
+                                    [(i + 1, up, n) for i, (up, n) in enumerate(updates)])
+            print(f"    privacy: epsilon {private.privacy_spent()['epsilon']:.3f} at delta {cfg.dp_delta:g}", flush=True)
+        else:
+            average = weighted_average(updates)
+            new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
+        for key, value in new.items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
         server.load_state_dict(state)
@@ -280,9 +308,11 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
+    extra = {} if private is None else {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
-        return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm}
-    return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm}
+        return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm,
+                **extra}
+    return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
 
 
 def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalData, val: HospitalData,
@@ -418,6 +448,12 @@ def main() -> None:
     ap.add_argument("--label", default="", help="names a variant (e.g. a lever under test): runs are keyed by arm, seed, eval and label")
     ap.add_argument("--scaffold", action="store_true", help="federated arms: SCAFFOLD drift correction in fine-tuning (bench only)")
     ap.add_argument("--bn-diagnostic", action="store_true", help="federated arms: also score every round with BatchNorm statistics recomputed")
+    ap.add_argument("--dp", default=names.DP_OFF, choices=names.DP_MODES,
+                    help="federated arms: client-level DP by Flower's fixed-clipping wrapper and RDP accountant (run config dp)")
+    ap.add_argument("--dp-noise-multiplier", type=float, default=1.0)
+    ap.add_argument("--dp-clipping-norm", type=float, default=1.0)
+    ap.add_argument("--dp-delta", type=float, default=1e-5)
+    ap.add_argument("--dp-max-epsilon", type=float, default=0.0, help="stop before the round that would pass it (0 = no cap)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -458,7 +494,8 @@ def main() -> None:
                      local_steps=args.local_steps, lr=args.lr, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
-                     local_baseline=False)
+                     local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
+                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon)
     base.validate()
     t0 = time.perf_counter()
     try:

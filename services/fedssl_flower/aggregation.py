@@ -20,6 +20,22 @@ handed to Flower as float64 (the precision `weighted_average` averages in) and t
 cast back to the global model's dtype. A hospital that trained on no examples is left out, as
 `weighted_average` leaves it out: a robust strategy must not count its unchanged model as a vote.
 
+Differential privacy (run config dp=central-fixed): the trained float parameters go through
+Flower's `DifferentialPrivacyServerSideFixedClipping` around FedAvg, with Flower's RDP
+accountant (`RdpAccountant`, no-amplification sampling: every hospital trains every round;
+population = the federation's hospitals). The wrapper clips each hospital's update (its
+trained parameters minus the global model's) to L2 norm dp-clipping-norm, FedAvg averages the
+clipped models and Gaussian noise of stdev noise_multiplier * clipping_norm / hospitals is
+added to the average; the accountant composes one Gaussian release per round. Client-level DP
+needs every hospital to weigh the same (the sensitivity of a weighted mean is not the clipping
+norm over the count), so each reply carries num-examples 1, which Flower checks. BatchNorm
+statistics and integer buffers would leak outside the mechanism if averaged (running means
+and variances of the hospitals' images, unclipped, un-noised), so under DP they are not
+aggregated: the global model keeps its own (ImageNet's with pretrained=true, the initial 0/1
+otherwise). The wrapper is built per round, for the hospitals that train in it, around one
+accountant for the whole run (both phases); when the wrapper's next release would pass
+dp-max-epsilon, Flower's `configure_train` raises `PrivacyBudgetExhausted` before the round.
+
 Before any of that, `check_update` refuses a reply whose update is not the global model's
 shared groups for the phase (missing or extra tensors, wrong shapes or dtypes, NaN or Inf).
 """
@@ -32,8 +48,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from fedssl_core.names import (STRATEGIES, STRATEGY_FEDADAGRAD, STRATEGY_FEDADAM, STRATEGY_FEDAVG,
+from fedssl_core.names import (DP_OFF, STRATEGIES, STRATEGY_FEDADAGRAD, STRATEGY_FEDADAM, STRATEGY_FEDAVG,
                                STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 
@@ -80,6 +98,26 @@ def build_strategy(cfg: "RunConfig") -> flwr_strategy.FedAvg:
     params = {flower: config[key] for key, flower in PARAMETERS[cfg.strategy].items()}
     return _CLASSES[cfg.strategy](fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                                   min_available_nodes=1, **params)
+
+
+__all__ = ["PrivacyBudgetExhausted"]  # what the aggregator catches, re-exported from Flower
+
+
+def new_accountant(cfg: "RunConfig", population: int):
+    """Flower's RDP accountant for a run: client-level, add-or-remove-one neighbours, no
+    sampling amplification (every hospital trains every round), reported at dp-delta, capped
+    at dp-max-epsilon (0 = no cap)."""
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # needs flwr[dp] (dp-accounting)
+
+    return RdpAccountant(PrivacyConfig(target_delta=cfg.dp_delta, population_size=population,
+                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                                       max_epsilon=cfg.dp_max_epsilon or None))
+
+
+def privacy_event(cfg: "RunConfig", sample_size: int, population: int) -> GaussianPrivacyEvent:
+    """One round's Gaussian release, as Flower's fixed-clipping wrapper composes it."""
+    return GaussianPrivacyEvent(noise_multiplier=cfg.dp_noise_multiplier, sample_size=sample_size, population_size=population)
 
 
 def parameters(cfg: "RunConfig") -> dict:
@@ -150,6 +188,13 @@ class Aggregation:
         # strategy=fedavg keeps fedssl's server step (server-lr, server-momentum) on the average.
         self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.sent: dict[int, Message] = {}  # node -> the strategy's train message of this round
+        # dp: one accountant for the run (created at the first round, for `population`
+        # hospitals), a fixed-clipping wrapper per round; `privacy` is the last round's spend.
+        self.dp = cfg.dp != DP_OFF
+        self.population: int | None = None
+        self.accountant = None
+        self.sent_nodes: list[int] = []
+        self.privacy: dict | None = None
 
     def _start_phase(self, phase: str) -> None:
         if phase != self.phase:
@@ -160,6 +205,8 @@ class Aggregation:
         and the hospitals that train; returns the entries the strategy put in the train config
         beyond the round number (FedProx: `proximal-mu`), for the aggregator's messages."""
         self._start_phase(phase)
+        if self.dp:
+            return self._configure_private(rnd, current, node_ids)
         if self.cfg.strategy == STRATEGY_FEDAVG:
             return {}  # FedAvg adds nothing to the train config; its average is weighted_average's
         trained = {k: v for k, v in current.items() if is_trained(k, v)}
@@ -175,6 +222,8 @@ class Aggregation:
         """The new global values of the phase's shared arrays from `updates` ((node,
         arrays, examples) of the accepted replies, already checked by `check_update`), given
         their `current` values (the ones `configure` was shown)."""
+        if self.dp:
+            return self._aggregate_private(phase, rnd, current, updates)
         if self.cfg.strategy == STRATEGY_FEDAVG:
             self._start_phase(phase)
             return self.server_optimizer.step(current, weighted_average([(arrays, n) for _, arrays, n in updates]), phase)
@@ -204,3 +253,66 @@ class Aggregation:
             # float32 as weighted_average makes it; `+ 0.0` turns a -0.0 into 0.0, as its sum from zeros does.
             out[key] = (new[key].numpy().astype(np.float64) + 0.0).astype(np.float32).reshape(counted[0][1][key].shape)
         return out
+
+    # ---------------------------------------------------------------- differential privacy
+    def _configure_private(self, rnd: int, current: Mapping[str, np.ndarray], node_ids: Sequence[int]) -> dict:
+        """A fixed-clipping wrapper for this round's hospitals around FedAvg, on the run's
+        accountant; its `configure_train` raises `PrivacyBudgetExhausted` when this round's
+        release would pass dp-max-epsilon."""
+        if self.accountant is None:
+            self.population = max(self.population or 0, len(node_ids), 1)
+            self.accountant = new_accountant(self.cfg, self.population)
+        # More nodes than hospitals (one reconnected while its old node is still listed): the
+        # budget check is the same for any sample (no amplification), and the release is
+        # configured again at aggregation for the nodes that replied.
+        node_ids = list(node_ids)[:self.accountant.config.population_size]
+        self.strategy = flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
+            build_strategy(self.cfg), self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, max(len(node_ids), 1),
+            accountant=self.accountant)
+        trained = {k: v for k, v in current.items() if is_trained(k, v)}
+        msgs = list(self.strategy.configure_train(rnd, _array_record(trained), ConfigRecord(), _Hospitals(node_ids)))
+        self.sent = {m.metadata.dst_node_id: m for m in msgs}
+        self.sent_nodes = sorted(self.sent)
+        return {}
+
+    def _aggregate_private(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
+                           updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        counted = [(node, arrays, n) for node, arrays, n in updates if n > 0]
+        if not counted:
+            raise AggregationError("no hospital reported any training examples; nothing to aggregate")
+        # Flower's wrapper adds noise for the hospitals it was configured with and insists they
+        # all reply: when some did not (failed, refused, no examples), a wrapper for those that
+        # did is configured for this round instead (nothing was released yet).
+        if phase != self.phase or sorted(node for node, _, _ in counted) != self.sent_nodes:
+            self._start_phase(phase)
+            self._configure_private(rnd, current, [node for node, _, _ in counted])
+        for _, arrays, _ in counted[1:]:
+            if set(arrays) != set(counted[0][1]):
+                diff = sorted(set(counted[0][1]).symmetric_difference(arrays))
+                raise AggregationError(f"hospitals returned different parameter sets (e.g. {', '.join(diff[:3])})")
+        keys = sorted(k for k, v in counted[0][1].items() if is_trained(k, v))
+        # BatchNorm statistics and integer buffers stay the global model's: averaged, they
+        # would carry the hospitals' data outside the clipping and the noise.
+        out = {k: np.array(current[k], copy=True) for k in counted[0][1] if k not in keys}
+        before = self.accountant.get_privacy_spent().epsilon if self.accountant.num_releases else 0.0
+        replies = [Message(RecordDict({ARRAYS: _array_record({k: arrays[k] for k in keys}),
+                                       METRICS: MetricRecord({EXAMPLES: 1})}),  # equal weights: client-level DP
+                           reply_to=self.sent[node]) for node, arrays, _ in counted]
+        new, _ = self.strategy.aggregate_train(rnd, replies)
+        self.sent, self.sent_nodes = {}, []
+        if new is None:
+            raise AggregationError(f"Flower's DP wrapper returned no arrays for {phase} round {rnd}")
+        spent = self.accountant.get_privacy_spent()
+        self.privacy = {"mechanism": self.cfg.dp, "epsilon": float(spent.epsilon), "delta": float(spent.delta),
+                        "round_epsilon": float(spent.epsilon - before), "releases": int(spent.num_releases),
+                        "noise_multiplier": float(self.cfg.dp_noise_multiplier), "clipping_norm": float(self.cfg.dp_clipping_norm),
+                        "noise_stdv": float(self.cfg.dp_noise_multiplier * self.cfg.dp_clipping_norm / len(counted)),
+                        "hospitals": len(counted), "population": int(self.accountant.config.population_size),
+                        "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": spent.accounting_method}
+        for key in keys:
+            out[key] = (new[key].numpy().astype(np.float64) + 0.0).astype(np.float32).reshape(counted[0][1][key].shape)
+        return out
+
+    def privacy_spent(self) -> dict | None:
+        """The run's privacy spent so far (None with dp=off or before the first release)."""
+        return dict(self.privacy) if self.privacy else None

@@ -80,6 +80,14 @@ class RunConfig:
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end per coordinate, in [0, 0.5)
     num_malicious_nodes: int = 0  # krum | multikrum: hospitals assumed malicious (f), >= 0
     num_nodes_to_select: int = 1  # multikrum: replies averaged after selection, >= 1
+    # Client-level differential privacy (services/fedssl_flower/aggregation.py): off | central-fixed
+    # (Flower's DifferentialPrivacyServerSideFixedClipping around FedAvg, RDP-accounted, every
+    # hospital weighted equally, BatchNorm statistics kept at the global model's values).
+    dp: str = names.DP_OFF
+    dp_noise_multiplier: float = 1.0  # Gaussian noise stdev / clipping norm (on the sum of the clipped updates), > 0
+    dp_clipping_norm: float = 1.0  # L2 bound of each hospital's update of the trained parameters, > 0
+    dp_delta: float = 1e-5  # the delta epsilon is reported at, in (0, 1)
+    dp_max_epsilon: float = 0.0  # privacy budget: the run stops before a round that would pass it; 0 = no cap
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
     registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
@@ -136,6 +144,28 @@ class RunConfig:
         need(0 <= self.trim_beta < 0.5, f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
         need(self.num_malicious_nodes >= 0, f"num-malicious-nodes must be >= 0, got {self.num_malicious_nodes}")
         need(self.num_nodes_to_select >= 1, f"num-nodes-to-select must be >= 1, got {self.num_nodes_to_select}")
+        need(self.dp in names.DP_MODES, f"dp={self.dp!r}; expected one of {', '.join(names.DP_MODES)}")
+        need(self.dp_noise_multiplier > 0, f"dp-noise-multiplier must be > 0 (Flower's accountant needs noise), got {self.dp_noise_multiplier}")
+        need(self.dp_clipping_norm > 0, f"dp-clipping-norm must be > 0, got {self.dp_clipping_norm}")
+        need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        need(self.dp_max_epsilon >= 0, f"dp-max-epsilon must be >= 0 (0 = no cap), got {self.dp_max_epsilon}")
+        if self.dp != names.DP_OFF:
+            need(self.strategy == names.STRATEGY_FEDAVG and self.server_lr == 1.0 and self.server_momentum == 0.0,
+                 f"dp={self.dp} needs strategy=fedavg with server-lr=1 and server-momentum=0 (got strategy={self.strategy}, "
+                 f"server-lr={self.server_lr}, server-momentum={self.server_momentum}): Flower accounts the privacy spent "
+                 "only for a strategy whose aggregate_train is FedAvg's, with equal weights")
+            need(not self.register_local_models,
+                 f"dp={self.dp} with register-local-models=true would send each hospital's own model un-noised to the "
+                 "aggregator, outside the privacy guarantee; set register-local-models=false")
+            need(not self.resume_from_registry,
+                 f"dp={self.dp} with resume-from-registry=true: the privacy already spent is not restored, so the "
+                 "accounted epsilon would restart at 0; start a new run instead")
+            if self.dp_max_epsilon > 0:
+                first = one_release_epsilon(self)
+                need(first <= self.dp_max_epsilon,
+                     f"dp-max-epsilon={self.dp_max_epsilon} is below the epsilon of a single round ({first:.4g} at "
+                     f"dp-delta={self.dp_delta}, dp-noise-multiplier={self.dp_noise_multiplier}): no round could run; "
+                     "raise dp-max-epsilon or dp-noise-multiplier")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")
@@ -154,3 +184,14 @@ class RunConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def one_release_epsilon(cfg: RunConfig) -> float:
+    """The epsilon (at dp-delta) of one round under `cfg`'s noise multiplier, by Flower's RDP
+    accountant: with every hospital training each round (no sampling amplification) it does
+    not depend on the number of hospitals."""
+    from .aggregation import new_accountant, privacy_event  # flwr[dp]; only when dp is on
+
+    accountant = new_accountant(cfg, population=1)
+    accountant.compose(privacy_event(cfg, sample_size=1, population=1))
+    return float(accountant.get_privacy_spent().epsilon)

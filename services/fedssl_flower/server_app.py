@@ -34,7 +34,7 @@ from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
 
 from . import aggregation, local_models, records, training
-from .aggregation import Aggregation, check_update
+from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update
 from .client_app import parse_info
 from .config import RunConfig
 from .errors import ConfigError, FedSSLError
@@ -74,6 +74,7 @@ class Trained:
     train_seconds: float
     aggregate_seconds: float
     seconds: float  # the round's wall time, its registration excluded
+    privacy: dict | None = None  # dp: the privacy spent up to this round's release (aggregation.privacy_spent)
 
 
 @dataclass
@@ -355,7 +356,8 @@ class Aggregator:
         return {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
                 "class_names": self.class_names}
 
-    def _register(self, state: dict[str, torch.Tensor], phase: str, rnd: int, aggregated: dict, hospitals: list[str]) -> None:
+    def _register(self, state: dict[str, torch.Tensor], phase: str, rnd: int, aggregated: dict, hospitals: list[str],
+                  privacy: dict | None = None) -> None:
         if self.registry is None:
             return
         source, synthetic = self._data_facts()
@@ -387,7 +389,9 @@ class Aggregator:
                 "tags": tags,
                 "lineage": {"run_id": self.run_id, "round": rnd, "phase": phase, "hospitals": hospitals, "metrics": scalars,
                             "recipe": self._recipe(), "budget": self._budget(phase),
-                            **({"calibration": calibration} if calibration else {})},
+                            **({"calibration": calibration} if calibration else {}),
+                            # dp: the privacy this model cost, all rounds up to it (epsilon at delta)
+                            **({"privacy": privacy} if privacy else {})},
                 "data_source": source,
                 "synthetic_data": synthetic,
             })
@@ -397,7 +401,8 @@ class Aggregator:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
                 "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "finetune-mode", "share",
-                "strategy", "server-lr", "server-momentum", "update-encoding", "seed")
+                "strategy", "server-lr", "server-momentum", "update-encoding", "seed",
+                "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
         config = self.cfg.as_dict()
         return ({k: config[k] for k in keep} | {"strategy_parameters": aggregation.parameters(self.cfg)}
                 | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}})
@@ -515,7 +520,7 @@ class Aggregator:
             self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
         return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed, skipped,
-                       refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0)
+                       refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0, self.aggregation.privacy_spent())
 
     def _accepted(self, reply: Message, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """The update in `reply`, unpacked, or None and why it is refused: weights that cannot
@@ -631,6 +636,8 @@ class Aggregator:
             "timing": {"train_seconds": t.train_seconds, "aggregate_seconds": t.aggregate_seconds,
                        "evaluate_seconds": evaluate_seconds, "evaluated_in": evaluated_in},
         }
+        if t.privacy:
+            record["privacy"] = t.privacy
         self.folder.save_weights(phase, rnd, t.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
                                                        "fedssl.run_id": self.run_id})
         t_reg = time.monotonic()
@@ -639,8 +646,8 @@ class Aggregator:
                 self.registry.post_round(self.run_id, {k: record[k] for k in ("phase", "round", "aggregated", "hospitals", "examples",
                                                                               "skipped_hospitals", "refused_hospitals",
                                                                               "duration_seconds", "bytes_sent",
-                                                                              "bytes_received")})
-            self._register(t.state, phase, rnd, aggregated, sorted(t.examples))
+                                                                              "bytes_received", "privacy") if k in record})
+            self._register(t.state, phase, rnd, aggregated, sorted(t.examples), t.privacy)
         finally:  # the round is on disk even when the registry is unreachable
             record["timing"]["register_seconds"] = time.monotonic() - t_reg
             self.folder.append_round(record)
@@ -649,6 +656,12 @@ class Aggregator:
         _progress("phase=%s round=%d/%d hospitals=%d loss=%s balanced_accuracy=%s macro_auc=%s (%.1fs)",
                   phase, rnd, t.total, len(t.examples), _fmt(loss), _fmt(aggregated.get(names.M_BALANCED_ACCURACY)),
                   _fmt(aggregated.get(names.M_MACRO_AUC)), t.seconds + evaluate_seconds)
+        if t.privacy:
+            p = t.privacy
+            _progress("phase=%s round=%d privacy: epsilon=%.4f spent in total (+%.4f this round) at delta=%g after %d release(s); "
+                      "noise multiplier %g, clipping norm %g%s", phase, rnd, p["epsilon"], p["round_epsilon"], p["delta"],
+                      p["releases"], p["noise_multiplier"], p["clipping_norm"],
+                      f", budget {p['max_epsilon']:g}" if p.get("max_epsilon") else "")
         return record
 
     # ---------------------------------------------------------------- resume
@@ -688,6 +701,7 @@ class Aggregator:
             "data": self._data_facts()[0], "synthetic_data": self._data_facts()[1], "warnings": self.warnings,
             "hospitals": {h.name: {"ssl_task": h.ssl_task, "audit": h.audit} for h in self.hospitals.values()},
             "rounds_done": len(self.history), "final_metrics": last, "registered": self.registered, "local_models": self.local_models,
+            **({"privacy": self.aggregation.privacy_spent()} if self.aggregation.privacy_spent() else {}),
             "config": self.cfg.as_dict(), "started_at": self.started, "finished_at": _now(),
         }
 
@@ -717,6 +731,33 @@ class Aggregator:
             if registry is not None:
                 registry.close()
 
+    def _train(self, schedule: list[tuple[str, int, int]]) -> Trained | None:
+        """Run `schedule`'s rounds; returns the last one (scored by the final evaluation). With
+        dp and dp-max-epsilon, Flower refuses a round whose release would pass the budget before
+        it is sent: the run stops there, as succeeded with a warning, its last round's model the
+        one the final evaluation scores and the production alias gets."""
+        trained = None
+        for phase, rnd, total in schedule:
+            self.where = f"{phase} round {rnd}"
+            try:
+                trained = self._round(phase, rnd, total, trained)
+            except PrivacyBudgetExhausted as exc:
+                spent = self.aggregation.privacy_spent()
+                if trained is None:
+                    raise RunFailed(f"privacy budget dp-max-epsilon={self.cfg.dp_max_epsilon:g} allows no round: {exc}") from exc
+                done = f"{trained.phase} round {trained.round}"
+                warning = (f"privacy budget reached: stopped before {phase} round {rnd} of the planned schedule, as its release "
+                           f"would pass dp-max-epsilon={self.cfg.dp_max_epsilon:g} (spent: epsilon={spent['epsilon']:.4f} at "
+                           f"delta={spent['delta']:g} after {spent['releases']} rounds); the last model is {done}'s")
+                self.warnings.append(warning)
+                _progress("run %s: %s", self.run_id, warning)
+                break
+            if self.history:
+                self.folder.write_summary(self.summary("running"))
+                if self.registry is not None:
+                    self.registry.put_run(self.run_id, self._run_body("running"))
+        return trained
+
     def run(self) -> None:
         add_exit_handler(self._stopped)
         try:
@@ -736,14 +777,8 @@ class Aggregator:
             schedule = [s for s in schedule if (order[s[0]], s[1]) > (order[start[0]], start[1])]
             _progress("run %s: %d SSL + %d fine-tune rounds, %d hospitals (%s)", self.run_id, self.cfg.ssl_rounds,
                       self.cfg.finetune_rounds, len(self._hospital_names()), ", ".join(self._hospital_names()))
-            trained = None
-            for phase, rnd, total in schedule:
-                self.where = f"{phase} round {rnd}"
-                trained = self._round(phase, rnd, total, trained)
-                if self.history:
-                    self.folder.write_summary(self.summary("running"))
-                    if self.registry is not None:
-                        self.registry.put_run(self.run_id, self._run_body("running"))
+            self.aggregation.population = len(self._hospital_names())  # dp: the accountant's population
+            trained = self._train(schedule)
             if trained is not None:
                 self.where = "the final evaluation"
                 self._final_evaluation(trained)

@@ -18,10 +18,16 @@ def rounds(work):
 
 
 def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
+    """(Run with dp=central-fixed, whose assertions here do not depend on the model's values:
+    Flower's fixed-clipping wrapper releases round 2 for the one hospital that replied, its
+    accountant counts three rounds, and refuses the planned fourth, whose release would pass
+    dp-max-epsilon=10 (epsilon 9.01 after three rounds at noise multiplier 1, 10.6 after
+    four): the run succeeds with a warning and round 3's model is production.)"""
     import subprocess
 
     with P.cluster(tmp_path) as c:
-        _, port = P.start_superlink(c)
+        registry = P.start_registry(c, tmp_path / "registry")
+        _, port = P.start_superlink(c, registry=registry)
 
         def hospital(name, i):
             return P.start_supernode(c, port, f"{name}-{time.monotonic_ns()}", P.node_config(
@@ -32,9 +38,11 @@ def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
         victim = hospital("flaky", 1)
         args = [str(P.VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{port}", "--app", str(P.REPO_ROOT),
                 "--flwr-home", str(tmp_path / "cli"), "--poll-seconds", "1",
-                "-c", "ssl-rounds=3", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
+                "-c", "ssl-rounds=4", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
                 "-c", "round-timeout=90.0", "-c", "message-retries=0", "-c", "local-baseline=false", "-c", "probe-epochs=2",
-                "-c", "local-steps=2", "-c", "batch-size=32", "-c", "arch=\"resnet18\"", "-c", "pretrained=false"]
+                "-c", "local-steps=2", "-c", "batch-size=32", "-c", "arch=\"resnet18\"", "-c", "pretrained=false",
+                "-c", "dp=\"central-fixed\"", "-c", "dp-noise-multiplier=1.0", "-c", "dp-clipping-norm=1.0",
+                "-c", "dp-max-epsilon=10.0"]
         submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             # describe, round 1, round 2: the victim holds round 2's message (and round 1's
@@ -47,9 +55,21 @@ def test_killed_hospital_is_skipped_then_rejoins(tmp_path, ham10000_dir):
             if submit.poll() is None:
                 submit.kill()
         assert submit.returncode == 0, out + c.logs()
+        with registry.client() as http:
+            (run,) = http.get("/v1/runs").json()["runs"]
+            posted = http.get(f"/v1/runs/{run['run_id']}/rounds").json()["rounds"]
+            versions = http.get("/v1/models/fedssl-encoder/versions").json()["versions"]
 
     history = rounds(tmp_path)
     assert [r["round"] for r in history] == [1, 2, 3]
+    # Differential privacy: one release per round, round 2's for the one hospital that replied.
+    assert [(r["privacy"]["releases"], r["privacy"]["hospitals"]) for r in history] == [(1, 2), (2, 1), (3, 2)]
+    assert [p["privacy"] for p in posted] == [r["privacy"] for r in history]
+    assert 9.0 < history[2]["privacy"]["epsilon"] < 10.0 and history[2]["privacy"]["delta"] == 1e-5
+    assert [v["lineage"]["privacy"]["releases"] for v in versions] == [1, 2, 3]
+    assert [v["aliases"] for v in versions] == [[], [], ["production"]]
+    assert run["status"] == "succeeded" and any(w.startswith("privacy budget reached: stopped before ssl round 4") for w in run["warnings"])
+    assert "phase=ssl round=3 privacy: epsilon=" in out
     trained = [sorted(r["examples"]) for r in history]  # who trained each round's model
     assert trained[0] == ["flaky", "steady"]
     assert trained[1] == ["steady"] and history[1]["failed_hospitals"] == ["flaky"]

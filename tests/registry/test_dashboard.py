@@ -494,3 +494,26 @@ def test_a_synthetic_run_is_marked_unmistakably_and_hostile_names_stay_text(fede
     assert tab.eval("window.__pwned === undefined && document.querySelectorAll('img[src=\"x\"]').length === 0")
     assert tab.eval(f"""[...document.querySelectorAll('[data-chart="balanced_accuracy"] g.series')].some(g => g.dataset.series === {json.dumps(hostile)})""")
     shoot(tab, fed, "run-synthetic.png")
+
+
+def test_a_private_run_shows_the_epsilon_spent(federation, tab):
+    """A dp=central-fixed run's records, as the aggregator posts them (the real run's, with a
+    `privacy` entry per round): the header says the epsilon spent of the budget, the rounds
+    table has a column of it and a chart draws it against the budget."""
+    fed = federation
+    body = {k: v for k, v in fed.run.items() if k not in ("run_id", "rounds_done", "rounds_total", "created_at", "updated_at")}
+    body["config"] = {**fed.run["config"], "dp": "central-fixed", "dp-max-epsilon": 10.0}
+    spent = [4.7285, 7.0774]  # Flower's RDP accountant, noise multiplier 1, delta 1e-5, after 1 and 2 rounds
+    with fed.registry.client() as http:
+        assert http.put("/v1/runs/private-demo", json=body).status_code == 200
+        for i, (phase, number) in enumerate((("ssl", 1), ("finetune", 1))):
+            privacy = {"mechanism": "central-fixed", "epsilon": spent[i], "delta": 1e-5, "round_epsilon": spent[i] - (spent[i - 1] if i else 0),
+                       "releases": i + 1, "noise_multiplier": 1.0, "clipping_norm": 1.0}
+            assert http.post("/v1/runs/private-demo/rounds", json={**rnd(fed, phase, number), "privacy": privacy}).status_code == 201
+    open_page(tab, fed, "/dashboard/runs/private-demo", "document.querySelector('[data-chart=\"epsilon\"]')")
+    assert tab.text('[data-fact="epsilon"] .fact-value') == "7.08 of 10 at δ=0.00001 · 2 round(s)"
+    assert tab.eval("[...document.querySelectorAll('.rounds-table td[data-col=\"epsilon\"]')].map(td => td.textContent)") == ["4.729", "7.077"]
+    assert tab.eval("""[...document.querySelectorAll('[data-chart="epsilon"] g.series')].map(g => g.dataset.series)""") \
+        == ["ε spent", "budget (dp-max-epsilon)"]
+    open_page(tab, fed, f"/dashboard/runs/{fed.run_id}", "document.querySelector('[data-chart=\"bytes\"]')")
+    assert tab.count('[data-fact="epsilon"]') == 0 and tab.count('[data-chart="epsilon"]') == 0  # dp=off: nothing about it

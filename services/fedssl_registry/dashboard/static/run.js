@@ -33,6 +33,19 @@ function colours(names) {
 
 const metricOf = (obj, key) => (obj && isNum(obj[key]) ? obj[key] : null);
 
+// Differential privacy (run config dp): each round's record carries the privacy spent up to it.
+const isPrivate = (run, rounds) => (run.config?.dp && run.config.dp !== "off") || rounds.some((r) => r.privacy);
+const epsilonOf = (rd) => metricOf(rd.privacy, "epsilon");
+
+/** "ε spent" of the run: the newest release's epsilon at its delta, and the budget. */
+function privacyText(run, rounds) {
+  const last = rounds.filter((r) => isNum(epsilonOf(r))).reduce((a, r) => (!a || r.privacy.releases > a.privacy.releases ? r : a), null);
+  const budget = run.config?.["dp-max-epsilon"];
+  const cap = isNum(budget) && budget > 0 ? ` of ${budget}` : " (no cap)";
+  if (!last) return `none yet${cap}`;
+  return `${num(last.privacy.epsilon, 2)}${cap} at δ=${last.privacy.delta} · ${last.privacy.releases} round(s)`;
+}
+
 // ------------------------------------------------------------------ header
 function header(run, rounds) {
   const planned = Object.values(run.planned_rounds || {}).reduce((a, b) => a + (b || 0), 0);
@@ -53,7 +66,8 @@ function header(run, rounds) {
       fact("Duration", `${runDuration(run)}${run.status === "running" ? " so far" : ""}`, "duration"),
       fact("Hospitals", String(hospitals.length), "hospital-count"),
       fact("Data source", run.data_source || "–", "data-source"),
-      fact("Model", `${cfg.arch || "?"} · ${cfg["image-size"] || "?"} px · ${cfg["finetune-mode"] || "?"} fine-tune`, "model")),
+      fact("Model", `${cfg.arch || "?"} · ${cfg["image-size"] || "?"} px · ${cfg["finetune-mode"] || "?"} fine-tune`, "model"),
+      isPrivate(run, rounds) ? fact(`ε spent (${cfg.dp || "dp"})`, privacyText(run, rounds), "epsilon") : null),
     progress,
     h("p", { class: "muted small" },
       `Started ${when(run.started_at)}`, run.finished_at ? ` · finished ${when(run.finished_at)}` : "",
@@ -124,6 +138,18 @@ function curves(run, rounds, names, colour) {
         ...names.map((n) => ({ name: n, color: colour[n], values: rounds.map((r) => metricOf(r.hospitals?.[n], key)) })),
       ],
       caption: ssl.length ? "SSL rounds: linear probe on the shared encoder; FT rounds: the federated classifier." : null,
+    }));
+  }
+  if (isPrivate(run, rounds)) {
+    const budget = run.config?.["dp-max-epsilon"];
+    charts.push(lineChart({
+      id: "epsilon", title: "Privacy spent (ε, client-level, in total)", xLabels: rounds.map(roundLabel), format: (v) => v.toFixed(2),
+      divider: firstFt > 0 ? firstFt : null,
+      series: [
+        { name: "ε spent", color: INK, width: 3, values: rounds.map(epsilonOf) },
+        ...(isNum(budget) && budget > 0 ? [{ name: "budget (dp-max-epsilon)", color: "#dc2626", values: rounds.map(() => budget) }] : []),
+      ],
+      caption: "Flower's RDP accountant, every hospital in every round (no sampling amplification); δ as configured (dp-delta).",
     }));
   }
   charts.push(barChart({
@@ -253,6 +279,7 @@ function roundsSection(run, rounds) {
       csv.textContent = `CSV: ${err.message}`;
     }
   });
+  const dp = isPrivate(run, rounds);
   const rows = rounds.map((r) => {
     const a = r.aggregated || {};
     return h("tr", { "data-round": roundLabel(r) },
@@ -265,10 +292,12 @@ function roundsSection(run, rounds) {
       h("td", { class: "num", text: num(a.macro_auc) }),
       h("td", { class: "num", text: duration(r.duration_seconds) }),
       h("td", { class: "num", text: bytes(r.bytes_sent) }),
-      h("td", { class: "num", text: bytes(r.bytes_received) }));
+      h("td", { class: "num", text: bytes(r.bytes_received) }),
+      dp ? h("td", { class: "num", "data-col": "epsilon", text: num(epsilonOf(r), 3),
+        title: r.privacy ? `+${num(r.privacy.round_epsilon, 3)} this round at δ=${r.privacy.delta}; noise multiplier ${r.privacy.noise_multiplier}, clipping norm ${r.privacy.clipping_norm}` : null }) : null);
   });
   return section("Rounds", { id: "rounds", tools: csv },
-    rounds.length ? table(["Round", "Hospitals", "Train examples", "Test examples", "Loss", "Balanced acc.", "Macro AUC", "Duration", "Sent", "Received"], rows, { class: "rounds-table" })
+    rounds.length ? table(["Round", "Hospitals", "Train examples", "Test examples", "Loss", "Balanced acc.", "Macro AUC", "Duration", "Sent", "Received", ...(dp ? ["ε spent"] : [])], rows, { class: "rounds-table" })
       : empty("No round has finished yet."),
     configList(run));
 }

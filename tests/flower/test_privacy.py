@@ -1,0 +1,197 @@
+"""dp=central-fixed: Flower's server-side fixed-clipping wrapper and RDP accountant behind
+fedssl's aggregation (services/fedssl_flower/aggregation.py), with real Flower objects.
+
+The clipping and the noise are Flower's; these tests check that fedssl feeds them what
+client-level DP needs (the trained parameters, equal weights, one accountant for the run) and
+that what it reports is what Flower's accountant says."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedssl_core import names
+from fedssl_flower import aggregation
+from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted
+from fedssl_flower.config import RunConfig, one_release_epsilon
+from fedssl_flower.errors import ConfigError
+
+NODES = [11, 12, 13, 14]
+DP = {"dp": "central-fixed", "dp-clipping-norm": 1.0, "dp-delta": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower's ServerApp process sets before Messages are built."""
+    for key, value in {"_run_id": 3, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def _current():
+    return {"encoder.conv.weight": np.zeros((2, 3), np.float32), "encoder.bn.weight": np.ones(2, np.float32),
+            "encoder.bn.running_mean": np.zeros(2, np.float32), "encoder.bn.running_var": np.ones(2, np.float32),
+            "encoder.bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+
+
+def _updates(current, scale, examples=(30, 10, 20, 40)):
+    """Hospital i moves every trained parameter by scale * (i + 1) and its BatchNorm statistics
+    by its own data; its example count differs from the others'."""
+    out = []
+    for i, node in enumerate(NODES):
+        arrays = {k: (v + np.float32(scale * (i + 1)) if v.dtype == np.float32 else v + 3) for k, v in current.items()}
+        arrays["encoder.bn.running_mean"] = np.full(2, 100.0 + i, np.float32)
+        out.append((node, arrays, examples[i]))
+    return out
+
+
+def _round(agg, rnd, current, updates, phase=names.PHASE_SSL):
+    agg.configure(phase, rnd, current, [node for node, _, _ in updates])
+    return agg.aggregate(phase, rnd, current, updates)
+
+
+def _flower_accountant(cfg, rounds):
+    accountant = aggregation.new_accountant(cfg, population=len(NODES))
+    for _ in range(rounds):
+        accountant.compose(aggregation.privacy_event(cfg, sample_size=len(NODES), population=len(NODES)))
+    return accountant.get_privacy_spent()
+
+
+def test_a_large_update_is_clipped_to_the_norm_with_equal_weights():
+    """A tiny noise multiplier (the accountant needs one > 0) leaves the clipping visible: each
+    hospital's update of the 8 trained values (conv 6 + bn.weight 2) is scaled to L2 norm 1,
+    then the four count the same whatever their examples."""
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1e-9})
+    agg = Aggregation(cfg)
+    current = _current()
+    out = _round(agg, 1, current, _updates(current, scale=10.0))
+    # Every update is c * ones(8) with c = 10, 20, 30, 40: clipped to ones(8) / sqrt(8) each.
+    per_value = 1.0 / np.sqrt(8)
+    np.testing.assert_allclose(out["encoder.conv.weight"], current["encoder.conv.weight"] + per_value, atol=1e-6)
+    np.testing.assert_allclose(out["encoder.bn.weight"], current["encoder.bn.weight"] + per_value, atol=1e-6)
+    # BatchNorm statistics and the integer counter stay the global model's under DP.
+    np.testing.assert_array_equal(out["encoder.bn.running_mean"], current["encoder.bn.running_mean"])
+    np.testing.assert_array_equal(out["encoder.bn.running_var"], current["encoder.bn.running_var"])
+    assert int(out["encoder.bn.num_batches_tracked"]) == 7
+    assert out["encoder.conv.weight"].dtype == np.float32
+
+
+def test_an_update_inside_the_norm_is_not_clipped():
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1e-9, "dp-clipping-norm": 100.0})
+    current = _current()
+    out = _round(Aggregation(cfg), 1, current, _updates(current, scale=0.01))
+    np.testing.assert_allclose(out["encoder.conv.weight"], current["encoder.conv.weight"] + 0.025, atol=1e-6)  # (1+2+3+4)/4 * 0.01
+
+
+def test_the_noise_has_flowers_stdv():
+    """Updates inside the norm and a zero model: what is left after subtracting the mean of the
+    updates is Flower's Gaussian noise, stdev noise_multiplier * clipping_norm / hospitals."""
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 2.0, "dp-clipping-norm": 0.5})
+    big = {"encoder.conv.weight": np.zeros((200, 100), np.float32)}
+    updates = [(node, {"encoder.conv.weight": np.full((200, 100), 1e-4 * (i + 1), np.float32)}, 5)
+               for i, node in enumerate(NODES)]
+    np.random.seed(0)
+    out = _round(Aggregation(cfg), 1, big, updates)
+    noise = out["encoder.conv.weight"].astype(np.float64) - 2.5e-4
+    expected = compute_stdv(2.0, 0.5, len(NODES))
+    assert expected == 0.25
+    assert abs(noise.std() - expected) < 0.02 * expected
+    assert abs(noise.mean()) < 0.01
+
+
+def test_epsilon_grows_per_round_as_flowers_accountant_says_across_phases():
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1.5})
+    agg = Aggregation(cfg)
+    current = _current()
+    seen = []
+    for rnd, phase in ((1, names.PHASE_SSL), (2, names.PHASE_SSL), (1, names.PHASE_FINETUNE)):
+        _round(agg, rnd, current, _updates(current, scale=0.01), phase=phase)
+        seen.append(agg.privacy_spent())
+    for i, spent in enumerate(seen, start=1):
+        flower = _flower_accountant(cfg, i)
+        assert spent["releases"] == i == flower.num_releases
+        assert spent["epsilon"] == pytest.approx(flower.epsilon, rel=1e-12)
+        assert spent["delta"] == 1e-5 and spent["noise_multiplier"] == 1.5 and spent["clipping_norm"] == 1.0
+    assert seen[0]["epsilon"] < seen[1]["epsilon"] < seen[2]["epsilon"]
+    assert seen[1]["round_epsilon"] == pytest.approx(seen[1]["epsilon"] - seen[0]["epsilon"])
+    assert seen[0]["epsilon"] == pytest.approx(one_release_epsilon(cfg))
+    json.dumps(seen)  # goes into the registry and rounds.jsonl as it is
+
+
+def test_the_budget_stops_before_the_round_that_would_pass_it():
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1.0})
+    two, three = _flower_accountant(cfg, 2).epsilon, _flower_accountant(cfg, 3).epsilon
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1.0, "dp-max-epsilon": (two + three) / 2})
+    agg = Aggregation(cfg)
+    current = _current()
+    _round(agg, 1, current, _updates(current, scale=0.01))
+    _round(agg, 2, current, _updates(current, scale=0.01))
+    with pytest.raises(PrivacyBudgetExhausted, match="would exceed max_epsilon"):
+        agg.configure(names.PHASE_SSL, 3, current, NODES)
+    assert agg.privacy_spent()["releases"] == 2 and agg.privacy_spent()["epsilon"] <= cfg.dp_max_epsilon
+
+
+def test_a_hospital_missing_from_the_round_gets_a_wrapper_for_those_that_replied():
+    """Flower's wrapper insists every configured hospital replies (its noise is for that many):
+    a round with a hospital missing is released for the others, one release all the same."""
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1e-9})
+    agg = Aggregation(cfg)
+    current = _current()
+    agg.configure(names.PHASE_SSL, 1, current, NODES)
+    out = agg.aggregate(names.PHASE_SSL, 1, current, _updates(current, scale=10.0)[:3])
+    np.testing.assert_allclose(out["encoder.conv.weight"], 1.0 / np.sqrt(8), atol=1e-6)
+    assert agg.privacy_spent()["releases"] == 1 and agg.privacy_spent()["hospitals"] == 3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"dp": "local"}, "dp='local'; expected one of off, central-fixed"),
+    ({"dp-noise-multiplier": 0}, "dp-noise-multiplier must be > 0"),
+    ({"dp-clipping-norm": 0}, "dp-clipping-norm must be > 0, got 0.0"),
+    ({"dp-delta": 1}, "dp-delta must be in (0, 1), got 1.0"),
+    ({"dp-max-epsilon": -1}, "dp-max-epsilon must be >= 0 (0 = no cap), got -1.0"),
+    ({**DP, "strategy": "fedmedian"}, "dp=central-fixed needs strategy=fedavg with server-lr=1 and server-momentum=0"),
+    ({**DP, "server-momentum": 0.9}, "Flower accounts the privacy spent only for a strategy whose aggregate_train is FedAvg's"),
+    ({**DP, "register-local-models": True}, "would send each hospital's own model un-noised"),
+    ({**DP, "resume-from-registry": True}, "the privacy already spent is not restored"),
+    ({**DP, "dp-max-epsilon": 1.0}, "dp-max-epsilon=1.0 is below the epsilon of a single round (4.729 at dp-delta=1e-05"),
+])
+def test_bad_dp_config_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_mapping(overrides)
+
+
+# ------------------------------------------------------------------ the aggregator's stop at the budget
+def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path, monkeypatch, capsys):
+    """The aggregator's reply path with the Grid stand-in of test_server_app (a garbage
+    hospital refused, two accepted): three planned rounds, a budget for two. The third is never
+    sent, the second's model is the run's last (the final evaluation scores it, `run` then gives
+    the production alias to the versions registered for it), the run records why it stopped,
+    and each round's record carries the epsilon spent."""
+    from tests.flower.test_server_app import _aggregator
+
+    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1.0})
+    two, three = _flower_accountant(cfg, 2).epsilon, _flower_accountant(cfg, 3).epsilon
+    agg = _aggregator(tmp_path, monkeypatch, **DP, **{"dp-noise-multiplier": 1.0, "dp-max-epsilon": (two + three) / 2,
+                                                      "finetune-rounds": 3})
+    agg.aggregation.population = len(agg._hospital_names())
+    pushed = []
+    push = agg.grid.push_messages
+    agg.grid.push_messages = lambda msgs: pushed.append(msgs[0].metadata.group_id) or push(msgs)
+    trained = agg._train([(names.PHASE_FINETUNE, r, 3) for r in (1, 2, 3)])
+    assert (trained.phase, trained.round) == (names.PHASE_FINETUNE, 2)
+    assert pushed == ["finetune-1", "finetune-2"]  # round 3 was refused before anything was sent
+    agg._final_evaluation(trained)
+    assert [r["round"] for r in agg.history] == [1, 2]
+    lines = [json.loads(x) for x in (agg.folder.path / "rounds.jsonl").read_text().splitlines()]
+    assert [x["privacy"]["releases"] for x in lines] == [1, 2]
+    assert lines[1]["privacy"]["epsilon"] == pytest.approx(two) and lines[1]["privacy"]["hospitals"] == 2
+    assert lines[1]["privacy"]["population"] == 3
+    assert any(w.startswith("privacy budget reached: stopped before finetune round 3") for w in agg.warnings)
+    out = capsys.readouterr().out
+    assert "phase=finetune round=2 privacy: epsilon=" in out and "privacy budget reached" in out
+    assert agg._recipe()["dp"] == "central-fixed"
+    assert agg.summary("succeeded")["privacy"] == lines[1]["privacy"]
