@@ -34,10 +34,11 @@ def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> 
 
 
 def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1,
-                optimizer_state: dict | None = None, drift: dict | None = None) -> dict:
+                optimizer_state: dict | None = None, drift: dict | None = None, proximal_mu: float = 0.0) -> dict:
     """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning).
     `optimizer_state`: the hospital's fine-tuning optimizer moments, kept across rounds.
-    `drift`: fine-tuning's SCAFFOLD control variates (`training.train_supervised`)."""
+    `drift`: fine-tuning's SCAFFOLD control variates, `proximal_mu`: fine-tuning's FedProx
+    term (`training.train_supervised`)."""
     n = len(data.train_images)
     if phase == names.PHASE_SSL:
         return training.train_ssl(
@@ -48,7 +49,7 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
     return training.train_supervised(
         model, data.train_images, data.train_labels, batch_size=cfg.batch_size, mode=cfg.finetune_mode, seed=seed,
         loss=cfg.finetune_loss, schedule=schedule(cfg, phase, rnd, n, lr), weight_decay=cfg.weight_decay,
-        optimizer_state=optimizer_state, drift=drift,
+        optimizer_state=optimizer_state, drift=drift, proximal_mu=proximal_mu,
     )
 
 

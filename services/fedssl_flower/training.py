@@ -248,6 +248,14 @@ def _augment_supervised(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor
     return rotated
 
 
+@torch.no_grad()
+def _add_proximal_gradient(params: list[nn.Parameter], reference: list[torch.Tensor], mu: float) -> None:
+    """The gradient of mu/2 * ||w - w0||^2, added in place (FedProx's proximal term)."""
+    for p, p0 in zip(params, reference):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=mu)
+
+
 def train_supervised(
     model: FedSSLModel,
     images: torch.Tensor,
@@ -264,6 +272,7 @@ def train_supervised(
     weight_decay: float = 0.0,
     optimizer_state: dict | None = None,
     drift: dict | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -274,14 +283,21 @@ def train_supervised(
     `drift` (full mode; SCAFFOLD, Karimireddy et al. 2020): its "correction" (parameter name ->
     tensor, the server's control variate minus this hospital's) is added to every gradient,
     and the mean raw gradient of the round is written back as its "gradients" (the
-    hospital's next control variate)."""
+    hospital's next control variate).
+    `proximal_mu` > 0 (FedProx, Li et al. 2020): the objective gains mu/2 * ||w - w0||^2 over
+    the trained parameters, w0 their values at the start of the call (the global model of the
+    round), so local steps stay near it; its gradient mu * (w - w0) is added to each gradient
+    (after SCAFFOLD's raw gradients are recorded). 0: no reference copy, no extra compute."""
     _check(loss, FINETUNE_LOSSES, "finetune-loss")
+    if proximal_mu < 0:
+        raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu}")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     params = _prepare(model, groups)
     optimizer = _optimizer(params, schedule, weight_decay)
     if optimizer_state is not None and optimizer_state.get("adamw"):
         load_optimizer_moments(optimizer, optimizer_state["adamw"])
+    reference = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     g = torch.Generator().manual_seed(seed)
     counts = torch.bincount(labels, minlength=model.num_classes).float()
     if loss == LOSS_BALANCED_SOFTMAX:
@@ -302,6 +318,8 @@ def train_supervised(
             value = objective(model.classifier(features[idx]), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            if reference is not None:
+                _add_proximal_gradient(params, reference, proximal_mu)
             optimizer.step()
             total += float(value.detach())
             batches += 1
@@ -320,6 +338,8 @@ def train_supervised(
                     grad_sums[n] += p.grad
                     if n in drift.get("correction", {}):
                         p.grad += drift["correction"][n]
+            if reference is not None:
+                _add_proximal_gradient(params, reference, proximal_mu)
             optimizer.step()
             total += float(value.detach())
             batches += 1

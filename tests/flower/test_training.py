@@ -175,3 +175,29 @@ def test_drift_correction_reports_the_mean_gradient_and_shifts_every_step(data):
     assert any(g.abs().sum() > 0 for g in zero["gradients"].values())
     shifted = run({"correction": {n: torch.full_like(g, 1e-2) for n, g in zero["gradients"].items()}})
     assert not torch.equal(shifted.classifier.weight, plain.classifier.weight)
+
+
+def test_proximal_term_keeps_local_weights_near_the_round_start(data):
+    """FedProx: mu = 0 is the plain objective (bit for bit); a large mu pulls the trained
+    parameters back toward their values at the start of the round (the global model)."""
+    images, labels = data.train_images[:16, :, :16, :16].contiguous(), data.train_labels[:16]  # tiny: 16 px crops
+
+    def run(mu):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        training.train_supervised(model, images, labels, batch_size=8, mode="full",
+                                  schedule=training.Schedule(lr=1e-2, steps=4), seed=0, proximal_mu=mu)
+        distance = math.sqrt(sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()))
+        return model, distance
+
+    plain, far = run(0.0)
+    torch.manual_seed(0)
+    default = FedSSLModel(num_classes=7)
+    training.train_supervised(default, images, labels, batch_size=8, mode="full",
+                              schedule=training.Schedule(lr=1e-2, steps=4), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), default.state_dict().values()))
+    _, near = run(1e3)
+    assert 0 < near < 0.5 * far
+    with pytest.raises(ConfigError, match="proximal_mu"):
+        run(-1.0)
