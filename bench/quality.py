@@ -57,7 +57,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import platform
 import shlex
@@ -235,13 +234,19 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
-             cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False) -> dict:
+             cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
+             tail_average: int = 0) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
     over every site's training images (what a statistics-only round would give).
     `scaffold`: fine-tuning corrects each hospital's gradients by SCAFFOLD control variates
-    (server minus hospital; a hospital's variate is its mean gradient of its last round)."""
+    (server minus hospital; a hospital's variate is its mean gradient of its last round).
+    `fedprox_mu` > 0: fine-tuning adds FedProx's proximal term mu/2 ||w - w_global||^2.
+    `tail_average` K > 1: the final model is the uniform average of the last K fine-tuning
+    rounds' global models (`average_states`: BatchNorm running statistics averaged too) instead
+    of the last one; the curve also scores each round's running tail average, and the result
+    keeps the last round's model's scores and the average's with BatchNorm recomputed."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -259,6 +264,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if getattr(TaskIdentity, f"_{key}") is None:
                 setattr(TaskIdentity, key, 0)
     stopped = None
+    tail: list[dict[str, torch.Tensor]] = []  # the last `tail_average` global fine-tuning states
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
@@ -277,7 +283,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if scaffold and phase == names.PHASE_FINETUNE:
                 mine = controls[i]
                 drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift)
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift,
+                                  fedprox_mu if phase == names.PHASE_FINETUNE else 0.0)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -301,6 +308,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
         if phase == names.PHASE_FINETUNE:
             curve.append({"round": rnd, **headline(scores(server, test))})
+            if tail_average > 1:
+                tail = (tail + [copy.deepcopy(state)])[-tail_average:]
+                if len(tail) > 1:
+                    curve[-1]["tail_average"] = {"rounds": len(tail), **headline(scores(averaged_model(server, tail), test))}
             if bn_diagnostic:  # the same model with BatchNorm statistics recomputed over every site's images
                 recal = copy.deepcopy(server)
                 training.recompute_batchnorm(recal, pooled_data(ssl_sites).train_images)
@@ -312,7 +323,30 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
         return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm,
                 **extra}
+    if tail_average > 1:
+        final = averaged_model(server, tail)
+        recal = copy.deepcopy(final)
+        training.recompute_batchnorm(recal, pooled_data(ft_sites).train_images)
+        return {"test": scores(final, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm,
+                "tail_average": {"k": tail_average, "rounds": [c["round"] for c in curve][-len(tail):],
+                                 "weights": "uniform", "batchnorm": "running statistics averaged",
+                                 "last_round_test": headline(scores(server, test)),
+                                 "bn_recomputed_test": headline(scores(recal, test))}, **extra}
     return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Uniform average of state dicts (Polyak/SWA-style tail averaging of global models):
+    floating tensors, BatchNorm running means and variances included, are averaged; integer
+    ones (BatchNorm's num_batches_tracked) are taken from the last state."""
+    return {k: (torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
+            for k, v in states[-1].items()}
+
+
+def averaged_model(server: FedSSLModel, states: list[dict[str, torch.Tensor]]) -> FedSSLModel:
+    model = copy.deepcopy(server)
+    model.load_state_dict(average_states(states))
+    return model
 
 
 def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalData, val: HospitalData,
@@ -334,7 +368,8 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
-            base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False) -> dict:
+            base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
+            tail_average: int = 0) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -364,7 +399,9 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold)
+        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average)
+    if fedprox_mu and arm in ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8"):
+        out["fedprox_mu"] = fedprox_mu
     out.update({"arm": spec, "label_fraction": fraction, "labelled_train_images": sum(len(s.train_labels) for s in labelled),
                 "seed": seed, "seconds": time.perf_counter() - t0,
                 "config": {k: v for k, v in cfg.as_dict().items() if k not in ("registry-url", "runs-dir", "data-warning")}})
@@ -447,6 +484,12 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FEDSSL_HOME", ".fedssl")) / "cache")
     ap.add_argument("--label", default="", help="names a variant (e.g. a lever under test): runs are keyed by arm, seed, eval and label")
     ap.add_argument("--scaffold", action="store_true", help="federated arms: SCAFFOLD drift correction in fine-tuning (bench only)")
+    ap.add_argument("--fedprox-mu", type=float, default=0.0,
+                    help="federated arms: FedProx proximal term mu/2 ||w - w_global||^2 in fine-tuning (training.proximal_term, "
+                         "what strategy=fedprox proximal-mu adds at the hospitals; 0 = off)")
+    ap.add_argument("--tail-average", type=int, default=0, metavar="K",
+                    help="federated arms: score the uniform average of the last K fine-tuning rounds' global models "
+                         "(BatchNorm running statistics averaged) instead of the last one (bench only; 0 or 1 = off)")
     ap.add_argument("--bn-diagnostic", action="store_true", help="federated arms: also score every round with BatchNorm statistics recomputed")
     ap.add_argument("--dp", default=names.DP_OFF, choices=names.DP_MODES,
                     help="federated arms: client-level DP by Flower's fixed-clipping wrapper and RDP accountant (run config dp)")
@@ -473,6 +516,10 @@ def main() -> None:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
+    if args.tail_average < 0:
+        raise SystemExit("--tail-average must be >= 0")
+    if args.fedprox_mu < 0:
+        raise SystemExit("--fedprox-mu must be >= 0")
     if args.finetune_rounds < 1 or args.local_steps < 1:
         raise SystemExit("--finetune-rounds and --local-steps must be >= 1: the arms are scored by their fine-tuned classifier")
     folders = not (args.data / SITES_METADATA).is_file()
@@ -514,15 +561,17 @@ def main() -> None:
     for spec in specs:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
-            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold)
+            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average)
             r["eval"], r["label"] = args.eval, args.label
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold",
+                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
                                                                               "label_map", "class_names"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
                             + (" --scaffold" if args.scaffold else "")
+                            + (f" --fedprox-mu {args.fedprox_mu}" if args.fedprox_mu else "")
+                            + (f" --tail-average {args.tail_average}" if args.tail_average else "")
                             + f" --arms {spec} --seeds {seed}"
                             + (f" --data {shlex.quote(str(args.data))}" if folders else ""))
             runs = [x for x in runs if key(x) != key(r)] + [r]
