@@ -90,9 +90,9 @@ def quality(q: dict, out: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("balanced accuracy, pooled lesion-grouped test of the 4 HAM10000 sites")
     ax.set_xlim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / (0.45 * len(arms) + 1.5) - 0.02), fontsize=8, ncol=1)
     fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
+    fig.savefig(out / "quality.png", dpi=110, bbox_inches="tight")  # long labels and the legend below the axis fit
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
