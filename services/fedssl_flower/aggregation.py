@@ -172,6 +172,26 @@ def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(arrays[k], dtype=np.float64)) for k in sorted(arrays)})
 
 
+def _counted(updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> tuple[list, list[str]]:
+    """The updates that trained on examples (a hospital with none is left out, as
+    `weighted_average` leaves it out) and the sorted keys of their trained parameters; an
+    AggregationError when none trained or their parameter sets differ."""
+    counted = [(node, arrays, n) for node, arrays, n in updates if n > 0]
+    if not counted:
+        raise AggregationError("no hospital reported any training examples; nothing to aggregate")
+    for _, arrays, _ in counted[1:]:
+        if set(arrays) != set(counted[0][1]):
+            diff = sorted(set(counted[0][1]).symmetric_difference(arrays))
+            raise AggregationError(f"hospitals returned different parameter sets (e.g. {', '.join(diff[:3])})")
+    return counted, sorted(k for k, v in counted[0][1].items() if is_trained(k, v))
+
+
+def _as_float32(new: ArrayRecord, keys: list[str], shapes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The strategy's result for `keys` in float32, as `weighted_average` makes it, in the
+    shapes of `shapes`' arrays; `+ 0.0` turns a -0.0 into 0.0, as its sum from zeros does."""
+    return {k: (new[k].numpy().astype(np.float64) + 0.0).astype(np.float32).reshape(shapes[k].shape) for k in keys}
+
+
 class Aggregation:
     """A run's aggregation: one Flower strategy object per phase.
 
@@ -209,13 +229,19 @@ class Aggregation:
             return self._configure_private(rnd, current, node_ids)
         if self.cfg.strategy == STRATEGY_FEDAVG:
             return {}  # FedAvg adds nothing to the train config; its average is weighted_average's
-        trained = {k: v for k, v in current.items() if is_trained(k, v)}
-        msgs = list(self.strategy.configure_train(rnd, _array_record(trained), ConfigRecord(), _Hospitals(node_ids)))
-        self.sent = {m.metadata.dst_node_id: m for m in msgs}
+        msgs = self._configure_strategy(rnd, current, node_ids)
         if not msgs:
             return {}
         config = msgs[0].content[CONFIG]
         return {k: v for k, v in config.items() if k != SERVER_ROUND}
+
+    def _configure_strategy(self, rnd: int, current: Mapping[str, np.ndarray], node_ids: Sequence[int]) -> list[Message]:
+        """`self.strategy.configure_train` on the trained parameters of `current` for `node_ids`;
+        its messages, kept by node for the replies of `aggregate`."""
+        trained = {k: v for k, v in current.items() if is_trained(k, v)}
+        msgs = list(self.strategy.configure_train(rnd, _array_record(trained), ConfigRecord(), _Hospitals(node_ids)))
+        self.sent = {m.metadata.dst_node_id: m for m in msgs}
+        return msgs
 
     def aggregate(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
                   updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
@@ -229,14 +255,7 @@ class Aggregation:
             return self.server_optimizer.step(current, weighted_average([(arrays, n) for _, arrays, n in updates]), phase)
         if phase != self.phase or not self.sent:
             self.configure(phase, rnd, current, [node for node, _, _ in updates])
-        counted = [(node, arrays, n) for node, arrays, n in updates if n > 0]
-        if not counted:
-            raise AggregationError("no hospital reported any training examples; nothing to aggregate")
-        for _, arrays, _ in counted[1:]:
-            if set(arrays) != set(counted[0][1]):
-                diff = sorted(set(counted[0][1]).symmetric_difference(arrays))
-                raise AggregationError(f"hospitals returned different parameter sets (e.g. {', '.join(diff[:3])})")
-        keys = sorted(k for k, v in counted[0][1].items() if is_trained(k, v))
+        counted, keys = _counted(updates)
         # Statistics and integer buffers: the plain average / the max.
         out = weighted_average([({k: v for k, v in arrays.items() if k not in keys}, n) for _, arrays, n in counted])
         replies = []
@@ -249,10 +268,7 @@ class Aggregation:
         self.sent = {}
         if new is None:
             raise AggregationError(f"strategy {self.cfg.strategy} returned no arrays for {phase} round {rnd}")
-        for key in keys:
-            # float32 as weighted_average makes it; `+ 0.0` turns a -0.0 into 0.0, as its sum from zeros does.
-            out[key] = (new[key].numpy().astype(np.float64) + 0.0).astype(np.float32).reshape(counted[0][1][key].shape)
-        return out
+        return out | _as_float32(new, keys, counted[0][1])
 
     # ---------------------------------------------------------------- differential privacy
     def _configure_private(self, rnd: int, current: Mapping[str, np.ndarray], node_ids: Sequence[int]) -> dict:
@@ -269,28 +285,19 @@ class Aggregation:
         self.strategy = flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
             build_strategy(self.cfg), self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, max(len(node_ids), 1),
             accountant=self.accountant)
-        trained = {k: v for k, v in current.items() if is_trained(k, v)}
-        msgs = list(self.strategy.configure_train(rnd, _array_record(trained), ConfigRecord(), _Hospitals(node_ids)))
-        self.sent = {m.metadata.dst_node_id: m for m in msgs}
+        self._configure_strategy(rnd, current, node_ids)
         self.sent_nodes = sorted(self.sent)
         return {}
 
     def _aggregate_private(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
                            updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-        counted = [(node, arrays, n) for node, arrays, n in updates if n > 0]
-        if not counted:
-            raise AggregationError("no hospital reported any training examples; nothing to aggregate")
+        counted, keys = _counted(updates)
         # Flower's wrapper adds noise for the hospitals it was configured with and insists they
         # all reply: when some did not (failed, refused, no examples), a wrapper for those that
         # did is configured for this round instead (nothing was released yet).
         if phase != self.phase or sorted(node for node, _, _ in counted) != self.sent_nodes:
             self._start_phase(phase)
             self._configure_private(rnd, current, [node for node, _, _ in counted])
-        for _, arrays, _ in counted[1:]:
-            if set(arrays) != set(counted[0][1]):
-                diff = sorted(set(counted[0][1]).symmetric_difference(arrays))
-                raise AggregationError(f"hospitals returned different parameter sets (e.g. {', '.join(diff[:3])})")
-        keys = sorted(k for k, v in counted[0][1].items() if is_trained(k, v))
         # BatchNorm statistics and integer buffers stay the global model's: averaged, they
         # would carry the hospitals' data outside the clipping and the noise.
         out = {k: np.array(current[k], copy=True) for k in counted[0][1] if k not in keys}
@@ -309,9 +316,7 @@ class Aggregation:
                         "noise_stdv": float(self.cfg.dp_noise_multiplier * self.cfg.dp_clipping_norm / len(counted)),
                         "hospitals": len(counted), "population": int(self.accountant.config.population_size),
                         "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": spent.accounting_method}
-        for key in keys:
-            out[key] = (new[key].numpy().astype(np.float64) + 0.0).astype(np.float32).reshape(counted[0][1][key].shape)
-        return out
+        return out | _as_float32(new, keys, counted[0][1])
 
     def privacy_spent(self) -> dict | None:
         """The run's privacy spent so far (None with dp=off or before the first release)."""
