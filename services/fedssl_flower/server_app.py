@@ -356,6 +356,12 @@ class Aggregator:
         return {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
                 "class_names": self.class_names}
 
+    def _weights_meta(self, task: str, phase: str, rnd: int) -> dict[str, str]:
+        """The safetensors metadata of a registered version's weights."""
+        return {"fedssl.arch": self.cfg.arch, "fedssl.task": task, "fedssl.num_classes": str(len(self.class_names)),
+                "fedssl.image_size": str(self.cfg.image_size), "fedssl.run_id": self.run_id,
+                "fedssl.round": str(rnd), "fedssl.phase": phase}
+
     def _register(self, state: dict[str, torch.Tensor], phase: str, rnd: int, aggregated: dict, hospitals: list[str],
                   privacy: dict | None = None) -> None:
         if self.registry is None:
@@ -372,9 +378,7 @@ class Aggregator:
                 description=("fedssl shared image encoder (federated self-supervised)" if task == names.TASK_EMBEDDING
                              else "fedssl diagnosis classifier (federated fine-tuned)"),
             )
-            meta = {"fedssl.arch": self.cfg.arch, "fedssl.task": task, "fedssl.num_classes": str(len(self.class_names)),
-                    "fedssl.image_size": str(self.cfg.image_size), "fedssl.run_id": self.run_id,
-                    "fedssl.round": str(rnd), "fedssl.phase": phase}
+            meta = self._weights_meta(task, phase, rnd)
             served = select_groups(state, TASK_GROUPS[task])
             calibration = None
             if task == names.TASK_CLASSIFICATION:
@@ -589,10 +593,7 @@ class Aggregator:
                 model_name, task=names.TASK_CLASSIFICATION, architecture=self.cfg.arch, input_spec=self._input_spec(),
                 description=f"hospital {name}'s local-only classifier: trained on its own images alone, beside the "
                             "federated fedssl-classifier (register-local-models)")
-            meta = {"fedssl.arch": self.cfg.arch, "fedssl.task": names.TASK_CLASSIFICATION,
-                    "fedssl.num_classes": str(len(self.class_names)), "fedssl.image_size": str(self.cfg.image_size),
-                    "fedssl.run_id": self.run_id, "fedssl.round": str(record["round"]), "fedssl.phase": record["phase"],
-                    "fedssl.local_only": name}
+            meta = self._weights_meta(names.TASK_CLASSIFICATION, record["phase"], record["round"]) | {"fedssl.local_only": name}
             version = self.registry.upload_version(model_name, weights.to_bytes(state, meta), {
                 "tags": {"kind": "local-only", "hospital": name, "phase": record["phase"], "round": str(record["round"]),
                          **({"warning": " | ".join(self.warnings)} if self.warnings else {})},
