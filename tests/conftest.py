@@ -12,6 +12,27 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh runs two workers), each worker and every process it
+    starts (SuperLinks, SuperNodes, registries, benchmarks) runs on its own share of the CPUs:
+    worker i of n gets cores i, i+n, ... Without it two workers' torch processes each size their
+    thread pools for every core and thrash the other's; fedssl sizes torch's threads by the
+    process's affinity (`fedssl_core.models.set_torch_threads`), and OpenMP reads it too."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= count:
+            os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules of real-process tests (marked `integration`) first, each module's tests kept in
+    order: with a worker per module at a time (`--dist loadfile`) the long federations start at
+    once and the quick unit tests fill in around them instead of after them."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("integration") and item.module is not None}
+    items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)  # stable: order kept within
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (other sessions may hold fixed ones)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

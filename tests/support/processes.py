@@ -6,6 +6,7 @@ even when a test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -180,3 +181,9 @@ def submit(superlink_port: int, workdir: Path, *run_config: str, timeout: float 
     for kv in run_config:
         args += ["-c", kv]
     return subprocess.run(args, env=base_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))
+
+
+def run_rounds(workdir: Path) -> list[dict]:
+    """The aggregator's round records (rounds.jsonl) of the one run under `workdir`; [] before the first."""
+    files = list((workdir / "runs").glob("*/rounds.jsonl"))
+    return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
