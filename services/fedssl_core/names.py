@@ -24,9 +24,10 @@ STRATEGY_KRUM, STRATEGY_MULTIKRUM = "krum", "multikrum"
 STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX,
               STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  # server-eta, server-tau (and betas)
-# Run config `dp`: off, or client-level central DP by Flower's server-side fixed-clipping wrapper.
-DP_OFF, DP_CENTRAL_FIXED = "off", "central-fixed"
-DP_MODES = (DP_OFF, DP_CENTRAL_FIXED)
+# Run config `dp`: off, or client-level central DP by Flower's server-side fixed- or
+# adaptive-clipping wrapper.
+DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE = "off", "central-fixed", "central-adaptive"
+DP_MODES = (DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE)
 
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"
