@@ -268,7 +268,8 @@ def test_bad_dp_config_is_named(overrides, message):
 
 
 # ------------------------------------------------------------------ the aggregator's stop at the budget
-def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path, monkeypatch, capsys):
+@MECHANISMS
+def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path, monkeypatch, capsys, mechanism):
     """The aggregator's reply path with the Grid stand-in of test_server_app (a garbage
     hospital refused, two accepted): three planned rounds, a budget for two. The third is never
     sent, the second's model is the run's last (the final evaluation scores it, `run` then gives
@@ -276,9 +277,9 @@ def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path,
     and each round's record carries the epsilon spent."""
     from tests.flower.test_server_app import _aggregator
 
-    cfg = RunConfig.from_mapping({**DP, "dp-noise-multiplier": 1.0})
+    cfg = RunConfig.from_mapping({**mechanism, "dp-noise-multiplier": 1.0})
     two, three = _flower_accountant(cfg, 2).epsilon, _flower_accountant(cfg, 3).epsilon
-    agg = _aggregator(tmp_path, monkeypatch, **DP, **{"dp-noise-multiplier": 1.0, "dp-max-epsilon": (two + three) / 2,
+    agg = _aggregator(tmp_path, monkeypatch, **mechanism, **{"dp-noise-multiplier": 1.0, "dp-max-epsilon": (two + three) / 2,
                                                       "finetune-rounds": 3})
     agg.aggregation.population = len(agg._hospital_names())
     pushed = []
@@ -296,5 +297,11 @@ def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path,
     assert any(w.startswith("privacy budget reached: stopped before finetune round 3") for w in agg.warnings)
     out = capsys.readouterr().out
     assert "phase=finetune round=2 privacy: epsilon=" in out and "privacy budget reached" in out
-    assert agg._recipe()["dp"] == "central-fixed"
+    assert agg._recipe()["dp"] == mechanism["dp"]
+    if mechanism["dp"] == "central-adaptive":  # the norm each round clipped to, and the one it adapted to
+        assert agg._recipe()["dp-clipped-count-stddev"] == 2.0 and agg._recipe()["dp-target-quantile"] == 0.5
+        assert lines[1]["privacy"]["clipping_norm"] == lines[0]["privacy"]["next_clipping_norm"]
+        assert "phase=finetune round=2 privacy: epsilon=" in out and "(next round's " in out
+    else:
+        assert "dp-target-quantile" not in agg._recipe() and "next_clipping_norm" not in lines[1]["privacy"]
     assert agg.summary("succeeded")["privacy"] == lines[1]["privacy"]
