@@ -38,11 +38,16 @@ step, so arms without SSL fine-tune for `finetune-rounds + 2 x ssl-rounds` round
 wall time is reported. The federation runs in this process with the code the hospitals and
 the aggregator run (`fedssl_flower.local`, `strategy.weighted_average`); Flower's transport is
 not in the loop (bench/flower_overhead.py measures it). With `--dp central-fixed` (and
-`--dp-noise-multiplier`, `--dp-clipping-norm`, `--dp-delta`, `--dp-max-epsilon`) the federated
-arms aggregate as the aggregator does under run config dp (`aggregation.Aggregation`: Flower's
-fixed-clipping wrapper and RDP accountant, equal weights, BatchNorm statistics kept) and stop
-before a round past the budget; each run records its `privacy` spent (use `--label` to keep
-epsilon arms apart from the plain ones).
+`--dp-noise-multiplier`, `--dp-clipping-norm`, `--dp-delta`, `--dp-max-epsilon`; `--dp
+central-adaptive` with `--dp-target-quantile`, `--dp-clip-norm-lr`, `--dp-clipped-count-stddev`)
+the federated arms aggregate as the aggregator does under run config dp
+(`aggregation.Aggregation`: Flower's clipping wrapper and RDP accountant, equal weights,
+BatchNorm statistics kept) and stop before a round past the budget; each run records its
+`privacy` spent (use `--label` to keep epsilon arms apart from the plain ones).
+`--dp-target-epsilon E` sets the noise multiplier to the smallest whose epsilon at `--dp-delta`
+after the arm's rounds is at most E (`config.noise_multiplier_for_epsilon`, Flower's accountant).
+Every federated run records each round's L2 norm of each hospital's update of the trained
+parameters (`update_norms`), what a clipping norm is chosen from (on `--eval val`).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
     .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
@@ -514,6 +519,10 @@ def main() -> None:
     ap.add_argument("--dp-clipping-norm", type=float, default=1.0)
     ap.add_argument("--dp-delta", type=float, default=1e-5)
     ap.add_argument("--dp-max-epsilon", type=float, default=0.0, help="stop before the round that would pass it (0 = no cap)")
+    ap.add_argument("--dp-target-quantile", type=float, default=0.5, help="--dp central-adaptive: the update-norm quantile tracked")
+    ap.add_argument("--dp-clip-norm-lr", type=float, default=0.2, help="--dp central-adaptive: the norm's geometric learning rate")
+    ap.add_argument("--dp-clipped-count-stddev", type=float, default=0.0,
+                    help="--dp central-adaptive: noise on the clipped count (0 = Flower's default, hospitals / 20)")
     ap.add_argument("--dp-target-epsilon", type=float, default=0.0,
                     help="set --dp-noise-multiplier to the smallest one whose epsilon at --dp-delta after all the arm's "
                          "rounds is at most this (Flower's accountant, bisection; 0 = use --dp-noise-multiplier)")
@@ -575,8 +584,13 @@ def main() -> None:
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
-                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon)
-    base.validate()
+                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
+                     dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,
+                     dp_clipped_count_stddev=args.dp_clipped_count_stddev)
+    try:
+        base.validate()
+    except FedSSLError as exc:
+        raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
         full = load_sites(args)
