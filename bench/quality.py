@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
-from fedssl_flower import local, records, training
+from fedssl_flower import local, local_dp, records, training
 from fedssl_flower.config import RunConfig, noise_multiplier_for_epsilon
 from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
@@ -293,9 +293,12 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
-            up, received = wire(records.state_arrays(model.state_dict(), shared), cfg.update_encoding)
+            trained = records.state_arrays(model.state_dict(), shared)
+            norms[site.hospital] = update_norm(trained, state)
+            if cfg.dp == names.DP_LOCAL:  # --dp local: clipped and noised at the hospital, as client_app does
+                trained = local_dp.release(trained, down, cfg)
+            up, received = wire(trained, cfg.update_encoding)
             updates.append((up, m[names.M_EXAMPLES]))
-            norms[site.hospital] = update_norm(up, state)
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
             control[n] = control.get(n, 0) + sum(d[n] for d in deltas) / len(deltas)
@@ -523,6 +526,7 @@ def main() -> None:
     ap.add_argument("--dp-clip-norm-lr", type=float, default=0.2, help="--dp central-adaptive: the norm's geometric learning rate")
     ap.add_argument("--dp-clipped-count-stddev", type=float, default=0.0,
                     help="--dp central-adaptive: noise on the clipped count (0 = Flower's default, hospitals / 20)")
+    ap.add_argument("--dp-local-epsilon", type=float, default=0.5, help="--dp local: each hospital's epsilon per round, in (0, 1)")
     ap.add_argument("--dp-target-epsilon", type=float, default=0.0,
                     help="set --dp-noise-multiplier to the smallest one whose epsilon at --dp-delta after all the arm's "
                          "rounds is at most this (Flower's accountant, bisection; 0 = use --dp-noise-multiplier)")
@@ -565,8 +569,8 @@ def main() -> None:
                          f"HAM10000 at {args.data}")
 
     if args.dp_target_epsilon:
-        if args.dp == names.DP_OFF:
-            raise SystemExit("--dp-target-epsilon needs --dp (it sets the noise multiplier of a private run)")
+        if args.dp not in names.DP_CENTRAL:
+            raise SystemExit("--dp-target-epsilon needs --dp central-fixed or central-adaptive (it sets the noise multiplier)")
         rounds = {arm_rounds(spec, args.ssl_rounds, args.finetune_rounds) for spec in specs}
         if len(rounds) > 1:
             raise SystemExit(f"--dp-target-epsilon: the arms {args.arms} run different numbers of rounds ({sorted(rounds)}); "
@@ -586,7 +590,7 @@ def main() -> None:
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
                      dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
                      dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,
-                     dp_clipped_count_stddev=args.dp_clipped_count_stddev)
+                     dp_clipped_count_stddev=args.dp_clipped_count_stddev, dp_local_epsilon=args.dp_local_epsilon)
     try:
         base.validate()
     except FedSSLError as exc:

@@ -64,7 +64,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from fedssl_core.names import (DP_CENTRAL_ADAPTIVE, DP_OFF, STRATEGIES, STRATEGY_FEDADAGRAD, STRATEGY_FEDADAM, STRATEGY_FEDAVG,
+from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATEGIES, STRATEGY_FEDADAGRAD, STRATEGY_FEDADAM, STRATEGY_FEDAVG,
                                STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 
@@ -252,7 +252,11 @@ class Aggregation:
         self.sent: dict[int, Message] = {}  # node -> the strategy's train message of this round
         # dp: one accountant for the run (created at the first round, for `population`
         # hospitals), a fixed-clipping wrapper per round; `privacy` is the last round's spend.
-        self.dp = cfg.dp != DP_OFF
+        self.dp = cfg.dp in DP_CENTRAL
+        # dp=local: the hospitals noised their updates (local_dp); the aggregation is the
+        # strategy's own, and this keeps the account: rounds released so far, the budget.
+        self.local_dp = cfg.dp == DP_LOCAL
+        self.local_releases = 0
         self.population: int | None = None
         self.accountant = None
         self.sent_nodes: list[int] = []
@@ -275,6 +279,8 @@ class Aggregation:
         self._start_phase(phase)
         if self.dp:
             return self._configure_private(rnd, current, node_ids)
+        if self.local_dp:
+            self._check_local_budget()
         if self.cfg.strategy == STRATEGY_FEDAVG:
             return {}  # FedAvg adds nothing to the train config; its average is weighted_average's
         msgs = self._configure_strategy(rnd, current, node_ids)
@@ -298,6 +304,13 @@ class Aggregation:
         their `current` values (the ones `configure` was shown)."""
         if self.dp:
             return self._aggregate_private(phase, rnd, current, updates)
+        new = self._aggregate_strategy(phase, rnd, current, updates)
+        if self.local_dp:
+            self._account_local([node for node, _, _ in updates])
+        return new
+
+    def _aggregate_strategy(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
+                            updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
         if self.cfg.strategy == STRATEGY_FEDAVG:
             self._start_phase(phase)
             return self.server_optimizer.step(current, weighted_average([(arrays, n) for _, arrays, n in updates]), phase)
@@ -400,6 +413,32 @@ class Aggregation:
                         "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": spent.accounting_method,
                         **adaptive}
         return out | _as_float32(new, keys, counted[0][1])
+
+    # ---------------------------------------------------------------- local differential privacy
+    def _check_local_budget(self) -> None:
+        """dp=local with dp-max-epsilon: the round whose release would pass the budget (basic
+        composition) is refused before it is sent, as Flower refuses a central one."""
+        from . import local_dp
+
+        spent, _ = local_dp.spent(self.cfg, self.local_releases)
+        if self.cfg.dp_max_epsilon and local_dp.spent(self.cfg, self.local_releases + 1)[0] > self.cfg.dp_max_epsilon:
+            raise PrivacyBudgetExhausted("The next private release would exceed max_epsilon "
+                                         f"(current epsilon: {spent}, delta: {local_dp.spent(self.cfg, self.local_releases)[1]}).")
+
+    def _account_local(self, nodes: Sequence[int]) -> None:
+        """One more local release by each hospital of the round, composed by basic composition."""
+        from . import local_dp
+
+        self.local_releases += 1
+        epsilon, delta = local_dp.spent(self.cfg, self.local_releases)
+        self.population = max(self.population or 0, len(nodes))
+        self.privacy = {"mechanism": self.cfg.dp, "epsilon": float(epsilon), "delta": float(delta),
+                        "round_epsilon": float(self.cfg.dp_local_epsilon), "releases": self.local_releases,
+                        "noise_multiplier": float(local_dp.noise_stdv(self.cfg) / local_dp.sensitivity(self.cfg)),
+                        "clipping_norm": float(self.cfg.dp_clipping_norm), "noise_stdv": float(local_dp.noise_stdv(self.cfg)),
+                        "hospitals": len(nodes), "population": int(self.population),
+                        "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": local_dp.ACCOUNTING,
+                        "sensitivity": float(local_dp.sensitivity(self.cfg)), "round_delta": float(self.cfg.dp_delta)}
 
     def privacy_spent(self) -> dict | None:
         """The run's privacy spent so far (None with dp=off or before the first release)."""

@@ -100,6 +100,11 @@ class RunConfig:
     dp_target_quantile: float = 0.5
     dp_clip_norm_lr: float = 0.2
     dp_clipped_count_stddev: float = 0.0
+    # dp=local only (services/fedssl_flower/local_dp.py): each hospital clips its update to
+    # dp-clipping-norm and adds Gaussian noise for (dp-local-epsilon, dp-delta) per round, as
+    # Flower's LocalDpMod does; rounds compose by basic composition. In (0, 1): the Gaussian
+    # mechanism's calibration holds below 1.
+    dp_local_epsilon: float = 0.5
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
     registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
@@ -174,11 +179,16 @@ class RunConfig:
                  f"dp=central-adaptive: dp-noise-multiplier={self.dp_noise_multiplier} needs dp-clipped-count-stddev above "
                  f"{self.dp_noise_multiplier / 2:g} (half of it; got {self.dp_clipped_count_stddev}): the count of clipped "
                  "updates is released too and the two releases share the noise multiplier (Andrew et al.)")
-        if self.dp != names.DP_OFF:
+        need(0 < self.dp_local_epsilon < 1,
+             f"dp-local-epsilon must be in (0, 1) (the Gaussian mechanism's calibration holds below 1), got {self.dp_local_epsilon}")
+        need(self.dp == names.DP_LOCAL or self.dp_local_epsilon == 0.5,
+             f"dp-local-epsilon acts with dp=local only, not dp={self.dp}")
+        if self.dp in names.DP_CENTRAL:
             need(self.strategy == names.STRATEGY_FEDAVG and self.server_lr == 1.0 and self.server_momentum == 0.0,
                  f"dp={self.dp} needs strategy=fedavg with server-lr=1 and server-momentum=0 (got strategy={self.strategy}, "
                  f"server-lr={self.server_lr}, server-momentum={self.server_momentum}): Flower accounts the privacy spent "
                  "only for a strategy whose aggregate_train is FedAvg's, with equal weights")
+        if self.dp != names.DP_OFF:
             need(not self.register_local_models,
                  f"dp={self.dp} with register-local-models=true would send each hospital's own model un-noised to the "
                  "aggregator, outside the privacy guarantee; set register-local-models=false")
@@ -186,11 +196,13 @@ class RunConfig:
                  f"dp={self.dp} with resume-from-registry=true: the privacy already spent is not restored, so the "
                  "accounted epsilon would restart at 0; start a new run instead")
             if self.dp_max_epsilon > 0:
-                first = one_release_epsilon(self)
+                first = self.dp_local_epsilon if self.dp == names.DP_LOCAL else one_release_epsilon(self)
                 need(first <= self.dp_max_epsilon,
                      f"dp-max-epsilon={self.dp_max_epsilon} is below the epsilon of a single round ({first:.4g} at "
-                     f"dp-delta={self.dp_delta}, dp-noise-multiplier={self.dp_noise_multiplier}): no round could run; "
-                     "raise dp-max-epsilon or dp-noise-multiplier")
+                     + (f"dp-local-epsilon={self.dp_local_epsilon}): no round could run; raise dp-max-epsilon or lower "
+                        "dp-local-epsilon" if self.dp == names.DP_LOCAL else
+                        f"dp-delta={self.dp_delta}, dp-noise-multiplier={self.dp_noise_multiplier}): no round could run; "
+                        "raise dp-max-epsilon or dp-noise-multiplier"))
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")

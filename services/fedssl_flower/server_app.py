@@ -409,6 +409,8 @@ class Aggregator:
                 "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
         if self.cfg.dp == names.DP_CENTRAL_ADAPTIVE:
             keep += ("dp-target-quantile", "dp-clip-norm-lr", "dp-clipped-count-stddev")
+        if self.cfg.dp == names.DP_LOCAL:
+            keep += ("dp-local-epsilon",)
         config = self.cfg.as_dict()
         return ({k: config[k] for k in keep} | {"strategy_parameters": aggregation.parameters(self.cfg)}
                 | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}})

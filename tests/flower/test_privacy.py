@@ -1,6 +1,7 @@
 """dp=central-fixed and dp=central-adaptive: Flower's server-side fixed- and adaptive-clipping
 wrappers and its RDP accountant behind fedssl's aggregation
-(services/fedssl_flower/aggregation.py), with real Flower objects.
+(services/fedssl_flower/aggregation.py), with real Flower objects; dp=local: LocalDpMod's
+mechanism at the hospital (services/fedssl_flower/local_dp.py) and its account.
 
 The clipping and the noise are Flower's; these tests check that fedssl feeds them what
 client-level DP needs (the trained parameters, equal weights, one accountant for the run) and
@@ -18,7 +19,7 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params, c
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedssl_core import names
-from fedssl_flower import aggregation
+from fedssl_flower import aggregation, local_dp
 from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted
 from fedssl_flower.config import RunConfig, epsilon_after, noise_multiplier_for_epsilon, one_release_epsilon
 from fedssl_flower.errors import ConfigError
@@ -242,8 +243,86 @@ def test_bad_target_epsilon_arguments_are_named(args, message):
         noise_multiplier_for_epsilon(*args)
 
 
+# ------------------------------------------------------------------ local
+LOCAL = {"dp": "local", "dp-clipping-norm": 1.0, "dp-delta": 1e-5, "dp-local-epsilon": 0.5}
+
+
+def test_a_local_release_is_the_clipped_update_plus_localdpmods_noise_and_the_global_statistics():
+    """The hospital's update (trained minus received) is clipped to the norm by Flower's
+    `compute_clip_model_update`, then each value gets N(0, sigma) with LocalDpMod's sigma for
+    sensitivity 2 * norm; BatchNorm statistics and the counter go back as received."""
+    cfg = RunConfig.from_mapping(LOCAL)
+    received = {"encoder.conv.weight": np.zeros((200, 100), np.float32), "encoder.bn.weight": np.ones(200, np.float32),
+                "encoder.bn.running_mean": np.zeros(200, np.float32), "encoder.bn.num_batches_tracked": np.array(7, np.int64)}
+    trained = {"encoder.conv.weight": np.full((200, 100), 0.1, np.float32), "encoder.bn.weight": np.ones(200, np.float32),
+               "encoder.bn.running_mean": np.full(200, 5.0, np.float32), "encoder.bn.num_batches_tracked": np.array(9, np.int64)}
+    sigma = 2.0 * np.sqrt(2 * np.log(1.25 / 1e-5)) / 0.5
+    assert local_dp.noise_stdv(cfg) == pytest.approx(sigma)
+    np.random.seed(0)
+    out = local_dp.release(trained, received, cfg)
+    np.random.seed(0)  # Flower's noise, drawn in the same (sorted key) order: what is left is the clipped update
+    noise = {k: np.random.normal(0, sigma, trained[k].shape) for k in ("encoder.bn.weight", "encoder.conv.weight")}
+    clipped = out["encoder.conv.weight"].astype(np.float64) - noise["encoder.conv.weight"]
+    np.testing.assert_allclose(clipped, 1.0 / np.sqrt(200 * 100), atol=1e-4)  # norm 0.1 * 141 = 14.1, clipped to 1
+    np.testing.assert_allclose(out["encoder.bn.weight"] - noise["encoder.bn.weight"], 1.0, atol=1e-4)
+    assert out["encoder.conv.weight"].std() == pytest.approx(sigma, rel=0.02)
+    np.testing.assert_array_equal(out["encoder.bn.running_mean"], received["encoder.bn.running_mean"])
+    assert int(out["encoder.bn.num_batches_tracked"]) == 7
+    assert out["encoder.conv.weight"].dtype == np.float32 and out["encoder.bn.num_batches_tracked"].dtype == np.int64
+
+
+def test_local_dp_composes_rounds_by_basic_composition_and_stops_at_the_budget():
+    """Any strategy aggregates local releases (post-processing); the account is T rounds of
+    (dp-local-epsilon, dp-delta) and the round past dp-max-epsilon is refused before it is sent."""
+    cfg = RunConfig.from_mapping({**LOCAL, "strategy": "fedmedian", "dp-max-epsilon": 1.2})
+    agg = Aggregation(cfg)
+    current = _current()
+    out = _round(agg, 1, current, _updates(current, scale=0.01))
+    np.testing.assert_allclose(out["encoder.conv.weight"], 0.025, atol=1e-6)  # the median of 0.01..0.04: no noise added here
+    _round(agg, 2, current, _updates(current, scale=0.01), phase=names.PHASE_FINETUNE)
+    spent = agg.privacy_spent()
+    assert (spent["epsilon"], spent["delta"], spent["releases"]) == (pytest.approx(1.0), pytest.approx(2e-5), 2)
+    assert spent["accounting"] == "basic composition" and spent["round_epsilon"] == 0.5 and spent["sensitivity"] == 2.0
+    with pytest.raises(PrivacyBudgetExhausted, match="would exceed max_epsilon"):
+        agg.configure(names.PHASE_FINETUNE, 2, current, NODES)
+
+
+def test_a_hospital_under_local_dp_sends_a_noised_update_and_the_global_statistics(tmp_path, ham10000_dir):
+    """The ClientApp's train handler, called as Flower calls it: what leaves the hospital is
+    the received model plus clipped update plus noise of LocalDpMod's stdev, its BatchNorm
+    statistics the received ones."""
+    import torch
+    from flwr.app import Context, MessageType, RecordDict
+
+    from fedssl_core.models import FedSSLModel
+    from fedssl_flower import client_app, records
+    from tests.flower.test_client_app import message, reply_state
+
+    run_config = {"arch": "resnet18", "pretrained": False, "image-size": 32, "batch-size": 16, "local-steps": 1,
+                  "ssl-rounds": 0, "finetune-rounds": 1, "local-baseline": False, **LOCAL, "dp-local-epsilon": 0.9}
+    ctx = Context(run_id=3, node_id=1, state=RecordDict(), run_config=run_config, node_config={
+        "hospital": "h", "ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 40,
+        "cache-dir": str(tmp_path / "cache"), "threads": 1})
+    torch.manual_seed(0)
+    initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
+    reply = client_app.app(message(initial, MessageType.TRAIN, phase="finetune", round=1), ctx)
+    assert not reply.has_error(), reply.error
+    sent = reply_state(reply)
+    sigma = local_dp.noise_stdv(RunConfig.from_mapping(run_config))
+    delta = torch.cat([(sent[k] - initial[k]).flatten() for k in sent
+                       if sent[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))])
+    assert float(delta.std()) == pytest.approx(sigma, rel=0.01)
+    for k in sent:
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(sent[k], initial[k]), k
+
+
 @pytest.mark.parametrize("overrides,message", [
-    ({"dp": "local"}, "dp='local'; expected one of off, central-fixed, central-adaptive"),
+    ({"dp": "laplace"}, "dp='laplace'; expected one of off, central-fixed, central-adaptive, local"),
+    ({**LOCAL, "dp-local-epsilon": 1.0}, "dp-local-epsilon must be in (0, 1) (the Gaussian mechanism's calibration holds below 1)"),
+    ({**DP, "dp-local-epsilon": 0.9}, "dp-local-epsilon acts with dp=local only, not dp=central-fixed"),
+    ({**LOCAL, "dp-max-epsilon": 0.4}, "dp-max-epsilon=0.4 is below the epsilon of a single round (0.5 at dp-local-epsilon=0.5)"),
+    ({**LOCAL, "register-local-models": True}, "would send each hospital's own model un-noised"),
     ({**DP, "dp-target-quantile": 0.9}, "dp-target-quantile act(s) with dp=central-adaptive only, not dp=central-fixed"),
     ({"dp-clip-norm-lr": 0.1}, "dp-clip-norm-lr act(s) with dp=central-adaptive only, not dp=off"),
     ({**ADAPTIVE, "dp-target-quantile": 1.0}, "dp-target-quantile must be in (0, 1), got 1.0"),
