@@ -49,6 +49,11 @@ check and the composition are done here with the same accountant calls its fixed
 wrapper makes. `AdaptiveClipping` corrects two things in Flower 1.41's class (see its
 docstring): the norm's update direction, and the norm the noise is scaled to.
 
+dp=local (`local_dp`): the hospitals clipped and noised their own updates before sending, so
+the aggregation is the strategy's own (any strategy: it is post-processing) and this module
+only keeps the account, rounds released composed by basic composition, and refuses the round
+that would pass dp-max-epsilon with the same `PrivacyBudgetExhausted`.
+
 Before any of that, `check_update` refuses a reply whose update is not the global model's
 shared groups for the phase (missing or extra tensors, wrong shapes or dtypes, NaN or Inf).
 """
@@ -64,8 +69,8 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATEGIES, STRATEGY_FEDADAGRAD, STRATEGY_FEDADAM, STRATEGY_FEDAVG,
-                               STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
+from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATEGIES, STRATEGY_FEDADAGRAD,
+                               STRATEGY_FEDADAM, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 
 from .strategy import STATISTICS_SUFFIXES, AggregationError, ServerOptimizer, weighted_average
@@ -250,8 +255,8 @@ class Aggregation:
         # strategy=fedavg keeps fedssl's server step (server-lr, server-momentum) on the average.
         self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.sent: dict[int, Message] = {}  # node -> the strategy's train message of this round
-        # dp: one accountant for the run (created at the first round, for `population`
-        # hospitals), a fixed-clipping wrapper per round; `privacy` is the last round's spend.
+        # central dp: one accountant for the run (created at the first round, for `population`
+        # hospitals), a clipping wrapper per round; `privacy` is the last round's spend.
         self.dp = cfg.dp in DP_CENTRAL
         # dp=local: the hospitals noised their updates (local_dp); the aggregation is the
         # strategy's own, and this keeps the account: rounds released so far, the budget.
