@@ -170,8 +170,9 @@ class RunConfig:
         need(self.dp_clip_norm_lr > 0, f"dp-clip-norm-lr must be > 0, got {self.dp_clip_norm_lr}")
         need(self.dp_clipped_count_stddev >= 0,
              f"dp-clipped-count-stddev must be >= 0 (0 = Flower's default, hospitals / 20), got {self.dp_clipped_count_stddev}")
-        adaptive_keys = {"dp-target-quantile": 0.5, "dp-clip-norm-lr": 0.2, "dp-clipped-count-stddev": 0.0}
-        changed = [k for k, default in adaptive_keys.items() if self.as_dict()[k] != default]
+        defaults = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(self)}
+        changed = [k for k in ("dp-target-quantile", "dp-clip-norm-lr", "dp-clipped-count-stddev")
+                   if self.as_dict()[k] != defaults[k]]
         need(self.dp == names.DP_CENTRAL_ADAPTIVE or not changed,
              f"{', '.join(changed)} act(s) with dp=central-adaptive only, not dp={self.dp}")
         if self.dp == names.DP_CENTRAL_ADAPTIVE and self.dp_clipped_count_stddev > 0:
@@ -181,7 +182,7 @@ class RunConfig:
                  "updates is released too and the two releases share the noise multiplier (Andrew et al.)")
         need(0 < self.dp_local_epsilon < 1,
              f"dp-local-epsilon must be in (0, 1) (the Gaussian mechanism's calibration holds below 1), got {self.dp_local_epsilon}")
-        need(self.dp == names.DP_LOCAL or self.dp_local_epsilon == 0.5,
+        need(self.dp == names.DP_LOCAL or self.dp_local_epsilon == defaults["dp-local-epsilon"],
              f"dp-local-epsilon acts with dp=local only, not dp={self.dp}")
         if self.dp in names.DP_CENTRAL:
             need(self.strategy == names.STRATEGY_FEDAVG and self.server_lr == 1.0 and self.server_momentum == 0.0,
@@ -227,8 +228,6 @@ def one_release_epsilon(cfg: RunConfig) -> float:
     """The epsilon (at dp-delta) of one round under `cfg`'s noise multiplier, by Flower's RDP
     accountant: with every hospital training each round (no sampling amplification) it does
     not depend on the number of hospitals."""
-    from .aggregation import new_accountant, privacy_event  # flwr[dp]; only when dp is on
-
     return epsilon_after(cfg, releases=1)
 
 
