@@ -38,11 +38,16 @@ step, so arms without SSL fine-tune for `finetune-rounds + 2 x ssl-rounds` round
 wall time is reported. The federation runs in this process with the code the hospitals and
 the aggregator run (`fedssl_flower.local`, `strategy.weighted_average`); Flower's transport is
 not in the loop (bench/flower_overhead.py measures it). With `--dp central-fixed` (and
-`--dp-noise-multiplier`, `--dp-clipping-norm`, `--dp-delta`, `--dp-max-epsilon`) the federated
-arms aggregate as the aggregator does under run config dp (`aggregation.Aggregation`: Flower's
-fixed-clipping wrapper and RDP accountant, equal weights, BatchNorm statistics kept) and stop
-before a round past the budget; each run records its `privacy` spent (use `--label` to keep
-epsilon arms apart from the plain ones).
+`--dp-noise-multiplier`, `--dp-clipping-norm`, `--dp-delta`, `--dp-max-epsilon`; `--dp
+central-adaptive` with `--dp-target-quantile`, `--dp-clip-norm-lr`, `--dp-clipped-count-stddev`)
+the federated arms aggregate as the aggregator does under run config dp
+(`aggregation.Aggregation`: Flower's clipping wrapper and RDP accountant, equal weights,
+BatchNorm statistics kept) and stop before a round past the budget; each run records its
+`privacy` spent (use `--label` to keep epsilon arms apart from the plain ones).
+`--dp-target-epsilon E` sets the noise multiplier to the smallest whose epsilon at `--dp-delta`
+after the arm's rounds is at most E (`config.noise_multiplier_for_epsilon`, Flower's accountant).
+Every federated run records each round's L2 norm of each hospital's update of the trained
+parameters (`update_norms`), what a clipping norm is chosen from (on `--eval val`).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
     .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
@@ -69,12 +74,12 @@ import torch
 import torch.nn.functional as F
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
-from fedssl_flower import local, records, training
-from fedssl_flower.config import RunConfig
+from fedssl_flower import local, local_dp, records, training
+from fedssl_flower.config import RunConfig, noise_multiplier_for_epsilon
 from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
 from fedssl_flower.errors import FedSSLError
-from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted
+from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted, is_trained
 from fedssl_flower.strategy import ServerOptimizer, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +257,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     state = copy.deepcopy(server.state_dict())
     hospitals = [copy.deepcopy(server) for _ in ssl_sites]
     moments = [{} if cfg.keep_optimizer_state else None for _ in ssl_sites]  # each hospital's AdamW, kept
-    curve, comm, ssl_probe = [], [], None
+    curve, comm, ssl_probe, update_norms = [], [], None, []
     optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
     control, controls = {}, [{} for _ in ssl_sites]  # SCAFFOLD: the server's and each hospital's variates
     # --dp: the aggregator's own aggregation (Flower's DP wrapper and accountant), hospital i as node i + 1.
@@ -275,7 +280,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 stopped = f"{phase} round {rnd}: {exc}"
                 print(f"    privacy budget reached, stopped before {stopped}", flush=True)
                 break
-        updates, traffic, deltas = [], {}, []
+        updates, traffic, deltas, norms = [], {}, [], {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
@@ -288,7 +293,11 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
-            up, received = wire(records.state_arrays(model.state_dict(), shared), cfg.update_encoding)
+            trained = records.state_arrays(model.state_dict(), shared)
+            norms[site.hospital] = update_norm(trained, state)
+            if cfg.dp == names.DP_LOCAL:  # --dp local: clipped and noised at the hospital, as client_app does
+                trained = local_dp.release(trained, down, cfg)
+            up, received = wire(trained, cfg.update_encoding)
             updates.append((up, m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
@@ -303,6 +312,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         for key, value in new.items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
+        update_norms.append({"phase": phase, "round": rnd, "hospitals": norms})
         server.load_state_dict(state)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
@@ -319,7 +329,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
-    extra = {} if private is None else {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
+    extra = {"update_norms": update_norms}
+    if private is not None:
+        extra |= {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
         return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm,
                 **extra}
@@ -333,6 +345,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                  "last_round_test": headline(scores(server, test)),
                                  "bn_recomputed_test": headline(scores(recal, test))}, **extra}
     return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
+
+
+def update_norm(arrays: dict[str, np.ndarray], state: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of a hospital's update of the trained parameters (its arrays minus the global
+    model's, BatchNorm statistics and integer buffers left out): what dp-clipping-norm bounds."""
+    return float(np.sqrt(sum(float(np.sum((np.asarray(v, np.float64) - state[k].numpy().astype(np.float64)) ** 2))
+                             for k, v in arrays.items() if is_trained(k, np.asarray(v)))))
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -421,6 +440,12 @@ def _layout(site: HospitalData) -> dict:
     return {"layout": site.audit["layout"]} if "layout" in site.audit else {}
 
 
+def arm_rounds(spec: str, ssl_rounds: int, finetune_rounds: int) -> int:
+    """The federated rounds an arm runs (each one private release under --dp), as `run_arm` sets them."""
+    arm = spec.partition("@")[0]
+    return finetune_rounds + 2 * ssl_rounds if arm in ("no-ssl", "random") else ssl_rounds + finetune_rounds
+
+
 def key(run: dict) -> tuple:
     """What a rerun replaces: the same arm, seed, evaluation split and label."""
     return run["arm"], run["seed"], run.get("eval", "test"), run.get("label", "")
@@ -497,6 +522,14 @@ def main() -> None:
     ap.add_argument("--dp-clipping-norm", type=float, default=1.0)
     ap.add_argument("--dp-delta", type=float, default=1e-5)
     ap.add_argument("--dp-max-epsilon", type=float, default=0.0, help="stop before the round that would pass it (0 = no cap)")
+    ap.add_argument("--dp-target-quantile", type=float, default=0.5, help="--dp central-adaptive: the update-norm quantile tracked")
+    ap.add_argument("--dp-clip-norm-lr", type=float, default=0.2, help="--dp central-adaptive: the norm's geometric learning rate")
+    ap.add_argument("--dp-clipped-count-stddev", type=float, default=0.0,
+                    help="--dp central-adaptive: noise on the clipped count (0 = Flower's default, hospitals / 20)")
+    ap.add_argument("--dp-local-epsilon", type=float, default=0.5, help="--dp local: each hospital's epsilon per round, in (0, 1)")
+    ap.add_argument("--dp-target-epsilon", type=float, default=0.0,
+                    help="set --dp-noise-multiplier to the smallest one whose epsilon at --dp-delta after all the arm's "
+                         "rounds is at most this (Flower's accountant, bisection; 0 = use --dp-noise-multiplier)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -535,6 +568,19 @@ def main() -> None:
         raise SystemExit(f"--label-map/--class-names apply to hospital folders (PATH/<hospital>/<class>/<image>), not to "
                          f"HAM10000 at {args.data}")
 
+    if args.dp_target_epsilon:
+        if args.dp not in names.DP_CENTRAL:
+            raise SystemExit("--dp-target-epsilon needs --dp central-fixed or central-adaptive (it sets the noise multiplier)")
+        rounds = {arm_rounds(spec, args.ssl_rounds, args.finetune_rounds) for spec in specs}
+        if len(rounds) > 1:
+            raise SystemExit(f"--dp-target-epsilon: the arms {args.arms} run different numbers of rounds ({sorted(rounds)}); "
+                             "run them one at a time")
+        try:
+            args.dp_noise_multiplier = noise_multiplier_for_epsilon(args.dp_target_epsilon, rounds.pop(), args.dp_delta)
+        except FedSSLError as exc:
+            raise SystemExit(f"--dp-target-epsilon: {exc}") from None
+        print(f"noise multiplier {args.dp_noise_multiplier} for epsilon <= {args.dp_target_epsilon} at delta {args.dp_delta:g}",
+              flush=True)
     threads = set_torch_threads()
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
                      pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
@@ -542,8 +588,13 @@ def main() -> None:
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
-                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon)
-    base.validate()
+                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
+                     dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,
+                     dp_clipped_count_stddev=args.dp_clipped_count_stddev, dp_local_epsilon=args.dp_local_epsilon)
+    try:
+        base.validate()
+    except FedSSLError as exc:
+        raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
         full = load_sites(args)

@@ -24,9 +24,11 @@ STRATEGY_KRUM, STRATEGY_MULTIKRUM = "krum", "multikrum"
 STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX,
               STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  # server-eta, server-tau (and betas)
-# Run config `dp`: off, or client-level central DP by Flower's server-side fixed-clipping wrapper.
-DP_OFF, DP_CENTRAL_FIXED = "off", "central-fixed"
-DP_MODES = (DP_OFF, DP_CENTRAL_FIXED)
+# Run config `dp`: off, client-level central DP by Flower's server-side fixed- or
+# adaptive-clipping wrapper, or local DP (each hospital noises its own update, LocalDpMod's mechanism).
+DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE, DP_LOCAL = "off", "central-fixed", "central-adaptive", "local"
+DP_MODES = (DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE, DP_LOCAL)
+DP_CENTRAL = (DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE)
 
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"

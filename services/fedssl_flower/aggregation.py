@@ -36,6 +36,24 @@ otherwise). The wrapper is built per round, for the hospitals that train in it, 
 accountant for the whole run (both phases); when the wrapper's next release would pass
 dp-max-epsilon, Flower's `configure_train` raises `PrivacyBudgetExhausted` before the round.
 
+dp=central-adaptive is the same with Flower's `DifferentialPrivacyServerSideAdaptiveClipping`
+(Andrew et al., arXiv:1905.03871): the clipping norm starts at dp-clipping-norm (again at each
+phase: the phases share different parameter groups) and after each round moves geometrically
+(rate dp-clip-norm-lr) towards the dp-target-quantile of the hospitals' update norms, from a
+noised count of the updates it clipped (stdev dp-clipped-count-stddev). dp-noise-multiplier is
+the effective noise multiplier of the round's two releases (the noised average and the noised
+count), as Flower's `compute_adaptive_noise_params` takes it: the average gets the larger
+(z^-2 - (2 sigma_count)^-2)^-1/2, and the accountant composes one Gaussian release of z per
+round, the same as central-fixed's. Flower's adaptive wrapper has no accountant, so the budget
+check and the composition are done here with the same accountant calls its fixed-clipping
+wrapper makes. `AdaptiveClipping` corrects two things in Flower 1.41's class (see its
+docstring): the norm's update direction, and the norm the noise is scaled to.
+
+dp=local (`local_dp`): the hospitals clipped and noised their own updates before sending, so
+the aggregation is the strategy's own (any strategy: it is post-processing) and this module
+only keeps the account, rounds released composed by basic composition, and refuses the round
+that would pass dp-max-epsilon with the same `PrivacyBudgetExhausted`.
+
 Before any of that, `check_update` refuses a reply whose update is not the global model's
 shared groups for the phase (missing or extra tensors, wrong shapes or dtypes, NaN or Inf).
 """
@@ -51,8 +69,8 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from fedssl_core.names import (DP_OFF, STRATEGIES, STRATEGY_FEDADAGRAD, STRATEGY_FEDADAM, STRATEGY_FEDAVG,
-                               STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
+from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATEGIES, STRATEGY_FEDADAGRAD,
+                               STRATEGY_FEDADAM, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 
 from .strategy import STATISTICS_SUFFIXES, AggregationError, ServerOptimizer, weighted_average
@@ -118,6 +136,35 @@ def new_accountant(cfg: "RunConfig", population: int):
 def privacy_event(cfg: "RunConfig", sample_size: int, population: int) -> GaussianPrivacyEvent:
     """One round's Gaussian release, as Flower's fixed-clipping wrapper composes it."""
     return GaussianPrivacyEvent(noise_multiplier=cfg.dp_noise_multiplier, sample_size=sample_size, population_size=population)
+
+
+class AdaptiveClipping(flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, with its norm update and its noise as Andrew et
+    al. define them. Flower 1.41's class counts the updates it *clipped* and multiplies the norm
+    by exp(-lr * (clipped_fraction - target)), so the norm shrinks when most updates are clipped
+    and grows when few are: away from the target quantile, down to zero once every update is
+    above it. Andrew et al.'s rule is on the fraction left *unclipped*: fed 1 - the (noised)
+    clipped fraction, Flower's update becomes theirs, and `target_clipped_quantile` is their
+    gamma, the quantile of the update norms the clipping norm converges to. Flower also scales
+    the round's noise to the norm it has just adapted, not to the norm the updates were clipped
+    to (their sensitivity): the noise here uses the norm of the clipping. The clipping, the
+    noised count, the average and the noise are Flower's own code."""
+
+    clipped_with: float = 0.0  # the norm this round's updates were clipped to
+
+    def aggregate_train(self, server_round: int, replies):
+        self.clipped_with = self.clipping_norm
+        return super().aggregate_train(server_round, replies)
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        super()._geometric_update(1.0 - clipped_fraction)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        adapted, self.clipping_norm = self.clipping_norm, self.clipped_with
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        finally:
+            self.clipping_norm = adapted
 
 
 def parameters(cfg: "RunConfig") -> dict:
@@ -208,17 +255,27 @@ class Aggregation:
         # strategy=fedavg keeps fedssl's server step (server-lr, server-momentum) on the average.
         self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.sent: dict[int, Message] = {}  # node -> the strategy's train message of this round
-        # dp: one accountant for the run (created at the first round, for `population`
-        # hospitals), a fixed-clipping wrapper per round; `privacy` is the last round's spend.
-        self.dp = cfg.dp != DP_OFF
+        # central dp: one accountant for the run (created at the first round, for `population`
+        # hospitals), a clipping wrapper per round; `privacy` is the last round's spend.
+        self.dp = cfg.dp in DP_CENTRAL
+        # dp=local: the hospitals noised their updates (local_dp); the aggregation is the
+        # strategy's own, and this keeps the account: rounds released so far, the budget.
+        self.local_dp = cfg.dp == DP_LOCAL
+        self.local_releases = 0
         self.population: int | None = None
         self.accountant = None
         self.sent_nodes: list[int] = []
         self.privacy: dict | None = None
+        # dp=central-adaptive: the phase's clipping norm (adapted after each round) and the
+        # round's Gaussian release, checked against the budget at configure, composed at aggregate.
+        self.adaptive = cfg.dp == DP_CENTRAL_ADAPTIVE
+        self.clipping_norm = cfg.dp_clipping_norm
+        self.pending_event: GaussianPrivacyEvent | None = None
 
     def _start_phase(self, phase: str) -> None:
         if phase != self.phase:
             self.phase, self.strategy = phase, build_strategy(self.cfg)
+            self.clipping_norm = self.cfg.dp_clipping_norm
 
     def configure(self, phase: str, rnd: int, current: Mapping[str, np.ndarray], node_ids: Sequence[int]) -> dict:
         """Show the strategy round `rnd`'s global model (`current`: the phase's shared arrays)
@@ -227,6 +284,8 @@ class Aggregation:
         self._start_phase(phase)
         if self.dp:
             return self._configure_private(rnd, current, node_ids)
+        if self.local_dp:
+            self._check_local_budget()
         if self.cfg.strategy == STRATEGY_FEDAVG:
             return {}  # FedAvg adds nothing to the train config; its average is weighted_average's
         msgs = self._configure_strategy(rnd, current, node_ids)
@@ -250,6 +309,13 @@ class Aggregation:
         their `current` values (the ones `configure` was shown)."""
         if self.dp:
             return self._aggregate_private(phase, rnd, current, updates)
+        new = self._aggregate_strategy(phase, rnd, current, updates)
+        if self.local_dp:
+            self._account_local([node for node, _, _ in updates])
+        return new
+
+    def _aggregate_strategy(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
+                            updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
         if self.cfg.strategy == STRATEGY_FEDAVG:
             self._start_phase(phase)
             return self.server_optimizer.step(current, weighted_average([(arrays, n) for _, arrays, n in updates]), phase)
@@ -282,12 +348,38 @@ class Aggregation:
         # budget check is the same for any sample (no amplification), and the release is
         # configured again at aggregation for the nodes that replied.
         node_ids = list(node_ids)[:self.accountant.config.population_size]
-        self.strategy = flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
-            build_strategy(self.cfg), self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, max(len(node_ids), 1),
-            accountant=self.accountant)
+        sample = max(len(node_ids), 1)
+        if self.adaptive:
+            self.strategy = self._adaptive_wrapper(sample)
+            # Flower's adaptive wrapper takes no accountant: the check its fixed-clipping one makes.
+            self.pending_event = privacy_event(self.cfg, sample, self.accountant.config.population_size)
+            if self.accountant.config.max_epsilon is not None and self.accountant.would_exceed(self.pending_event):
+                spent = self.accountant.get_privacy_spent()
+                raise PrivacyBudgetExhausted("The next private release would exceed max_epsilon "
+                                             f"(current epsilon: {spent.epsilon}, delta: {spent.delta}).")
+        else:
+            self.strategy = flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
+                build_strategy(self.cfg), self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, sample,
+                accountant=self.accountant)
         self._configure_strategy(rnd, current, node_ids)
         self.sent_nodes = sorted(self.sent)
         return {}
+
+    def _adaptive_wrapper(self, sample: int) -> AdaptiveClipping:
+        """Flower's adaptive-clipping wrapper around FedAvg for `sample` hospitals, starting
+        from the phase's current clipping norm; a noise multiplier the count's noise cannot
+        share (Flower's ValueError) is named by its run config keys."""
+        stddev = self.cfg.dp_clipped_count_stddev or None  # None: Flower's default, hospitals / 20
+        need = self.cfg.dp_noise_multiplier / 2
+        if (stddev if stddev is not None else sample / 20) <= need:
+            raise AggregationError(
+                f"dp=central-adaptive with {sample} hospitals: dp-noise-multiplier={self.cfg.dp_noise_multiplier} needs the "
+                f"noise on the count of clipped updates above {need:g}, and Flower's default dp-clipped-count-stddev is "
+                f"hospitals / 20 = {sample / 20:g}; set dp-clipped-count-stddev above {need:g} (e.g. "
+                f"{self.cfg.dp_noise_multiplier:g}: the average then gets 1.15x the noise multiplier)")
+        return AdaptiveClipping(build_strategy(self.cfg), self.cfg.dp_noise_multiplier, sample,
+                                initial_clipping_norm=self.clipping_norm, target_clipped_quantile=self.cfg.dp_target_quantile,
+                                clip_norm_lr=self.cfg.dp_clip_norm_lr, clipped_count_stddev=stddev)
 
     def _aggregate_private(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
                            updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
@@ -309,14 +401,49 @@ class Aggregation:
         self.sent, self.sent_nodes = {}, []
         if new is None:
             raise AggregationError(f"Flower's DP wrapper returned no arrays for {phase} round {rnd}")
+        clipped_with, noise_multiplier, adaptive = self.cfg.dp_clipping_norm, self.cfg.dp_noise_multiplier, {}
+        if self.adaptive:
+            self.accountant.compose(self.pending_event)  # the release happened: Flower added the noise
+            self.pending_event = None
+            clipped_with, noise_multiplier = self.strategy.clipped_with, self.strategy.noise_multiplier
+            self.clipping_norm = float(self.strategy.clipping_norm)
+            adaptive = {"next_clipping_norm": self.clipping_norm, "target_quantile": float(self.cfg.dp_target_quantile),
+                        "clipped_count_stddev": float(self.strategy.clipped_count_stddev)}
         spent = self.accountant.get_privacy_spent()
         self.privacy = {"mechanism": self.cfg.dp, "epsilon": float(spent.epsilon), "delta": float(spent.delta),
                         "round_epsilon": float(spent.epsilon - before), "releases": int(spent.num_releases),
-                        "noise_multiplier": float(self.cfg.dp_noise_multiplier), "clipping_norm": float(self.cfg.dp_clipping_norm),
-                        "noise_stdv": float(self.cfg.dp_noise_multiplier * self.cfg.dp_clipping_norm / len(counted)),
+                        "noise_multiplier": float(self.cfg.dp_noise_multiplier), "clipping_norm": float(clipped_with),
+                        "noise_stdv": float(noise_multiplier * clipped_with / len(counted)),
                         "hospitals": len(counted), "population": int(self.accountant.config.population_size),
-                        "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": spent.accounting_method}
+                        "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": spent.accounting_method,
+                        **adaptive}
         return out | _as_float32(new, keys, counted[0][1])
+
+    # ---------------------------------------------------------------- local differential privacy
+    def _check_local_budget(self) -> None:
+        """dp=local with dp-max-epsilon: the round whose release would pass the budget (basic
+        composition) is refused before it is sent, as Flower refuses a central one."""
+        from . import local_dp
+
+        spent, _ = local_dp.spent(self.cfg, self.local_releases)
+        if self.cfg.dp_max_epsilon and local_dp.spent(self.cfg, self.local_releases + 1)[0] > self.cfg.dp_max_epsilon:
+            raise PrivacyBudgetExhausted("The next private release would exceed max_epsilon "
+                                         f"(current epsilon: {spent}, delta: {local_dp.spent(self.cfg, self.local_releases)[1]}).")
+
+    def _account_local(self, nodes: Sequence[int]) -> None:
+        """One more local release by each hospital of the round, composed by basic composition."""
+        from . import local_dp
+
+        self.local_releases += 1
+        epsilon, delta = local_dp.spent(self.cfg, self.local_releases)
+        self.population = max(self.population or 0, len(nodes))
+        self.privacy = {"mechanism": self.cfg.dp, "epsilon": float(epsilon), "delta": float(delta),
+                        "round_epsilon": float(self.cfg.dp_local_epsilon), "releases": self.local_releases,
+                        "noise_multiplier": float(local_dp.noise_stdv(self.cfg) / local_dp.sensitivity(self.cfg)),
+                        "clipping_norm": float(self.cfg.dp_clipping_norm), "noise_stdv": float(local_dp.noise_stdv(self.cfg)),
+                        "hospitals": len(nodes), "population": int(self.population),
+                        "max_epsilon": float(self.cfg.dp_max_epsilon) or None, "accounting": local_dp.ACCOUNTING,
+                        "sensitivity": float(local_dp.sensitivity(self.cfg)), "round_delta": float(self.cfg.dp_delta)}
 
     def privacy_spent(self) -> dict | None:
         """The run's privacy spent so far (None with dp=off or before the first release)."""

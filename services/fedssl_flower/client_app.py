@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
-from . import local, records, training
+from . import local, local_dp, records, training
 from .config import RunConfig
 from .data import HospitalData, cache, load_hospital_data
 from .errors import ConfigError
@@ -138,7 +138,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = local.round_seed(cfg.seed, phase, rnd)
 
     model = _model(context, records.STATE_MODEL, cfg, len(data.class_names))
-    records.load_arrays(model, records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding))
+    received = records.from_array_record(msg.content[records.WEIGHTS], cfg.update_encoding)
+    records.load_arrays(model, received)
     # The received model is the previous round's global model: score it here, before training,
     # so a round costs one exchange (and one ClientApp process) instead of two.
     evaluation = _evaluation(context, model, cfg, data, instr)
@@ -168,8 +169,11 @@ def train(msg: Message, context: Context) -> Message:
     if not contributes:
         metrics[names.M_EXAMPLES] = 0
 
+    update = records.state_arrays(model.state_dict(), shared)
+    if cfg.dp == names.DP_LOCAL:  # clipped and noised here, before it leaves the hospital
+        update = local_dp.release(update, received, cfg)
     content = RecordDict({
-        records.WEIGHTS: records.to_array_record(records.state_arrays(model.state_dict(), shared), cfg.update_encoding),
+        records.WEIGHTS: records.to_array_record(update, cfg.update_encoding),
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
         **evaluation,
     })

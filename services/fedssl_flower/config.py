@@ -8,6 +8,7 @@ Defaults live in pyproject.toml `[tool.flwr.app.config]` (kebab-case), overridab
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,13 +82,29 @@ class RunConfig:
     num_malicious_nodes: int = 0  # krum | multikrum: hospitals assumed malicious (f), >= 0
     num_nodes_to_select: int = 1  # multikrum: replies averaged after selection, >= 1
     # Client-level differential privacy (services/fedssl_flower/aggregation.py): off | central-fixed
-    # (Flower's DifferentialPrivacyServerSideFixedClipping around FedAvg, RDP-accounted, every
-    # hospital weighted equally, BatchNorm statistics kept at the global model's values).
+    # (Flower's DifferentialPrivacyServerSideFixedClipping around FedAvg) | central-adaptive
+    # (Flower's DifferentialPrivacyServerSideAdaptiveClipping around FedAvg: the clipping norm
+    # follows a quantile of the hospitals' update norms). Both RDP-accounted, every hospital
+    # weighted equally, BatchNorm statistics kept at the global model's values.
     dp: str = names.DP_OFF
-    dp_noise_multiplier: float = 1.0  # Gaussian noise stdev / clipping norm (on the sum of the clipped updates), > 0
-    dp_clipping_norm: float = 1.0  # L2 bound of each hospital's update of the trained parameters, > 0
+    # Gaussian noise stdev / clipping norm (on the sum of the clipped updates), > 0; with
+    # central-adaptive the effective one of the round's two releases (Andrew et al.), as Flower takes it.
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0  # L2 bound of each hospital's update of the trained parameters, > 0 (central-adaptive: the first)
     dp_delta: float = 1e-5  # the delta epsilon is reported at, in (0, 1)
     dp_max_epsilon: float = 0.0  # privacy budget: the run stops before a round that would pass it; 0 = no cap
+    # central-adaptive only (Flower's parameters): the quantile of the hospitals' update norms the
+    # clipping norm tracks (the fraction of updates left unclipped; 0.5 = the median), in (0, 1);
+    # the norm's geometric learning rate, > 0; the stdev of the noise on the count of clipped
+    # updates, >= 0 (0 = Flower's default, hospitals / 20; it must exceed dp-noise-multiplier / 2).
+    dp_target_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
+    # dp=local only (services/fedssl_flower/local_dp.py): each hospital clips its update to
+    # dp-clipping-norm and adds Gaussian noise for (dp-local-epsilon, dp-delta) per round, as
+    # Flower's LocalDpMod does; rounds compose by basic composition. In (0, 1): the Gaussian
+    # mechanism's calibration holds below 1.
+    dp_local_epsilon: float = 0.5
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
     registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
@@ -149,11 +166,30 @@ class RunConfig:
         need(self.dp_clipping_norm > 0, f"dp-clipping-norm must be > 0, got {self.dp_clipping_norm}")
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
         need(self.dp_max_epsilon >= 0, f"dp-max-epsilon must be >= 0 (0 = no cap), got {self.dp_max_epsilon}")
-        if self.dp != names.DP_OFF:
+        need(0 < self.dp_target_quantile < 1, f"dp-target-quantile must be in (0, 1), got {self.dp_target_quantile}")
+        need(self.dp_clip_norm_lr > 0, f"dp-clip-norm-lr must be > 0, got {self.dp_clip_norm_lr}")
+        need(self.dp_clipped_count_stddev >= 0,
+             f"dp-clipped-count-stddev must be >= 0 (0 = Flower's default, hospitals / 20), got {self.dp_clipped_count_stddev}")
+        defaults = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(self)}
+        changed = [k for k in ("dp-target-quantile", "dp-clip-norm-lr", "dp-clipped-count-stddev")
+                   if self.as_dict()[k] != defaults[k]]
+        need(self.dp == names.DP_CENTRAL_ADAPTIVE or not changed,
+             f"{', '.join(changed)} act(s) with dp=central-adaptive only, not dp={self.dp}")
+        if self.dp == names.DP_CENTRAL_ADAPTIVE and self.dp_clipped_count_stddev > 0:
+            need(self.dp_noise_multiplier < 2 * self.dp_clipped_count_stddev,
+                 f"dp=central-adaptive: dp-noise-multiplier={self.dp_noise_multiplier} needs dp-clipped-count-stddev above "
+                 f"{self.dp_noise_multiplier / 2:g} (half of it; got {self.dp_clipped_count_stddev}): the count of clipped "
+                 "updates is released too and the two releases share the noise multiplier (Andrew et al.)")
+        need(0 < self.dp_local_epsilon < 1,
+             f"dp-local-epsilon must be in (0, 1) (the Gaussian mechanism's calibration holds below 1), got {self.dp_local_epsilon}")
+        need(self.dp == names.DP_LOCAL or self.dp_local_epsilon == defaults["dp-local-epsilon"],
+             f"dp-local-epsilon acts with dp=local only, not dp={self.dp}")
+        if self.dp in names.DP_CENTRAL:
             need(self.strategy == names.STRATEGY_FEDAVG and self.server_lr == 1.0 and self.server_momentum == 0.0,
                  f"dp={self.dp} needs strategy=fedavg with server-lr=1 and server-momentum=0 (got strategy={self.strategy}, "
                  f"server-lr={self.server_lr}, server-momentum={self.server_momentum}): Flower accounts the privacy spent "
                  "only for a strategy whose aggregate_train is FedAvg's, with equal weights")
+        if self.dp != names.DP_OFF:
             need(not self.register_local_models,
                  f"dp={self.dp} with register-local-models=true would send each hospital's own model un-noised to the "
                  "aggregator, outside the privacy guarantee; set register-local-models=false")
@@ -161,11 +197,13 @@ class RunConfig:
                  f"dp={self.dp} with resume-from-registry=true: the privacy already spent is not restored, so the "
                  "accounted epsilon would restart at 0; start a new run instead")
             if self.dp_max_epsilon > 0:
-                first = one_release_epsilon(self)
+                first = self.dp_local_epsilon if self.dp == names.DP_LOCAL else one_release_epsilon(self)
                 need(first <= self.dp_max_epsilon,
                      f"dp-max-epsilon={self.dp_max_epsilon} is below the epsilon of a single round ({first:.4g} at "
-                     f"dp-delta={self.dp_delta}, dp-noise-multiplier={self.dp_noise_multiplier}): no round could run; "
-                     "raise dp-max-epsilon or dp-noise-multiplier")
+                     + (f"dp-local-epsilon={self.dp_local_epsilon}): no round could run; raise dp-max-epsilon or lower "
+                        "dp-local-epsilon" if self.dp == names.DP_LOCAL else
+                        f"dp-delta={self.dp_delta}, dp-noise-multiplier={self.dp_noise_multiplier}): no round could run; "
+                        "raise dp-max-epsilon or dp-noise-multiplier"))
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")
@@ -190,8 +228,42 @@ def one_release_epsilon(cfg: RunConfig) -> float:
     """The epsilon (at dp-delta) of one round under `cfg`'s noise multiplier, by Flower's RDP
     accountant: with every hospital training each round (no sampling amplification) it does
     not depend on the number of hospitals."""
+    return epsilon_after(cfg, releases=1)
+
+
+def epsilon_after(cfg: RunConfig, releases: int) -> float:
+    """The epsilon (at dp-delta) Flower's RDP accountant reports after `releases` rounds under
+    `cfg`'s noise multiplier, as the aggregator composes them (one Gaussian release a round,
+    every hospital training: the number of hospitals does not enter)."""
     from .aggregation import new_accountant, privacy_event  # flwr[dp]; only when dp is on
 
-    accountant = new_accountant(cfg, population=1)
-    accountant.compose(privacy_event(cfg, sample_size=1, population=1))
+    accountant = new_accountant(dataclasses.replace(cfg, dp_max_epsilon=0.0), population=1)
+    for _ in range(releases):
+        accountant.compose(privacy_event(cfg, sample_size=1, population=1))
     return float(accountant.get_privacy_spent().epsilon)
+
+
+def noise_multiplier_for_epsilon(target_epsilon: float, releases: int, delta: float) -> float:
+    """The smallest noise multiplier (to 4 significant digits, rounded up) whose epsilon at
+    `delta` after `releases` rounds, by `epsilon_after`, is at most `target_epsilon`: bisection
+    on Flower's accountant (epsilon falls as the noise multiplier grows)."""
+    if not target_epsilon > 0:
+        raise ConfigError(f"target epsilon must be > 0, got {target_epsilon}")
+    if releases < 1:
+        raise ConfigError(f"releases must be >= 1 (the rounds the budget covers), got {releases}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+
+    def eps(z: float) -> float:
+        return epsilon_after(RunConfig(dp=names.DP_CENTRAL_FIXED, dp_noise_multiplier=z, dp_delta=delta), releases)
+
+    lo, hi = 1e-3, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ConfigError(f"no noise multiplier up to 1e6 gives epsilon <= {target_epsilon} after {releases} rounds")
+    while hi - lo > 1e-5 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    step = 10.0 ** (math.floor(math.log10(hi)) - 3)  # the 4th significant digit of `hi`
+    return round(math.ceil(hi / step) * step, 10)

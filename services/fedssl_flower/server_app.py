@@ -407,6 +407,10 @@ class Aggregator:
                 "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "finetune-mode", "share",
                 "strategy", "server-lr", "server-momentum", "update-encoding", "seed",
                 "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
+        if self.cfg.dp == names.DP_CENTRAL_ADAPTIVE:
+            keep += ("dp-target-quantile", "dp-clip-norm-lr", "dp-clipped-count-stddev")
+        if self.cfg.dp == names.DP_LOCAL:
+            keep += ("dp-local-epsilon",)
         config = self.cfg.as_dict()
         return ({k: config[k] for k in keep} | {"strategy_parameters": aggregation.parameters(self.cfg)}
                 | {"ssl_tasks": {h.name: h.ssl_task for h in self.hospitals.values()}})
@@ -662,7 +666,8 @@ class Aggregator:
             _progress("phase=%s round=%d privacy: epsilon=%.4f spent in total (+%.4f this round) at delta=%g after %d release(s); "
                       "noise multiplier %g, clipping norm %g%s", phase, rnd, p["epsilon"], p["round_epsilon"], p["delta"],
                       p["releases"], p["noise_multiplier"], p["clipping_norm"],
-                      f", budget {p['max_epsilon']:g}" if p.get("max_epsilon") else "")
+                      (f" (next round's {p['next_clipping_norm']:.4g})" if "next_clipping_norm" in p else "")
+                      + (f", budget {p['max_epsilon']:g}" if p.get("max_epsilon") else ""))
         return record
 
     # ---------------------------------------------------------------- resume

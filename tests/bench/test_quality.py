@@ -4,10 +4,12 @@ encoding puts on the wire, and appends to its JSON so a long benchmark can run i
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
@@ -66,6 +68,21 @@ def test_quality_bench_refuses_unknown_arms_and_fractions(tmp_path):
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         assert message in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dp-target-epsilon", "3"], "--dp-target-epsilon needs --dp central-fixed or central-adaptive"),
+    (["--dp", "central-fixed", "--dp-target-epsilon", "3", "--arms", "federated,no-ssl", "--ssl-rounds", "1"],
+     "run different numbers of rounds ([5, 6])"),
+])
+def test_quality_bench_refuses_a_target_epsilon_it_cannot_apply(tmp_path, monkeypatch, args, message):
+    """--dp-target-epsilon sets the noise multiplier of a central DP run for the arm's rounds:
+    without central DP, or for arms of different lengths, it says why before loading data."""
+    from bench import quality
+
+    monkeypatch.setattr(sys, "argv", ["quality", *args, "--out", str(tmp_path / "q.json")])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        quality.main()
 
 
 def _hospital_folders(root, per_class=10):

@@ -294,7 +294,7 @@ function roundsSection(run, rounds) {
       h("td", { class: "num", text: bytes(r.bytes_sent) }),
       h("td", { class: "num", text: bytes(r.bytes_received) }),
       dp ? h("td", { class: "num", "data-col": "epsilon", text: num(epsilonOf(r), 3),
-        title: r.privacy ? `+${num(r.privacy.round_epsilon, 3)} this round at δ=${r.privacy.delta}; noise multiplier ${r.privacy.noise_multiplier}, clipping norm ${r.privacy.clipping_norm}` : null }) : null);
+        title: r.privacy ? `+${num(r.privacy.round_epsilon, 3)} this round at δ=${r.privacy.delta}; noise multiplier ${r.privacy.noise_multiplier}, clipping norm ${r.privacy.clipping_norm}${r.privacy.next_clipping_norm != null ? ` (next round's ${num(r.privacy.next_clipping_norm, 4)})` : ""}` : null }) : null);
   });
   return section("Rounds", { id: "rounds", tools: csv },
     rounds.length ? table(["Round", "Hospitals", "Train examples", "Test examples", "Loss", "Balanced acc.", "Macro AUC", "Duration", "Sent", "Received", ...(dp ? ["ε spent"] : [])], rows, { class: "rounds-table" })
