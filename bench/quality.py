@@ -69,18 +69,21 @@ import torch
 import torch.nn.functional as F
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
-from fedssl_flower import local, records, training
+from fedssl_flower import aggregation, local, records, training
 from fedssl_flower.config import RunConfig
 from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
 from fedssl_flower.errors import FedSSLError
-from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted
+from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted, update_norm
+from fedssl_flower.attack import EXPECTED as ATTACK_SPECS
+from fedssl_flower.attack import Attack, misbehave, parse_attack
 from fedssl_flower.strategy import ServerOptimizer, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
 DEFAULT_ARMS = "federated,pooled,no-ssl,random,probes"
-SEEDED_ARMS = ("federated",)  # run for every seed; the others for the first seed only
+SEEDED_ARMS = ("federated",)
+FEDERATED_ARMS = ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8")  # scored after federated fine-tuning  # run for every seed; the others for the first seed only
 HEADLINE = (names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_ACCURACY)
 # FLamby Fed-ISIC2019 (6 centres incl. the 4 HAM10000 sites, ImageNet-pretrained EfficientNet-b0,
 # balanced accuracy on the pooled test), for orientation only: different model, data and budget.
@@ -235,7 +238,7 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
-             tail_average: int = 0) -> dict:
+             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "") -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -246,7 +249,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     `tail_average` K > 1: the final model is the uniform average of the last K fine-tuning
     rounds' global models (`average_states`: BatchNorm running statistics averaged too) instead
     of the last one; the curve also scores each round's running tail average, and the result
-    keeps the last round's model's scores and the average's with BatchNorm recomputed."""
+    keeps the last round's model's scores and the average's with BatchNorm recomputed.
+    `attack` on hospital `attacker`: its update is changed every round by `attack.misbehave`,
+    what a SuperNode with node config `attack` sends (fault injection, benchmark only).
+    Aggregation: `cfg.strategy` and `cfg.dp` as the aggregator computes them
+    (`aggregation.Aggregation`, hospital i as node i + 1); plain FedAvg with the server step
+    (`weighted_average`, `ServerOptimizer`) for strategy=fedavg without DP, as before. Each
+    round records every hospital's update norm and the global model's (`update_norm`)."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -255,8 +264,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     curve, comm, ssl_probe = [], [], None
     optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
     control, controls = {}, [{} for _ in ssl_sites]  # SCAFFOLD: the server's and each hospital's variates
-    # --dp: the aggregator's own aggregation (Flower's DP wrapper and accountant), hospital i as node i + 1.
-    private = Aggregation(cfg) if cfg.dp != names.DP_OFF else None
+    # --dp or --strategy: the aggregator's own aggregation (Flower's strategy classes, DP wrapper
+    # and accountant), hospital i as node i + 1.
+    private = Aggregation(cfg) if cfg.dp != names.DP_OFF or cfg.strategy != names.STRATEGY_FEDAVG else None
     if private is not None:
         private.population = len(ssl_sites)
         from flwr.supercore.task_identity import TaskIdentity  # Flower's Messages need what a ServerApp process sets
@@ -268,14 +278,16 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
+        mu = fedprox_mu if phase == names.PHASE_FINETUNE else 0.0
         if private is not None:
             try:
-                private.configure(phase, rnd, records.state_arrays(state, shared), list(range(1, len(sites) + 1)))
+                extra = private.configure(phase, rnd, records.state_arrays(state, shared), list(range(1, len(sites) + 1)))
+                mu = float(extra.get(records.PROXIMAL_MU, mu))  # strategy=fedprox: Flower's train config says mu
             except PrivacyBudgetExhausted as exc:  # as the aggregator: stop before the round, keep the last model
                 stopped = f"{phase} round {rnd}: {exc}"
                 print(f"    privacy budget reached, stopped before {stopped}", flush=True)
                 break
-        updates, traffic, deltas = [], {}, []
+        updates, traffic, deltas, norms = [], {}, [], {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
@@ -283,12 +295,15 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if scaffold and phase == names.PHASE_FINETUNE:
                 mine = controls[i]
                 drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift,
-                                  fedprox_mu if phase == names.PHASE_FINETUNE else 0.0)
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
-            up, received = wire(records.state_arrays(model.state_dict(), shared), cfg.update_encoding)
+            reply = records.state_arrays(model.state_dict(), shared)
+            if attack.active and site.hospital == attacker:
+                reply = misbehave(attack, reply, down)
+            up, received = wire(reply, cfg.update_encoding)
+            norms[site.hospital] = update_norm(up, down)
             updates.append((up, m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
@@ -296,13 +311,15 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         if private is not None:
             new = private.aggregate(phase, rnd, records.state_arrays(state, shared),
                                     [(i + 1, up, n) for i, (up, n) in enumerate(updates)])
-            print(f"    privacy: epsilon {private.privacy_spent()['epsilon']:.3f} at delta {cfg.dp_delta:g}", flush=True)
+            if private.dp:
+                print(f"    privacy: epsilon {private.privacy_spent()['epsilon']:.3f} at delta {cfg.dp_delta:g}", flush=True)
         else:
             average = weighted_average(updates)
             new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
+        norms = {"hospitals": norms, "global": update_norm(new, records.state_arrays(state, shared))}
         for key, value in new.items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
-        comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
+        comm.append({"phase": phase, "round": rnd, "hospitals": traffic, "update_norms": norms})
         server.load_state_dict(state)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
@@ -319,7 +336,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
-    extra = {} if private is None else {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
+    extra = {} if private is None or not private.dp else {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
         return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm,
                 **extra}
@@ -369,7 +386,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
-            tail_average: int = 0) -> dict:
+            tail_average: int = 0, attack: Attack = Attack(), attacker: str = "") -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -381,7 +398,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     cfg = dataclasses.replace(cfg, **variant)
     t0 = time.perf_counter()
     if arm == "ssl-probe":
-        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), names.SSL_SIMCLR)
+        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), names.SSL_SIMCLR,
+                       attack=attack, attacker=attacker)
         out["test"] = out.pop("ssl_probe_test")
     elif arm == "probes":
         pooled = pooled_data(labelled)
@@ -399,9 +417,14 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average)
-    if fedprox_mu and arm in ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8"):
+        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
+                       attack, attacker)
+    if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
+    if arm in FEDERATED_ARMS + ("ssl-probe",):
+        out["strategy"] = {"name": cfg.strategy, **aggregation.parameters(cfg)}
+        if attack.active:
+            out["attack"] = {"spec": str(attack), "hospital": attacker}
     out.update({"arm": spec, "label_fraction": fraction, "labelled_train_images": sum(len(s.train_labels) for s in labelled),
                 "seed": seed, "seconds": time.perf_counter() - t0,
                 "config": {k: v for k, v in cfg.as_dict().items() if k not in ("registry-url", "runs-dir", "data-warning")}})
@@ -422,12 +445,18 @@ def _layout(site: HospitalData) -> dict:
 
 
 def key(run: dict) -> tuple:
-    """What a rerun replaces: the same arm, seed, evaluation split and label."""
-    return run["arm"], run["seed"], run.get("eval", "test"), run.get("label", "")
+    """What a rerun replaces: the same arm, seed, evaluation split, label, strategy and attack."""
+    return (run["arm"], run["seed"], run.get("eval", "test"), run.get("label", ""),
+            run.get("strategy", {}).get("name", names.STRATEGY_FEDAVG), run.get("attack", {}).get("spec", names.ATTACK_NONE))
 
 
 def arm_name(run: dict) -> str:
-    return run["arm"] + (f" [{run['label']}]" if run.get("label") else "")
+    """The arm with its label; without one, with its strategy and attack when not the defaults."""
+    if run.get("label"):
+        return f"{run['arm']} [{run['label']}]"
+    strategy, attack = run.get("strategy", {}).get("name", names.STRATEGY_FEDAVG), run.get("attack")
+    variant = [strategy] * (strategy != names.STRATEGY_FEDAVG) + [f"attack {attack['spec']} by {attack['hospital']}"] * bool(attack)
+    return run["arm"] + (f" [{', '.join(variant)}]" if variant else "")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -497,6 +526,18 @@ def main() -> None:
     ap.add_argument("--dp-clipping-norm", type=float, default=1.0)
     ap.add_argument("--dp-delta", type=float, default=1e-5)
     ap.add_argument("--dp-max-epsilon", type=float, default=0.0, help="stop before the round that would pass it (0 = no cap)")
+    ap.add_argument("--strategy", default=names.STRATEGY_FEDAVG, choices=names.STRATEGIES,
+                    help="federated arms: run config strategy, aggregated by the product's aggregation.Aggregation "
+                         "(Flower's strategy class of that name); fedavg = weighted_average and the server step")
+    ap.add_argument("--trim-beta", type=float, default=RunConfig.trim_beta, help="fedtrimmedavg: fraction cut from each end")
+    ap.add_argument("--num-malicious-nodes", type=int, default=RunConfig.num_malicious_nodes, help="krum, multikrum: f")
+    ap.add_argument("--num-nodes-to-select", type=int, default=RunConfig.num_nodes_to_select, help="multikrum")
+    ap.add_argument("--proximal-mu", type=float, default=RunConfig.proximal_mu, help="fedprox: Flower's FedProx mu")
+    ap.add_argument("--server-eta", type=float, default=RunConfig.server_eta, help="fedadam, fedyogi, fedadagrad: eta")
+    ap.add_argument("--attack", default=names.ATTACK_NONE, metavar="SPEC",
+                    help=f"federated arms, with --attacker: that hospital changes its update every round as a SuperNode "
+                         f"with node config attack=SPEC does ({ATTACK_SPECS}; fault injection, benchmark only)")
+    ap.add_argument("--attacker", default="", metavar="HOSPITAL", help="the hospital (site name) that misbehaves with --attack")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -520,6 +561,13 @@ def main() -> None:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
         raise SystemExit("--fedprox-mu must be >= 0")
+    try:
+        attack = parse_attack(args.attack, "--attack")
+    except FedSSLError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if attack.active != bool(args.attacker):
+        raise SystemExit(f"--attack {args.attack} needs --attacker HOSPITAL" if attack.active
+                         else f"--attacker {args.attacker} needs --attack SPEC (one of {ATTACK_SPECS})")
     if args.finetune_rounds < 1 or args.local_steps < 1:
         raise SystemExit("--finetune-rounds and --local-steps must be >= 1: the arms are scored by their fine-tuned classifier")
     folders = not (args.data / SITES_METADATA).is_file()
@@ -542,13 +590,20 @@ def main() -> None:
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
-                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon)
-    base.validate()
+                     dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
+                     strategy=args.strategy, trim_beta=args.trim_beta, num_malicious_nodes=args.num_malicious_nodes,
+                     num_nodes_to_select=args.num_nodes_to_select, proximal_mu=args.proximal_mu, server_eta=args.server_eta)
+    try:
+        base.validate()
+    except FedSSLError as exc:
+        raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
         full = load_sites(args)
     except FedSSLError as exc:  # a label mismatch or an empty folder: the message says what to change
         raise SystemExit(f"error: {exc}") from None
+    if attack.active and args.attacker not in [s.hospital for s in full]:
+        raise SystemExit(f"--attacker {args.attacker!r} is not one of the hospitals: {', '.join(s.hospital for s in full)}")
     carved = [carve_validation(s, args.val_fraction) for s in full]
     sites, vals = [c[0] for c in carved], [c[1] for c in carved]
     test = pooled_data(full, "pooled-test") if args.eval == "test" else pooled_data(vals, "pooled-val")
@@ -561,17 +616,19 @@ def main() -> None:
     for spec in specs:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
-            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average)
+            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
+                        attack, args.attacker)
             r["eval"], r["label"] = args.eval, args.label
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
-                                                                              "label_map", "class_names"))
+                                                                              "label_map", "class_names", "attack", "attacker"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
                             + (" --scaffold" if args.scaffold else "")
                             + (f" --fedprox-mu {args.fedprox_mu}" if args.fedprox_mu else "")
                             + (f" --tail-average {args.tail_average}" if args.tail_average else "")
+                            + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + f" --arms {spec} --seeds {seed}"
                             + (f" --data {shlex.quote(str(args.data))}" if folders else ""))
             runs = [x for x in runs if key(x) != key(r)] + [r]

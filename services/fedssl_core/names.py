@@ -27,6 +27,10 @@ FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  #
 # Run config `dp`: off, or client-level central DP by Flower's server-side fixed-clipping wrapper.
 DP_OFF, DP_CENTRAL_FIXED = "off", "central-fixed"
 DP_MODES = (DP_OFF, DP_CENTRAL_FIXED)
+# Node config `attack` (tests and benchmarks only): a hospital that misbehaves on purpose by
+# changing its update before it replies; `scale` takes a factor, written scale:<factor>.
+ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP = "none", "scale", "sign-flip"
+ATTACKS = (ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP)
 
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"
