@@ -42,7 +42,14 @@ not in the loop (bench/flower_overhead.py measures it). With `--dp central-fixed
 arms aggregate as the aggregator does under run config dp (`aggregation.Aggregation`: Flower's
 fixed-clipping wrapper and RDP accountant, equal weights, BatchNorm statistics kept) and stop
 before a round past the budget; each run records its `privacy` spent (use `--label` to keep
-epsilon arms apart from the plain ones).
+epsilon arms apart from the plain ones). With `--strategy NAME` (any run-config strategy, with
+`--trim-beta`, `--num-malicious-nodes`, `--num-nodes-to-select`, `--proximal-mu`, `--server-eta`)
+they aggregate through the same `aggregation.Aggregation` (Flower's strategy classes); fedavg
+stays `weighted_average` and the server step. `--attack SPEC --attacker HOSPITAL` makes that
+hospital misbehave every round as a SuperNode with node config `attack=SPEC` does (`scale:100`,
+`sign-flip`; `attack.misbehave`, fault injection for this benchmark only). Every round records each
+hospital's update norm and the global model's (`communication[].update_norms`). Runs are keyed
+by strategy and attack as well (a `--label` still names them in tables).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
     .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
@@ -455,7 +462,7 @@ def arm_name(run: dict) -> str:
     if run.get("label"):
         return f"{run['arm']} [{run['label']}]"
     strategy, attack = run.get("strategy", {}).get("name", names.STRATEGY_FEDAVG), run.get("attack")
-    variant = [strategy] * (strategy != names.STRATEGY_FEDAVG) + [f"attack {attack['spec']} by {attack['hospital']}"] * bool(attack)
+    variant = ([strategy] if strategy != names.STRATEGY_FEDAVG else []) + ([f"attack {attack['spec']} by {attack['hospital']}"] if attack else [])
     return run["arm"] + (f" [{', '.join(variant)}]" if variant else "")
 
 
