@@ -46,8 +46,16 @@ BatchNorm statistics kept) and stop before a round past the budget; each run rec
 `privacy` spent (use `--label` to keep epsilon arms apart from the plain ones).
 `--dp-target-epsilon E` sets the noise multiplier to the smallest whose epsilon at `--dp-delta`
 after the arm's rounds is at most E (`config.noise_multiplier_for_epsilon`, Flower's accountant).
-Every federated run records each round's L2 norm of each hospital's update of the trained
-parameters (`update_norms`), what a clipping norm is chosen from (on `--eval val`).
+With `--strategy NAME` (any run-config strategy, with
+`--trim-beta`, `--num-malicious-nodes`, `--num-nodes-to-select`, `--proximal-mu`, `--server-eta`)
+they aggregate through the same `aggregation.Aggregation` (Flower's strategy classes); fedavg
+stays `weighted_average` and the server step. `--attack SPEC --attacker HOSPITAL` makes that
+hospital misbehave every round as a SuperNode with node config `attack=SPEC` does (`scale:100`,
+`sign-flip`; `attack.misbehave`, fault injection for this benchmark only). Every round records
+the L2 norm of each hospital's update of the trained parameters as trained (`update_norms`, what a
+clipping norm is chosen from, on `--eval val`) and as it reached the aggregator, after any local
+DP release or attack, with the global model's change (`communication[].update_norms`). Runs are keyed
+by strategy and attack as well (a `--label` still names them in tables).
 
     .venv/bin/python -m bench.quality [--arms federated,no-ssl@0.1] [--seeds 0,1,2] [--eval val]
     .venv/bin/python -m bench.quality --data ../shared/data/brain-mri --label-map 'tata-memorial-mumbai:Normal=notumor'
@@ -74,18 +82,21 @@ import torch
 import torch.nn.functional as F
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
-from fedssl_flower import local, local_dp, records, training
+from fedssl_flower import aggregation, local, local_dp, records, training
 from fedssl_flower.config import RunConfig, noise_multiplier_for_epsilon
 from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
 from fedssl_flower.errors import FedSSLError
-from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted, is_trained
+from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted, update_norm
+from fedssl_flower.attack import EXPECTED as ATTACK_SPECS
+from fedssl_flower.attack import Attack, misbehave, parse_attack
 from fedssl_flower.strategy import ServerOptimizer, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
 DEFAULT_ARMS = "federated,pooled,no-ssl,random,probes"
-SEEDED_ARMS = ("federated",)  # run for every seed; the others for the first seed only
+SEEDED_ARMS = ("federated",)
+FEDERATED_ARMS = ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8")  # scored after federated fine-tuning  # run for every seed; the others for the first seed only
 HEADLINE = (names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_ACCURACY)
 # FLamby Fed-ISIC2019 (6 centres incl. the 4 HAM10000 sites, ImageNet-pretrained EfficientNet-b0,
 # balanced accuracy on the pooled test), for orientation only: different model, data and budget.
@@ -240,7 +251,7 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
-             tail_average: int = 0) -> dict:
+             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "") -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -251,7 +262,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     `tail_average` K > 1: the final model is the uniform average of the last K fine-tuning
     rounds' global models (`average_states`: BatchNorm running statistics averaged too) instead
     of the last one; the curve also scores each round's running tail average, and the result
-    keeps the last round's model's scores and the average's with BatchNorm recomputed."""
+    keeps the last round's model's scores and the average's with BatchNorm recomputed.
+    `attack` on hospital `attacker`: its update is changed every round by `attack.misbehave`,
+    what a SuperNode with node config `attack` sends (fault injection, benchmark only).
+    Aggregation: `cfg.strategy` and `cfg.dp` as the aggregator computes them
+    (`aggregation.Aggregation`, hospital i as node i + 1); plain FedAvg with the server step
+    (`weighted_average`, `ServerOptimizer`) for strategy=fedavg without DP, as before. Each
+    round records every hospital's update norm and the global model's (`update_norm`)."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -260,8 +277,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     curve, comm, ssl_probe, update_norms = [], [], None, []
     optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
     control, controls = {}, [{} for _ in ssl_sites]  # SCAFFOLD: the server's and each hospital's variates
-    # --dp: the aggregator's own aggregation (Flower's DP wrapper and accountant), hospital i as node i + 1.
-    private = Aggregation(cfg) if cfg.dp != names.DP_OFF else None
+    # --dp or --strategy: the aggregator's own aggregation (Flower's strategy classes, DP wrapper
+    # and accountant), hospital i as node i + 1.
+    private = Aggregation(cfg) if cfg.dp != names.DP_OFF or cfg.strategy != names.STRATEGY_FEDAVG else None
     if private is not None:
         private.population = len(ssl_sites)
         from flwr.supercore.task_identity import TaskIdentity  # Flower's Messages need what a ServerApp process sets
@@ -273,14 +291,16 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
+        mu = fedprox_mu if phase == names.PHASE_FINETUNE else 0.0
         if private is not None:
             try:
-                private.configure(phase, rnd, records.state_arrays(state, shared), list(range(1, len(sites) + 1)))
+                extra = private.configure(phase, rnd, records.state_arrays(state, shared), list(range(1, len(sites) + 1)))
+                mu = float(extra.get(records.PROXIMAL_MU, mu))  # strategy=fedprox: Flower's train config says mu
             except PrivacyBudgetExhausted as exc:  # as the aggregator: stop before the round, keep the last model
                 stopped = f"{phase} round {rnd}: {exc}"
                 print(f"    privacy budget reached, stopped before {stopped}", flush=True)
                 break
-        updates, traffic, deltas, norms = [], {}, [], {}
+        updates, traffic, deltas, norms, arrived = [], {}, [], {}, {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
             records.load_arrays(model, down)
@@ -288,16 +308,19 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if scaffold and phase == names.PHASE_FINETUNE:
                 mine = controls[i]
                 drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift,
-                                  fedprox_mu if phase == names.PHASE_FINETUNE else 0.0)
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
             trained = records.state_arrays(model.state_dict(), shared)
-            norms[site.hospital] = update_norm(trained, state)
+            norms[site.hospital] = update_norm(trained, down)
+            reply = trained
             if cfg.dp == names.DP_LOCAL:  # --dp local: clipped and noised at the hospital, as client_app does
-                trained = local_dp.release(trained, down, cfg)
-            up, received = wire(trained, cfg.update_encoding)
+                reply = local_dp.release(reply, down, cfg)
+            if attack.active and site.hospital == attacker:
+                reply = misbehave(attack, reply, down)
+            up, received = wire(reply, cfg.update_encoding)
+            arrived[site.hospital] = update_norm(up, down)
             updates.append((up, m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
@@ -305,13 +328,15 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         if private is not None:
             new = private.aggregate(phase, rnd, records.state_arrays(state, shared),
                                     [(i + 1, up, n) for i, (up, n) in enumerate(updates)])
-            print(f"    privacy: epsilon {private.privacy_spent()['epsilon']:.3f} at delta {cfg.dp_delta:g}", flush=True)
+            if private.dp:
+                print(f"    privacy: epsilon {private.privacy_spent()['epsilon']:.3f} at delta {cfg.dp_delta:g}", flush=True)
         else:
             average = weighted_average(updates)
             new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
+        arrived = {"hospitals": arrived, "global": update_norm(new, records.state_arrays(state, shared))}
         for key, value in new.items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
-        comm.append({"phase": phase, "round": rnd, "hospitals": traffic})
+        comm.append({"phase": phase, "round": rnd, "hospitals": traffic, "update_norms": arrived})
         update_norms.append({"phase": phase, "round": rnd, "hospitals": norms})
         server.load_state_dict(state)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
@@ -330,7 +355,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
     extra = {"update_norms": update_norms}
-    if private is not None:
+    if private is not None and cfg.dp != names.DP_OFF:
         extra |= {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
         return {"ssl_probe_val": ssl_probe, "ssl_probe_test": probe(server, pooled_data(ft_sites), test, cfg), "communication": comm,
@@ -345,13 +370,6 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                  "last_round_test": headline(scores(server, test)),
                                  "bn_recomputed_test": headline(scores(recal, test))}, **extra}
     return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
-
-
-def update_norm(arrays: dict[str, np.ndarray], state: dict[str, torch.Tensor]) -> float:
-    """The L2 norm of a hospital's update of the trained parameters (its arrays minus the global
-    model's, BatchNorm statistics and integer buffers left out): what dp-clipping-norm bounds."""
-    return float(np.sqrt(sum(float(np.sum((np.asarray(v, np.float64) - state[k].numpy().astype(np.float64)) ** 2))
-                             for k, v in arrays.items() if is_trained(k, np.asarray(v)))))
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -388,7 +406,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
-            tail_average: int = 0) -> dict:
+            tail_average: int = 0, attack: Attack = Attack(), attacker: str = "") -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -400,7 +418,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     cfg = dataclasses.replace(cfg, **variant)
     t0 = time.perf_counter()
     if arm == "ssl-probe":
-        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), names.SSL_SIMCLR)
+        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), names.SSL_SIMCLR,
+                       attack=attack, attacker=attacker)
         out["test"] = out.pop("ssl_probe_test")
     elif arm == "probes":
         pooled = pooled_data(labelled)
@@ -418,9 +437,14 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average)
-    if fedprox_mu and arm in ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8"):
+        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
+                       attack, attacker)
+    if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
+    if arm in FEDERATED_ARMS + ("ssl-probe",):
+        out["strategy"] = {"name": cfg.strategy, **aggregation.parameters(cfg)}
+        if attack.active:
+            out["attack"] = {"spec": str(attack), "hospital": attacker}
     out.update({"arm": spec, "label_fraction": fraction, "labelled_train_images": sum(len(s.train_labels) for s in labelled),
                 "seed": seed, "seconds": time.perf_counter() - t0,
                 "config": {k: v for k, v in cfg.as_dict().items() if k not in ("registry-url", "runs-dir", "data-warning")}})
@@ -447,12 +471,18 @@ def arm_rounds(spec: str, ssl_rounds: int, finetune_rounds: int) -> int:
 
 
 def key(run: dict) -> tuple:
-    """What a rerun replaces: the same arm, seed, evaluation split and label."""
-    return run["arm"], run["seed"], run.get("eval", "test"), run.get("label", "")
+    """What a rerun replaces: the same arm, seed, evaluation split, label, strategy and attack."""
+    return (run["arm"], run["seed"], run.get("eval", "test"), run.get("label", ""),
+            run.get("strategy", {}).get("name", names.STRATEGY_FEDAVG), run.get("attack", {}).get("spec", names.ATTACK_NONE))
 
 
 def arm_name(run: dict) -> str:
-    return run["arm"] + (f" [{run['label']}]" if run.get("label") else "")
+    """The arm with its label; without one, with its strategy and attack when not the defaults."""
+    if run.get("label"):
+        return f"{run['arm']} [{run['label']}]"
+    strategy, attack = run.get("strategy", {}).get("name", names.STRATEGY_FEDAVG), run.get("attack")
+    variant = ([strategy] if strategy != names.STRATEGY_FEDAVG else []) + ([f"attack {attack['spec']} by {attack['hospital']}"] if attack else [])
+    return run["arm"] + (f" [{', '.join(variant)}]" if variant else "")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -530,6 +560,18 @@ def main() -> None:
     ap.add_argument("--dp-target-epsilon", type=float, default=0.0,
                     help="set --dp-noise-multiplier to the smallest one whose epsilon at --dp-delta after all the arm's "
                          "rounds is at most this (Flower's accountant, bisection; 0 = use --dp-noise-multiplier)")
+    ap.add_argument("--strategy", default=names.STRATEGY_FEDAVG, choices=names.STRATEGIES,
+                    help="federated arms: run config strategy, aggregated by the product's aggregation.Aggregation "
+                         "(Flower's strategy class of that name); fedavg = weighted_average and the server step")
+    ap.add_argument("--trim-beta", type=float, default=RunConfig.trim_beta, help="fedtrimmedavg: fraction cut from each end")
+    ap.add_argument("--num-malicious-nodes", type=int, default=RunConfig.num_malicious_nodes, help="krum, multikrum: f")
+    ap.add_argument("--num-nodes-to-select", type=int, default=RunConfig.num_nodes_to_select, help="multikrum")
+    ap.add_argument("--proximal-mu", type=float, default=RunConfig.proximal_mu, help="fedprox: Flower's FedProx mu")
+    ap.add_argument("--server-eta", type=float, default=RunConfig.server_eta, help="fedadam, fedyogi, fedadagrad: eta")
+    ap.add_argument("--attack", default=names.ATTACK_NONE, metavar="SPEC",
+                    help=f"federated arms, with --attacker: that hospital changes its update every round as a SuperNode "
+                         f"with node config attack=SPEC does ({ATTACK_SPECS}; fault injection, benchmark only)")
+    ap.add_argument("--attacker", default="", metavar="HOSPITAL", help="the hospital (site name) that misbehaves with --attack")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -553,6 +595,13 @@ def main() -> None:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
         raise SystemExit("--fedprox-mu must be >= 0")
+    try:
+        attack = parse_attack(args.attack, "--attack")
+    except FedSSLError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if attack.active != bool(args.attacker):
+        raise SystemExit(f"--attack {args.attack} needs --attacker HOSPITAL" if attack.active
+                         else f"--attacker {args.attacker} needs --attack SPEC (one of {ATTACK_SPECS})")
     if args.finetune_rounds < 1 or args.local_steps < 1:
         raise SystemExit("--finetune-rounds and --local-steps must be >= 1: the arms are scored by their fine-tuned classifier")
     folders = not (args.data / SITES_METADATA).is_file()
@@ -590,7 +639,9 @@ def main() -> None:
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
                      dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
                      dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,
-                     dp_clipped_count_stddev=args.dp_clipped_count_stddev, dp_local_epsilon=args.dp_local_epsilon)
+                     dp_clipped_count_stddev=args.dp_clipped_count_stddev, dp_local_epsilon=args.dp_local_epsilon,
+                     strategy=args.strategy, trim_beta=args.trim_beta, num_malicious_nodes=args.num_malicious_nodes,
+                     num_nodes_to_select=args.num_nodes_to_select, proximal_mu=args.proximal_mu, server_eta=args.server_eta)
     try:
         base.validate()
     except FedSSLError as exc:
@@ -600,6 +651,8 @@ def main() -> None:
         full = load_sites(args)
     except FedSSLError as exc:  # a label mismatch or an empty folder: the message says what to change
         raise SystemExit(f"error: {exc}") from None
+    if attack.active and args.attacker not in [s.hospital for s in full]:
+        raise SystemExit(f"--attacker {args.attacker!r} is not one of the hospitals: {', '.join(s.hospital for s in full)}")
     carved = [carve_validation(s, args.val_fraction) for s in full]
     sites, vals = [c[0] for c in carved], [c[1] for c in carved]
     test = pooled_data(full, "pooled-test") if args.eval == "test" else pooled_data(vals, "pooled-val")
@@ -612,17 +665,19 @@ def main() -> None:
     for spec in specs:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
-            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average)
+            r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
+                        attack, args.attacker)
             r["eval"], r["label"] = args.eval, args.label
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
-                                                                              "label_map", "class_names"))
+                                                                              "label_map", "class_names", "attack", "attacker"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
                             + (" --scaffold" if args.scaffold else "")
                             + (f" --fedprox-mu {args.fedprox_mu}" if args.fedprox_mu else "")
                             + (f" --tail-average {args.tail_average}" if args.tail_average else "")
+                            + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + f" --arms {spec} --seeds {seed}"
                             + (f" --data {shlex.quote(str(args.data))}" if folders else ""))
             runs = [x for x in runs if key(x) != key(r)] + [r]

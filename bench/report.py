@@ -249,6 +249,36 @@ def quality_hospitals(q: dict) -> None:
     print()
 
 
+def robustness(q: dict) -> None:
+    """The robust-aggregation table (bench/results/quality_robustness.json): each strategy
+    clean and with one hospital attacking, its cost against clean FedAvg and against the
+    same strategy's clean run, and how large the attacker's update arrived (round 1)."""
+    runs = [r for r in q["runs"] if r.get("eval", "test") == "test"]
+    clean = {r["strategy"]["name"]: r["test"] for r in runs if "attack" not in r}
+    print("| strategy | attack | balanced accuracy | macro AUC | vs clean FedAvg | vs its own clean run | attacker's update / honest (round 1) |")
+    print("|---|---|---|---|---|---|---|")
+    order = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
+    for r in sorted(runs, key=lambda r: (order.index(r["strategy"]["name"]) if r["strategy"]["name"] in order else 99,
+                                         ["none", "scale:100", "sign-flip"].index(r.get("attack", {}).get("spec", "none"))
+                                         if r.get("attack", {}).get("spec", "none") in ("none", "scale:100", "sign-flip") else 9)):
+        name, t = r["strategy"]["name"], r["test"]
+        params = ", ".join(f"{k} {v}" for k, v in r["strategy"].items() if k not in ("name", "server-lr", "server-momentum"))
+        attack = r.get("attack")
+
+        def cost(ref):
+            return f"{t['balanced_accuracy'] - ref['balanced_accuracy']:+.3f}" if ref else "n/a"
+
+        ratio = ""
+        if attack:
+            norms = r["communication"][0]["update_norms"]["hospitals"]
+            honest = [v for h, v in norms.items() if h != attack["hospital"]]
+            ratio = f"{norms[attack['hospital']] / statistics.median(honest):.1f}x"
+        print(f"| {name}{f' ({params})' if params else ''} | {attack['spec'] + ' by ' + attack['hospital'] if attack else 'none'} | "
+              f"{t['balanced_accuracy']:.3f} | {t['macro_auc']:.3f} | {cost(clean.get('fedavg'))} | "
+              f"{cost(clean.get(name)) if attack else ''} | {ratio} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
@@ -262,6 +292,9 @@ def main() -> None:
     mri = _load(args.results / "quality_mri.json")
     if mri:
         quality_hospitals(mri)
+    rob = _load(args.results / "quality_robustness.json")
+    if rob:
+        robustness(rob)
     s = _load(args.results / "scaling.json")
     if s:
         scaling(s, args.out)

@@ -29,6 +29,10 @@ FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  #
 DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE, DP_LOCAL = "off", "central-fixed", "central-adaptive", "local"
 DP_MODES = (DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE, DP_LOCAL)
 DP_CENTRAL = (DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE)
+# Node config `attack` (tests and benchmarks only): a hospital that misbehaves on purpose by
+# changing its update before it replies; `scale` takes a factor, written scale:<factor>.
+ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP = "none", "scale", "sign-flip"
+ATTACKS = (ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP)
 
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"

@@ -73,7 +73,7 @@ from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATE
                                STRATEGY_FEDADAM, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 
-from .strategy import STATISTICS_SUFFIXES, AggregationError, ServerOptimizer, weighted_average
+from .strategy import AggregationError, ServerOptimizer, is_trained, weighted_average
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -175,10 +175,17 @@ def parameters(cfg: "RunConfig") -> dict:
     return {k: config[k] for k in keys}
 
 
-def is_trained(key: str, array: np.ndarray) -> bool:
-    """A trained float parameter (goes through the strategy), not a BatchNorm statistic or an
-    integer buffer (plain average / max)."""
-    return np.issubdtype(array.dtype, np.floating) and not key.endswith(STATISTICS_SUFFIXES)
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of the update `arrays - reference` over the trained float parameters (what
+    the strategy aggregates; BatchNorm statistics and integer buffers left out): how far a
+    hospital's reply, or a round's new global model, moved from the global model."""
+    total = 0.0
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if is_trained(key, value):
+            delta = value.astype(np.float64) - np.asarray(reference[key], dtype=np.float64).reshape(value.shape)
+            total += float(np.dot(delta.ravel(), delta.ravel()))
+    return float(np.sqrt(total))
 
 
 def check_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> str | None:

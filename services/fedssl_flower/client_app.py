@@ -15,7 +15,8 @@ SuperNode restart.
 
 Node config (per hospital, `flower-supernode --node-config`): `hospital`, `ssl-task`,
 `threads`, `state-dir` (default `<cache dir>/state`), and the data keys of
-`data.HospitalDataConfig`.
+`data.HospitalDataConfig`. For tests and benchmarks only: `attack` (`none`, `scale:<factor>`,
+`sign-flip`; `attack.py`) makes the hospital misbehave on purpose, with a warning every round.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
 from . import local, local_dp, records, training
+from .attack import Attack, misbehave, parse_attack
 from .config import RunConfig
 from .data import HospitalData, cache, load_hospital_data
 from .errors import ConfigError
@@ -52,11 +54,18 @@ def _hospital(context: Context) -> tuple[str, str]:
     return name, task
 
 
+def _attack(context: Context) -> Attack:
+    """Node config `attack` (tests and benchmarks only): how this hospital misbehaves."""
+    return parse_attack(context.node_config.get("attack", names.ATTACK_NONE),
+                        f"hospital {_hospital(context)[0]}: node config attack")
+
+
 def _setup(context: Context) -> tuple[RunConfig, str, str, HospitalData]:
     cfg = RunConfig.from_mapping(context.run_config)
     threads = context.node_config.get("threads")
     set_torch_threads(int(threads) if threads else None)
     name, task = _hospital(context)
+    _attack(context)  # a bad value fails at start-up (describe), not in a round
     data = load_hospital_data(context.node_config, cfg.image_size, cfg.seed)
     return cfg, name, task, data
 
@@ -169,11 +178,16 @@ def train(msg: Message, context: Context) -> Message:
     if not contributes:
         metrics[names.M_EXAMPLES] = 0
 
-    update = records.state_arrays(model.state_dict(), shared)
+    reply = records.state_arrays(model.state_dict(), shared)
     if cfg.dp == names.DP_LOCAL:  # clipped and noised here, before it leaves the hospital
-        update = local_dp.release(update, received, cfg)
+        reply = local_dp.release(reply, received, cfg)
+    attack = _attack(context)
+    if attack.active:  # fault injection: the hospital keeps its honest model, the aggregator gets this
+        log.warning("hospital %s MISBEHAVES ON PURPOSE (node config attack=%s, tests and benchmarks only): its %s round %d "
+                    "update is multiplied by %g before it is sent", name, attack, phase, rnd, attack.factor)
+        reply = misbehave(attack, reply, received)
     content = RecordDict({
-        records.WEIGHTS: records.to_array_record(update, cfg.update_encoding),
+        records.WEIGHTS: records.to_array_record(reply, cfg.update_encoding),
         records.INFO: records.config_record({"hospital": name, "ssl-task": task}),
         **evaluation,
     })

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update
 
-from .aggregation import is_trained
+from .strategy import is_trained
 from .config import RunConfig
 
 ACCOUNTING = "basic composition"

@@ -34,7 +34,7 @@ from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
 
 from . import aggregation, local_models, records, training
-from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update
+from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update, update_norm
 from .client_app import parse_info
 from .config import RunConfig
 from .errors import ConfigError, FedSSLError
@@ -75,6 +75,9 @@ class Trained:
     aggregate_seconds: float
     seconds: float  # the round's wall time, its registration excluded
     privacy: dict | None = None  # dp: the privacy spent up to this round's release (aggregation.privacy_spent)
+    # How far each accepted update and the new global model moved from the round's global
+    # model (`aggregation.update_norm`): one hospital far above the others is worth a look.
+    update_norms: dict | None = None
 
 
 @dataclass
@@ -485,7 +488,7 @@ class Aggregator:
         if previous is not None:
             self._finish(previous, *self._evaluations(replies, previous), evaluated_in=f"{phase} round {rnd}")
 
-        updates, per_hospital, examples, failed, skipped, refused = [], {}, {}, [], {}, {}
+        updates, per_hospital, examples, failed, skipped, refused, norms = [], {}, {}, [], {}, {}, {}
         bytes_received = 0
         for node, reply in sorted(replies.items()):
             name = self.hospitals[node].name
@@ -507,6 +510,7 @@ class Aggregator:
             m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
             n_ex = int(m.get(names.M_EXAMPLES, 0))
             updates.append((node, arrays, n_ex))
+            norms[name] = update_norm(arrays, expected)
             examples[name] = n_ex
             per_hospital[name] = m
             if records.LOCAL_METRICS in reply.content:
@@ -524,11 +528,13 @@ class Aggregator:
         for name in failed:
             _progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
         t_agg = time.monotonic()
-        for key, value in self.aggregation.aggregate(phase, rnd, expected, updates).items():
+        new = self.aggregation.aggregate(phase, rnd, expected, updates)
+        for key, value in new.items():
             self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
         return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed, skipped,
-                       refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0, self.aggregation.privacy_spent())
+                       refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0, self.aggregation.privacy_spent(),
+                       {"hospitals": norms, "global": update_norm(new, expected)})
 
     def _accepted(self, reply: Message, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """The update in `reply`, unpacked, or None and why it is refused: weights that cannot
@@ -643,6 +649,8 @@ class Aggregator:
         }
         if t.privacy:
             record["privacy"] = t.privacy
+        if t.update_norms:
+            record["update_norms"] = t.update_norms
         self.folder.save_weights(phase, rnd, t.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
                                                        "fedssl.run_id": self.run_id})
         t_reg = time.monotonic()

@@ -44,6 +44,12 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) ->
 STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def is_trained(key: str, array: np.ndarray) -> bool:
+    """A trained float parameter (goes through the strategy), not a BatchNorm statistic or an
+    integer buffer (plain average / max)."""
+    return np.issubdtype(array.dtype, np.floating) and not key.endswith(STATISTICS_SUFFIXES)
+
+
 class ServerOptimizer:
     """The aggregator's step from the example-weighted average of the hospitals' models.
 

@@ -143,3 +143,42 @@ def test_quality_bench_runs_on_hospital_folders(tmp_path):
     local = next(r for r in result["runs"] if r["arm"] == "local")
     assert sorted(local["sites"]) == ["clinic-b", "general-a"]  # each hospital alone, scored on the pooled test
     assert "--label-map clinic-b:Normal=notumor" in local["command"] and f"--data {data}" in local["command"]
+
+
+
+def test_quality_bench_aggregates_by_a_strategy_with_one_hospital_attacking(tmp_path, ham10000_dir):
+    """--strategy goes through the product's Aggregation, --attack through the ClientApp's
+    `misbehave`: the attacker's update arrives 100 times the size of the others' (one AdamW
+    step moves every hospital about equally), and fedmedian's global model moves no further
+    than the honest ones."""
+    proc = bench(tmp_path, ham10000_dir, "--arms", "no-ssl", "--seeds", "0", "--strategy", "fedmedian",
+                 "--attack", "scale:100", "--attacker", "vidir_modern")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "quality.json").read_text())["runs"]
+    assert run["strategy"] == {"name": "fedmedian"}
+    assert run["attack"] == {"spec": "scale:100", "hospital": "vidir_modern"}
+    assert "--strategy fedmedian" in run["command"] and "--attack scale:100 --attacker vidir_modern" in run["command"]
+    assert "no-ssl [fedmedian, attack scale:100 by vidir_modern]" in proc.stdout  # apart from a clean FedAvg run
+    for rnd in run["communication"]:
+        norms = rnd["update_norms"]["hospitals"]
+        honest = [v for h, v in norms.items() if h != "vidir_modern"]
+        assert 90 < norms["vidir_modern"] / max(honest) < 110, norms
+        assert rnd["update_norms"]["global"] <= np.sqrt(sum(v * v for v in honest)), rnd["update_norms"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack", "scale:x", "--attacker", "vidir_modern"], "--attack='scale:x': the factor after 'scale:' must be a finite number"),
+    (["--attack", "sign-flip"], "--attack sign-flip needs --attacker HOSPITAL"),
+    (["--attacker", "rosendahl"], "--attacker rosendahl needs --attack SPEC"),
+    (["--attack", "sign-flip", "--attacker", "nobody"], "--attacker 'nobody' is not one of the hospitals: rosendahl, vidir_modern, "),
+    (["--strategy", "fedmedian", "--proximal-mu", "0.1"], "proximal-mu=0.1 acts with strategy=fedprox only, not strategy=fedmedian"),
+])
+def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham10000_dir, monkeypatch, args, message):
+    from bench import quality
+
+    monkeypatch.setattr(sys, "argv", ["bench.quality", "--data", str(ham10000_dir), *SMALL, "--cache-dir", str(tmp_path / "cache"),
+                                      "--out", str(tmp_path / "q.json"), "--arms", "no-ssl", "--seeds", "0", *args])
+    with pytest.raises(SystemExit) as stop:
+        quality.main()
+    assert message in str(stop.value)
+    assert not (tmp_path / "q.json").exists()

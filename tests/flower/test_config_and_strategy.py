@@ -237,6 +237,21 @@ def test_robust_strategies_resist_one_reply_scaled_a_hundred_times(name, config)
     assert np.abs(robust[key] - honest_mean).max() <= spread, name  # the robust one stays among the honest
 
 
+def test_with_four_hospitals_trimming_a_quarter_is_the_median_and_the_default_trims_nothing():
+    """Flower's FedTrimmedAvg cuts int(beta * replies) from each end: with 4 hospitals (the
+    quality benchmark's sites) trim-beta 0.25 cuts one each side, which is FedMedian's median
+    of four (the mean of the middle two), and the default 0.2 cuts none: an unweighted mean."""
+    current = _model_arrays()
+    updates = _updates(current, n=4)
+    _, median = _aggregate("fedmedian", current, updates)
+    _, quarter = _aggregate("fedtrimmedavg", current, updates, **{"trim-beta": 0.25})
+    _, default = _aggregate("fedtrimmedavg", current, updates)
+    for key in ("encoder.conv.weight", "encoder.bn.weight"):
+        np.testing.assert_allclose(quarter[key], median[key], rtol=1e-6)
+        np.testing.assert_allclose(default[key], np.mean([a[key].astype(np.float64) for _, a, _ in updates], axis=0), rtol=1e-6)
+        assert not np.allclose(default[key], median[key])
+
+
 def test_fedprox_puts_proximal_mu_in_the_train_config():
     agg = Aggregation(RunConfig.from_mapping({"strategy": "fedprox", "proximal-mu": 0.25}))
     assert isinstance(agg.strategy, flwr_strategy.FedProx)

@@ -162,6 +162,10 @@ def test_a_garbage_update_is_refused_with_its_reason_and_the_others_are_aggregat
     for k, v in before.items():
         np.testing.assert_allclose(agg.state[k].numpy(), v + 1.5, rtol=1e-6)
     assert all(np.isfinite(v.numpy()).all() for v in agg.state.values() if v.is_floating_point())
+    # How far each accepted update and the new global model moved (L2, trained parameters).
+    size = np.sqrt(sum(v.size for v in before.values()))
+    assert trained.update_norms["hospitals"] == {"a": pytest.approx(1 * size, rel=1e-5), "b": pytest.approx(2 * size, rel=1e-5)}
+    assert trained.update_norms["global"] == pytest.approx(1.5 * size, rel=1e-5)
 
 
 def test_refused_hospitals_are_named_when_too_few_remain(tmp_path, monkeypatch):
