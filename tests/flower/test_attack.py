@@ -8,7 +8,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 
 from fedssl_core import names, weights
 from fedssl_core.errors import ConfigError
@@ -17,7 +16,7 @@ from fedssl_flower import client_app, records, training
 from fedssl_flower.aggregation import update_norm
 from fedssl_flower.attack import Attack, misbehave, parse_attack
 from fedssl_flower.strategy import is_trained
-from tests.flower.test_client_app import RUN_CONFIG, message, reply_state, task_identity  # noqa: F401 (fixture)
+from tests.flower.test_client_app import RUN_CONFIG, hospital_context, message, reply_state, task_identity  # noqa: F401 (fixture)
 from tests.support import processes as P
 
 
@@ -55,9 +54,7 @@ def test_misbehave_multiplies_the_update_of_trained_parameters_only():
 
 
 def _context(tmp_path, ham10000_dir, attack):
-    return Context(run_id=3, node_id=1, state=RecordDict(), run_config=RUN_CONFIG, node_config={
-        "hospital": "mallory", "ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 40,
-        "cache-dir": str(tmp_path / "cache"), "threads": 1, "attack": attack})
+    return hospital_context(tmp_path, ham10000_dir, RUN_CONFIG, max_images=40, hospital="mallory", attack=attack)
 
 
 def test_the_client_app_sends_the_flipped_update_keeps_its_honest_model_and_says_so(tmp_path, ham10000_dir, caplog):

@@ -27,6 +27,13 @@ def message(state, message_type, **config):
     return Message(content, dst_node_id=1, message_type=message_type, group_id="test")
 
 
+def hospital_context(tmp_path, ham10000_dir, run_config=RUN_CONFIG, max_images=80, hospital="h", **node_config):
+    """A hospital's Context as its SuperNode builds it: real HAM10000 images, its own cache, one thread."""
+    return Context(run_id=3, node_id=1, state=RecordDict(), run_config=run_config, node_config={
+        "hospital": hospital, "ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": max_images,
+        "cache-dir": str(tmp_path / "cache"), "threads": 1, **node_config})
+
+
 def reply_state(reply):
     return {k: torch.from_numpy(v.copy()) for k, v in records.from_array_record(reply.content[records.WEIGHTS]).items()}
 
@@ -35,9 +42,7 @@ def test_a_train_message_scores_the_global_model_it_brings_before_training(tmp_p
     """One exchange per round: the train message of round r carries round r-1's global model,
     and the hospital's reply scores exactly that model (the same scores an evaluate message
     with it gets), then the update trained from it."""
-    ctx = Context(run_id=3, node_id=1, state=RecordDict(), run_config=RUN_CONFIG, node_config={
-        "hospital": "h", "ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 80,
-        "cache-dir": str(tmp_path / "cache"), "threads": 1})
+    ctx = hospital_context(tmp_path, ham10000_dir)
     torch.manual_seed(0)
     initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
 

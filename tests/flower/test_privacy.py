@@ -292,17 +292,15 @@ def test_a_hospital_under_local_dp_sends_a_noised_update_and_the_global_statisti
     the received model plus clipped update plus noise of LocalDpMod's stdev, its BatchNorm
     statistics the received ones."""
     import torch
-    from flwr.app import Context, MessageType, RecordDict
+    from flwr.app import MessageType
 
     from fedssl_core.models import FedSSLModel
-    from fedssl_flower import client_app, records
-    from tests.flower.test_client_app import message, reply_state
+    from fedssl_flower import client_app
+    from tests.flower.test_client_app import hospital_context, message, reply_state
 
     run_config = {"arch": "resnet18", "pretrained": False, "image-size": 32, "batch-size": 16, "local-steps": 1,
                   "ssl-rounds": 0, "finetune-rounds": 1, "local-baseline": False, **LOCAL, "dp-local-epsilon": 0.9}
-    ctx = Context(run_id=3, node_id=1, state=RecordDict(), run_config=run_config, node_config={
-        "hospital": "h", "ssl-task": "rotation", "data-path": str(ham10000_dir), "max-images": 40,
-        "cache-dir": str(tmp_path / "cache"), "threads": 1})
+    ctx = hospital_context(tmp_path, ham10000_dir, run_config, max_images=40)
     torch.manual_seed(0)
     initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
     reply = client_app.app(message(initial, MessageType.TRAIN, phase="finetune", round=1), ctx)
