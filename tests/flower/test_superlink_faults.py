@@ -19,7 +19,10 @@ def test_a_locked_superlink_database_is_waited_out(tmp_path, ham10000_dir):
     busy timeout, right when a hospital's reply waits to be pulled: with fedssl-superlink's
     60 s timeout every writer (SuperNode polls, the aggregator's pull, the SuperExec) waits,
     nothing answers 500, and the run finishes with every reply. With Flower's 5 s the
-    SuperNode gets a 500, drops its connection and the round fails."""
+    SuperNode gets a 500, drops its connection and the round fails. (Run with strategy=fedavgm,
+    server-momentum 0.9: Flower's FedAvgM in a real federation. With one hospital its round-1
+    global step is that hospital's update; in round 2 the momentum adds 0.9 x round 1's step,
+    so the global model moves by other than the hospital's update.)"""
     import sqlite3
     import subprocess
 
@@ -33,7 +36,7 @@ def test_a_locked_superlink_database_is_waited_out(tmp_path, ham10000_dir):
                 "-c", "ssl-rounds=2", "-c", "finetune-rounds=0", "-c", "image-size=32", "-c", "min-hospitals=1",
                 "-c", "round-timeout=300.0", "-c", "message-retries=0", "-c", "local-baseline=false",
                 "-c", "probe-epochs=1", "-c", "local-steps=2", "-c", "batch-size=32",
-                "-c", "arch=\"resnet18\"", "-c", "pretrained=false"]
+                "-c", "arch=\"resnet18\"", "-c", "pretrained=false", "-c", "strategy=\"fedavgm\"", "-c", "server-momentum=0.9"]
         submit = subprocess.Popen(args, env=P.base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         db = sqlite3.connect(tmp_path / "superlink.db", timeout=30, isolation_level=None)
         try:
@@ -55,6 +58,9 @@ def test_a_locked_superlink_database_is_waited_out(tmp_path, ham10000_dir):
     history = P.run_rounds(tmp_path)
     assert [r["round"] for r in history] == [1, 2]
     assert all(list(r["hospitals"]) == ["solo"] and not r["failed_hospitals"] for r in history), history
+    steps = [(r["update_norms"]["hospitals"]["solo"], r["update_norms"]["global"]) for r in history]
+    assert steps[0][1] == pytest.approx(steps[0][0], rel=1e-4), steps  # FedAvgM's first step: the one update
+    assert abs(steps[1][1] - steps[1][0]) > 0.01 * steps[1][0], steps  # then momentum: not the update alone
 
 
 def test_superlink_sigterm_records_the_stop_and_a_resubmit_resumes(tmp_path, ham10000_dir):
