@@ -95,8 +95,8 @@ from fedssl_flower.strategy import ServerOptimizer, weighted_average
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
 DEFAULT_ARMS = "federated,pooled,no-ssl,random,probes"
-SEEDED_ARMS = ("federated",)
-FEDERATED_ARMS = ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8")  # scored after federated fine-tuning  # run for every seed; the others for the first seed only
+SEEDED_ARMS = ("federated",)  # run for every seed; the others for the first seed only
+FEDERATED_ARMS = ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8")  # scored after federated fine-tuning
 HEADLINE = (names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_ACCURACY)
 # FLamby Fed-ISIC2019 (6 centres incl. the 4 HAM10000 sites, ImageNet-pretrained EfficientNet-b0,
 # balanced accuracy on the pooled test), for orientation only: different model, data and budget.
@@ -291,10 +291,11 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
+        current = records.state_arrays(state, shared)  # the round's global model, as every hospital gets it
         mu = fedprox_mu if phase == names.PHASE_FINETUNE else 0.0
         if private is not None:
             try:
-                extra = private.configure(phase, rnd, records.state_arrays(state, shared), list(range(1, len(sites) + 1)))
+                extra = private.configure(phase, rnd, current, list(range(1, len(sites) + 1)))
                 mu = float(extra.get(records.PROXIMAL_MU, mu))  # strategy=fedprox: Flower's train config says mu
             except PrivacyBudgetExhausted as exc:  # as the aggregator: stop before the round, keep the last model
                 stopped = f"{phase} round {rnd}: {exc}"
@@ -302,7 +303,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 break
         updates, traffic, deltas, norms, arrived = [], {}, [], {}, {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
-            down, sent = wire(records.state_arrays(state, shared), cfg.update_encoding)
+            down, sent = wire(current, cfg.update_encoding)
             records.load_arrays(model, down)
             drift = None
             if scaffold and phase == names.PHASE_FINETUNE:
@@ -326,14 +327,14 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
             control[n] = control.get(n, 0) + sum(d[n] for d in deltas) / len(deltas)
         if private is not None:
-            new = private.aggregate(phase, rnd, records.state_arrays(state, shared),
+            new = private.aggregate(phase, rnd, current,
                                     [(i + 1, up, n) for i, (up, n) in enumerate(updates)])
             if private.dp:
                 print(f"    privacy: epsilon {private.privacy_spent()['epsilon']:.3f} at delta {cfg.dp_delta:g}", flush=True)
         else:
             average = weighted_average(updates)
             new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
-        arrived = {"hospitals": arrived, "global": update_norm(new, records.state_arrays(state, shared))}
+        arrived = {"hospitals": arrived, "global": update_norm(new, current)}
         for key, value in new.items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic, "update_norms": arrived})

@@ -73,6 +73,7 @@ from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATE
                                STRATEGY_FEDADAM, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
 
+from . import local_dp
 from .strategy import AggregationError, ServerOptimizer, is_trained, weighted_average
 
 if TYPE_CHECKING:
@@ -207,6 +208,12 @@ def check_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, np.nda
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return f"tensor {key} holds NaN or infinite values"
     return None
+
+
+def _budget_exhausted(epsilon: float, delta: float) -> PrivacyBudgetExhausted:
+    """The refusal of a release past dp-max-epsilon, in the words of Flower's fixed-clipping
+    wrapper, for the releases Flower's wrappers do not account (central-adaptive, local)."""
+    return PrivacyBudgetExhausted(f"The next private release would exceed max_epsilon (current epsilon: {epsilon}, delta: {delta}).")
 
 
 class _Hospitals:
@@ -362,8 +369,7 @@ class Aggregation:
             self.pending_event = privacy_event(self.cfg, sample, self.accountant.config.population_size)
             if self.accountant.config.max_epsilon is not None and self.accountant.would_exceed(self.pending_event):
                 spent = self.accountant.get_privacy_spent()
-                raise PrivacyBudgetExhausted("The next private release would exceed max_epsilon "
-                                             f"(current epsilon: {spent.epsilon}, delta: {spent.delta}).")
+                raise _budget_exhausted(spent.epsilon, spent.delta)
         else:
             self.strategy = flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
                 build_strategy(self.cfg), self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, sample,
@@ -430,17 +436,11 @@ class Aggregation:
     def _check_local_budget(self) -> None:
         """dp=local with dp-max-epsilon: the round whose release would pass the budget (basic
         composition) is refused before it is sent, as Flower refuses a central one."""
-        from . import local_dp
-
-        spent, _ = local_dp.spent(self.cfg, self.local_releases)
         if self.cfg.dp_max_epsilon and local_dp.spent(self.cfg, self.local_releases + 1)[0] > self.cfg.dp_max_epsilon:
-            raise PrivacyBudgetExhausted("The next private release would exceed max_epsilon "
-                                         f"(current epsilon: {spent}, delta: {local_dp.spent(self.cfg, self.local_releases)[1]}).")
+            raise _budget_exhausted(*local_dp.spent(self.cfg, self.local_releases))
 
     def _account_local(self, nodes: Sequence[int]) -> None:
         """One more local release by each hospital of the round, composed by basic composition."""
-        from . import local_dp
-
         self.local_releases += 1
         epsilon, delta = local_dp.spent(self.cfg, self.local_releases)
         self.population = max(self.population or 0, len(nodes))

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update
 
-from .strategy import is_trained
 from .config import RunConfig
+from .strategy import is_trained
 
 ACCOUNTING = "basic composition"
 
