@@ -257,10 +257,9 @@ def robustness(q: dict) -> None:
     clean = {r["strategy"]["name"]: r["test"] for r in runs if "attack" not in r}
     print("| strategy | attack | balanced accuracy | macro AUC | vs clean FedAvg | vs its own clean run | attacker's update / honest (round 1) |")
     print("|---|---|---|---|---|---|---|")
-    order = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
-    for r in sorted(runs, key=lambda r: (order.index(r["strategy"]["name"]) if r["strategy"]["name"] in order else 99,
-                                         ["none", "scale:100", "sign-flip"].index(r.get("attack", {}).get("spec", "none"))
-                                         if r.get("attack", {}).get("spec", "none") in ("none", "scale:100", "sign-flip") else 9)):
+    strategies = {s: i for i, s in enumerate(("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"))}
+    attacks = {a: i for i, a in enumerate(("none", "scale:100", "sign-flip"))}
+    for r in sorted(runs, key=lambda r: (strategies.get(r["strategy"]["name"], 99), attacks.get(r.get("attack", {}).get("spec", "none"), 9))):
         name, t = r["strategy"]["name"], r["test"]
         params = ", ".join(f"{k} {v}" for k, v in r["strategy"].items() if k not in ("name", "server-lr", "server-momentum"))
         attack = r.get("attack")
