@@ -23,6 +23,8 @@ STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG = "fedmedian", "fedtrimmedavg"
 STRATEGY_KRUM, STRATEGY_MULTIKRUM = "krum", "multikrum"
 STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX,
               STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
+# The strategies that need only the example-weighted average of the updates (secure-aggregation=true).
+SECURE_STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX)
 FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  # server-eta, server-tau (and betas)
 # Run config `dp`: off, client-level central DP by Flower's server-side fixed- or
 # adaptive-clipping wrapper, or local DP (each hospital noises its own update, LocalDpMod's mechanism).
@@ -31,8 +33,10 @@ DP_MODES = (DP_OFF, DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE, DP_LOCAL)
 DP_CENTRAL = (DP_CENTRAL_FIXED, DP_CENTRAL_ADAPTIVE)
 # Node config `attack` (tests and benchmarks only): a hospital that misbehaves on purpose by
 # changing its update before it replies; `scale` takes a factor, written scale:<factor>.
-ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP = "none", "scale", "sign-flip"
-ATTACKS = (ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP)
+ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP, ATTACK_DROP = "none", "scale", "sign-flip", "drop"
+ATTACKS = (ATTACK_NONE, ATTACK_SCALE, ATTACK_SIGN_FLIP, ATTACK_DROP)
+# The stages of Flower's SecAgg+ protocol (secure-aggregation=true), in order: `drop:<stage>` leaves it there.
+SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"

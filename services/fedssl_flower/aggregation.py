@@ -328,6 +328,21 @@ class Aggregation:
             self._account_local([node for node, _, _ in updates])
         return new
 
+    def aggregate_average(self, phase: str, rnd: int, current: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
+                          nodes: Sequence[int]) -> dict[str, np.ndarray]:
+        """The new global values from the hospitals' example-weighted `average` model, which is
+        all secure aggregation reveals (`nodes`: the hospitals in it). The strategy gets it as
+        one reply: its weighted mean is the average itself, and its server step (FedAvgM's
+        momentum, FedAdam's moments) runs on it as on any round's mean."""
+        if self.dp:
+            raise AggregationError(f"dp={self.cfg.dp} needs each hospital's update; secure aggregation reveals only their average")
+        if not nodes:
+            raise AggregationError("no hospital reported any training examples; nothing to aggregate")
+        new = self._aggregate_strategy(phase, rnd, current, [(nodes[0], average, 1)])
+        if self.local_dp:
+            self._account_local(list(nodes))
+        return new
+
     def _aggregate_strategy(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
                             updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
         if self.cfg.strategy == STRATEGY_FEDAVG:

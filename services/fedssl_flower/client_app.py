@@ -16,7 +16,8 @@ SuperNode restart.
 Node config (per hospital, `flower-supernode --node-config`): `hospital`, `ssl-task`,
 `threads`, `state-dir` (default `<cache dir>/state`), and the data keys of
 `data.HospitalDataConfig`. For tests and benchmarks only: `attack` (`none`, `scale:<factor>`,
-`sign-flip`; `attack.py`) makes the hospital misbehave on purpose, with a warning every round.
+`sign-flip`, `drop:<secagg stage>`; `attack.py`) makes the hospital misbehave on purpose, with
+a warning every round.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from flwr.clientapp import ClientApp
 from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
-from . import local, local_dp, records, training
+from . import local, local_dp, records, secure_aggregation, training
 from .attack import Attack, misbehave, parse_attack
 from .config import RunConfig
 from .data import HospitalData, cache, load_hospital_data
@@ -43,7 +44,8 @@ from .errors import ConfigError
 
 log = logging.getLogger("fedssl.hospital")
 
-app = ClientApp()
+# secure-aggregation=true: a round's train messages go through Flower's SecAgg+ mod (secure_aggregation.mod).
+app = ClientApp(mods=[secure_aggregation.mod])
 
 
 def _hospital(context: Context) -> tuple[str, str]:
@@ -182,7 +184,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp == names.DP_LOCAL:  # clipped and noised here, before it leaves the hospital
         reply = local_dp.release(reply, received, cfg)
     attack = _attack(context)
-    if attack.active:  # fault injection: the hospital keeps its honest model, the aggregator gets this
+    if attack.changes_update:  # fault injection: the hospital keeps its honest model, the aggregator gets this
         log.warning("hospital %s MISBEHAVES ON PURPOSE (node config attack=%s, tests and benchmarks only): its %s round %d "
                     "update is multiplied by %g before it is sent", name, attack, phase, rnd, attack.factor)
         reply = misbehave(attack, reply, received)

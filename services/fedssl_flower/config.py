@@ -105,6 +105,18 @@ class RunConfig:
     # Flower's LocalDpMod does; rounds compose by basic composition. In (0, 1): the Gaussian
     # mechanism's calibration holds below 1.
     dp_local_epsilon: float = 0.5
+    # Secure aggregation (services/fedssl_flower/secure_aggregation.py): Flower's SecAgg+ protocol;
+    # the aggregator holds only masked updates and their example-weighted average. Combines with
+    # the averaging strategies (fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox) and
+    # dp=off|local. SecAgg+'s parameters, Flower's conventions: shares per hospital as a fraction
+    # of the round's hospitals in (0, 1] or a count >= 3; the reconstruction threshold as a
+    # fraction of the shares in (0, 1] or a count >= 2 (hospitals that must stay to the end:
+    # more tolerates fewer dropouts, fewer trusts fewer colluders); each update value is
+    # clipped to +-secagg-clipping-range before quantisation (2^22 levels).
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
     update_encoding: str = "none"  # none | fp16 | int8 (per-tensor scale), both directions
     seed: int = 0
     registry_url: str = ""  # overrides $FEDSSL_REGISTRY_URL; empty = no registry
@@ -204,6 +216,7 @@ class RunConfig:
                         "dp-local-epsilon" if self.dp == names.DP_LOCAL else
                         f"dp-delta={self.dp_delta}, dp-noise-multiplier={self.dp_noise_multiplier}): no round could run; "
                         "raise dp-max-epsilon or dp-noise-multiplier"))
+        self._validate_secure_aggregation(need)
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(self.message_retries >= 0, f"message-retries must be >= 0, got {self.message_retries}")
         need(self.min_hospitals >= 1, f"min-hospitals must be >= 1, got {self.min_hospitals}")
@@ -211,6 +224,33 @@ class RunConfig:
              "register-local-models=true needs local-baseline=true: without it hospitals train no local-only model to register")
         need(not self.register_local_models or self.finetune_rounds > 0,
              "register-local-models=true needs finetune-rounds >= 1: local-only classifiers exist only after fine-tuning")
+
+    def _validate_secure_aggregation(self, need) -> None:
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        need(0 < shares <= 1 or (shares >= 3 and shares == int(shares)),
+             f"secagg-num-shares must be a fraction of the round's hospitals in (0, 1] or a whole count >= 3, got {shares:g}")
+        need(0 < threshold <= 1 or (threshold >= 2 and threshold == int(threshold)),
+             f"secagg-reconstruction-threshold must be a fraction of the shares in (0, 1] or a whole count >= 2, got {threshold:g}")
+        need(not (shares > 1 and threshold > 1) or threshold < shares,
+             f"secagg-reconstruction-threshold={threshold:g} must be below secagg-num-shares={shares:g}")
+        need(self.secagg_clipping_range > 0, f"secagg-clipping-range must be > 0, got {self.secagg_clipping_range}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [f.name.replace("_", "-") for f in dataclasses.fields(self)
+                   if f.name.startswith("secagg_") and getattr(self, f.name) != defaults[f.name]]
+        need(self.secure_aggregation or not changed, f"{', '.join(changed)} act(s) with secure-aggregation=true only")
+        if not self.secure_aggregation:
+            return
+        need(self.strategy in names.SECURE_STRATEGIES,
+             f"secure-aggregation=true needs a strategy that only averages ({', '.join(names.SECURE_STRATEGIES)}), not "
+             f"strategy={self.strategy}: it needs each hospital's update, which secure aggregation hides from the aggregator")
+        need(self.dp in (names.DP_OFF, names.DP_LOCAL),
+             f"secure-aggregation=true needs dp=off or dp=local, not dp={self.dp}: central DP clips each hospital's update "
+             "at the aggregator, which secure aggregation hides from it (dp=local clips and noises at the hospital)")
+        need(not self.register_local_models,
+             "secure-aggregation=true with register-local-models=true would send each hospital's own model unmasked to the "
+             "aggregator; set register-local-models=false")
+        need(self.min_hospitals >= 2, f"secure-aggregation=true needs min-hospitals >= 2 (a sum of one update hides nothing), "
+             f"got {self.min_hospitals}")
 
     @property
     def registry(self) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -33,7 +34,7 @@ from flwr.supercore.exit import add_exit_handler
 from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
 
-from . import aggregation, local_models, records, training
+from . import aggregation, local_models, records, secure_aggregation, training
 from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update, update_norm
 from .client_app import parse_info
 from .config import RunConfig
@@ -78,6 +79,7 @@ class Trained:
     # How far each accepted update and the new global model moved from the round's global
     # model (`aggregation.update_norm`): one hospital far above the others is worth a look.
     update_norms: dict | None = None
+    secure_aggregation: dict | None = None  # secure-aggregation: its stages (seconds, bytes), dropouts, threshold
 
 
 @dataclass
@@ -483,7 +485,14 @@ class Aggregator:
         config |= self.aggregation.configure(phase, rnd, expected, nodes)
         msgs, bytes_sent = self._messages(nodes, MessageType.TRAIN, config, phases, f"{phase}-{rnd}")
         t_send = time.monotonic()
-        replies, missing = self._exchange(msgs)
+        secure = None
+        if self.cfg.secure_aggregation:  # four exchanges of Flower's SecAgg+; the collect stage's replies are the round's
+            secure = self._secure_exchange(msgs, phase, rnd, expected)
+            replies = secure.replies
+            missing = [n for n in nodes if n not in replies]
+            bytes_sent = sum(s["bytes_sent"] for s in secure.stages)
+        else:
+            replies, missing = self._exchange(msgs)
         t_train = time.monotonic() - t_send
         if previous is not None:
             self._finish(previous, *self._evaluations(replies, previous), evaluated_in=f"{phase} round {rnd}")
@@ -496,21 +505,22 @@ class Aggregator:
                 failed.append(name)
                 log.warning("hospital %s failed %s round %d: %s", name, phase, rnd, reply.error.reason)
                 continue
-            if records.WEIGHTS not in reply.content:  # the hospital could not train and says why
-                info = reply.content[records.INFO] if records.INFO in reply.content else {}
+            info = reply.content[records.INFO] if records.INFO in reply.content else {}
+            if records.SKIPPED in info or (secure is None and records.WEIGHTS not in reply.content):  # could not train: says why
                 skipped[name] = str(info.get(records.SKIPPED, "its reply carried no weights"))
                 _progress("%s round %d: hospital %s left out: %s", phase, rnd, name, skipped[name])
                 continue
-            bytes_received += reply.content[records.WEIGHTS].count_bytes()
-            arrays, why = self._accepted(reply, expected)
-            if arrays is None:  # garbage never reaches the strategy; the round goes on with the others
-                refused[name] = str(why)
-                _progress("%s round %d: hospital %s's update refused: %s", phase, rnd, name, why)
-                continue
+            if secure is None:
+                bytes_received += reply.content[records.WEIGHTS].count_bytes()
+                arrays, why = self._accepted(reply, expected)
+                if arrays is None:  # garbage never reaches the strategy; the round goes on with the others
+                    refused[name] = str(why)
+                    _progress("%s round %d: hospital %s's update refused: %s", phase, rnd, name, why)
+                    continue
+                norms[name] = update_norm(arrays, expected)
             m = records.from_metric_record(reply.content[records.METRICS], len(self.class_names))
             n_ex = int(m.get(names.M_EXAMPLES, 0))
-            updates.append((node, arrays, n_ex))
-            norms[name] = update_norm(arrays, expected)
+            updates.append((node, arrays if secure is None else {}, n_ex))
             examples[name] = n_ex
             per_hospital[name] = m
             if records.LOCAL_METRICS in reply.content:
@@ -528,13 +538,50 @@ class Aggregator:
         for name in failed:
             _progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
         t_agg = time.monotonic()
-        new = self.aggregation.aggregate(phase, rnd, expected, updates)
+        if secure is not None:
+            bytes_received = sum(s["bytes_received"] for s in secure.stages)
+            new = self.aggregation.aggregate_average(phase, rnd, expected, self._secure_average(secure, phase, rnd, expected),
+                                                     [node for node, _, n in updates if n > 0])
+        else:
+            new = self.aggregation.aggregate(phase, rnd, expected, updates)
         for key, value in new.items():
-            self.state[key] = torch.from_numpy(value).to(self.state[key].dtype).reshape(self.state[key].shape)
+            self.state[key] = torch.from_numpy(np.asarray(value)).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
         return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed, skipped,
                        refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0, self.aggregation.privacy_spent(),
-                       {"hospitals": norms, "global": update_norm(new, expected)})
+                       {"hospitals": norms, "global": update_norm(new, expected)},
+                       None if secure is None else _secure_summary(secure))
+
+    def _secure_exchange(self, msgs: list[Message], phase: str, rnd: int, expected: dict[str, Any]) -> secure_aggregation.SecureResult:
+        """The round's train exchange as Flower's SecAgg+ (`secure_aggregation.SecureRound`):
+        the weighted average of the hospitals' updates, never one hospital's."""
+        keys = secure_aggregation.update_keys(expected, phase, self.cfg)
+        by_node = {m.metadata.dst_node_id: m for m in msgs}
+        max_weight = max([int(self.hospitals[n].audit.get("train_examples", 0) or 0) for n in by_node] + [1])
+        result = secure_aggregation.SecureRound(self.cfg).run(
+            self._exchange, {n: m.content for n, m in by_node.items()}, keys, {k: expected[k].shape for k in keys}, rnd, max_weight)
+        for node, why in sorted(result.dropped.items()):
+            _progress("%s round %d: hospital %s dropped out of secure aggregation at %s", phase, rnd, self.hospitals[node].name, why)
+        return result
+
+    def _secure_average(self, secure: secure_aggregation.SecureResult, phase: str, rnd: int,
+                        expected: dict[str, Any]) -> dict[str, Any]:
+        """The hospitals' example-weighted average model from the unmasked average update, or
+        RunFailed when the protocol could not unmask it."""
+        if secure.average is None:
+            left = len(secure.replies) - sum(1 for r in secure.replies.values() if r.has_error())
+            raise RunFailed(
+                f"{phase} round {rnd}: secure aggregation halted at its {secure.halted_at} stage: too few hospitals left to "
+                f"unmask the sum (reconstruction threshold {secure.threshold} of {secure.num_shares} shares; dropped: "
+                + ("; ".join(f"{self.hospitals[n].name} ({why})" for n, why in sorted(secure.dropped.items())) or "none")
+                + f"; {left} answered the collect stage); the global model stays at the previous round's")
+        out = {}
+        for key, value in expected.items():
+            ref = np.asarray(value)
+            delta = secure.average[key].reshape(ref.shape)
+            new = np.rint(delta) + ref if np.issubdtype(ref.dtype, np.integer) else ref.astype(np.float64) + delta
+            out[key] = np.asarray(new, dtype=ref.dtype).reshape(ref.shape)  # a 0-d sum is a numpy scalar
+        return out
 
     def _accepted(self, reply: Message, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """The update in `reply`, unpacked, or None and why it is refused: weights that cannot
@@ -651,6 +698,8 @@ class Aggregator:
             record["privacy"] = t.privacy
         if t.update_norms:
             record["update_norms"] = t.update_norms
+        if t.secure_aggregation:
+            record["secure_aggregation"] = t.secure_aggregation
         self.folder.save_weights(phase, rnd, t.state, {"fedssl.arch": self.cfg.arch, "fedssl.phase": phase, "fedssl.round": str(rnd),
                                                        "fedssl.run_id": self.run_id})
         t_reg = time.monotonic()
@@ -813,6 +862,15 @@ class Aggregator:
         finally:
             if self.registry is not None:
                 self.registry.close()
+
+
+def _secure_summary(secure: secure_aggregation.SecureResult) -> dict:
+    """What a secure round's record keeps: the protocol's parameters, each stage's cost, who
+    dropped out where (by node id; hospital names are in the round's failed list)."""
+    return {"protocol": "SecAgg+ (Flower)", "num_shares": secure.num_shares, "reconstruction_threshold": secure.threshold,
+            "dropped": {str(n): why for n, why in sorted(secure.dropped.items())},
+            "stages": [{k: v for k, v in s.items() if k not in ("errors", "missing")} for s in secure.stages],
+            "seconds": round(sum(s["seconds"] for s in secure.stages), 3)}
 
 
 def _fmt(value: Any) -> str:
