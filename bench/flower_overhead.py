@@ -80,14 +80,14 @@ def plain_loop(args, cache_dir: Path) -> dict:
             "images_per_s_median": statistics.median(rates)}
 
 
-def federated(args, work: Path, cache_dir: Path, warm: bool) -> tuple[list[dict], str]:
+def federated(args, work: Path, cache_dir: Path, warm: bool, extra: tuple[str, ...] = ()) -> tuple[list[dict], str]:
     work.mkdir(parents=True, exist_ok=True)
     with P.cluster(work) as c:
         registry = P.start_registry(c, work / "registry", log_level="WARNING")
         _, port = P.start_superlink(c, registry=registry, runs_dir=work / "runs")
         for i in range(args.hospitals):
             P.start_supernode(c, port, f"node-{i}", P.node_config(**node_config(args, i, cache_dir)), warm=warm)
-        result = P.submit(port, work, *run_config(args), timeout=3600)
+        result = P.submit(port, work, *run_config(args), *extra, timeout=3600)
         if result.returncode != 0:
             raise SystemExit(f"the federated run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{c.logs()[-5000:]}")
     (run_dir,) = (work / "runs").iterdir()
@@ -144,6 +144,7 @@ def split(record: dict, previous: dict | None) -> dict:
         "register_seconds": timing.get("register_seconds", 0.0),
         "clientapp_images_per_s": sum(m[names.M_EXAMPLES] / m[names.M_COMPUTE_SECONDS] for m in trained.values()) / len(trained),
         "bytes_sent": record["bytes_sent"], "bytes_received": record["bytes_received"],
+        **({"secure_aggregation": record["secure_aggregation"]} if "secure_aggregation" in record else {}),
     }
 
 
@@ -155,7 +156,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="warm,cold,bare",
                     help="warm (fedssl-supernode), cold (Flower's per-message ClientApp programs), bare (a bare Flower app "
-                         "with the same payload whose handlers return at once: Flower's floor)")
+                         "with the same payload whose handlers return at once: Flower's floor), secure (warm with "
+                         "secure-aggregation=true: Flower's SecAgg+, needs --hospitals >= 2)")
     ap.add_argument("--phase", default=names.PHASE_FINETUNE, choices=names.PHASES)
     ap.add_argument("--ssl-task", default=names.SSL_SIMCLR, choices=names.SSL_TASKS)
     ap.add_argument("--arch", default="efficientnet_lite0", choices=names.ARCHITECTURES)
@@ -169,8 +171,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/flower_overhead.json"))
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"warm", "cold", "bare"}:
-        raise SystemExit(f"--modes {args.modes!r}: expected a comma-separated list of warm, cold, bare")
+    if not modes or set(modes) - {"warm", "cold", "bare", "secure"}:
+        raise SystemExit(f"--modes {args.modes!r}: expected a comma-separated list of warm, cold, bare, secure")
+    if "secure" in modes and args.hospitals < 2:
+        raise SystemExit("--modes secure needs --hospitals >= 2: secure aggregation sums the updates of two or more")
     if not (args.data / "HAM10000_metadata.csv").is_file():
         raise SystemExit(f"no HAM10000 at {args.data} (expected HAM10000_metadata.csv there); pass --data")
 
@@ -189,7 +193,8 @@ def main() -> None:
                 continue
             print(f"Flower ({mode} ClientApp start): {args.hospitals} SuperNode(s), {args.rounds} {args.phase} rounds ...", flush=True)
             t0 = time.perf_counter()
-            rounds, _ = federated(args, Path(tmp) / f"federation-{mode}", cache_dir, warm=mode == "warm")
+            rounds, _ = federated(args, Path(tmp) / f"federation-{mode}", cache_dir, warm=mode in ("warm", "secure"),
+                                  extra=("secure-aggregation=true",) if mode == "secure" else ())
             splits = [split(r, rounds[i - 1] if i else None) for i, r in enumerate(rounds)]
             rate = statistics.median(s["clientapp_images_per_s"] for s in splits)
             runs[mode] = {"rounds": splits, "federated_wall_seconds": time.perf_counter() - t0,
@@ -227,6 +232,11 @@ def main() -> None:
         print(f"  {'#':>2} " + " ".join(f"{h:>10}" for h in short))
         for s in r["rounds"]:
             print(f"  {s['round']:>2} " + " ".join(f"{s[c]:>10.2f}" for c in cols))
+        if mode == "secure":
+            print("  SecAgg+ stages per round: seconds, MB sent / received by the aggregator (all hospitals)")
+            for s in r["rounds"]:
+                print(f"  {s['round']:>2} " + ", ".join(f"{st['stage']} {st['seconds']:.1f}s {st['bytes_sent'] / 1e6:.2f}/"
+                                                     f"{st['bytes_received'] / 1e6:.2f}" for st in s["secure_aggregation"]["stages"]))
     print(f"\nwrote {args.out}")
 
 

@@ -600,6 +600,9 @@ def main() -> None:
         attack = parse_attack(args.attack, "--attack")
     except FedSSLError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if attack.kind == names.ATTACK_DROP:
+        raise SystemExit(f"--attack {args.attack}: a drop is a secure-aggregation fault of a real federation "
+                         "(tests/flower/test_secure_aggregation.py); this benchmark aggregates in process, without one")
     if attack.active != bool(args.attacker):
         raise SystemExit(f"--attack {args.attack} needs --attacker HOSPITAL" if attack.active
                          else f"--attacker {args.attacker} needs --attack SPEC (one of {ATTACK_SPECS})")
