@@ -335,6 +335,14 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             average = weighted_average(updates)
             new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
         arrived = {"hospitals": arrived, "global": update_norm(new, current)}
+        last = getattr(private.strategy, "last", None) if private is not None else None
+        if last:  # strategy=median-cosine: each hospital's cosine with the round's median update, who was left out
+            names_ = [site.hospital for site in sites]
+            arrived["cosines"] = dict(zip(names_, last["cosines"], strict=True))
+            arrived["left_out"] = [names_[i] for i in last["left_out"]]
+            print(f"    {phase} round {rnd}: cosine to the median update "
+                  + ", ".join(f"{h} {c:+.3f}" for h, c in arrived["cosines"].items())
+                  + (f"; left out: {', '.join(arrived['left_out'])}" if arrived["left_out"] else ""), flush=True)
         for key, value in new.items():
             state[key] = torch.from_numpy(np.asarray(value)).to(state[key].dtype).reshape(state[key].shape)
         comm.append({"phase": phase, "round": rnd, "hospitals": traffic, "update_norms": arrived})
@@ -567,6 +575,7 @@ def main() -> None:
     ap.add_argument("--trim-beta", type=float, default=RunConfig.trim_beta, help="fedtrimmedavg: fraction cut from each end")
     ap.add_argument("--num-malicious-nodes", type=int, default=RunConfig.num_malicious_nodes, help="krum, multikrum: f")
     ap.add_argument("--num-nodes-to-select", type=int, default=RunConfig.num_nodes_to_select, help="multikrum")
+    ap.add_argument("--min-cosine", type=float, default=RunConfig.min_cosine, help="median-cosine: cosine to the median update")
     ap.add_argument("--proximal-mu", type=float, default=RunConfig.proximal_mu, help="fedprox: Flower's FedProx mu")
     ap.add_argument("--server-eta", type=float, default=RunConfig.server_eta, help="fedadam, fedyogi, fedadagrad: eta")
     ap.add_argument("--attack", default=names.ATTACK_NONE, metavar="SPEC",
@@ -645,7 +654,8 @@ def main() -> None:
                      dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,
                      dp_clipped_count_stddev=args.dp_clipped_count_stddev, dp_local_epsilon=args.dp_local_epsilon,
                      strategy=args.strategy, trim_beta=args.trim_beta, num_malicious_nodes=args.num_malicious_nodes,
-                     num_nodes_to_select=args.num_nodes_to_select, proximal_mu=args.proximal_mu, server_eta=args.server_eta)
+                     num_nodes_to_select=args.num_nodes_to_select, proximal_mu=args.proximal_mu, server_eta=args.server_eta,
+                     min_cosine=args.min_cosine)
     try:
         base.validate()
     except FedSSLError as exc:

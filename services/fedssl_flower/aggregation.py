@@ -71,7 +71,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringR
 
 from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATEGIES, STRATEGY_FEDADAGRAD,
                                STRATEGY_FEDADAM, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
-                               STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MULTIKRUM)
+                               STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MEDIAN_COSINE, STRATEGY_MULTIKRUM)
 
 from . import local_dp
 from .strategy import AggregationError, ServerOptimizer, is_trained, weighted_average
@@ -97,6 +97,7 @@ PARAMETERS: dict[str, dict[str, str]] = {
     STRATEGY_FEDTRIMMEDAVG: {"trim-beta": "beta"},
     STRATEGY_KRUM: {"num-malicious-nodes": "num_malicious_nodes"},
     STRATEGY_MULTIKRUM: {"num-malicious-nodes": "num_malicious_nodes", "num-nodes-to-select": "num_nodes_to_select"},
+    STRATEGY_MEDIAN_COSINE: {"min-cosine": "min_cosine"},
 }
 
 # Flower's default record keys: its strategies read the arrays, weights and config under these.
@@ -137,6 +138,65 @@ def new_accountant(cfg: "RunConfig", population: int):
 def privacy_event(cfg: "RunConfig", sample_size: int, population: int) -> GaussianPrivacyEvent:
     """One round's Gaussian release, as Flower's fixed-clipping wrapper composes it."""
     return GaussianPrivacyEvent(noise_multiplier=cfg.dp_noise_multiplier, sample_size=sample_size, population_size=population)
+
+
+class MedianCosine(flwr_strategy.FedAvg):
+    """strategy=median-cosine: FedAvg over the hospitals whose update points the way the round's
+    coordinate-wise median update points, each update's norm clipped to the median norm.
+
+    A robust strategy for what the median and Krum do not stop with a few hospitals: a hospital
+    that negates (or turns) its update at an honest-looking size. Each round, from the replies'
+    updates (trained parameters minus the global ones `configure_train` saw): the reference is
+    their coordinate-wise median (which one hostile hospital of four cannot pull far); a reply
+    whose update has cosine similarity <= `min_cosine` with it is left out; the others' updates
+    are scaled down to at most the median of the update norms (so a scaled update weighs no more
+    than an honest one), and FedAvg (Flower's) averages them by examples. After FLTrust (Cao et
+    al., NDSS 2021: cosine to a reference, magnitudes normalised to it), with the round's median
+    in place of a server-held dataset. `last` keeps the round's cosines and who was left out."""
+
+    def __init__(self, *, min_cosine: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.min_cosine = float(min_cosine)
+        self.current_arrays: ArrayRecord | None = None
+        self.last: dict = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        if self.current_arrays is None:
+            raise AggregationError("median-cosine: aggregate_train before configure_train (it needs the round's global model)")
+        keys = list(self.current_arrays.keys())
+        current = {k: self.current_arrays[k].numpy().astype(np.float64) for k in keys}
+        deltas = [np.concatenate([(r.content[ARRAYS][k].numpy().astype(np.float64) - current[k]).ravel() for k in keys])
+                  for r in replies]
+        median = np.median(np.stack(deltas), axis=0)
+        norms = [float(np.linalg.norm(d)) for d in deltas]
+        bound, ref = float(np.median(norms)), float(np.linalg.norm(median))
+        cosines = [float(d @ median / (n * ref)) if n > 0 and ref > 0 else 0.0 for d, n in zip(deltas, norms, strict=True)]
+        kept = [i for i, c in enumerate(cosines) if c > self.min_cosine]
+        self.last = {"cosines": cosines, "left_out": [i for i in range(len(replies)) if i not in kept], "norm_bound": bound}
+        if not kept:
+            raise AggregationError(f"median-cosine: no update has cosine > min-cosine={self.min_cosine:g} with the round's "
+                                   f"median update (cosines {', '.join(f'{c:.3f}' for c in cosines)})")
+        out = []
+        for i in kept:
+            scale = min(1.0, bound / norms[i]) if norms[i] > 0 else 1.0
+            arrays = ArrayRecord({k: Array(current[k] + scale * (replies[i].content[ARRAYS][k].numpy().astype(np.float64) - current[k]))
+                                  for k in keys})
+            out.append(Message(RecordDict({ARRAYS: arrays, METRICS: replies[i].content[METRICS]}), reply_to=_sent(replies[i])))
+        return super().aggregate_train(server_round, out)
+
+
+_CLASSES[STRATEGY_MEDIAN_COSINE] = MedianCosine  # fedssl's own: no Flower strategy stops a flipped update
+
+
+def _sent(reply: Message) -> Message:
+    """A stand-in for the message `reply` answers (what a new reply Message must point to)."""
+    return Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type,
+                   group_id=reply.metadata.group_id)
 
 
 class AdaptiveClipping(flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping):

@@ -316,3 +316,47 @@ def test_every_strategy_is_a_flower_strategy_with_its_run_config(name):
     assert isinstance(built, flwr_strategy.FedAvg)
     for key, attr in aggregation.PARAMETERS[name].items():
         assert getattr(built, attr) == cfg.as_dict()[key], (name, key)
+
+
+def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the_median_norm():
+    """strategy=median-cosine: three hospitals whose updates share a direction, a fourth that
+    negates its own: the flipped one points away from the coordinate-wise median update and is
+    left out, the others are FedAvg'd. A x100 update points the right way: it is kept, clipped
+    to the median update norm, so it weighs no more than an honest one."""
+    current = _model_arrays()
+    trained = [k for k in current if aggregation.is_trained(k, current[k])]
+    rng = np.random.default_rng(5)
+    common = {k: rng.normal(scale=0.1, size=current[k].shape) for k in trained}
+
+    def honest(i):
+        own = np.random.default_rng(10 + i)
+        return {k: (current[k] + common[k] + own.normal(scale=0.03, size=current[k].shape)).astype(np.float32)
+                if k in trained else current[k] for k in current}
+
+    good = [(NODES[i], honest(i), 10 * (i + 1)) for i in range(3)]
+    flipped = {k: (2 * current[k] - honest(3)[k]).astype(np.float32) if k in trained else current[k] for k in current}
+    agg, out = _aggregate("median-cosine", current, good + [(NODES[3], flipped, 40)])
+    assert agg.strategy.last["left_out"] == [3] and agg.strategy.last["cosines"][3] < 0 < min(agg.strategy.last["cosines"][:3])
+    # FedAvg of the three kept updates, each scaled down to at most the median update norm.
+    kept_scaled = [min(1.0, agg.strategy.last["norm_bound"] / float(np.linalg.norm(np.concatenate(
+        [(a[t].astype(np.float64) - current[t]).ravel() for t in trained])))) for _, a, _ in good]
+    manual = {k: sum(n * (current[k] + s * (a[k].astype(np.float64) - current[k])) for (_, a, n), s in zip(good, kept_scaled))
+              / sum(n for _, _, n in good) for k in trained}
+    for k in trained:
+        np.testing.assert_allclose(out[k], manual[k], rtol=0, atol=1e-6)
+        assert not np.allclose(out[k], weighted_average([(a, n) for _, a, n in good + [(0, flipped, 40)]])[k], atol=1e-3)
+
+    scaled = {k: (current[k] + 100 * (honest(3)[k] - current[k])).astype(np.float32) if k in trained else current[k] for k in current}
+    agg, out = _aggregate("median-cosine", current, good + [(NODES[3], scaled, 40)])
+    assert agg.strategy.last["left_out"] == []  # it points the right way
+    step = float(np.linalg.norm(np.concatenate([(out[k].astype(np.float64) - current[k]).ravel() for k in trained])))
+    assert step <= agg.strategy.last["norm_bound"] * 1.0001  # a convex mix of updates no longer than the bound
+
+
+def test_median_cosine_with_nothing_pointing_the_median_way_fails_the_round_naming_the_cosines():
+    current = _model_arrays()
+    updates = _updates(current, n=2)
+    with pytest.raises(AggregationError, match=r"median-cosine: no update has cosine > min-cosine=0.99 with the round's median update"):
+        _aggregate("median-cosine", current, [(node, a, n) for node, a, n in updates] + [
+            (NODES[2], {k: (2 * current[k] - updates[0][1][k]) if aggregation.is_trained(k, current[k]) else current[k]
+                        for k in current}, 10)], **{"min-cosine": 0.99})
