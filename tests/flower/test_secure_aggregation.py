@@ -27,6 +27,7 @@ from fedssl_flower.aggregation import update_norm
 from fedssl_flower.attack import parse_attack
 from fedssl_flower.config import RunConfig
 from fedssl_flower.errors import ConfigError
+from fedssl_flower.strategy import is_trained
 from tests.flower.test_client_app import task_identity  # noqa: F401 (fixture)
 from tests.support import processes as P
 
@@ -227,11 +228,15 @@ def test_a_drop_attack_names_a_secagg_stage():
 
 @pytest.mark.integration
 def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leaves_every_round(tmp_path, ham10000_dir):
-    """Three SuperNodes running fedssl's ClientApp on HAM10000 images, secure-aggregation=true,
-    one SSL and one fine-tune round. Hospital "leaver" fails every round's unmask stage on
-    purpose: its masked update was already collected, so the others' shares unmask it and the
-    round aggregates all three (threshold 2 of 3). The records hold no hospital's update norm
-    (the aggregator never saw one), the stages' cost, and a global model that moved."""
+    """Three SuperNodes running fedssl's ClientApp on HAM10000 images, secure-aggregation=true
+    with strategy=fedadam, one SSL and one fine-tune round. Hospital "leaver" fails every
+    round's unmask stage on purpose: its masked update was already collected, so the others'
+    shares unmask it and the round aggregates all three (threshold 2 of 3). The records hold no
+    hospital's update norm (the aggregator never saw one), the stages' cost, and a global model
+    that moved as Flower's FedAdam moves it from the unmasked average: a first Adam step changes
+    no trained parameter by more than server-eta (1e-5 here; the average of the hospitals' two
+    AdamW steps of lr 1e-3 moves them by up to ~1e-3), while BatchNorm statistics take the
+    average itself."""
     hospitals = {"a": None, "b": None, "leaver": "drop:unmask"}
     with P.cluster(tmp_path) as c:
         _, port = P.start_superlink(c)
@@ -243,7 +248,7 @@ def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leav
                 **({"attack": attack} if attack else {})))
         done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=1", "image-size=16", "min-hospitals=3",
                         "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
-                        "pretrained=false", "secure-aggregation=true", timeout=600)
+                        "pretrained=false", "secure-aggregation=true", 'strategy="fedadam"', "server-eta=1e-5", timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr + c.logs()
         texts = {name: proc.text() for name, proc in logs.items()}
     assert "hospital leaver LEAVES secure aggregation ON PURPOSE at its unmask stage" in texts["leaver"]
@@ -267,4 +272,8 @@ def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leav
         now = records.state_arrays(saved, shared)
         assert all(np.isfinite(v).all() for v in now.values() if np.issubdtype(v.dtype, np.floating))
         assert update_norm(now, start) == pytest.approx(r["update_norms"]["global"], rel=1e-5)
+        trained = [k for k in now if is_trained(k, now[k])]
+        assert max(float(np.abs(now[k].astype(np.float64) - start[k]).max()) for k in trained) <= 1.0001e-5  # FedAdam's step
+        stats = [k for k in now if k.endswith("running_var")]
+        assert max(float(np.abs(now[k] - start[k]).max()) for k in stats) > 1e-3  # the plain average of the hospitals'
         previous = saved
