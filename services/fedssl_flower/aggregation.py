@@ -141,18 +141,20 @@ def privacy_event(cfg: "RunConfig", sample_size: int, population: int) -> Gaussi
 
 
 class MedianCosine(flwr_strategy.FedAvg):
-    """strategy=median-cosine: FedAvg over the hospitals whose update points the way the round's
+    """strategy=median-cosine: FedAvg over the hospitals whose update points the way the others'
     coordinate-wise median update points, each update's norm clipped to the median norm.
 
     A robust strategy for what the median and Krum do not stop with a few hospitals: a hospital
     that negates (or turns) its update at an honest-looking size. Each round, from the replies'
-    updates (trained parameters minus the global ones `configure_train` saw): the reference is
-    their coordinate-wise median (which one hostile hospital of four cannot pull far); a reply
-    whose update has cosine similarity <= `min_cosine` with it is left out; the others' updates
-    are scaled down to at most the median of the update norms (so a scaled update weighs no more
-    than an honest one), and FedAvg (Flower's) averages them by examples. After FLTrust (Cao et
-    al., NDSS 2021: cosine to a reference, magnitudes normalised to it), with the round's median
-    in place of a server-held dataset. `last` keeps the round's cosines and who was left out."""
+    updates (trained parameters minus the global ones `configure_train` saw): each update is
+    compared with the coordinate-wise median of the *other* updates (leave-one-out: with few
+    hospitals, an update's own vote would otherwise pull the median towards it, and every update
+    would look like the median, a flipped one included); a reply whose cosine similarity with it
+    is <= `min_cosine` is left out; the others' updates are scaled down to at most the median of
+    the update norms (so a scaled update weighs no more than an honest one), and FedAvg
+    (Flower's) averages them by examples. After FLTrust (Cao et al., NDSS 2021: cosine to a
+    reference, magnitudes normalised to it), with the others' median in place of a server-held
+    dataset. `last` keeps the round's cosines and who was left out."""
 
     def __init__(self, *, min_cosine: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -172,14 +174,21 @@ class MedianCosine(flwr_strategy.FedAvg):
         current = {k: self.current_arrays[k].numpy().astype(np.float64) for k in keys}
         deltas = [np.concatenate([(r.content[ARRAYS][k].numpy().astype(np.float64) - current[k]).ravel() for k in keys])
                   for r in replies]
-        median = np.median(np.stack(deltas), axis=0)
+        if len(deltas) < 2:
+            raise AggregationError("median-cosine needs two or more updates: one has no others to be compared with")
+        stacked = np.stack(deltas)
         norms = [float(np.linalg.norm(d)) for d in deltas]
-        bound, ref = float(np.median(norms)), float(np.linalg.norm(median))
-        cosines = [float(d @ median / (n * ref)) if n > 0 and ref > 0 else 0.0 for d, n in zip(deltas, norms, strict=True)]
+        bound = float(np.median(norms))
+        cosines = []
+        for i, (d, n) in enumerate(zip(deltas, norms, strict=True)):
+            others = np.median(np.delete(stacked, i, axis=0), axis=0)
+            ref = float(np.linalg.norm(others))
+            cosines.append(float(d @ others / (n * ref)) if n > 0 and ref > 0 else 0.0)
+        del stacked
         kept = [i for i, c in enumerate(cosines) if c > self.min_cosine]
         self.last = {"cosines": cosines, "left_out": [i for i in range(len(replies)) if i not in kept], "norm_bound": bound}
         if not kept:
-            raise AggregationError(f"median-cosine: no update has cosine > min-cosine={self.min_cosine:g} with the round's "
+            raise AggregationError(f"median-cosine: no update has cosine > min-cosine={self.min_cosine:g} with the others' "
                                    f"median update (cosines {', '.join(f'{c:.3f}' for c in cosines)})")
         out = []
         for i in kept:

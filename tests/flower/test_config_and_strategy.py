@@ -320,8 +320,8 @@ def test_every_strategy_is_a_flower_strategy_with_its_run_config(name):
 
 def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the_median_norm():
     """strategy=median-cosine: three hospitals whose updates share a direction, a fourth that
-    negates its own: the flipped one points away from the coordinate-wise median update and is
-    left out, the others are FedAvg'd. A x100 update points the right way: it is kept, clipped
+    negates its own: the flipped one points away from the others' coordinate-wise median update
+    and is left out, the others are FedAvg'd. A x100 update points the right way: it is kept, clipped
     to the median update norm, so it weighs no more than an honest one."""
     current = _model_arrays()
     trained = [k for k in current if aggregation.is_trained(k, current[k])]
@@ -356,7 +356,7 @@ def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the
 def test_median_cosine_with_nothing_pointing_the_median_way_fails_the_round_naming_the_cosines():
     current = _model_arrays()
     updates = _updates(current, n=2)
-    with pytest.raises(AggregationError, match=r"median-cosine: no update has cosine > min-cosine=0.99 with the round's median update"):
+    with pytest.raises(AggregationError, match=r"median-cosine: no update has cosine > min-cosine=0.99 with the others' median update"):
         _aggregate("median-cosine", current, [(node, a, n) for node, a, n in updates] + [
             (NODES[2], {k: (2 * current[k] - updates[0][1][k]) if aggregation.is_trained(k, current[k]) else current[k]
                         for k in current}, 10)], **{"min-cosine": 0.99})
