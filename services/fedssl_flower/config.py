@@ -81,7 +81,7 @@ class RunConfig:
     server_tau: float = 1e-3  # fedadam | fedyogi | fedadagrad: adaptivity (Flower's tau), > 0
     proximal_mu: float = 0.0  # fedprox: hospitals add mu/2 * ||w - w_global||^2 to their local loss, >= 0
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end per coordinate, in [0, 0.5)
-    num_malicious_nodes: int = 0  # krum | multikrum: hospitals assumed malicious (f), >= 0
+    num_malicious_nodes: int = 0  # krum | multikrum | median-cosine: hospitals assumed malicious (f), >= 0
     num_nodes_to_select: int = 1  # multikrum: replies averaged after selection, >= 1
     min_cosine: float = 0.0  # median-cosine: an update needs cosine > this with the round's median update, in [-1, 1)
     # Client-level differential privacy (services/fedssl_flower/aggregation.py): off | central-fixed

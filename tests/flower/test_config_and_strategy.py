@@ -360,3 +360,21 @@ def test_median_cosine_with_nothing_pointing_the_median_way_fails_the_round_nami
         _aggregate("median-cosine", current, [(node, a, n) for node, a, n in updates] + [
             (NODES[2], {k: (2 * current[k] - updates[0][1][k]) if aggregation.is_trained(k, current[k]) else current[k]
                         for k in current}, 10)], **{"min-cosine": 0.99})
+
+
+def test_median_cosine_with_num_malicious_nodes_leaves_out_the_lowest_cosine_whatever_its_sign():
+    """Nearly orthogonal honest updates (as HAM10000's sites send): every cosine is near 0, some
+    honest ones below it; num-malicious-nodes 1 leaves out exactly the lowest, the flipped one."""
+    current = {**_model_arrays(), "encoder.conv.weight": np.random.default_rng(3).normal(size=(128, 128)).astype(np.float32)}
+    trained = [k for k in current if aggregation.is_trained(k, current[k])]
+    rng = np.random.default_rng(7)
+    common = {k: rng.normal(scale=0.02, size=current[k].shape) for k in trained}
+    own = [{k: rng.normal(scale=0.1, size=current[k].shape) for k in trained} for _ in range(4)]
+    ups = [{k: (current[k] + common[k] + own[i][k]).astype(np.float32) if k in trained else current[k] for k in current}
+           for i in range(4)]
+    ups[3] = {k: (2 * current[k] - ups[3][k]).astype(np.float32) if k in trained else current[k] for k in current}
+    replies = [(NODES[i], ups[i], 10) for i in range(4)]
+    agg, _ = _aggregate("median-cosine", current, replies, **{"min-cosine": -1.0, "num-malicious-nodes": 1})
+    cosines = agg.strategy.last["cosines"]
+    assert agg.strategy.last["left_out"] == [3] and cosines[3] == min(cosines)
+    assert max(abs(c) for c in cosines[:3]) < 0.2  # nearly orthogonal, as measured on HAM10000
