@@ -38,7 +38,7 @@ from . import aggregation, local_models, records, secure_aggregation, training
 from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update, update_norm
 from .client_app import parse_info
 from .config import RunConfig
-from .errors import ConfigError, FedSSLError
+from .errors import ConfigError, RunFailed
 from .metrics import aggregate_metrics
 from .outputs import RunFolder
 from .registry_client import RegistryClient
@@ -50,10 +50,6 @@ SUPERLINK_RETRY_SECONDS = 300.0  # how long a SuperLink call is retried while it
 PULL_INTERVAL_SECONDS = 1.0  # between pulls for replies (Flower's Grid.send_and_receive waits 3 s; a round here can take 5 s)
 
 app = ServerApp()
-
-
-class RunFailed(FedSSLError, RuntimeError):
-    """The federation cannot go on (too few hospitals, hospitals failing at start-up)."""
 
 
 @dataclass
