@@ -1,7 +1,7 @@
 """Aggregation by Flower's own strategy classes, behind fedssl's aggregator.
 
-The aggregator (server_app) keeps the messaging: it sends, retries, pairs replies with the
-nodes they answer for, and unpacks each reply's weights (one packed safetensors Array per
+The aggregator keeps the messaging (`messaging`: it sends, retries, pairs replies with the
+nodes they answer for) and unpacks each reply's weights (one packed safetensors Array per
 message). This module then does what Flower's strategy loop does with those replies, with
 Flower's strategy objects: before the round `configure_train` sees the current global model
 (FedAdam, FedYogi, FedAdagrad and FedAvgM step from it; FedProx adds `proximal-mu` to the

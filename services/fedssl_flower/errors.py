@@ -1,8 +1,9 @@
-"""Errors of the Flower app's hospital side, named for the condition."""
+"""Errors of the Flower app (hospital and aggregator sides), named for the condition."""
 
 from fedssl_core.errors import ConfigError, FedSSLError
 
-__all__ = ["ConfigError", "DatasetMalformed", "DatasetNotFound", "FedSSLError", "KaggleDownloadError", "LabelMismatch"]
+__all__ = ["ConfigError", "DatasetMalformed", "DatasetNotFound", "FedSSLError", "KaggleDownloadError", "LabelMismatch",
+           "RunFailed"]
 
 
 class DatasetNotFound(FedSSLError, FileNotFoundError):
@@ -19,3 +20,7 @@ class KaggleDownloadError(FedSSLError, RuntimeError):
 
 class LabelMismatch(DatasetMalformed):
     """Hospitals' class folders do not map onto one class list (unmatched, ambiguous or missing)."""
+
+
+class RunFailed(FedSSLError, RuntimeError):
+    """The federation cannot go on (too few hospitals, hospitals failing at start-up)."""

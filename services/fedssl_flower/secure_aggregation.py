@@ -17,9 +17,9 @@ own; this module only fits those two halves to fedssl's Message-API app:
   scores of the received model travel as usual. A non-finite update is refused at the
   hospital (its reply is then an error: a dropout the protocol absorbs).
 - Aggregator (`SecureRound`): Flower's `SecAggPlusWorkflow`, its four stages unchanged,
-  sending through the aggregator's `_exchange` (SuperLink retries, replies paired by
-  `reply_to`), with a legacy strategy that hands it this round's hospitals and takes back
-  the unmasked weighted average. The collect stage's messages carry fedssl's train content
+  sending through the aggregator's `messaging.Messenger.exchange` (SuperLink retries,
+  replies paired by `reply_to`), with a legacy strategy that hands it this round's hospitals
+  and takes back the unmasked weighted average. The collect stage's messages carry fedssl's train content
   (the global model, the round's config) beside SecAgg+'s record.
 
 What the aggregator learns: each hospital's masked vector (uniform noise modulo 2^32 without

@@ -70,7 +70,7 @@ def test_temperature_is_fitted_on_the_summed_held_out_nll_and_baked_into_the_cla
 
     from fedssl_core import names
     from fedssl_flower.metrics import aggregate_metrics
-    from fedssl_flower.server_app import _temperature_scaled
+    from fedssl_flower.reporting import temperature_scaled
 
     grid = names.TEMPERATURE_GRID
     # Two hospitals whose NLL curves have their minima at different temperatures; the bigger one weighs more.
@@ -82,7 +82,7 @@ def test_temperature_is_fitted_on_the_summed_held_out_nll_and_baked_into_the_cla
     assert agg[names.M_NLL_BY_TEMPERATURE][grid.index(2.0)] == min(agg[names.M_NLL_BY_TEMPERATURE])
     torch.manual_seed(0)
     state = {"encoder.w": torch.randn(3), "classifier.weight": torch.randn(7, 4), "classifier.bias": torch.randn(7)}
-    scaled, cal = _temperature_scaled(state, agg)
+    scaled, cal = temperature_scaled(state, agg)
     x = torch.randn(5, 4)
     logits = x @ state["classifier.weight"].T + state["classifier.bias"]
     served = x @ scaled["classifier.weight"].T + scaled["classifier.bias"]
@@ -90,7 +90,7 @@ def test_temperature_is_fitted_on_the_summed_held_out_nll_and_baked_into_the_cla
     assert torch.equal(scaled["encoder.w"], state["encoder.w"]) and cal["applied"] and cal["temperature"] == 2.0
     # A curve whose best temperature is 1 leaves the classifier as it is.
     flat = aggregate_metrics({"a": {names.M_NLL_BY_TEMPERATURE: [abs(t - 1.0) for t in grid]}}, {"a": 1}, ["x", "y"])
-    same, cal = _temperature_scaled(state, flat)
+    same, cal = temperature_scaled(state, flat)
     assert same is state and cal["applied"] is False
 
 

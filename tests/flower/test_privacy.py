@@ -358,27 +358,27 @@ def test_the_aggregator_stops_cleanly_before_the_round_past_the_budget(tmp_path,
     two, three = _flower_accountant(cfg, 2).epsilon, _flower_accountant(cfg, 3).epsilon
     agg = _aggregator(tmp_path, monkeypatch, **mechanism, **{"dp-noise-multiplier": 1.0, "dp-max-epsilon": (two + three) / 2,
                                                       "finetune-rounds": 3})
-    agg.aggregation.population = len(agg._hospital_names())
+    agg.aggregation.population = len(agg.hospitals.names())
     pushed = []
-    push = agg.grid.push_messages
-    agg.grid.push_messages = lambda msgs: pushed.append(msgs[0].metadata.group_id) or push(msgs)
+    push = agg.messenger.grid.push_messages
+    agg.messenger.grid.push_messages = lambda msgs: pushed.append(msgs[0].metadata.group_id) or push(msgs)
     trained = agg._train([(names.PHASE_FINETUNE, r, 3) for r in (1, 2, 3)])
     assert (trained.phase, trained.round) == (names.PHASE_FINETUNE, 2)
     assert pushed == ["finetune-1", "finetune-2"]  # round 3 was refused before anything was sent
     agg._final_evaluation(trained)
-    assert [r["round"] for r in agg.history] == [1, 2]
-    lines = [json.loads(x) for x in (agg.folder.path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in agg.report.history] == [1, 2]
+    lines = [json.loads(x) for x in (agg.report.folder.path / "rounds.jsonl").read_text().splitlines()]
     assert [x["privacy"]["releases"] for x in lines] == [1, 2]
     assert lines[1]["privacy"]["epsilon"] == pytest.approx(two) and lines[1]["privacy"]["hospitals"] == 2
     assert lines[1]["privacy"]["population"] == 3
-    assert any(w.startswith("privacy budget reached: stopped before finetune round 3") for w in agg.warnings)
+    assert any(w.startswith("privacy budget reached: stopped before finetune round 3") for w in agg.report.warnings)
     out = capsys.readouterr().out
     assert "phase=finetune round=2 privacy: epsilon=" in out and "privacy budget reached" in out
-    assert agg._recipe()["dp"] == mechanism["dp"]
+    assert agg.report.recipe()["dp"] == mechanism["dp"]
     if mechanism["dp"] == "central-adaptive":  # the norm each round clipped to, and the one it adapted to
-        assert agg._recipe()["dp-clipped-count-stddev"] == 2.0 and agg._recipe()["dp-target-quantile"] == 0.5
+        assert agg.report.recipe()["dp-clipped-count-stddev"] == 2.0 and agg.report.recipe()["dp-target-quantile"] == 0.5
         assert lines[1]["privacy"]["clipping_norm"] == lines[0]["privacy"]["next_clipping_norm"]
         assert "phase=finetune round=2 privacy: epsilon=" in out and "(next round's " in out
     else:
-        assert "dp-target-quantile" not in agg._recipe() and "next_clipping_norm" not in lines[1]["privacy"]
+        assert "dp-target-quantile" not in agg.report.recipe() and "next_clipping_norm" not in lines[1]["privacy"]
     assert agg.summary("succeeded")["privacy"] == lines[1]["privacy"]

@@ -1,4 +1,4 @@
-"""The aggregator's SuperLink calls: transient failures are waited out, real errors are not.
+"""The aggregator's SuperLink calls (`messaging`): transient failures are waited out, real errors are not.
 
 A real HTTP server on a free port answers with the statuses a SuperLink sends; the calls go
 through httpx, as Flower's Grid does."""
@@ -10,7 +10,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from fedssl_flower import server_app
+from fedssl_flower import messaging, server_app
 from tests.support.http import QuietHandler, serve
 
 
@@ -43,7 +43,7 @@ def _call(url):
 def test_a_500_is_retried_until_the_superlink_answers(superlink, capsys):
     Statuses.script = [500, 500]
     call, calls = _call(superlink)
-    assert server_app.superlink_call("pull-messages", call, retry_seconds=30) == {"ok": True}
+    assert messaging.superlink_call("pull-messages", call, retry_seconds=30) == {"ok": True}
     assert len(calls) == 3
     out = capsys.readouterr().out
     assert "[fedssl] SuperLink pull-messages failed (HTTP 500); trying again in 1s" in out
@@ -54,7 +54,7 @@ def test_a_4xx_is_raised_at_once(superlink):
     Statuses.script = [403]
     call, calls = _call(superlink)
     with pytest.raises(httpx.HTTPStatusError, match="403"):
-        server_app.superlink_call("pull-messages", call, retry_seconds=30)
+        messaging.superlink_call("pull-messages", call, retry_seconds=30)
     assert len(calls) == 1
 
 
@@ -62,7 +62,7 @@ def test_retries_stop_at_the_deadline(superlink):
     Statuses.script = [503] * 10
     call, calls = _call(superlink)
     with pytest.raises(httpx.HTTPStatusError, match="503"):
-        server_app.superlink_call("pull-messages", call, retry_seconds=2.5)
+        messaging.superlink_call("pull-messages", call, retry_seconds=2.5)
     assert len(calls) == 2  # tried, waited 1 s, tried; waiting 2 s more would pass the deadline
 
 
@@ -76,7 +76,7 @@ def test_a_superlink_that_is_gone_is_retried_then_raised():
             return client.post(dead)
 
         with pytest.raises(httpx.ConnectError):
-            server_app.superlink_call("pull-messages", call, retry_seconds=1.5)
+            messaging.superlink_call("pull-messages", call, retry_seconds=1.5)
     assert len(calls) == 2
 
 
@@ -98,6 +98,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from fedssl_core import names  # noqa: E402
 from fedssl_flower import records  # noqa: E402
 from fedssl_flower.config import RunConfig  # noqa: E402
+from fedssl_flower.hospitals import Hospital  # noqa: E402
 from fedssl_flower.strategy import weighted_average  # noqa: E402
 
 HOSPITALS = {1: ("a", 30), 2: ("b", 10), 3: ("garbage", 20)}
@@ -144,8 +145,8 @@ def _aggregator(tmp_path, monkeypatch, **run_config):
     cfg = RunConfig.from_mapping({"arch": "resnet18", "pretrained": False, "finetune-mode": "linear", "message-retries": 0,
                                   "runs-dir": str(tmp_path), "round-timeout": 5.0, **run_config})
     agg = server_app.Aggregator(AnsweringGrid(_update), cfg, "run-1")
-    agg.class_names = ["x", "y"]
-    agg.hospitals = {n: server_app.Hospital(name, names.SSL_SIMCLR, agg.class_names, {}, [n]) for n, (name, _) in HOSPITALS.items()}
+    agg.hospitals.class_names = ["x", "y"]
+    agg.hospitals.by_node = {n: Hospital(name, names.SSL_SIMCLR, agg.hospitals.class_names, {}, [n]) for n, (name, _) in HOSPITALS.items()}
     agg._init_model()
     return agg
 
@@ -180,5 +181,5 @@ def test_the_default_round_is_fedavg_of_the_accepted_updates(tmp_path, monkeypat
     agg._round(names.PHASE_FINETUNE, 1, 1, None)
     expected = weighted_average([({k: v + np.float32(n) for k, v in before.items()}, HOSPITALS[n][1]) for n in (1, 2)])
     assert all(agg.state[k].numpy().tobytes() == expected[k].tobytes() for k in expected)
-    assert agg._recipe()["strategy"] == "fedavg"
-    assert agg._recipe()["strategy_parameters"] == {"server-lr": 1.0, "server-momentum": 0.0}
+    assert agg.report.recipe()["strategy"] == "fedavg"
+    assert agg.report.recipe()["strategy_parameters"] == {"server-lr": 1.0, "server-momentum": 0.0}
