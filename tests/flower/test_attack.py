@@ -31,7 +31,7 @@ def test_attack_specs_parse_and_bad_ones_name_the_value_and_the_expected_ones():
         with pytest.raises(ConfigError) as err:
             parse_attack(bad, "hospital h: node config attack")
         assert f"hospital h: node config attack={bad!r}" in str(err.value)
-        assert "none, scale:<factor> (e.g. scale:100) or sign-flip" in str(err.value)
+        assert "none, scale:<factor> (e.g. scale:100), sign-flip or drop:<stage> (stage: setup, share_keys, collect_masked_vectors, unmask)" in str(err.value)
 
 
 def test_misbehave_multiplies_the_update_of_trained_parameters_only():
