@@ -345,6 +345,7 @@ class Aggregation:
         # strategy=fedavg keeps fedssl's server step (server-lr, server-momentum) on the average.
         self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.sent: dict[int, Message] = {}  # node -> the strategy's train message of this round
+        self.facts: dict = {}  # what the strategy decided about the round's updates, by node (median-cosine's cosines)
         # central dp: one accountant for the run (created at the first round, for `population`
         # hospitals), a clipping wrapper per round; `privacy` is the last round's spend.
         self.dp = cfg.dp in DP_CENTRAL
@@ -436,6 +437,9 @@ class Aggregation:
                                   METRICS: MetricRecord({EXAMPLES: int(n)})})
             replies.append(Message(content, reply_to=sent))
         new, _ = self.strategy.aggregate_train(rnd, replies)
+        last = getattr(self.strategy, "last", None)  # median-cosine: each update's cosine, who was left out
+        self.facts = {} if not last else {"cosines": {node: c for (node, _, _), c in zip(counted, last["cosines"], strict=True)},
+                                          "left_out": [counted[i][0] for i in last["left_out"]]}
         self.sent = {}
         if new is None:
             raise AggregationError(f"strategy {self.cfg.strategy} returned no arrays for {phase} round {rnd}")

@@ -45,6 +45,8 @@ from .registry_client import RegistryClient
 from .reporting import RunReport, Trained, progress, secure_summary
 
 log = logging.getLogger("fedssl.aggregator")
+# Strategies whose server step keeps state between rounds (not registered: a resumed run restarts it).
+STATEFUL_STRATEGIES = (names.STRATEGY_FEDAVGM, names.STRATEGY_FEDADAM, names.STRATEGY_FEDYOGI, names.STRATEGY_FEDADAGRAD)
 
 app = ServerApp()
 
@@ -185,14 +187,29 @@ class Aggregator:
             new = self.aggregation.aggregate_average(phase, rnd, expected, self._secure_average(secure, phase, rnd, expected),
                                                      [node for node, _, n in updates if n > 0])
         else:
+            self.aggregation.facts = {}
             new = self.aggregation.aggregate(phase, rnd, expected, updates)
+        facts = self._strategy_facts(phase, rnd)
         for key, value in new.items():
             self.state[key] = torch.from_numpy(np.asarray(value)).to(self.state[key].dtype).reshape(self.state[key].shape)
         t_agg = time.monotonic() - t_agg
         return Trained(phase, rnd, total, {k: v.clone() for k, v in self.state.items()}, per_hospital, examples, failed, skipped,
                        refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0, self.aggregation.privacy_spent(),
-                       {"hospitals": norms, "global": update_norm(new, expected)},
+                       {"hospitals": norms, "global": update_norm(new, expected), **facts},
                        None if secure is None else secure_summary(secure))
+
+    def _strategy_facts(self, phase: str, rnd: int) -> dict:
+        """What the round's strategy decided about each update, by hospital (median-cosine: its
+        cosine with the others' median update, and who was left out), for the round record."""
+        facts = self.aggregation.facts
+        if not facts:
+            return {}
+        out = {"cosines": {self.hospitals[n].name: c for n, c in facts["cosines"].items()},
+               "left_out": sorted(self.hospitals[n].name for n in facts["left_out"])}
+        progress("%s round %d: %s: cosine to the others' median update %s%s", phase, rnd, self.cfg.strategy,
+                 ", ".join(f"{h} {c:+.3f}" for h, c in sorted(out["cosines"].items())),
+                 f"; left out: {', '.join(out['left_out'])}" if out["left_out"] else "")
+        return out
 
     def _secure_exchange(self, msgs: list[Message], phase: str, rnd: int, expected: dict[str, Any]) -> secure_aggregation.SecureResult:
         """The round's train exchange as Flower's SecAgg+ (`secure_aggregation.SecureRound`):
@@ -353,6 +370,9 @@ class Aggregator:
             start = (names.PHASE_SSL, 0)
             if self.cfg.resume_from_registry:
                 start = self._resume_point() or start
+                if start != (names.PHASE_SSL, 0) and (self.cfg.strategy in STATEFUL_STRATEGIES or self.cfg.server_momentum > 0):
+                    log.warning("resume-from-registry with strategy=%s: the server optimiser's state (momentum, moments) is "
+                                "not registered with the model; the resumed rounds start it from zero", self.cfg.strategy)
             schedule = [(names.PHASE_SSL, r, self.cfg.ssl_rounds) for r in range(1, self.cfg.ssl_rounds + 1)]
             schedule += [(names.PHASE_FINETUNE, r, self.cfg.finetune_rounds) for r in range(1, self.cfg.finetune_rounds + 1)]
             order = {names.PHASE_SSL: 0, names.PHASE_FINETUNE: 1}

@@ -85,13 +85,14 @@ def test_a_bad_attack_value_fails_the_hospital_at_start_up_with_its_name(tmp_pat
 
 
 @pytest.mark.integration
-def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_fedmedian_holds(tmp_path, ham10000_dir):
+@pytest.mark.parametrize("strategy", ["fedmedian", "median-cosine"])
+def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_a_robust_strategy_holds(tmp_path, ham10000_dir, strategy):
     """Three real SuperNodes, one with node config attack="scale:100", one SSL round with
-    strategy=fedmedian. The aggregator's record of the round shows the attacker's update
-    arrived about 100 times the size of the honest ones (hospitals taking the same AdamW
-    steps move their model about as far), while the new global model moved no further than
-    the honest updates allow: a coordinate-wise median of three lies between two honest
-    values. FedAvg's average of the same replies would have moved it tens of times further
+    strategy=fedmedian or median-cosine. The aggregator's record of the round shows the
+    attacker's update arrived about 100 times the size of the honest ones (hospitals taking the
+    same AdamW steps move their model about as far), while the new global model moved no
+    further than the honest updates allow: a coordinate-wise median of three lies between two
+    honest values; median-cosine clips every update to the median norm, an honest one's. FedAvg's average of the same replies would have moved it tens of times further
     (a lower bound from the recorded norms, by the triangle inequality)."""
     hospitals = {"honest-a": None, "honest-b": None, "mallory": "scale:100"}
     with P.cluster(tmp_path) as c:
@@ -104,7 +105,9 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_fedmedia
                 **({"attack": attack} if attack else {})))
         done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=16", "min-hospitals=3",
                         "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
-                        "pretrained=false", 'strategy="fedmedian"', timeout=600)
+                        "pretrained=false", f'strategy="{strategy}"',
+                        # median-cosine: nothing left out by the threshold, so the bound below is its norm clipping's
+                        *(["min-cosine=-1.0"] if strategy == "median-cosine" else []), timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr + c.logs()
         texts = {name: proc.text() for name, proc in logs.items()}
     assert "hospital mallory MISBEHAVES ON PURPOSE (node config attack=scale:100" in texts["mallory"]
@@ -124,6 +127,10 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_fedmedia
     assert all(np.isfinite(v).all() for v in saved.values())
     assert record["update_norms"]["global"] == pytest.approx(update_norm(saved, start), rel=1e-5)
     assert 0 < record["update_norms"]["global"] <= np.hypot(*honest)
+    if strategy == "median-cosine":  # each update's cosine with the others' median, in the record and the log
+        assert sorted(record["update_norms"]["cosines"]) == sorted(hospitals)
+        assert all(-1 <= c <= 1 for c in record["update_norms"]["cosines"].values())
+        assert "ssl round 1: median-cosine: cosine to the others' median update honest-a " in done.stdout
     total = sum(examples.values())
     fedavg_at_least = (examples["mallory"] * norms["mallory"] - sum(examples[h] * norms[h] for h in ("honest-a", "honest-b"))) / total
     assert fedavg_at_least > 10 * record["update_norms"]["global"], (norms, examples, record["update_norms"]["global"])

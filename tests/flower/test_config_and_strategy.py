@@ -337,6 +337,8 @@ def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the
     flipped = {k: (2 * current[k] - honest(3)[k]).astype(np.float32) if k in trained else current[k] for k in current}
     agg, out = _aggregate("median-cosine", current, good + [(NODES[3], flipped, 40)])
     assert agg.strategy.last["left_out"] == [3] and agg.strategy.last["cosines"][3] < 0 < min(agg.strategy.last["cosines"][:3])
+    # What the round record gets (by node; the aggregator names the hospitals).
+    assert agg.facts["left_out"] == [NODES[3]] and list(agg.facts["cosines"]) == NODES[:4]
     # FedAvg of the three kept updates, each scaled down to at most the median update norm.
     kept_scaled = [min(1.0, agg.strategy.last["norm_bound"] / float(np.linalg.norm(np.concatenate(
         [(a[t].astype(np.float64) - current[t]).ravel() for t in trained])))) for _, a, _ in good]
