@@ -582,6 +582,9 @@ def main() -> None:
                     help=f"federated arms, with --attacker: that hospital changes its update every round as a SuperNode "
                          f"with node config attack=SPEC does ({ATTACK_SPECS}; fault injection, benchmark only)")
     ap.add_argument("--attacker", default="", metavar="HOSPITAL", help="the hospital (site name) that misbehaves with --attack")
+    ap.add_argument("--exclude-site", default="", metavar="HOSPITAL",
+                    help="train without this site (still scored on the pooled test of every site): what a defence that "
+                         "leaves an attacker out every round can at best reach")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -670,6 +673,12 @@ def main() -> None:
     carved = [carve_validation(s, args.val_fraction) for s in full]
     sites, vals = [c[0] for c in carved], [c[1] for c in carved]
     test = pooled_data(full, "pooled-test") if args.eval == "test" else pooled_data(vals, "pooled-val")
+    if args.exclude_site:
+        if args.exclude_site not in [s.hospital for s in full]:
+            raise SystemExit(f"--exclude-site {args.exclude_site!r} is not one of the hospitals: {', '.join(s.hospital for s in full)}")
+        kept = [i for i, s in enumerate(sites) if s.hospital != args.exclude_site]
+        sites, vals, full = [sites[i] for i in kept], [vals[i] for i in kept], [full[i] for i in kept]
+        print(f"training without {args.exclude_site} (scored on every site's pooled {args.eval} split)", flush=True)
     print(f"{len(sites)} sites loaded in {time.perf_counter() - t0:.0f}s: " + ", ".join(
         f"{s.hospital} {len(s.train_images)}/{len(v.test_images)}/{len(f.test_images)}" for s, v, f in zip(sites, vals, full))
         + " train/val/test images", flush=True)
@@ -682,9 +691,11 @@ def main() -> None:
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker)
             r["eval"], r["label"] = args.eval, args.label
+            if args.exclude_site:
+                r["excluded_site"] = args.exclude_site
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
-                                                                              "label_map", "class_names", "attack", "attacker"))
+                                                                              "label_map", "class_names", "attack", "attacker", "exclude_site"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
@@ -692,6 +703,7 @@ def main() -> None:
                             + (f" --fedprox-mu {args.fedprox_mu}" if args.fedprox_mu else "")
                             + (f" --tail-average {args.tail_average}" if args.tail_average else "")
                             + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
+                            + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
                             + f" --arms {spec} --seeds {seed}"
                             + (f" --data {shlex.quote(str(args.data))}" if folders else ""))
             runs = [x for x in runs if key(x) != key(r)] + [r]

@@ -254,12 +254,14 @@ def robustness(q: dict) -> None:
     clean and with one hospital attacking, its cost against clean FedAvg and against the
     same strategy's clean run, and how large the attacker's update arrived (round 1)."""
     runs = [r for r in q["runs"] if r.get("eval", "test") == "test"]
-    clean = {r["strategy"]["name"]: r["test"] for r in runs if "attack" not in r}
+    # A run trained without a site (--exclude-site) is nobody's clean reference: its own row.
+    clean = {r["strategy"]["name"]: r["test"] for r in runs if "attack" not in r and not r.get("excluded_site")}
     print("| strategy | attack | balanced accuracy | macro AUC | vs clean FedAvg | vs its own clean run | attacker's update / honest (round 1) |")
     print("|---|---|---|---|---|---|---|")
-    strategies = {s: i for i, s in enumerate(("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"))}
+    strategies = {s: i for i, s in enumerate(("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "median-cosine"))}
     attacks = {a: i for i, a in enumerate(("none", "scale:100", "sign-flip"))}
-    for r in sorted(runs, key=lambda r: (strategies.get(r["strategy"]["name"], 99), attacks.get(r.get("attack", {}).get("spec", "none"), 9))):
+    for r in sorted(runs, key=lambda r: (strategies.get(r["strategy"]["name"], 99), bool(r.get("excluded_site")),
+                                         attacks.get(r.get("attack", {}).get("spec", "none"), 9))):
         name, t = r["strategy"]["name"], r["test"]
         params = ", ".join(f"{k} {v}" for k, v in r["strategy"].items() if k not in ("name", "server-lr", "server-momentum"))
         attack = r.get("attack")
@@ -272,7 +274,9 @@ def robustness(q: dict) -> None:
             norms = r["communication"][0]["update_norms"]["hospitals"]
             honest = [v for h, v in norms.items() if h != attack["hospital"]]
             ratio = f"{norms[attack['hospital']] / statistics.median(honest):.1f}x"
-        print(f"| {name}{f' ({params})' if params else ''} | {attack['spec'] + ' by ' + attack['hospital'] if attack else 'none'} | "
+        what = (attack["spec"] + " by " + attack["hospital"] if attack else
+                f"none; trained without {r['excluded_site']}" if r.get("excluded_site") else "none")
+        print(f"| {name}{f' ({params})' if params else ''} | {what} | "
               f"{t['balanced_accuracy']:.3f} | {t['macro_auc']:.3f} | {cost(clean.get('fedavg'))} | "
               f"{cost(clean.get(name)) if attack else ''} | {ratio} |")
     print()
