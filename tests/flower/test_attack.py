@@ -1,9 +1,12 @@
 """A hospital that misbehaves on purpose (node config `attack`, tests and benchmarks only):
 the transform, its validation, the ClientApp that applies it, and a real federation where
-one SuperNode scales its update x100 and fedmedian holds the global model."""
+one SuperNode scales its update x100 and each robust strategy (Flower's fedmedian,
+fedtrimmedavg, krum, multikrum, fedyogi, fedadagrad; fedssl's median-cosine) holds the global
+model, one run each."""
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -84,17 +87,34 @@ def test_a_bad_attack_value_fails_the_hospital_at_start_up_with_its_name(tmp_pat
         client_app.app(describe, ctx)
 
 
+# Flower's strategies (and fedssl's median-cosine) run against the x100 hospital, with the run
+# config each needs; fedyogi and fedadagrad at a tiny server-eta, so their bound is per coordinate.
+ROBUST_RUNS = {
+    "fedmedian": [],
+    "median-cosine": ["min-cosine=-1.0"],  # nothing left out by the threshold: the bound is its norm clipping's
+    "fedtrimmedavg": ["trim-beta=0.34"],  # int(0.34 * 3) = 1 cut from each end: the median of three
+    "krum": ["num-malicious-nodes=1"],
+    "multikrum": ["num-malicious-nodes=1", "num-nodes-to-select=2"],
+    "fedyogi": ["server-eta=1e-6"],
+    "fedadagrad": ["server-eta=1e-6"],
+}
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", ["fedmedian", "median-cosine"])
-def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_a_robust_strategy_holds(tmp_path, ham10000_dir, strategy):
-    """Three real SuperNodes, one with node config attack="scale:100", one SSL round with
-    strategy=fedmedian or median-cosine. The aggregator's record of the round shows the
-    attacker's update arrived about 100 times the size of the honest ones (hospitals taking the
-    same AdamW steps move their model about as far), while the new global model moved no
-    further than the honest updates allow: a coordinate-wise median of three lies between two
-    honest values; median-cosine clips every update to the median norm, an honest one's. FedAvg's average of the same replies would have moved it tens of times further
-    (a lower bound from the recorded norms, by the triangle inequality)."""
+def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_robust_strategy_holds(tmp_path, ham10000_dir):
+    """Three real SuperNodes, one with node config attack="scale:100", and one SSL round per
+    strategy of ROBUST_RUNS, each a run of its own on the same federation. Every round record
+    shows the attacker's update arrived about 100 times the size of the honest ones (hospitals
+    taking the same AdamW steps move their model about as far), while the new global model moved
+    no further than the honest updates allow, where FedAvg's average of the same replies would
+    have moved it tens of times further (a lower bound from the recorded norms, by the triangle
+    inequality). Why each holds: a coordinate-wise median of three lies between two honest
+    values (fedmedian; fedtrimmedavg at 0.34 is the same median: the two runs' global models
+    match); median-cosine clips every update to the median norm, an honest one's; Krum picks one
+    update, an honest one (the global step is exactly that hospital's); MultiKrum keeps two, the
+    honest ones; FedYogi and FedAdagrad step no coordinate further than server-eta."""
     hospitals = {"honest-a": None, "honest-b": None, "mallory": "scale:100"}
+    runs = {}
     with P.cluster(tmp_path) as c:
         _, port = P.start_superlink(c)
         logs = {}
@@ -103,34 +123,44 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_a_robust
                 hospital=name, **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "partition-id": i,
                                   "num-partitions": 3, "max-images": 40, "cache-dir": str(tmp_path / "cache")},
                 **({"attack": attack} if attack else {})))
-        done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=16", "min-hospitals=3",
-                        "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
-                        "pretrained=false", f'strategy="{strategy}"',
-                        # median-cosine: nothing left out by the threshold, so the bound below is its norm clipping's
-                        *(["min-cosine=-1.0"] if strategy == "median-cosine" else []), timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr + c.logs()
+        for strategy, extra in ROBUST_RUNS.items():
+            done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=16", "min-hospitals=3",
+                            "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16",
+                            'arch="efficientnet_lite0"', "pretrained=false", f'strategy="{strategy}"', *extra, timeout=600)
+            assert done.returncode == 0, strategy + "\n" + done.stdout + done.stderr + c.logs()
+            runs[strategy] = (re.search(r"submitted run (\d+)", done.stdout).group(1), done.stdout)
         texts = {name: proc.text() for name, proc in logs.items()}
     assert "hospital mallory MISBEHAVES ON PURPOSE (node config attack=scale:100" in texts["mallory"]
     assert not any("MISBEHAVES" in texts[h] for h in ("honest-a", "honest-b"))
 
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert sorted(record["examples"]) == sorted(hospitals) and not record["refused_hospitals"]
-    norms, examples = record["update_norms"]["hospitals"], record["examples"]
-    honest = [norms["honest-a"], norms["honest-b"]]
-    assert 50 < norms["mallory"] / np.mean(honest) < 200, norms  # the attacked update reached the aggregator
-
     torch.manual_seed(0)  # the aggregator's initial model (seed 0), which round 1 sent
     start = records.state_arrays(FedSSLModel("efficientnet_lite0", num_classes=len(names.HAM10000_CLASSES)).state_dict(),
                                  training.shared_groups(names.PHASE_SSL, "encoder", "linear"))
-    saved = {k: v.numpy() for k, v in weights.load_file(run_dir / "weights" / "ssl-round-001.safetensors").items() if k in start}
-    assert all(np.isfinite(v).all() for v in saved.values())
-    assert record["update_norms"]["global"] == pytest.approx(update_norm(saved, start), rel=1e-5)
-    assert 0 < record["update_norms"]["global"] <= np.hypot(*honest)
-    if strategy == "median-cosine":  # each update's cosine with the others' median, in the record and the log
-        assert sorted(record["update_norms"]["cosines"]) == sorted(hospitals)
-        assert all(-1 <= c <= 1 for c in record["update_norms"]["cosines"].values())
-        assert "ssl round 1: median-cosine: cosine to the others' median update honest-a " in done.stdout
-    total = sum(examples.values())
-    fedavg_at_least = (examples["mallory"] * norms["mallory"] - sum(examples[h] * norms[h] for h in ("honest-a", "honest-b"))) / total
-    assert fedavg_at_least > 10 * record["update_norms"]["global"], (norms, examples, record["update_norms"]["global"])
+    trained = [k for k in start if is_trained(k, start[k])]
+    moved = {}
+    for strategy, (run_id, stdout) in runs.items():
+        run_dir = tmp_path / "runs" / run_id
+        (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        assert sorted(record["examples"]) == sorted(hospitals) and not record["refused_hospitals"], strategy
+        norms, examples = record["update_norms"]["hospitals"], record["examples"]
+        honest = [norms["honest-a"], norms["honest-b"]]
+        assert 50 < norms["mallory"] / np.mean(honest) < 200, (strategy, norms)  # the attacked update reached the aggregator
+        saved = {k: v.numpy() for k, v in weights.load_file(run_dir / "weights" / "ssl-round-001.safetensors").items() if k in start}
+        assert all(np.isfinite(v).all() for v in saved.values()), strategy
+        step = record["update_norms"]["global"]
+        assert step == pytest.approx(update_norm(saved, start), rel=1e-5), strategy
+        assert 0 < step <= np.hypot(*honest), (strategy, step, honest)
+        total = sum(examples.values())
+        fedavg_at_least = (examples["mallory"] * norms["mallory"] - sum(examples[h] * norms[h] for h in ("honest-a", "honest-b"))) / total
+        assert fedavg_at_least > 10 * step, (strategy, norms, examples, step)
+        moved[strategy] = {k: saved[k].astype(np.float64) - start[k] for k in trained}
+        if strategy == "krum":
+            assert any(step == pytest.approx(h, rel=1e-4) for h in honest), (step, honest)  # one honest hospital's update
+        if strategy in ("fedyogi", "fedadagrad"):
+            assert max(float(np.abs(d).max()) for d in moved[strategy].values()) <= 1.0001e-6, strategy
+        if strategy == "median-cosine":  # each update's cosine with the others' median, in the record and the log
+            assert sorted(record["update_norms"]["cosines"]) == sorted(hospitals)
+            assert all(-1 <= c <= 1 for c in record["update_norms"]["cosines"].values())
+            assert "ssl round 1: median-cosine: cosine to the others' median update honest-a " in stdout
+    for k in trained:  # fedtrimmedavg at 0.34 of three replies is the median: the same global model
+        np.testing.assert_allclose(moved["fedtrimmedavg"][k], moved["fedmedian"][k], rtol=0, atol=1e-6)
