@@ -68,17 +68,12 @@ from fedssl_core import names
 from . import records, training
 from .attack import parse_attack
 from .config import RunConfig
-from .errors import FedSSLError
 
 log = logging.getLogger("fedssl.secagg")
 
 QUANTIZATION_RANGE = 2**22  # Flower's default: 2^32 / 2^22 = 1024 hospitals before the sum can overflow
 MODULUS_RANGE = 2**32
 CLIPPED = "secagg-clipped"  # METRICS key: update values the hospital clipped to +-secagg-clipping-range
-
-
-class SecureAggregationFailed(FedSSLError, RuntimeError):
-    """A secure round could not produce the sum (too few hospitals left to unmask it)."""
 
 
 # ------------------------------------------------------------------------------ hospital side
@@ -117,8 +112,11 @@ def _as_fitres(reply: Message, msg: Message, context: Context) -> Message:
     if bad:  # never masked: the mask would hide it from every check
         raise ValueError(f"secure aggregation: this hospital's update holds NaN or infinite values in {bad[0]} "
                          f"({len(bad)} tensor(s)); it is not sent")
-    limit = float(context.state.config_records[RECORD_KEY_STATE]["clipping_range"])
-    clipped = int(sum(int(np.count_nonzero(np.abs(u) > limit)) for u in update))
+    state = context.state.config_records[RECORD_KEY_STATE]
+    limit = float(state["clipping_range"])
+    # Flower's mod multiplies the update by its quantised weight, then clips: count what it will clip.
+    weight = round(examples / float(state["max_weight"]) * int(state["target_range"])) / int(state["target_range"])
+    clipped = int(sum(int(np.count_nonzero(np.abs(u) * weight > limit)) for u in update))
     if clipped:
         log.warning("secure aggregation: %d update value(s) beyond secagg-clipping-range=%g are clipped before "
                     "masking (the average is biased there; raise secagg-clipping-range)", clipped, limit)
