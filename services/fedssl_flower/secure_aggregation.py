@@ -248,6 +248,14 @@ class SecureRound(SecAggPlusWorkflow):
         self.workflow_state = None
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        # A hospital that left at setup or share keys never exchanged shares or masks with the
+        # others; Flower 1.41 still lists it as dead at unmask, where every hospital then fails
+        # looking up a share it never got (KeyError), and would remove masks nobody applied
+        # for it. The round goes on with the hospitals that completed share keys, as if only
+        # they had been sampled.
+        active = set(state.active_node_ids)
+        state.sampled_node_ids = active
+        state.nid_to_neighbours = {nid: neighbours & active for nid, neighbours in state.nid_to_neighbours.items() if nid in active}
         # fedssl's train content (global model, round config) instead of the legacy FitIns.
         state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
         self.workflow_state = state

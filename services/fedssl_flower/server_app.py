@@ -184,7 +184,7 @@ class Aggregator:
         t_agg = time.monotonic()
         if secure is not None:
             bytes_received = sum(s["bytes_received"] for s in secure.stages)
-            new = self.aggregation.aggregate_average(phase, rnd, expected, self._secure_average(secure, phase, rnd, expected),
+            new = self.aggregation.aggregate_average(phase, rnd, expected, self._secure_average(secure, expected),
                                                      [node for node, _, n in updates if n > 0])
         else:
             self.aggregation.facts = {}
@@ -221,19 +221,17 @@ class Aggregator:
             self.messenger.exchange, {n: m.content for n, m in by_node.items()}, keys, {k: expected[k].shape for k in keys}, rnd, max_weight)
         for node, why in sorted(result.dropped.items()):
             progress("%s round %d: hospital %s dropped out of secure aggregation at %s", phase, rnd, self.hospitals[node].name, why)
+        if result.average is None:  # below the reconstruction threshold: no sum to unmask, the round fails
+            raise RunFailed(
+                f"{phase} round {rnd}: secure aggregation halted at its {result.halted_at} stage: too few hospitals left to "
+                f"unmask the sum (reconstruction threshold {result.threshold} of {result.num_shares} shares; dropped: "
+                + ("; ".join(f"{self.hospitals[n].name} ({why})" for n, why in sorted(result.dropped.items())) or "none")
+                + "); the global model stays at the previous round's")
         return result
 
-    def _secure_average(self, secure: secure_aggregation.SecureResult, phase: str, rnd: int,
-                        expected: dict[str, Any]) -> dict[str, Any]:
-        """The hospitals' example-weighted average model from the unmasked average update, or
-        RunFailed when the protocol could not unmask it."""
-        if secure.average is None:
-            left = len(secure.replies) - sum(1 for r in secure.replies.values() if r.has_error())
-            raise RunFailed(
-                f"{phase} round {rnd}: secure aggregation halted at its {secure.halted_at} stage: too few hospitals left to "
-                f"unmask the sum (reconstruction threshold {secure.threshold} of {secure.num_shares} shares; dropped: "
-                + ("; ".join(f"{self.hospitals[n].name} ({why})" for n, why in sorted(secure.dropped.items())) or "none")
-                + f"; {left} answered the collect stage); the global model stays at the previous round's")
+    def _secure_average(self, secure: secure_aggregation.SecureResult, expected: dict[str, Any]) -> dict[str, Any]:
+        """The hospitals' example-weighted average model: the global one plus the unmasked
+        average update."""
         out = {}
         for key, value in expected.items():
             ref = np.asarray(value)

@@ -11,6 +11,7 @@ HAM10000 images) runs both phases with one hospital leaving every round's protoc
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,6 +170,20 @@ def test_a_hospital_leaving_at_unmask_still_counts_one_leaving_at_collect_is_lef
         np.testing.assert_allclose(early.average[k], _weighted(updates, rest)[k], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+def test_a_hospital_leaving_before_the_masks_is_left_out_and_the_others_are_unmasked(stage):
+    """Flower 1.41's workflow lists a hospital that left at setup or share keys as dead at
+    unmask, and every other hospital then fails looking up a share it never received: the
+    round died. fedssl's SecureRound goes on with those that completed share keys."""
+    examples = {61: 200, 62: 300, 63: 400, 64: 100}
+    updates = _updates(examples, seed=2)
+    result = _Federation(examples, updates, attacks={64: f"drop:{stage}"}).run()
+    assert result.average is not None and set(result.dropped) == {64} and result.dropped[64].startswith(f"{stage}: ")
+    rest = {n: e for n, e in examples.items() if n != 64}
+    for k in KEYS:
+        np.testing.assert_allclose(result.average[k], _weighted(updates, rest)[k], rtol=0, atol=1e-5)
+
+
 def test_below_the_reconstruction_threshold_the_round_halts_and_says_where():
     examples = {31: 200, 32: 300, 33: 400, 34: 100}
     fed = _Federation(examples, _updates(examples), attacks={33: "drop:share_keys", 34: "drop:share_keys"})
@@ -236,7 +251,8 @@ def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leav
     that moved as Flower's FedAdam moves it from the unmasked average: a first Adam step changes
     no trained parameter by more than server-eta (1e-5 here; the average of the hospitals' two
     AdamW steps of lr 1e-3 moves them by up to ~1e-3), while BatchNorm statistics take the
-    average itself."""
+    average itself. Then a fourth hospital joins that leaves at setup, and a run with a
+    threshold of 3 of 4 shares fails at the unmask stage, naming both dropouts."""
     hospitals = {"a": None, "b": None, "leaver": "drop:unmask"}
     with P.cluster(tmp_path) as c:
         _, port = P.start_superlink(c)
@@ -250,10 +266,24 @@ def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leav
                         "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
                         "pretrained=false", "secure-aggregation=true", 'strategy="fedadam"', "server-eta=1e-5", timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr + c.logs()
+        # Below the threshold: a fourth hospital that leaves at setup, and a threshold of 3 of 4
+        # shares; after the leaver's unmask dropout two hospitals are left, the round cannot be
+        # unmasked and the run fails saying where and who.
+        logs["quitter"] = P.start_supernode(c, port, "quitter", P.node_config(
+            hospital="quitter", attack="drop:setup", **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "partition-id": 0,
+                                                        "num-partitions": 3, "max-images": 40, "cache-dir": str(tmp_path / "cache")}))
+        failed = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=16", "min-hospitals=4",
+                          "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
+                          "pretrained=false", "secure-aggregation=true", "secagg-reconstruction-threshold=3.0", timeout=600)
         texts = {name: proc.text() for name, proc in logs.items()}
+    assert failed.returncode != 0, failed.stdout
+    assert re.search(r"ssl round 1: secure aggregation halted at its unmask stage: too few hospitals left to unmask the sum "
+                     r"\(reconstruction threshold 3 of 4 shares; dropped: leaver \(unmask: .*\); quitter \(setup: .*\)\); "
+                     r"the global model stays at the previous round's", failed.stdout), failed.stdout
     assert "hospital leaver LEAVES secure aggregation ON PURPOSE at its unmask stage" in texts["leaver"]
+    assert "hospital quitter LEAVES secure aggregation ON PURPOSE at its setup stage" in texts["quitter"]
 
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = tmp_path / "runs" / re.search(r"submitted run (\d+)", done.stdout).group(1)
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["round"]) for r in rounds] == [("ssl", 1), ("finetune", 1)]
     torch.manual_seed(0)
