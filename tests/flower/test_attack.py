@@ -117,12 +117,7 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
     runs = {}
     with P.cluster(tmp_path) as c:
         _, port = P.start_superlink(c)
-        logs = {}
-        for i, (name, attack) in enumerate(hospitals.items()):
-            logs[name] = P.start_supernode(c, port, name, P.node_config(
-                hospital=name, **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "partition-id": i,
-                                  "num-partitions": 3, "max-images": 40, "cache-dir": str(tmp_path / "cache")},
-                **({"attack": attack} if attack else {})))
+        logs = P.start_ham_hospitals(c, port, ham10000_dir, tmp_path / "cache", hospitals)
         for strategy, extra in ROBUST_RUNS.items():
             done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=16", "min-hospitals=3",
                             "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16",

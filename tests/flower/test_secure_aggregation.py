@@ -256,12 +256,7 @@ def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leav
     hospitals = {"a": None, "b": None, "leaver": "drop:unmask"}
     with P.cluster(tmp_path) as c:
         _, port = P.start_superlink(c)
-        logs = {}
-        for i, (name, attack) in enumerate(hospitals.items()):
-            logs[name] = P.start_supernode(c, port, name, P.node_config(
-                hospital=name, **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "partition-id": i,
-                                  "num-partitions": 3, "max-images": 40, "cache-dir": str(tmp_path / "cache")},
-                **({"attack": attack} if attack else {})))
+        logs = P.start_ham_hospitals(c, port, ham10000_dir, tmp_path / "cache", hospitals)
         done = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=1", "image-size=16", "min-hospitals=3",
                         "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
                         "pretrained=false", "secure-aggregation=true", 'strategy="fedadam"', "server-eta=1e-5", timeout=600)
@@ -269,9 +264,7 @@ def test_a_real_federation_aggregates_both_phases_securely_while_a_hospital_leav
         # Below the threshold: a fourth hospital that leaves at setup, and a threshold of 3 of 4
         # shares; after the leaver's unmask dropout two hospitals are left, the round cannot be
         # unmasked and the run fails saying where and who.
-        logs["quitter"] = P.start_supernode(c, port, "quitter", P.node_config(
-            hospital="quitter", attack="drop:setup", **{"ssl-task": "rotation", "data-path": str(ham10000_dir), "partition-id": 0,
-                                                        "num-partitions": 3, "max-images": 40, "cache-dir": str(tmp_path / "cache")}))
+        logs |= P.start_ham_hospitals(c, port, ham10000_dir, tmp_path / "cache", {"quitter": "drop:setup"})
         failed = P.submit(port, tmp_path, "ssl-rounds=1", "finetune-rounds=0", "image-size=16", "min-hospitals=4",
                           "local-baseline=false", "probe-epochs=1", "local-steps=2", "batch-size=16", 'arch="efficientnet_lite0"',
                           "pretrained=false", "secure-aggregation=true", "secagg-reconstruction-threshold=3.0", timeout=600)

@@ -175,6 +175,16 @@ def start_supernode(c: Cluster, superlink_port: int, name: str, config: str, *, 
                    base_env(FLWR_HOME=str(c.workdir / f"flwr-{name}"), FEDSSL_WARM_CLIENTAPP=str(warm).lower()))
 
 
+def start_ham_hospitals(c: Cluster, superlink_port: int, data_dir: Path, cache_dir: Path, attacks: dict[str, str | None],
+                        *, partitions: int = 3, max_images: int = 40) -> dict[str, Proc]:
+    """One rotation-task SuperNode per hospital name on HAM10000 partition i of `partitions`,
+    with node config `attack` where `attacks` gives one; their processes by name."""
+    return {name: start_supernode(c, superlink_port, name, node_config(
+        hospital=name, **{"ssl-task": "rotation", "data-path": str(data_dir), "partition-id": i % partitions,
+                          "num-partitions": partitions, "max-images": max_images, "cache-dir": str(cache_dir)},
+        **({"attack": attack} if attack else {}))) for i, (name, attack) in enumerate(attacks.items())}
+
+
 def submit(superlink_port: int, workdir: Path, *run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
     args = [str(VENV_BIN / "fedssl-submit"), "--superlink", f"127.0.0.1:{superlink_port}", "--app", str(REPO_ROOT),
             "--flwr-home", str(workdir / "flwr-cli"), "--poll-seconds", "10"]
