@@ -225,7 +225,7 @@ class Aggregator:
             raise RunFailed(
                 f"{phase} round {rnd}: secure aggregation halted at its {result.halted_at} stage: too few hospitals left to "
                 f"unmask the sum (reconstruction threshold {result.threshold} of {result.num_shares} shares; dropped: "
-                + ("; ".join(f"{self.hospitals[n].name} ({why})" for n, why in sorted(result.dropped.items())) or "none")
+                + ("; ".join(sorted(f"{self.hospitals[n].name} ({why})" for n, why in result.dropped.items())) or "none")
                 + "); the global model stays at the previous round's")
         return result
 
