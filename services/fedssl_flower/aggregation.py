@@ -155,12 +155,12 @@ class MedianCosine(flwr_strategy.FedAvg):
     (Flower's) averages them by examples. With `num_malicious_nodes` f > 0 the f updates of
     lowest cosine are left out as well, whatever their value: measured on HAM10000's four
     sites, honest updates are nearly orthogonal (cosines with the others' median within
-    +-0.05) and a flipped one is the lowest each round (-0.03 to -0.12), but not always below 0
-    while an honest one is above it. After FLTrust (Cao et al., NDSS 2021: cosine to a
+    +-0.06) and a flipped one is usually the lowest (-0.03 to -0.09), but honest ones fall below
+    0 too, so a threshold alone cannot separate them; the ranking mostly does. After FLTrust (Cao et al., NDSS 2021: cosine to a
     reference, magnitudes normalised to it), with the others' median in place of a server-held
     dataset. `last` keeps the round's cosines and who was left out."""
 
-    def __init__(self, *, min_cosine: float = 0.0, num_malicious_nodes: int = 0, **kwargs) -> None:
+    def __init__(self, *, min_cosine: float = -1.0, num_malicious_nodes: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.min_cosine = float(min_cosine)
         self.num_malicious_nodes = int(num_malicious_nodes)
@@ -195,8 +195,9 @@ class MedianCosine(flwr_strategy.FedAvg):
         kept = [i for i, c in enumerate(cosines) if c > self.min_cosine and i not in lowest]
         self.last = {"cosines": cosines, "left_out": [i for i in range(len(replies)) if i not in kept], "norm_bound": bound}
         if not kept:
-            raise AggregationError(f"median-cosine: no update has cosine > min-cosine={self.min_cosine:g} with the others' "
-                                   f"median update (cosines {', '.join(f'{c:.3f}' for c in cosines)})")
+            raise AggregationError(f"median-cosine left out all {len(cosines)} updates (the {len(lowest)} of lowest cosine, "
+                                   f"num-malicious-nodes, and those with cosine <= min-cosine={self.min_cosine:g} with the "
+                                   f"others' median update; cosines {', '.join(f'{c:.3f}' for c in cosines)})")
         out = []
         for i in kept:
             scale = min(1.0, bound / norms[i]) if norms[i] > 0 else 1.0

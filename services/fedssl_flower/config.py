@@ -70,7 +70,7 @@ class RunConfig:
     # strategy class of that name (services/fedssl_flower/aggregation.py): fedavg | fedavgm |
     # fedadam | fedyogi | fedadagrad | fedprox | fedmedian | fedtrimmedavg | krum | multikrum, and
     # fedssl's own median-cosine (aggregation.MedianCosine: FedAvg over the updates that point the
-    # way the round's coordinate-wise median update does, each clipped to the median norm).
+    # way the others' coordinate-wise median update does, each clipped to the median norm).
     # BatchNorm statistics always take the plain example-weighted average, integer buffers the max.
     strategy: str = names.STRATEGY_FEDAVG
     server_lr: float = 1.0  # fedavg and fedavgm: the aggregator's step on the averaged update (1 = FedAvg)
@@ -83,7 +83,9 @@ class RunConfig:
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end per coordinate, in [0, 0.5)
     num_malicious_nodes: int = 0  # krum | multikrum | median-cosine: hospitals assumed malicious (f), >= 0
     num_nodes_to_select: int = 1  # multikrum: replies averaged after selection, >= 1
-    min_cosine: float = 0.0  # median-cosine: an update needs cosine > this with the round's median update, in [-1, 1)
+    # median-cosine: an update needs cosine > this with the others' median update, in [-1, 1); -1 = no threshold
+    # (HAM10000's honest updates are nearly orthogonal: leaving out num-malicious-nodes by rank is what works there).
+    min_cosine: float = -1.0
     # Client-level differential privacy (services/fedssl_flower/aggregation.py): off | central-fixed
     # (Flower's DifferentialPrivacyServerSideFixedClipping around FedAvg) | central-adaptive
     # (Flower's DifferentialPrivacyServerSideAdaptiveClipping around FedAvg: the clipping norm
@@ -177,6 +179,9 @@ class RunConfig:
         need(self.num_malicious_nodes >= 0, f"num-malicious-nodes must be >= 0, got {self.num_malicious_nodes}")
         need(self.num_nodes_to_select >= 1, f"num-nodes-to-select must be >= 1, got {self.num_nodes_to_select}")
         need(-1 <= self.min_cosine < 1, f"min-cosine must be in [-1, 1), got {self.min_cosine}")
+        need(self.strategy != names.STRATEGY_MEDIAN_COSINE or self.num_malicious_nodes > 0 or self.min_cosine > -1,
+             "strategy=median-cosine with num-malicious-nodes=0 and min-cosine=-1 leaves no update out: set "
+             "num-malicious-nodes (the updates of lowest cosine it leaves out each round, e.g. 1) or min-cosine")
         need(self.dp in names.DP_MODES, f"dp={self.dp!r}; expected one of {', '.join(names.DP_MODES)}")
         need(self.dp_noise_multiplier > 0, f"dp-noise-multiplier must be > 0 (Flower's accountant needs noise), got {self.dp_noise_multiplier}")
         need(self.dp_clipping_norm > 0, f"dp-clipping-norm must be > 0, got {self.dp_clipping_norm}")

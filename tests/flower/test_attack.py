@@ -91,7 +91,7 @@ def test_a_bad_attack_value_fails_the_hospital_at_start_up_with_its_name(tmp_pat
 # config each needs; fedyogi and fedadagrad at a tiny server-eta, so their bound is per coordinate.
 ROBUST_RUNS = {
     "fedmedian": [],
-    "median-cosine": ["min-cosine=-1.0"],  # nothing left out by the threshold: the bound is its norm clipping's
+    "median-cosine": ["num-malicious-nodes=1"],  # the lowest cosine left out, the others clipped to the median norm
     "fedtrimmedavg": ["trim-beta=0.34"],  # int(0.34 * 3) = 1 cut from each end: the median of three
     "krum": ["num-malicious-nodes=1"],
     "multikrum": ["num-malicious-nodes=1", "num-nodes-to-select=2"],

@@ -335,7 +335,7 @@ def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the
 
     good = [(NODES[i], honest(i), 10 * (i + 1)) for i in range(3)]
     flipped = {k: (2 * current[k] - honest(3)[k]).astype(np.float32) if k in trained else current[k] for k in current}
-    agg, out = _aggregate("median-cosine", current, good + [(NODES[3], flipped, 40)])
+    agg, out = _aggregate("median-cosine", current, good + [(NODES[3], flipped, 40)], **{"min-cosine": 0.0})
     assert agg.strategy.last["left_out"] == [3] and agg.strategy.last["cosines"][3] < 0 < min(agg.strategy.last["cosines"][:3])
     # What the round record gets (by node; the aggregator names the hospitals).
     assert agg.facts["left_out"] == [NODES[3]] and list(agg.facts["cosines"]) == NODES[:4]
@@ -349,7 +349,7 @@ def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the
         assert not np.allclose(out[k], weighted_average([(a, n) for _, a, n in good + [(0, flipped, 40)]])[k], atol=1e-3)
 
     scaled = {k: (current[k] + 100 * (honest(3)[k] - current[k])).astype(np.float32) if k in trained else current[k] for k in current}
-    agg, out = _aggregate("median-cosine", current, good + [(NODES[3], scaled, 40)])
+    agg, out = _aggregate("median-cosine", current, good + [(NODES[3], scaled, 40)], **{"min-cosine": 0.0})
     assert agg.strategy.last["left_out"] == []  # it points the right way
     step = float(np.linalg.norm(np.concatenate([(out[k].astype(np.float64) - current[k]).ravel() for k in trained])))
     assert step <= agg.strategy.last["norm_bound"] * 1.0001  # a convex mix of updates no longer than the bound
@@ -358,7 +358,8 @@ def test_median_cosine_leaves_out_a_flipped_update_and_clips_a_scaled_one_to_the
 def test_median_cosine_with_nothing_pointing_the_median_way_fails_the_round_naming_the_cosines():
     current = _model_arrays()
     updates = _updates(current, n=2)
-    with pytest.raises(AggregationError, match=r"median-cosine: no update has cosine > min-cosine=0.99 with the others' median update"):
+    with pytest.raises(AggregationError, match=r"median-cosine left out all 3 updates \(the 0 of lowest cosine, num-malicious-nodes, "
+                                               r"and those with cosine <= min-cosine=0.99 with the others' median update; cosines "):
         _aggregate("median-cosine", current, [(node, a, n) for node, a, n in updates] + [
             (NODES[2], {k: (2 * current[k] - updates[0][1][k]) if aggregation.is_trained(k, current[k]) else current[k]
                         for k in current}, 10)], **{"min-cosine": 0.99})
@@ -380,3 +381,9 @@ def test_median_cosine_with_num_malicious_nodes_leaves_out_the_lowest_cosine_wha
     cosines = agg.strategy.last["cosines"]
     assert agg.strategy.last["left_out"] == [3] and cosines[3] == min(cosines)
     assert max(abs(c) for c in cosines[:3]) < 0.2  # nearly orthogonal, as measured on HAM10000
+
+
+def test_median_cosine_that_would_leave_nothing_out_is_refused():
+    with pytest.raises(ConfigError, match=r"strategy=median-cosine with num-malicious-nodes=0 and min-cosine=-1 leaves no update out"):
+        RunConfig.from_mapping({"strategy": "median-cosine"})
+    assert RunConfig.from_mapping({"strategy": "median-cosine", "num-malicious-nodes": 1}).min_cosine == -1.0
