@@ -335,12 +335,11 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             average = weighted_average(updates)
             new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
         arrived = {"hospitals": arrived, "global": update_norm(new, current)}
-        last = getattr(private.strategy, "last", None) if private is not None else None
-        if last:  # strategy=median-cosine: each hospital's cosine with the round's median update, who was left out
-            names_ = [site.hospital for site in sites]
-            arrived["cosines"] = dict(zip(names_, last["cosines"], strict=True))
-            arrived["left_out"] = [names_[i] for i in last["left_out"]]
-            print(f"    {phase} round {rnd}: cosine to the median update "
+        facts = private.facts if private is not None else {}
+        if facts:  # strategy=median-cosine: each hospital's cosine with the others' median update, who was left out
+            arrived["cosines"] = {sites[node - 1].hospital: c for node, c in facts["cosines"].items()}
+            arrived["left_out"] = [sites[node - 1].hospital for node in facts["left_out"]]
+            print(f"    {phase} round {rnd}: cosine to the others' median update "
                   + ", ".join(f"{h} {c:+.3f}" for h, c in arrived["cosines"].items())
                   + (f"; left out: {', '.join(arrived['left_out'])}" if arrived["left_out"] else ""), flush=True)
         for key, value in new.items():

@@ -177,8 +177,8 @@ class MedianCosine(flwr_strategy.FedAvg):
             raise AggregationError("median-cosine: aggregate_train before configure_train (it needs the round's global model)")
         keys = list(self.current_arrays.keys())
         current = {k: self.current_arrays[k].numpy().astype(np.float64) for k in keys}
-        deltas = [np.concatenate([(r.content[ARRAYS][k].numpy().astype(np.float64) - current[k]).ravel() for k in keys])
-                  for r in replies]
+        per_key = [{k: r.content[ARRAYS][k].numpy().astype(np.float64) - current[k] for k in keys} for r in replies]
+        deltas = [np.concatenate([u[k].ravel() for k in keys]) for u in per_key]
         if len(deltas) < 2:
             raise AggregationError("median-cosine needs two or more updates: one has no others to be compared with")
         stacked = np.stack(deltas)
@@ -201,8 +201,7 @@ class MedianCosine(flwr_strategy.FedAvg):
         out = []
         for i in kept:
             scale = min(1.0, bound / norms[i]) if norms[i] > 0 else 1.0
-            arrays = ArrayRecord({k: Array(current[k] + scale * (replies[i].content[ARRAYS][k].numpy().astype(np.float64) - current[k]))
-                                  for k in keys})
+            arrays = ArrayRecord({k: Array(current[k] + scale * per_key[i][k]) for k in keys})
             out.append(Message(RecordDict({ARRAYS: arrays, METRICS: replies[i].content[METRICS]}), reply_to=_sent(replies[i])))
         return super().aggregate_train(server_round, out)
 
@@ -399,6 +398,7 @@ class Aggregation:
         """The new global values of the phase's shared arrays from `updates` ((node,
         arrays, examples) of the accepted replies, already checked by `check_update`), given
         their `current` values (the ones `configure` was shown)."""
+        self.facts = {}
         if self.dp:
             return self._aggregate_private(phase, rnd, current, updates)
         new = self._aggregate_strategy(phase, rnd, current, updates)
@@ -412,6 +412,7 @@ class Aggregation:
         all secure aggregation reveals (`nodes`: the hospitals in it). The strategy gets it as
         one reply: its weighted mean is the average itself, and its server step (FedAvgM's
         momentum, FedAdam's moments) runs on it as on any round's mean."""
+        self.facts = {}
         if self.dp:
             raise AggregationError(f"dp={self.cfg.dp} needs each hospital's update; secure aggregation reveals only their average")
         if not nodes:

@@ -81,6 +81,17 @@ def parse_attack(spec: object, where: str = "node config attack") -> Attack:
     raise ConfigError(f"{where}={text!r}; expected one of {EXPECTED}")
 
 
+def hospital_name(node_config: Mapping, node_id: int) -> str:
+    """The hospital's name from its node config (`hospital`), `node-<id>` without one."""
+    return str(node_config.get("hospital", f"node-{node_id}"))
+
+
+def node_attack(node_config: Mapping, node_id: int) -> Attack:
+    """The hospital's node config `attack`, parsed; a bad value names the hospital."""
+    return parse_attack(node_config.get("attack", names.ATTACK_NONE),
+                        f"hospital {hospital_name(node_config, node_id)}: node config attack")
+
+
 def misbehave(attack: Attack, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`trained` (a hospital's shared arrays after its round) with its update from `received`
     (the global model it started from) multiplied by `attack.factor`, for every trained float

@@ -37,7 +37,7 @@ from fedssl_core import names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
 from . import local, local_dp, records, secure_aggregation, training
-from .attack import Attack, misbehave, parse_attack
+from .attack import Attack, hospital_name, misbehave, node_attack
 from .config import RunConfig
 from .data import HospitalData, cache, load_hospital_data
 from .errors import ConfigError
@@ -49,7 +49,7 @@ app = ClientApp(mods=[secure_aggregation.mod])
 
 
 def _hospital(context: Context) -> tuple[str, str]:
-    name = str(context.node_config.get("hospital", f"node-{context.node_id}"))
+    name = hospital_name(context.node_config, context.node_id)
     task = str(context.node_config.get("ssl-task", names.SSL_SIMCLR))
     if task not in names.SSL_TASKS:
         raise ConfigError(f"hospital {name}: node config ssl-task={task!r}; expected one of {', '.join(names.SSL_TASKS)}")
@@ -58,8 +58,7 @@ def _hospital(context: Context) -> tuple[str, str]:
 
 def _attack(context: Context) -> Attack:
     """Node config `attack` (tests and benchmarks only): how this hospital misbehaves."""
-    return parse_attack(context.node_config.get("attack", names.ATTACK_NONE),
-                        f"hospital {_hospital(context)[0]}: node config attack")
+    return node_attack(context.node_config, context.node_id)
 
 
 def _setup(context: Context) -> tuple[RunConfig, str, str, HospitalData]:

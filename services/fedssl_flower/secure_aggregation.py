@@ -66,7 +66,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedssl_core import names
 
 from . import records, training
-from .attack import parse_attack
+from .attack import hospital_name, node_attack
 from .config import RunConfig
 
 log = logging.getLogger("fedssl.secagg")
@@ -133,10 +133,10 @@ def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], 
     (with fedssl's reply made its FitRes); every other message passes straight through."""
     if not is_secure(msg):
         return call_next(msg, context)
-    attack = parse_attack(context.node_config.get("attack", names.ATTACK_NONE), "node config attack")
+    attack = node_attack(context.node_config, context.node_id)
     stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
     if attack.kind == names.ATTACK_DROP and attack.stage == stage:  # fault injection (tests only)
-        hospital = context.node_config.get("hospital", f"node-{context.node_id}")
+        hospital = hospital_name(context.node_config, context.node_id)
         log.warning("hospital %s LEAVES secure aggregation ON PURPOSE at its %s stage (node config attack=%s, tests only)",
                     hospital, stage, attack)
         raise RuntimeError(f"hospital {hospital} left secure aggregation at its {stage} stage on purpose (node config attack={attack})")

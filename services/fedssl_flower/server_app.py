@@ -187,7 +187,6 @@ class Aggregator:
             new = self.aggregation.aggregate_average(phase, rnd, expected, self._secure_average(secure, expected),
                                                      [node for node, _, n in updates if n > 0])
         else:
-            self.aggregation.facts = {}
             new = self.aggregation.aggregate(phase, rnd, expected, updates)
         facts = self._strategy_facts(phase, rnd)
         for key, value in new.items():
