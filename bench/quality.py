@@ -171,27 +171,40 @@ def pooled_data(parts: list[HospitalData], name: str = "pooled") -> HospitalData
 
 
 # ---------------------------------------------------------------------------- scores
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(view_logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature minimising validation NLL on a log grid (what hospitals can report as an
-    NLL-per-temperature curve for the aggregator to sum)."""
+    NLL-per-temperature curve for the aggregator to sum); `view_logits` (V, N, K) as
+    `training.predict_view_logits` gives them, each view's logits divided by the temperature."""
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
-    nll = [float(F.cross_entropy(logits / t, labels)) for t in grid]
+    nll = [float(F.nll_loss(training.view_log_proba(view_logits, t), labels)) for t in grid]
     return float(grid[int(np.argmin(nll))])
 
 
-def scores(model: FedSSLModel, test: HospitalData, val: HospitalData | None = None) -> dict:
+def scores(model: FedSSLModel, test: HospitalData, val: HospitalData | None = None, tta: str = names.TTA_NONE) -> dict:
+    """Headline metrics, F1 and confusion matrix, ECE, and with `val` the temperature fitted on
+    it and the ECE after it; scored with test-time augmentation `tta` as the product serves."""
     from fedssl_flower.metrics import classification_metrics
 
-    logits = training.predict_logits(model, test.test_images)
-    proba = torch.softmax(logits, 1).numpy()
+    views = training.predict_view_logits(model, test.test_images, tta)
+    proba = training.view_log_proba(views).exp().numpy()
     out = classification_metrics(test.test_labels.numpy(), proba, test.class_names)
     keep = {k: out[k] for k in (*HEADLINE, names.M_F1, names.M_CONFUSION_MATRIX)}
     keep["ece"] = training.expected_calibration_error(proba, test.test_labels.numpy())
     if val is not None:
-        t = fit_temperature(training.predict_logits(model, val.test_images), val.test_labels)
+        t = fit_temperature(training.predict_view_logits(model, val.test_images, tta), val.test_labels)
         keep["temperature"] = t
-        keep["ece_temperature_scaled"] = training.expected_calibration_error(torch.softmax(logits / t, 1).numpy(), test.test_labels.numpy())
+        keep["ece_temperature_scaled"] = training.expected_calibration_error(training.view_log_proba(views, t).exp().numpy(),
+                                                                             test.test_labels.numpy())
     return keep
+
+
+def tta_scores(model: FedSSLModel, test: HospitalData) -> dict:
+    """Headline metrics of the softmax averaged over the 8 flips and 90-degree turns of each
+    image (run config test-time-augmentation = dihedral, `training.predict_proba`)."""
+    from fedssl_flower.metrics import classification_metrics
+
+    proba = training.predict_proba(model, test.test_images, tta=names.TTA_DIHEDRAL)
+    return headline(classification_metrics(test.test_labels.numpy(), proba.numpy(), test.class_names))
 
 
 def headline(m: dict) -> dict:
@@ -251,7 +264,8 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
-             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "") -> dict:
+             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
+             tta: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -268,7 +282,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     Aggregation: `cfg.strategy` and `cfg.dp` as the aggregator computes them
     (`aggregation.Aggregation`, hospital i as node i + 1); plain FedAvg with the server step
     (`weighted_average`, `ServerOptimizer`) for strategy=fedavg without DP, as before. Each
-    round records every hospital's update norm and the global model's (`update_norm`)."""
+    round records every hospital's update norm and the global model's (`update_norm`).
+    `uniform_weights`: plain FedAvg weighs every hospital equally instead of by its images.
+    `tta`: the final model is also scored with test-time augmentation (`tta_scores`)."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -322,7 +338,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 reply = misbehave(attack, reply, down)
             up, received = wire(reply, cfg.update_encoding)
             arrived[site.hospital] = update_norm(up, down)
-            updates.append((up, m[names.M_EXAMPLES]))
+            updates.append((up, 1 if uniform_weights else m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}
         for n in {n for d in deltas for n in d}:  # every hospital takes part: c += mean of their changes
             control[n] = control.get(n, 0) + sum(d[n] for d in deltas) / len(deltas)
@@ -350,19 +366,22 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
         if phase == names.PHASE_FINETUNE:
-            curve.append({"round": rnd, **headline(scores(server, test))})
+            curve.append({"round": rnd, **headline(scores(server, test, tta=cfg.test_time_augmentation))})
             if tail_average > 1:
                 tail = (tail + [copy.deepcopy(state)])[-tail_average:]
                 if len(tail) > 1:
-                    curve[-1]["tail_average"] = {"rounds": len(tail), **headline(scores(averaged_model(server, tail), test))}
+                    curve[-1]["tail_average"] = {"rounds": len(tail), **headline(scores(averaged_model(server, tail), test, tta=cfg.test_time_augmentation))}
             if bn_diagnostic:  # the same model with BatchNorm statistics recomputed over every site's images
                 recal = copy.deepcopy(server)
                 training.recompute_batchnorm(recal, pooled_data(ssl_sites).train_images)
-                curve[-1]["bn_recomputed"] = headline(scores(recal, test))
+                curve[-1]["bn_recomputed"] = headline(scores(recal, test, tta=cfg.test_time_augmentation))
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
     extra = {"update_norms": update_norms}
+    if tta and cfg.finetune_rounds:
+        extra["tta_test"] = tta_scores(server, test)
+        print(f"    with test-time augmentation: balanced accuracy {extra['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
     if private is not None and cfg.dp != names.DP_OFF:
         extra |= {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
@@ -372,12 +391,12 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         final = averaged_model(server, tail)
         recal = copy.deepcopy(final)
         training.recompute_batchnorm(recal, pooled_data(ft_sites).train_images)
-        return {"test": scores(final, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm,
+        return {"test": scores(final, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm,
                 "tail_average": {"k": tail_average, "rounds": [c["round"] for c in curve][-len(tail):],
                                  "weights": "uniform", "batchnorm": "running statistics averaged",
-                                 "last_round_test": headline(scores(server, test)),
-                                 "bn_recomputed_test": headline(scores(recal, test))}, **extra}
-    return {"test": scores(server, test, val), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
+                                 "last_round_test": headline(scores(server, test, tta=cfg.test_time_augmentation)),
+                                 "bn_recomputed_test": headline(scores(recal, test, tta=cfg.test_time_augmentation))}, **extra}
+    return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -395,8 +414,9 @@ def averaged_model(server: FedSSLModel, states: list[dict[str, torch.Tensor]]) -
 
 
 def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalData, val: HospitalData,
-                cfg: RunConfig, task: str, steps_per_round: int) -> dict:
-    """One model on one data set: the federation's rounds with `steps_per_round` steps each."""
+                cfg: RunConfig, task: str, steps_per_round: int, tta: bool = False) -> dict:
+    """One model on one data set: the federation's rounds with `steps_per_round` steps each.
+    `tta`: the final model is also scored with test-time augmentation (`tta_scores`)."""
     cfg = dataclasses.replace(cfg, local_steps=steps_per_round)
     model = fresh_model(cfg, len(test.class_names))
     curve, ssl_probe = [], None
@@ -407,14 +427,19 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(model, ft_data, val, cfg)
         if phase == names.PHASE_FINETUNE:
-            curve.append({"round": rnd, **headline(scores(model, test))})
+            curve.append({"round": rnd, **headline(scores(model, test, tta=cfg.test_time_augmentation))})
             print(f"    {phase} round {rnd}: balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
-    return {"test": scores(model, test, val), "ssl_probe_val": ssl_probe, "curve": curve}
+    out = {"test": scores(model, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve}
+    if tta and cfg.finetune_rounds:
+        out["tta_test"] = tta_scores(model, test)
+        print(f"    with test-time augmentation: balanced accuracy {out['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    return out
 
 
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
-            tail_average: int = 0, attack: Attack = Attack(), attacker: str = "") -> dict:
+            tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
+            tta: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -437,7 +462,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out[f"probe_{name}"] = {"val": probe(model, pooled, val, cfg), "test": probe(model, pooled, test, cfg)}
         out["test"] = out["probe_start"]["test"]
     elif arm == "pooled":
-        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites))
+        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites), tta)
     elif arm == "local":
         per_site = {s.hospital: centralised(s, ls, test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites))
                     for s, ls in zip(sites, labelled)}
@@ -446,7 +471,9 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker)
+                       attack, attacker, uniform_weights, tta)
+        if uniform_weights:
+            out["aggregation_weights"] = "uniform"
     if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
     if arm in FEDERATED_ARMS + ("ssl-probe",):
@@ -540,6 +567,19 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=1.0, help="the aggregator's step on the averaged update (1 = FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="server heavy-ball momentum (FedAvgM)")
     ap.add_argument("--finetune-loss", default=training.LOSS_BALANCED_SOFTMAX, choices=training.FINETUNE_LOSSES)
+    ap.add_argument("--augment", default=training.AUGMENT_FLIPS, choices=training.AUGMENTS,
+                    help="fine-tuning augmentation (run config augment)")
+    ap.add_argument("--head-warmup-epochs", type=int, default=0,
+                    help="fine-tune round 1: each hospital first fits the classifier on frozen features (run config head-warmup-epochs)")
+    ap.add_argument("--aggregation-weights", default="examples", choices=("examples", "uniform"),
+                    help="federated arms, strategy=fedavg: weigh each hospital's model by its training images (FedAvg) "
+                         "or equally (every hospital trains the same local-steps; bench only)")
+    ap.add_argument("--test-time-augmentation", default=names.TTA_NONE, choices=names.TTA_MODES,
+                    help="score as the product serves with run config test-time-augmentation (dihedral: the softmax "
+                         "averaged over the 8 flips and 90-degree turns)")
+    ap.add_argument("--tta", action="store_true",
+                    help="also score the final model with test-time augmentation: softmax averaged over the 8 flips "
+                         "and 90-degree turns (bench only)")
     ap.add_argument("--label-map", default="", help="hospital folders: folder=class / hospital:folder=class entries, JSON or "
                     "a file, as for deploy-local.sh (e.g. 'tata-memorial-mumbai:Normal=notumor')")
     ap.add_argument("--class-names", default="", help="hospital folders: the class list, in order (comma list)")
@@ -649,7 +689,8 @@ def main() -> None:
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
                      pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
                      local_steps=args.local_steps, lr=args.lr, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
-                     weight_decay=args.weight_decay, finetune_loss=args.finetune_loss,
+                     weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, augment=args.augment,
+                     head_warmup_epochs=args.head_warmup_epochs, test_time_augmentation=args.test_time_augmentation,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
                      dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
@@ -688,19 +729,22 @@ def main() -> None:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
-                        attack, args.attacker)
+                        attack, args.attacker, args.aggregation_weights == "uniform", args.tta)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
-                                                                              "label_map", "class_names", "attack", "attacker", "exclude_site"))
+                                                                              "label_map", "class_names", "attack", "attacker", "exclude_site",
+                                                                              "aggregation_weights", "tta"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
                             + (" --scaffold" if args.scaffold else "")
                             + (f" --fedprox-mu {args.fedprox_mu}" if args.fedprox_mu else "")
                             + (f" --tail-average {args.tail_average}" if args.tail_average else "")
+                            + (f" --aggregation-weights {args.aggregation_weights}" if args.aggregation_weights != "examples" else "")
+                            + (" --tta" if args.tta else "")
                             + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
                             + f" --arms {spec} --seeds {seed}"

@@ -9,6 +9,7 @@ task-specific. Serving builds a smaller module with only the groups it needs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -151,16 +152,42 @@ class EncoderModel(nn.Module):
         return self.encoder(x)
 
 
-class ClassifierModel(nn.Module):
-    """Serving module for a `classification` model: image → class logits."""
+def check_tta(mode: str) -> str:
+    if mode not in names.TTA_MODES:
+        raise ConfigError(f"test-time augmentation {mode!r}; expected one of {', '.join(names.TTA_MODES)}")
+    return mode
 
-    def __init__(self, arch: str, num_classes: int) -> None:
+
+def tta_views(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The views test-time augmentation `mode` scores of a square batch (N, C, S, S), stacked
+    view-major: (V * N, C, S, S) with V = `names.TTA_VIEWS[mode]`, view 0 the batch itself."""
+    if check_tta(mode) == names.TTA_NONE:
+        return x
+    return torch.cat([torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)])
+
+
+def combine_views(logits: torch.Tensor, views: int, temperature: float = 1.0) -> torch.Tensor:
+    """(V * N, K) logits of `tta_views` → (N, K) log of the mean over the views of
+    softmax(logits / temperature): its softmax is the averaged probabilities. One view gives
+    log_softmax(logits / temperature)."""
+    per_view = torch.log_softmax(logits.reshape(views, -1, logits.shape[-1]) / temperature, dim=-1)
+    return torch.logsumexp(per_view, dim=0) - math.log(views)
+
+
+class ClassifierModel(nn.Module):
+    """Serving module for a `classification` model: image → class logits, or with test-time
+    augmentation the log of the probabilities averaged over the views (`tta_views`)."""
+
+    def __init__(self, arch: str, num_classes: int, tta: str = names.TTA_NONE) -> None:
         super().__init__()
         self.encoder, self.feature_dim = build_encoder(arch)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
+        self.tta = check_tta(tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.encoder(x))
+        if self.tta == names.TTA_NONE:
+            return self.classifier(self.encoder(x))
+        return combine_views(self.classifier(self.encoder(tta_views(x, self.tta))), names.TTA_VIEWS[self.tta])
 
 
 # The parameter groups each registry task stores.
@@ -170,14 +197,15 @@ TASK_GROUPS = {
 }
 
 
-def build_inference_model(task: str, arch: str, num_classes: int | None = None) -> nn.Module:
-    """The serving module for a registry `task`, in eval mode, with random weights."""
+def build_inference_model(task: str, arch: str, num_classes: int | None = None, tta: str = names.TTA_NONE) -> nn.Module:
+    """The serving module for a registry `task`, in eval mode, with random weights; a
+    classifier applies test-time augmentation `tta`."""
     if task == names.TASK_EMBEDDING:
         model: nn.Module = EncoderModel(arch)
     elif task == names.TASK_CLASSIFICATION:
         if not num_classes or num_classes < 2:
             raise ConfigError(f"a classification model needs num_classes >= 2, got {num_classes}")
-        model = ClassifierModel(arch, num_classes)
+        model = ClassifierModel(arch, num_classes, tta)
     else:
         raise ConfigError(f"unknown model task {task!r}; expected one of {', '.join(names.MODEL_TASKS)}")
     return model.eval()

@@ -44,6 +44,15 @@ TASK_EMBEDDING = "embedding"
 TASK_CLASSIFICATION = "classification"
 MODEL_TASKS = (TASK_EMBEDDING, TASK_CLASSIFICATION)
 
+# Test-time augmentation of a classifier (run config test-time-augmentation; input_spec
+# test_time_augmentation): none, or the mean of the softmax over the 8 dihedral views of each
+# image (identity and horizontal flip, each turned by 0, 90, 180 and 270 degrees), the
+# orientations dermoscopy has no preference between and fine-tuning augments with.
+TTA_NONE = "none"
+TTA_DIHEDRAL = "dihedral"
+TTA_MODES = (TTA_NONE, TTA_DIHEDRAL)
+TTA_VIEWS = {TTA_NONE: 1, TTA_DIHEDRAL: 8}
+
 # --- Registered model names and aliases the aggregator uses -------------------------
 ENCODER_MODEL = "fedssl-encoder"
 CLASSIFIER_MODEL = "fedssl-classifier"

@@ -18,7 +18,7 @@ from fedssl_core import names
 
 from .compression import ENCODINGS
 from .errors import ConfigError
-from .training import FINETUNE_LOSSES, FINETUNE_MODES, LR_SCHEDULES, SHARE_MODES
+from .training import AUGMENTS, FINETUNE_LOSSES, FINETUNE_MODES, LR_SCHEDULES, SHARE_MODES
 
 
 def coerce(default: Any, raw: Any, what: str) -> Any:
@@ -53,6 +53,14 @@ class RunConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     keep_optimizer_state: bool = False  # hospitals keep their fine-tuning AdamW moments across rounds (else fresh each round)
     finetune_loss: str = "weighted-ce"  # weighted-ce (inverse class frequency) | balanced-softmax (local label prior)
+    augment: str = "flips"  # fine-tuning: flips (flips, 90-degree turns) | crop-jitter (also random resized crop, colour jitter)
+    # full fine-tuning: in fine-tune round 1 each hospital first fits the fresh classifier on its frozen
+    # encoder's features for this many epochs at probe-lr (LP-FT); 0 = off
+    head_warmup_epochs: int = 0
+    # classifier scoring and serving: none | dihedral (softmax averaged over the 8 flips and 90-degree
+    # turns of each image, fedssl_core.models.tta_views); hospitals score with it and the registered
+    # classifier serves with it (input_spec test_time_augmentation)
+    test_time_augmentation: str = names.TTA_NONE
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
     finetune_mode: str = "linear"  # linear (frozen encoder) | full
@@ -159,6 +167,10 @@ class RunConfig:
         need(self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}")
         need(self.lr_schedule in LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
         need(self.finetune_loss in FINETUNE_LOSSES, f"finetune-loss={self.finetune_loss!r}; expected one of {', '.join(FINETUNE_LOSSES)}")
+        need(self.head_warmup_epochs >= 0, f"head-warmup-epochs must be >= 0 (0 = off), got {self.head_warmup_epochs}")
+        need(self.test_time_augmentation in names.TTA_MODES,
+             f"test-time-augmentation={self.test_time_augmentation!r}; expected one of {', '.join(names.TTA_MODES)}")
+        need(self.augment in AUGMENTS, f"augment={self.augment!r}; expected one of {', '.join(AUGMENTS)}")
         need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
         need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
         need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")

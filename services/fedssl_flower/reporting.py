@@ -279,7 +279,7 @@ class RunReport:
     def _input_spec(self) -> dict:
         mean, std = names.NORMALIZATION[self.cfg.arch]
         return {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
-                "class_names": self.hospitals.class_names}
+                "class_names": self.hospitals.class_names, "test_time_augmentation": self.cfg.test_time_augmentation}
 
     def _weights_meta(self, task: str, phase: str, rnd: int) -> dict[str, str]:
         """The safetensors metadata of a registered version's weights."""
@@ -377,7 +377,8 @@ class RunReport:
     def recipe(self) -> dict:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
-                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "finetune-mode", "share",
+                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "augment", "finetune-mode",
+                "share", "test-time-augmentation",
                 "strategy", "server-lr", "server-momentum", "update-encoding", "seed",
                 "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
         if self.cfg.dp == names.DP_CENTRAL_ADAPTIVE:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedssl_core import names
-from fedssl_core.models import FedSSLModel
+from fedssl_core.models import FedSSLModel, check_tta, combine_views, tta_views
 
 from .errors import ConfigError
 from .metrics import classification_metrics
@@ -36,6 +36,12 @@ FINETUNE_MODES = (FINETUNE_LINEAR, FINETUNE_FULL)
 LOSS_WEIGHTED_CE = "weighted-ce"
 LOSS_BALANCED_SOFTMAX = "balanced-softmax"
 FINETUNE_LOSSES = (LOSS_WEIGHTED_CE, LOSS_BALANCED_SOFTMAX)
+# Fine-tuning augmentation: flips and 90-degree turns only, or those plus a random resized crop
+# (area 0.5-1, aspect 3/4-4/3) and mild colour jitter (brightness, contrast, saturation +-0.2,
+# 4 images in 5), SimCLR's transform at a gentler setting.
+AUGMENT_FLIPS = "flips"
+AUGMENT_CROP_JITTER = "crop-jitter"
+AUGMENTS = (AUGMENT_FLIPS, AUGMENT_CROP_JITTER)
 SCHEDULE_CONSTANT = "constant"
 SCHEDULE_COSINE = "cosine"
 LR_SCHEDULES = (SCHEDULE_CONSTANT, SCHEDULE_COSINE)
@@ -269,6 +275,14 @@ def _augment_supervised(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor
     return rotated
 
 
+def supervised_view(batch: torch.Tensor, augment: str, g: torch.Generator, mean, std) -> torch.Tensor:
+    """A uint8 batch as the normalised float input of one fine-tuning step under `augment`."""
+    if augment == AUGMENT_CROP_JITTER:
+        return SimCLRTransform(crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2, saturation=0.2, jitter_p=0.8,
+                               mean=mean, std=std).view(batch, g)
+    return normalize(_augment_supervised(batch, g), mean, std)
+
+
 def train_supervised(
     model: FedSSLModel,
     images: torch.Tensor,
@@ -286,6 +300,7 @@ def train_supervised(
     optimizer_state: dict | None = None,
     drift: dict | None = None,
     proximal_mu: float = 0.0,
+    augment: str = AUGMENT_FLIPS,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -298,8 +313,10 @@ def train_supervised(
     and the mean raw gradient of the round is written back as its "gradients" (the
     hospital's next control variate).
     `proximal_mu` > 0 adds FedProx's `proximal_term` toward the shared groups' values at the
-    start (the reported loss stays the task loss alone)."""
+    start (the reported loss stays the task loss alone).
+    `augment` (full mode): `AUGMENTS`, what each fine-tuning batch goes through."""
     _check(loss, FINETUNE_LOSSES, "finetune-loss")
+    _check(augment, AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     params = _prepare(model, groups)
@@ -339,7 +356,7 @@ def train_supervised(
         grad_sums = {n: torch.zeros_like(p) for n, p in named}
         for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
             _set_lr(optimizer, schedule.lr_at(step))
-            x = normalize(_augment_supervised(images[idx], g), model.mean, model.std)
+            x = supervised_view(images[idx], augment, g, model.mean, model.std)
             value = objective(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             with_proximal(value).backward()
@@ -400,8 +417,24 @@ def predict_logits(model: FedSSLModel, images: torch.Tensor, *, batch_size: int 
     return torch.cat([model(normalize(images[i : i + batch_size], model.mean, model.std)) for i in range(0, len(images), batch_size)])
 
 
-def predict_proba(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    return torch.softmax(predict_logits(model, images, batch_size=batch_size), dim=1)
+@torch.no_grad()
+def predict_view_logits(model: FedSSLModel, images: torch.Tensor, tta: str = names.TTA_NONE, *, batch_size: int = 256) -> torch.Tensor:
+    """(V, N, K) logits of the V views test-time augmentation `tta` scores of each image
+    (`fedssl_core.models.tta_views`, what the served classifier computes); V = 1 without."""
+    model.eval()
+    views = names.TTA_VIEWS[check_tta(tta)]
+    out = [model(tta_views(normalize(images[i : i + batch_size], model.mean, model.std), tta)).reshape(views, -1, model.num_classes)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out, dim=1)
+
+
+def view_log_proba(view_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(V, N, K) view logits → (N, K) log of the mean over views of softmax(logits / temperature)."""
+    return combine_views(view_logits.reshape(-1, view_logits.shape[-1]), view_logits.shape[0], temperature)
+
+
+def predict_proba(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256, tta: str = names.TTA_NONE) -> torch.Tensor:
+    return view_log_proba(predict_view_logits(model, images, tta, batch_size=batch_size)).exp()
 
 
 def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -415,17 +448,21 @@ def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def evaluate(model: FedSSLModel, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, batch_size: int = 256) -> dict:
+def evaluate(model: FedSSLModel, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, batch_size: int = 256,
+             tta: str = names.TTA_NONE) -> dict:
     """Metrics of the classifier on a held-out split (`metrics.classification_metrics` keys)
-    plus the cross-entropy `loss` and `test_examples`."""
+    plus the cross-entropy `loss` and `test_examples`, scored as it is served: with test-time
+    augmentation `tta`, on the probabilities averaged over the views, and the NLL at each
+    temperature on the views' logits divided by it (as a temperature baked into the classifier acts)."""
     if len(images) == 0:
         raise ConfigError("cannot evaluate on an empty test split; lower test-fraction or provide more images")
-    logits = predict_logits(model, images, batch_size=batch_size)
-    proba = torch.softmax(logits, dim=1)
+    view_logits = predict_view_logits(model, images, tta, batch_size=batch_size)
+    log_proba = view_log_proba(view_logits)
+    proba = log_proba.exp()
     out = classification_metrics(labels.numpy(), proba.numpy(), class_names)
-    out[names.M_LOSS] = float(F.nll_loss(torch.log(proba.clamp_min(1e-12)), labels))
+    out[names.M_LOSS] = float(F.nll_loss(log_proba.clamp_min(math.log(1e-12)), labels))
     out[names.M_ECE] = expected_calibration_error(proba.numpy(), labels.numpy())
-    out[names.M_NLL_BY_TEMPERATURE] = [float(F.cross_entropy(logits / t, labels)) for t in names.TEMPERATURE_GRID]
+    out[names.M_NLL_BY_TEMPERATURE] = [float(F.nll_loss(view_log_proba(view_logits, t), labels)) for t in names.TEMPERATURE_GRID]
     out[names.M_TEST_EXAMPLES] = int(len(images))
     return out
 

@@ -90,6 +90,9 @@ class InputSpec(Body):
     mean: list[float] = Field(default_factory=lambda: list(names.IMAGENET_MEAN), min_length=3, max_length=3)
     std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: list(names.IMAGENET_STD), min_length=3, max_length=3)
     class_names: list[str] = Field(default_factory=list)
+    # classification: none, or dihedral (the softmax averaged over the 8 flips and 90-degree turns
+    # of each image; fedssl_core.models.tta_views), what the model was scored with at the hospitals
+    test_time_augmentation: Literal["none", "dihedral"] = "none"
 
     @field_validator("class_names")
     @classmethod

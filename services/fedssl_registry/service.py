@@ -59,7 +59,8 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor]) -> torch.nn.
     """
     spec = model["input_spec"]
     classification = model["task"] == names.TASK_CLASSIFICATION
-    module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None)
+    module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None,
+                                               spec.get("test_time_augmentation") or names.TTA_NONE)
     expected = module.state_dict()
     wrong = sorted(f"{k} is {_dtype(state[k])}, expected {_dtype(expected[k])}"
                    for k in set(expected) & set(state) if state[k].dtype != expected[k].dtype)

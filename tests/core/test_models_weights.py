@@ -100,3 +100,24 @@ def test_lite0_model_trains_serves_and_records_its_normalisation():
     weights.load_into(serving, weights.from_bytes(weights.to_bytes(state)))
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(serving(x), model(x), atol=1e-5)
+
+
+def test_dihedral_test_time_augmentation_averages_the_eight_views_and_is_turn_invariant():
+    """ClassifierModel(tta=dihedral) answers log of the softmax averaged over the 8 flips and
+    90-degree turns (view by view with the plain model here); a turned or flipped batch gets the
+    same answer; tta=none is the plain logits."""
+    torch.manual_seed(0)
+    plain = build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_RESNET18, num_classes=4)
+    tta = build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_RESNET18, num_classes=4, tta=names.TTA_DIHEDRAL)
+    tta.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+        expected = torch.stack([torch.softmax(plain(v), 1) for v in views]).mean(0)
+        out = torch.softmax(tta(x), 1)
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert (torch.softmax(plain(x), 1) - expected).abs().max() > 1e-3  # the views change the answer
+        for moved in (torch.rot90(x, 1, dims=(-2, -1)), x.flip(-2), x.transpose(-2, -1)):
+            assert torch.allclose(torch.softmax(tta(moved), 1), out, atol=1e-5)
+    with pytest.raises(ConfigError, match="sideways.*none, dihedral"):
+        build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_RESNET18, num_classes=4, tta="sideways")

@@ -215,3 +215,41 @@ def test_fedprox_keeps_the_shared_groups_near_the_start_of_the_round(phase, data
     held, metrics = one_round(100.0)
     assert held < 0.5 * free, (held, free)
     assert math.isfinite(metrics[names.M_LOSS])
+
+
+def test_hospitals_score_a_classifier_as_it_is_served_with_test_time_augmentation():
+    """evaluate(tta=dihedral) scores the probabilities the registry's serving module answers for
+    the same weights and pixels; its NLL at temperature 1 is its loss, and at temperature t it is
+    what the classifier with 1/t baked into its weights gives (each view divided). With tta=none,
+    the NLL curve is plain cross-entropy of the logits over t."""
+    from fedssl_core import weights
+    from fedssl_core.models import TASK_GROUPS, build_inference_model, select_groups
+    from fedssl_core.preprocessing import normalize
+
+    torch.manual_seed(0)
+    model = FedSSLModel(num_classes=3).eval()
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    served = build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_RESNET18, 3, tta=names.TTA_DIHEDRAL)
+    weights.load_into(served, select_groups(model.state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION]))
+    with torch.no_grad():
+        answer = torch.softmax(served(normalize(images)), 1)
+    assert torch.allclose(training.predict_proba(model, images, tta=names.TTA_DIHEDRAL), answer, atol=1e-5)
+
+    out = training.evaluate(model, images, labels, ["a", "b", "c"], tta=names.TTA_DIHEDRAL)
+    grid = list(names.TEMPERATURE_GRID)
+    assert out[names.M_NLL_BY_TEMPERATURE][grid.index(1.0)] == pytest.approx(out[names.M_LOSS], rel=1e-5)
+    assert out[names.M_LOSS] == pytest.approx(float(torch.nn.functional.nll_loss(answer.log(), labels)), rel=1e-4)
+    t = grid[3]
+    state = select_groups(model.state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
+    state = {**state, "classifier.weight": state["classifier.weight"] / t, "classifier.bias": state["classifier.bias"] / t}
+    weights.load_into(served, state)
+    with torch.no_grad():
+        cooled = torch.softmax(served(normalize(images)), 1)
+    assert out[names.M_NLL_BY_TEMPERATURE][3] == pytest.approx(float(torch.nn.functional.nll_loss(cooled.log(), labels)), rel=1e-4)
+
+    plain = training.evaluate(model, images, labels, ["a", "b", "c"])
+    logits = training.predict_logits(model, images)
+    assert plain[names.M_NLL_BY_TEMPERATURE] == pytest.approx(
+        [float(torch.nn.functional.cross_entropy(logits / t, labels)) for t in grid], rel=1e-5)
+    assert plain[names.M_BALANCED_ACCURACY] != out[names.M_BALANCED_ACCURACY] or plain[names.M_LOSS] != pytest.approx(out[names.M_LOSS])

@@ -17,9 +17,9 @@ def classifier_bytes(seed: int = 0, num_classes: int = len(CLASSES)) -> bytes:
     return weights.to_bytes(state, {"fedssl.task": "classification"})
 
 
-def model_body(name="clf", task="classification"):
+def model_body(name="clf", task="classification", **spec):
     return {"name": name, "task": task, "architecture": "resnet18", "description": "test model",
-            "input_spec": {"image_size": IMAGE_SIZE, "class_names": CLASSES if task == "classification" else []}}
+            "input_spec": {"image_size": IMAGE_SIZE, "class_names": CLASSES if task == "classification" else [], **spec}}
 
 
 def upload(http, name, blob, metadata=None):
@@ -53,4 +53,7 @@ def shared_registry(tmp_path_factory, weights_blob):
             assert http.post("/v1/models", json=model_body()).status_code == 201
             assert upload(http, "clf", weights_blob, {"lineage": {"run_id": "r1", "round": 1}}).status_code == 201
             assert http.put("/v1/models/clf/aliases/production", json={"version": 1}).status_code == 200
+            # the same weights served with test-time augmentation (the 8 flips and 90-degree turns)
+            assert http.post("/v1/models", json=model_body("clf-tta", test_time_augmentation="dihedral")).status_code == 201
+            assert upload(http, "clf-tta", weights_blob).status_code == 201
         yield reg

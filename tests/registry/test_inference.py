@@ -15,7 +15,7 @@ from fedssl_core.models import build_inference_model
 from fedssl_core.preprocessing import normalize
 from fedssl_flower.data.decode import decode_one
 
-from .conftest import CLASSES, IMAGE_SIZE
+from .conftest import CLASSES, IMAGE_SIZE, model_body
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +105,40 @@ def test_predict_upload_and_v2_uint8_of_the_same_file_agree(shared_registry, wei
     upload = np.array([predicted.json()["probabilities"][c] for c in CLASSES], dtype=np.float32)
     assert np.array_equal(upload, v2), (upload, v2)
     np.testing.assert_allclose(v2, reference(weights_blob, x)[0], atol=1e-5)
+
+
+def test_a_model_registered_with_test_time_augmentation_serves_the_mean_over_the_views(shared_registry, weights_blob,
+                                                                                       ham10000_dir):
+    """input_spec test_time_augmentation = dihedral: `:predict` and v2 UINT8 of one real JPEG
+    both answer the softmax averaged over its 8 flips and 90-degree turns (computed here view by
+    view with the plain model), which a turned copy of the image shares, and which differs from
+    the plain model's answer."""
+    path = sorted((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))[2]
+    x = decode_one(path, IMAGE_SIZE)[None]
+    views = [np.ascontiguousarray(np.rot90(v, k, axes=(-2, -1))) for v in (x, x[..., ::-1]) for k in range(4)]
+    expected = np.mean([reference(weights_blob, v)[0] for v in views], axis=0)
+    turned = np.ascontiguousarray(np.rot90(x, 1, axes=(-2, -1)))
+    with shared_registry.client() as http:
+        meta = http.get("/v2/models/clf-tta").json()
+        predicted = http.post("/v1/models/clf-tta:predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+        inferred = [http.post("/v2/models/clf-tta/infer", json={"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(a.shape),
+                                                                             "data": a.reshape(-1).tolist()}]})
+                    for a in (x, turned)]
+    assert meta["parameters"]["test_time_augmentation"] == "dihedral", meta
+    assert predicted.status_code == 200 and all(r.status_code == 200 for r in inferred), (predicted.text, [r.text for r in inferred])
+    upload = np.array([predicted.json()["probabilities"][c] for c in CLASSES], dtype=np.float32)
+    v2, v2_turned = (np.array(r.json()["outputs"][0]["data"], dtype=np.float32) for r in inferred)
+    np.testing.assert_allclose(upload, expected, atol=1e-5)
+    np.testing.assert_allclose(v2, expected, atol=1e-5)
+    np.testing.assert_allclose(v2_turned, expected, atol=1e-5)
+    assert np.abs(reference(weights_blob, x)[0] - expected).max() > 1e-3  # the views do change the answer
+
+
+def test_an_unknown_test_time_augmentation_is_refused_naming_the_field(shared_registry):
+    with shared_registry.client() as http:
+        r = http.post("/v1/models", json=model_body("clf-x", test_time_augmentation="sideways"))
+    assert r.status_code == 422, r.text
+    assert "test_time_augmentation" in r.text and "dihedral" in r.text, r.text
 
 
 def png(w, h):

@@ -55,7 +55,9 @@ def model_metadata(model: dict, versions: list[int], max_batch: int) -> dict:
         "parameters": {"task": model["task"], "architecture": model["architecture"],
                        "class_names": model["input_spec"].get("class_names", []),
                        "mean": model["input_spec"].get("mean"), "std": model["input_spec"].get("std"),
-                       "max_batch_size": max_batch},
+                       "max_batch_size": max_batch}
+        | ({"test_time_augmentation": model["input_spec"].get("test_time_augmentation") or names.TTA_NONE}
+           if model["task"] == names.TASK_CLASSIFICATION else {}),
     }
 
 
