@@ -530,6 +530,11 @@ def summarise(runs: list[dict]) -> dict:
             xs = [float(r["test"][k]) for r in vals if r["test"].get(k) is not None]
             if xs:
                 out[arm][k] = {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+        tta = [r["tta_test"] for r in vals if r.get("tta_test")]
+        if tta:  # --tta: the same models scored with dihedral test-time augmentation
+            out[arm]["with_test_time_augmentation"] = {
+                k: {"mean": statistics.mean(t[k] for t in tta), "std": statistics.stdev(t[k] for t in tta) if len(tta) > 1 else 0.0}
+                for k in HEADLINE}
         comm = vals[0].get("communication")
         if comm:  # mean bytes per hospital per round (down + up), by phase
             out[arm]["bytes_per_hospital_per_round"] = {

@@ -70,9 +70,9 @@ def percentile(values: list[float], q: float) -> float:
 class InProcess:
     """The same forward the registry runs, without HTTP or batching machinery."""
 
-    def __init__(self, arch: str, image_size: int, batch: int) -> None:
+    def __init__(self, arch: str, image_size: int, batch: int, tta: str = names.TTA_NONE) -> None:
         torch.manual_seed(0)
-        self.model = build_inference_model(names.TASK_CLASSIFICATION, arch, len(CLASSES)).eval()
+        self.model = build_inference_model(names.TASK_CLASSIFICATION, arch, len(CLASSES), tta).eval()
         self.x1 = torch.randn(1, 3, image_size, image_size)
         self.xb = torch.randn(batch, 3, image_size, image_size)
         self.batch = batch
@@ -226,7 +226,9 @@ def median_of(rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
+    ap.add_argument("--arch", default="resnet18", choices=list(names.ARCHITECTURES))
+    ap.add_argument("--test-time-augmentation", default=names.TTA_NONE, choices=names.TTA_MODES,
+                    help="the classifier's input_spec test_time_augmentation (dihedral: 8 forward passes per image)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of all four measurements; medians are reported")
     ap.add_argument("--requests", type=int, default=600, help="requests of the HTTP concurrency-1 measurement")
@@ -249,7 +251,7 @@ def main() -> None:
         if value <= 0:
             ap.error(f"{flag} must be positive, got {value}")
     threads = set_torch_threads()
-    local = InProcess(args.arch, args.image_size, args.concurrency)
+    local = InProcess(args.arch, args.image_size, args.concurrency, args.test_time_augmentation)
     load = raw_load if args.client == "raw" else http_load
     c = args.concurrency
 
@@ -262,7 +264,8 @@ def main() -> None:
         state = select_groups(FedSSLModel(args.arch, num_classes=len(CLASSES)).state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
         with reg.client() as http:
             http.post("/v1/models", json={"name": "bench", "task": "classification", "architecture": args.arch,
-                                          "input_spec": {"image_size": args.image_size, "class_names": CLASSES}}).raise_for_status()
+                                          "input_spec": {"image_size": args.image_size, "class_names": CLASSES,
+                                                         "test_time_augmentation": args.test_time_augmentation}}).raise_for_status()
             http.post("/v1/models/bench/versions", files={"file": ("w.safetensors", weights.to_bytes(state, {}), "application/octet-stream")}
                       ).raise_for_status()
         path = "/v2/models/bench/infer"
