@@ -420,11 +420,14 @@ def predict_logits(model: FedSSLModel, images: torch.Tensor, *, batch_size: int 
 @torch.no_grad()
 def predict_view_logits(model: FedSSLModel, images: torch.Tensor, tta: str = names.TTA_NONE, *, batch_size: int = 256) -> torch.Tensor:
     """(V, N, K) logits of the V views test-time augmentation `tta` scores of each image
-    (`fedssl_core.models.tta_views`, what the served classifier computes); V = 1 without."""
+    (`fedssl_core.models.tta_views`, what the served classifier computes); V = 1 without.
+    At most `batch_size` views go through the model at once (memory: a hospital's evaluation
+    shares the machine with the others')."""
     model.eval()
     views = names.TTA_VIEWS[check_tta(tta)]
-    out = [model(tta_views(normalize(images[i : i + batch_size], model.mean, model.std), tta)).reshape(views, -1, model.num_classes)
-           for i in range(0, len(images), batch_size)]
+    step = max(1, batch_size // views)
+    out = [model(tta_views(normalize(images[i : i + step], model.mean, model.std), tta)).reshape(views, -1, model.num_classes)
+           for i in range(0, len(images), step)]
     return torch.cat(out, dim=1)
 
 
