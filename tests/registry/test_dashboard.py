@@ -360,6 +360,8 @@ def test_model_page_shows_versions_per_class_scores_and_the_confusion_heat_map(f
     assert "production" in tab.text('.versions-table tr[data-version="2"]')
     assert fed.run_id in tab.text('.versions-table tr[data-version="2"]')
     assert tab.eval("document.getElementById('version').dataset.version") == "2"  # production is shown first
+    # the run's default test-time augmentation reached the registered classifier's input_spec
+    assert "32 px RGB · 8 views (flips, turns)" in tab.text(".facts")
     for version, r in ((2, rnd(fed, "finetune", 2)), (1, rnd(fed, "finetune", 1))):
         if version == 1:
             open_page(tab, fed, f"/dashboard/models/{names.CLASSIFIER_MODEL}?version=1",

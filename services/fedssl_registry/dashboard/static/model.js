@@ -127,7 +127,7 @@ export function render({ model, versions, selected, scores }) {
       model.description ? h("p", { class: "muted", text: model.description }) : null,
       h("div", { class: "facts" },
         h("div", { class: "fact" }, h("div", { class: "fact-label", text: "architecture" }), h("div", { class: "fact-value", text: model.architecture })),
-        h("div", { class: "fact" }, h("div", { class: "fact-label", text: "input" }), h("div", { class: "fact-value", text: `${spec.image_size ?? "?"} px RGB` })),
+        h("div", { class: "fact" }, h("div", { class: "fact-label", text: "input" }), h("div", { class: "fact-value", text: `${spec.image_size ?? "?"} px RGB` + (spec.test_time_augmentation === "dihedral" ? " · 8 views (flips, turns)" : "") })),
         h("div", { class: "fact" }, h("div", { class: "fact-label", text: "versions" }), h("div", { class: "fact-value", text: int(versions.length) })),
         h("div", { class: "fact" }, h("div", { class: "fact-label", text: "aliases" }),
           h("div", { class: "fact-value" }, Object.entries(model.aliases || {}).map(([a, n]) => h("span", { class: ["chip", a === "production" && "chip-prod"], text: `${a} → v${n}` })))),
