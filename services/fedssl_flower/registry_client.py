@@ -28,6 +28,10 @@ class RegistryUnavailable(FedSSLError, RuntimeError):
     """The registry did not accept a write after retries."""
 
 
+class RegistryConflict(FedSSLError, RuntimeError):
+    """The registry already holds a model of that name that reads images differently."""
+
+
 class RegistryClient:
     def __init__(self, url: str, token: str = "", *, retries: int = 5, backoff: float = 1.0, timeout: float = 120.0,
                  ca_file: str | None = None) -> None:
@@ -70,8 +74,25 @@ class RegistryClient:
 
     # --- models ------------------------------------------------------------------------
     def ensure_model(self, name: str, *, task: str, architecture: str, input_spec: dict, description: str = "") -> None:
+        """Create model `name`, or check that the one already there reads images the way this
+        run's versions need (task, architecture and every `input_spec` key given): a model's
+        input_spec serves all its versions, so a version registered under a different one would
+        be served on other pixels or views than it was scored on."""
         body = {"name": name, "task": task, "architecture": architecture, "input_spec": input_spec, "description": description}
-        self._request("POST", "/v1/models", json=body, ok=(201, 409))
+        if self._request("POST", "/v1/models", json=body, ok=(201, 409)).status_code == 201:
+            return
+        existing = self._request("GET", f"/v1/models/{name}").json()
+        have = {"task": existing.get("task"), "architecture": existing.get("architecture"),
+                **{k: existing.get("input_spec", {}).get(k) for k in input_spec}}
+        if have.get("test_time_augmentation") is None and "test_time_augmentation" in input_spec:
+            have["test_time_augmentation"] = names.TTA_NONE  # a model created before the field existed
+        want = {"task": task, "architecture": architecture, **input_spec}
+        differ = [f"{k} {have[k]!r} (this run: {want[k]!r})" for k in want if have[k] != want[k]]
+        if differ:
+            raise RegistryConflict(
+                f"registry model {name!r} at {self.url} already exists with {'; '.join(differ)}: its versions are served that "
+                "way, so this run's would be served differently from how they were scored. Use a registry without that model "
+                "(./deploy-local.sh down, then remove $FEDSSL_HOME/registry), or run with the model's settings")
 
     def upload_version(self, name: str, weights: bytes, metadata: dict) -> dict:
         files = {"file": ("weights.safetensors", weights, "application/octet-stream")}
