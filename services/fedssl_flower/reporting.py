@@ -276,10 +276,12 @@ class RunReport:
         return record
 
     # ---------------------------------------------------------------- registered versions
-    def _input_spec(self) -> dict:
+    def _input_spec(self, task: str = names.TASK_CLASSIFICATION) -> dict:
+        """How the registered model reads images; a classifier also how it was scored (test-time augmentation)."""
         mean, std = names.NORMALIZATION[self.cfg.arch]
         return {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
-                "class_names": self.hospitals.class_names, "test_time_augmentation": self.cfg.test_time_augmentation}
+                "class_names": self.hospitals.class_names} | (
+            {"test_time_augmentation": self.cfg.test_time_augmentation} if task == names.TASK_CLASSIFICATION else {})
 
     def _weights_meta(self, task: str, phase: str, rnd: int) -> dict[str, str]:
         """The safetensors metadata of a registered version's weights."""
@@ -292,14 +294,13 @@ class RunReport:
         if self.registry is None:
             return
         source, synthetic = self.hospitals.data_facts()
-        spec = self._input_spec()
         scalars = {k: v for k, v in aggregated.items() if isinstance(v, (int, float))}
         targets = [(names.ENCODER_MODEL, names.TASK_EMBEDDING)]
         if phase == names.PHASE_FINETUNE:
             targets.append((names.CLASSIFIER_MODEL, names.TASK_CLASSIFICATION))
         for model_name, task in targets:
             self.registry.ensure_model(
-                model_name, task=task, architecture=self.cfg.arch, input_spec=spec,
+                model_name, task=task, architecture=self.cfg.arch, input_spec=self._input_spec(task),
                 description=("fedssl shared image encoder (federated self-supervised)" if task == names.TASK_EMBEDDING
                              else "fedssl diagnosis classifier (federated fine-tuned)"),
             )
@@ -377,8 +378,8 @@ class RunReport:
     def recipe(self) -> dict:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
-                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "augment", "finetune-mode",
-                "share", "test-time-augmentation",
+                "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "augment", "head-warmup-epochs",
+                "finetune-mode", "share", "test-time-augmentation",
                 "strategy", "server-lr", "server-momentum", "update-encoding", "seed",
                 "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
         if self.cfg.dp == names.DP_CENTRAL_ADAPTIVE:
