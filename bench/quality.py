@@ -200,11 +200,10 @@ def scores(model: FedSSLModel, test: HospitalData, val: HospitalData | None = No
 
 def tta_scores(model: FedSSLModel, test: HospitalData) -> dict:
     """Headline metrics of the softmax averaged over the 8 flips and 90-degree turns of each
-    image (run config test-time-augmentation = dihedral, `training.predict_proba`)."""
-    from fedssl_flower.metrics import classification_metrics
-
-    proba = training.predict_proba(model, test.test_images, tta=names.TTA_DIHEDRAL)
-    return headline(classification_metrics(test.test_labels.numpy(), proba.numpy(), test.class_names))
+    image (run config test-time-augmentation = dihedral), printed."""
+    out = headline(scores(model, test, tta=names.TTA_DIHEDRAL))
+    print(f"    with test-time augmentation: balanced accuracy {out[names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    return out
 
 
 def headline(m: dict) -> dict:
@@ -381,7 +380,6 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     extra = {"update_norms": update_norms}
     if tta and cfg.finetune_rounds:
         extra["tta_test"] = tta_scores(server, test)
-        print(f"    with test-time augmentation: balanced accuracy {extra['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
     if private is not None and cfg.dp != names.DP_OFF:
         extra |= {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
@@ -432,7 +430,6 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
     out = {"test": scores(model, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve}
     if tta and cfg.finetune_rounds:
         out["tta_test"] = tta_scores(model, test)
-        print(f"    with test-time augmentation: balanced accuracy {out['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
     return out
 
 

@@ -412,12 +412,6 @@ def recompute_batchnorm(model: FedSSLModel, images: torch.Tensor, *, batch_size:
 
 
 @torch.no_grad()
-def predict_logits(model: FedSSLModel, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(normalize(images[i : i + batch_size], model.mean, model.std)) for i in range(0, len(images), batch_size)])
-
-
-@torch.no_grad()
 def predict_view_logits(model: FedSSLModel, images: torch.Tensor, tta: str = names.TTA_NONE, *, batch_size: int = 256) -> torch.Tensor:
     """(V, N, K) logits of the V views test-time augmentation `tta` scores of each image
     (`fedssl_core.models.tta_views`, what the served classifier computes); V = 1 without.
