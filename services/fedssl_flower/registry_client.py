@@ -40,6 +40,7 @@ class RegistryClient:
         verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify)
         self.retries, self.backoff = retries, backoff
+        self._ensured: set[tuple[str, str]] = set()  # (name, body) already created or checked by this client
 
     @classmethod
     def from_environment(cls, url: str, environ: Mapping[str, str] = os.environ, **kwargs: Any) -> RegistryClient:
@@ -79,7 +80,11 @@ class RegistryClient:
         input_spec serves all its versions, so a version registered under a different one would
         be served on other pixels or views than it was scored on."""
         body = {"name": name, "task": task, "architecture": architecture, "input_spec": input_spec, "description": description}
+        seen = (name, json.dumps(body, sort_keys=True))
+        if seen in self._ensured:  # every round registers again; the answer cannot have changed
+            return
         if self._request("POST", "/v1/models", json=body, ok=(201, 409)).status_code == 201:
+            self._ensured.add(seen)
             return
         existing = self._request("GET", f"/v1/models/{name}").json()
         have = {"task": existing.get("task"), "architecture": existing.get("architecture"),
@@ -93,6 +98,7 @@ class RegistryClient:
                 f"registry model {name!r} at {self.url} already exists with {'; '.join(differ)}: its versions are served that "
                 "way, so this run's would be served differently from how they were scored. Use a registry without that model "
                 "(./deploy-local.sh down, then remove $FEDSSL_HOME/registry), or run with the model's settings")
+        self._ensured.add(seen)
 
     def upload_version(self, name: str, weights: bytes, metadata: dict) -> dict:
         files = {"file": ("weights.safetensors", weights, "application/octet-stream")}
