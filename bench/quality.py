@@ -561,6 +561,10 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=25, help="batches per site per round (the budget)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="SSL learning rate")
+    ap.add_argument("--ssl-colour-jitter", type=float, default=RunConfig.ssl_colour_jitter,
+                    help="SimCLR views' brightness/contrast/saturation jitter strength (run config ssl-colour-jitter; 0 = none)")
+    ap.add_argument("--share", default=training.SHARE_ENCODER, choices=training.SHARE_MODES,
+                    help="what SSL rounds share (run config share): encoder, encoder-and-heads, projection-head")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--lr-schedule", default=training.SCHEDULE_COSINE, choices=training.LR_SCHEDULES)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
@@ -690,7 +694,7 @@ def main() -> None:
     threads = set_torch_threads()
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
                      pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
-                     local_steps=args.local_steps, lr=args.lr, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
+                     local_steps=args.local_steps, lr=args.lr, ssl_colour_jitter=args.ssl_colour_jitter, share=args.share, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, augment=args.augment,
                      head_warmup_epochs=args.head_warmup_epochs, test_time_augmentation=args.test_time_augmentation,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,

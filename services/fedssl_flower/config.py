@@ -61,6 +61,10 @@ class RunConfig:
     # turns of each image, fedssl_core.models.tta_views); hospitals score with it and the registered
     # classifier serves with it (input_spec test_time_augmentation)
     test_time_augmentation: str = names.TTA_NONE
+    # SimCLR views: the strength of their brightness, contrast and saturation jitter (each factor
+    # uniform in 1 +- this, with probability 0.8), in [0, 1]; 0 = crops, flips and turns only.
+    # Colour carries diagnostic signal in dermoscopy: strong jitter teaches invariance to it.
+    ssl_colour_jitter: float = 0.4
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
     finetune_mode: str = "linear"  # linear (frozen encoder) | full
@@ -168,6 +172,7 @@ class RunConfig:
         need(self.lr_schedule in LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
         need(self.finetune_loss in FINETUNE_LOSSES, f"finetune-loss={self.finetune_loss!r}; expected one of {', '.join(FINETUNE_LOSSES)}")
         need(self.head_warmup_epochs >= 0, f"head-warmup-epochs must be >= 0 (0 = off), got {self.head_warmup_epochs}")
+        need(0 <= self.ssl_colour_jitter <= 1, f"ssl-colour-jitter must be in [0, 1] (0 = none), got {self.ssl_colour_jitter}")
         need(self.test_time_augmentation in names.TTA_MODES,
              f"test-time-augmentation={self.test_time_augmentation!r}; expected one of {', '.join(names.TTA_MODES)}")
         need(self.augment in AUGMENTS, f"augment={self.augment!r}; expected one of {', '.join(AUGMENTS)}")

@@ -25,8 +25,9 @@ from .ssl.losses import NTXentLoss
 from .ssl.transforms import SimCLRTransform, normalize, rotate_batch
 
 SHARE_ENCODER = "encoder"
+SHARE_ENCODER_AND_HEADS = "encoder-and-heads"
 SHARE_PROJECTION_HEAD = "projection-head"
-SHARE_MODES = (SHARE_ENCODER, SHARE_PROJECTION_HEAD)
+SHARE_MODES = (SHARE_ENCODER, SHARE_ENCODER_AND_HEADS, SHARE_PROJECTION_HEAD)
 FINETUNE_LINEAR = "linear"
 FINETUNE_FULL = "full"
 FINETUNE_MODES = (FINETUNE_LINEAR, FINETUNE_FULL)
@@ -47,6 +48,10 @@ SCHEDULE_COSINE = "cosine"
 LR_SCHEDULES = (SCHEDULE_CONSTANT, SCHEDULE_COSINE)
 
 _TASK_HEAD = {names.SSL_SIMCLR: names.GROUP_PROJECTION_HEAD, names.SSL_ROTATION: names.GROUP_ROTATION_HEAD}
+# share=encoder-and-heads: every SSL task head travels with the encoder, so hospitals running
+# the same task train their encoders against one averaged head rather than each against its
+# own; a hospital returns the heads of the other tasks unchanged.
+_SSL_HEADS = tuple(_TASK_HEAD.values())
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -68,12 +73,14 @@ def trainable_groups(phase: str, task: str | None, share: str = SHARE_ENCODER, m
 
 
 def shared_groups(phase: str, share: str = SHARE_ENCODER, mode: str = FINETUNE_LINEAR) -> tuple[str, ...]:
-    """The parameter groups the server aggregates in `phase`; task heads are never shared
-    except the projection head in the frozen-backbone set-up."""
+    """The parameter groups the server aggregates in `phase`. SSL: the encoder (`encoder`),
+    the encoder and every SSL task head (`encoder-and-heads`), or the projection head alone
+    in the frozen-backbone set-up (`projection-head`)."""
     _check(phase, names.PHASES, "phase")
     if phase == names.PHASE_SSL:
         _check(share, SHARE_MODES, "share")
-        return (names.GROUP_PROJECTION_HEAD,) if share == SHARE_PROJECTION_HEAD else (names.GROUP_ENCODER,)
+        return {SHARE_PROJECTION_HEAD: (names.GROUP_PROJECTION_HEAD,), SHARE_ENCODER: (names.GROUP_ENCODER,),
+                SHARE_ENCODER_AND_HEADS: (names.GROUP_ENCODER, *_SSL_HEADS)}[share]
     _check(mode, FINETUNE_MODES, "finetune-mode")
     return (names.GROUP_CLASSIFIER,) if mode == FINETUNE_LINEAR else (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
 
@@ -223,11 +230,13 @@ def train_ssl(
     schedule: Schedule | None = None,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    colour_jitter: float = 0.4,
 ) -> dict:
     """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
     adds FedProx's `proximal_term` toward the shared groups' values at the start (the
-    reported loss stays the SSL loss alone)."""
+    reported loss stays the SSL loss alone). `colour_jitter`: SimCLR's brightness, contrast
+    and saturation jitter strength (0 = none)."""
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
@@ -235,7 +244,8 @@ def train_ssl(
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
     criterion = NTXentLoss(temperature)
-    transform = SimCLRTransform(mean=model.mean, std=model.std)
+    transform = SimCLRTransform(brightness=colour_jitter, contrast=colour_jitter, saturation=colour_jitter,
+                                mean=model.mean, std=model.std)
     total, batches = 0.0, 0
     _channels_last(model, True)
     for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):

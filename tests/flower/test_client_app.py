@@ -68,3 +68,26 @@ def test_a_train_message_scores_the_global_model_it_brings_before_training(tmp_p
     for key in (names.M_CONFUSION_MATRIX, names.M_TEST_EXAMPLES):
         assert again[key] == scored[key]
     assert abs(again["loss"] - scored["loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("share,travels", [
+    ("encoder", {names.GROUP_ENCODER}),
+    ("encoder-and-heads", {names.GROUP_ENCODER, names.GROUP_PROJECTION_HEAD, names.GROUP_ROTATION_HEAD}),
+])
+def test_an_ssl_reply_carries_the_shared_groups_and_heads_of_other_tasks_go_back_unchanged(tmp_path, ham10000_dir, share, travels):
+    """share=encoder-and-heads: a rotation hospital trains the global rotation head it got and
+    returns the SimCLR projection head as it came; share=encoder: its head stays home."""
+    ctx = hospital_context(tmp_path, ham10000_dir, {**RUN_CONFIG, "ssl-rounds": 1, "share": share}, max_images=40)
+    torch.manual_seed(0)
+    initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
+    sent = {k: v for k, v in initial.items() if k.split(".")[0] in travels}
+    content = RecordDict({records.WEIGHTS: records.to_array_record(records.state_arrays(sent)),
+                          records.CONFIG: records.config_record({"phase": "ssl", "round": 1})})
+    reply = client_app.app(Message(content, dst_node_id=1, message_type=MessageType.TRAIN, group_id="test"), ctx)
+    assert not reply.has_error(), reply.error
+    got = reply_state(reply)
+    assert {k.split(".")[0] for k in got} == travels
+    for group in travels:
+        keys = [k for k in got if k.startswith(f"{group}.") and got[k].is_floating_point()]
+        changed = any(not torch.equal(got[k], initial[k]) for k in keys)
+        assert changed == (group in (names.GROUP_ENCODER, names.GROUP_ROTATION_HEAD)), group

@@ -1,5 +1,5 @@
 """Real processes: registry + SuperLink + 2 SuperNodes (SimCLR and rotation hospitals), one
-SSL and one fine-tune round on real HAM10000 images at 32 px."""
+SSL round (encoder and SSL heads shared) and one fine-tune round on real HAM10000 images at 32 px."""
 
 import csv
 import json
@@ -24,7 +24,7 @@ def finished_run(tmp_path_factory, ham10000_dir):
                 hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
                                                 "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")})))
         result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5", "local-steps=2",
-                          "batch-size=32")
+                          "batch-size=32", "share=encoder-and-heads")
         assert result.returncode == 0, result.stdout + result.stderr + c.logs()
         with registry.client() as http:
             state = {
@@ -79,6 +79,26 @@ def test_run_folder_has_metrics_weights_and_summary(finished_run):
     assert summary["status"] == "succeeded" and summary["classes"] == list(names.HAM10000_CLASSES)
     assert sorted(summary["hospitals"]) == ["hospital-rotation", "hospital-simclr"]
     assert summary["final_metrics"]["finetune"]["confusion_matrix"]
+
+
+def test_with_share_encoder_and_heads_each_ssl_head_is_averaged_with_the_encoder(finished_run):
+    """Each hospital trained its own task's head; the aggregator averaged both heads (the other
+    hospital sent each back unchanged), so the SSL round's global model moved in all three."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedssl_core.models import FedSSLModel
+
+    _, work, state = finished_run
+    (run_dir,) = (work / "runs").iterdir()
+    after = load_file(run_dir / "weights" / "ssl-round-001.safetensors")
+    torch.manual_seed(0)  # the aggregator's initial model: run config seed 0
+    initial = FedSSLModel(names.ARCH_EFFICIENTNET_LITE0, num_classes=len(names.HAM10000_CLASSES), pretrained=True).state_dict()
+    for group in (names.GROUP_ENCODER, names.GROUP_PROJECTION_HEAD, names.GROUP_ROTATION_HEAD):
+        keys = [k for k in initial if k.startswith(f"{group}.") and initial[k].is_floating_point()]
+        assert any(not torch.equal(after[k], initial[k]) for k in keys), group
+    assert all(torch.equal(after[k], initial[k]) for k in initial if k.startswith(f"{names.GROUP_CLASSIFIER}."))
+    assert state["classifier_versions"][0]["lineage"]["recipe"]["share"] == "encoder-and-heads"
 
 
 def test_models_are_registered_with_lineage_and_aliases(finished_run):

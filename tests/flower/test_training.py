@@ -64,6 +64,9 @@ def test_evaluate_reports_every_metric(data):
 def test_shared_and_trainable_groups():
     assert training.shared_groups("ssl", "encoder") == (names.GROUP_ENCODER,)
     assert training.shared_groups("ssl", "projection-head") == (names.GROUP_PROJECTION_HEAD,)
+    assert training.shared_groups("ssl", "encoder-and-heads") == (
+        names.GROUP_ENCODER, names.GROUP_PROJECTION_HEAD, names.GROUP_ROTATION_HEAD)
+    assert training.trainable_groups("ssl", "simclr", "encoder-and-heads") == (names.GROUP_ENCODER, names.GROUP_PROJECTION_HEAD)
     assert training.shared_groups("finetune", mode="full") == (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
     assert training.trainable_groups("ssl", "rotation", "encoder") == (names.GROUP_ENCODER, names.GROUP_ROTATION_HEAD)
 
@@ -95,6 +98,22 @@ def test_local_rounds_follow_run_config_steps_and_schedule(data):
     assert first.lr_at(0) == 0.01 and last.lr_at(2) < 0.001
     epochs = local.schedule(RunConfig(batch_size=64, finetune_rounds=2), names.PHASE_FINETUNE, 2, 130, 0.01)
     assert (epochs.steps, epochs.offset, epochs.total) == (0, 3, 6)  # one epoch = 3 batches of 64
+
+
+def test_ssl_colour_jitter_run_config_shapes_the_simclr_views(data):
+    from fedssl_flower import local
+    from fedssl_flower.config import RunConfig
+
+    def trained(jitter):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        cfg = RunConfig(local_steps=2, batch_size=16, ssl_colour_jitter=jitter)
+        local.train_round(model, data, names.SSL_SIMCLR, names.PHASE_SSL, cfg, seed=3, rnd=1)
+        return model.encoder.state_dict()
+
+    default, again, none = trained(0.4), trained(0.4), trained(0.0)
+    assert all(torch.equal(default[k], again[k]) for k in default)  # same views for the same seed
+    assert any(not torch.equal(default[k], none[k]) for k in default if default[k].is_floating_point())
 
 
 def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
