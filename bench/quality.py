@@ -563,6 +563,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="SSL learning rate")
     ap.add_argument("--ssl-colour-jitter", type=float, default=RunConfig.ssl_colour_jitter,
                     help="SimCLR views' brightness/contrast/saturation jitter strength (run config ssl-colour-jitter; 0 = none)")
+    ap.add_argument("--ssl-batchnorm", default=training.SSL_BATCHNORM_ADAPT, choices=training.SSL_BATCHNORM,
+                    help="SSL rounds: the encoder's BatchNorm statistics adapt to the views or stay frozen (run config ssl-batchnorm)")
     ap.add_argument("--share", default=training.SHARE_ENCODER, choices=training.SHARE_MODES,
                     help="what SSL rounds share (run config share): encoder, encoder-and-heads, projection-head")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
@@ -694,7 +696,7 @@ def main() -> None:
     threads = set_torch_threads()
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
                      pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
-                     local_steps=args.local_steps, lr=args.lr, ssl_colour_jitter=args.ssl_colour_jitter, share=args.share, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
+                     local_steps=args.local_steps, lr=args.lr, ssl_colour_jitter=args.ssl_colour_jitter, share=args.share, ssl_batchnorm=args.ssl_batchnorm, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, augment=args.augment,
                      head_warmup_epochs=args.head_warmup_epochs, test_time_augmentation=args.test_time_augmentation,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,

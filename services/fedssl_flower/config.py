@@ -18,7 +18,7 @@ from fedssl_core import names
 
 from .compression import ENCODINGS
 from .errors import ConfigError
-from .training import AUGMENTS, FINETUNE_LOSSES, FINETUNE_MODES, LR_SCHEDULES, SHARE_MODES
+from .training import AUGMENTS, FINETUNE_LOSSES, FINETUNE_MODES, LR_SCHEDULES, SHARE_MODES, SSL_BATCHNORM
 
 
 def coerce(default: Any, raw: Any, what: str) -> Any:
@@ -65,10 +65,15 @@ class RunConfig:
     # uniform in 1 +- this, with probability 0.8), in [0, 1]; 0 = crops, flips and turns only.
     # Colour carries diagnostic signal in dermoscopy: strong jitter teaches invariance to it.
     ssl_colour_jitter: float = 0.4
+    # SSL rounds: adapt (the encoder's BatchNorm running statistics follow the SimCLR/rotation
+    # views) | frozen (they keep the values they came with, and normalise with them)
+    ssl_batchnorm: str = "adapt"
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
     finetune_mode: str = "linear"  # linear (frozen encoder) | full
-    share: str = "encoder"  # encoder | projection-head (frozen backbone, share only the SimCLR head)
+    # SSL rounds: encoder (task heads stay at each hospital) | encoder-and-heads (the SSL task heads
+    # are averaged with the encoder) | projection-head (frozen backbone, share only the SimCLR head)
+    share: str = "encoder"
     min_hospitals: int = 2  # a round needs at least this many replies, else the run fails
     wait_for_hospitals: float = 300.0  # seconds to wait at start for min-hospitals to connect
     round_timeout: float = 1800.0  # seconds a round waits for replies before going on without the missing
@@ -172,6 +177,7 @@ class RunConfig:
         need(self.lr_schedule in LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
         need(self.finetune_loss in FINETUNE_LOSSES, f"finetune-loss={self.finetune_loss!r}; expected one of {', '.join(FINETUNE_LOSSES)}")
         need(self.head_warmup_epochs >= 0, f"head-warmup-epochs must be >= 0 (0 = off), got {self.head_warmup_epochs}")
+        need(self.ssl_batchnorm in SSL_BATCHNORM, f"ssl-batchnorm={self.ssl_batchnorm!r}; expected one of {', '.join(SSL_BATCHNORM)}")
         need(0 <= self.ssl_colour_jitter <= 1, f"ssl-colour-jitter must be in [0, 1] (0 = none), got {self.ssl_colour_jitter}")
         need(self.test_time_augmentation in names.TTA_MODES,
              f"test-time-augmentation={self.test_time_augmentation!r}; expected one of {', '.join(names.TTA_MODES)}")

@@ -379,7 +379,7 @@ class RunReport:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
                 "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "augment", "head-warmup-epochs",
-                "finetune-mode", "share", "test-time-augmentation", "ssl-colour-jitter",
+                "finetune-mode", "share", "test-time-augmentation", "ssl-colour-jitter", "ssl-batchnorm",
                 "strategy", "server-lr", "server-momentum", "update-encoding", "seed",
                 "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
         if self.cfg.dp == names.DP_CENTRAL_ADAPTIVE:

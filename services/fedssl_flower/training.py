@@ -28,6 +28,8 @@ SHARE_ENCODER = "encoder"
 SHARE_ENCODER_AND_HEADS = "encoder-and-heads"
 SHARE_PROJECTION_HEAD = "projection-head"
 SHARE_MODES = (SHARE_ENCODER, SHARE_ENCODER_AND_HEADS, SHARE_PROJECTION_HEAD)
+SSL_BATCHNORM_ADAPT, SSL_BATCHNORM_FROZEN = "adapt", "frozen"
+SSL_BATCHNORM = (SSL_BATCHNORM_ADAPT, SSL_BATCHNORM_FROZEN)
 FINETUNE_LINEAR = "linear"
 FINETUNE_FULL = "full"
 FINETUNE_MODES = (FINETUNE_LINEAR, FINETUNE_FULL)
@@ -231,15 +233,23 @@ def train_ssl(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     colour_jitter: float = 0.4,
+    batchnorm: str = "adapt",
 ) -> dict:
     """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
     adds FedProx's `proximal_term` toward the shared groups' values at the start (the
     reported loss stays the SSL loss alone). `colour_jitter`: SimCLR's brightness, contrast
-    and saturation jitter strength (0 = none)."""
+    and saturation jitter strength (0 = none). `batchnorm`: `adapt` (the encoder's BatchNorm
+    running statistics follow the augmented views) or `frozen` (they stay as they came, the
+    layers normalising with them: an ImageNet start keeps the statistics its weights expect)."""
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
+    _check(batchnorm, SSL_BATCHNORM, "ssl-batchnorm")
+    if batchnorm == SSL_BATCHNORM_FROZEN:
+        for m in model.encoder.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)

@@ -25,6 +25,7 @@ def test_run_config_defaults_come_from_pyproject(repo_root):
     ("server-momentum", 1.0, "server-momentum must be in [0, 1), got 1.0"),
     ("server-lr", 0, "server-lr must be > 0 (1 = plain FedAvg), got 0.0"),
     ("ssl-colour-jitter", 1.5, "ssl-colour-jitter must be in [0, 1] (0 = none), got 1.5"),
+    ("ssl-batchnorm", "fixed", "ssl-batchnorm='fixed'; expected one of adapt, frozen"),
 ])
 def test_bad_run_config_is_named(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

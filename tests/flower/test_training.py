@@ -116,6 +116,19 @@ def test_ssl_colour_jitter_run_config_shapes_the_simclr_views(data):
     assert any(not torch.equal(default[k], none[k]) for k in default if default[k].is_floating_point())
 
 
+@pytest.mark.parametrize("batchnorm", ["adapt", "frozen"])
+def test_ssl_batchnorm_frozen_keeps_the_encoders_statistics_while_its_weights_learn(data, batchnorm):
+    torch.manual_seed(0)
+    model = FedSSLModel(num_classes=7)
+    before = snapshot(model.encoder)
+    training.train_ssl(model, data.train_images[:32], names.SSL_SIMCLR, epochs=1, batch_size=16, batchnorm=batchnorm)
+    after = model.encoder.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in before if k.endswith("weight")]
+    assert stats and any(not torch.equal(before[k], after[k]) for k in weights)
+    assert all(torch.equal(before[k], after[k]) for k in stats) == (batchnorm == "frozen")
+
+
 def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
     """A hospital that is 90 % one class, with nothing in the images to tell the classes apart:
     plain cross-entropy learns the prior (logit gap log 9), balanced softmax (logit adjustment
