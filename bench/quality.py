@@ -30,6 +30,8 @@ fraction F of the training labels (by lesion, stratified; SSL still sees every i
   probes      linear probe and kNN of frozen encoders: random, start weights (no training)
   ssl-probe   the federated SSL rounds only, then a linear probe and kNN of the encoder
   fp16, int8  `federated` with compressed updates, both directions (bytes on the wire counted)
+SimCLR rounds take the run config's SSL options: `--lr`, `--ssl-colour-jitter`, `--ssl-batchnorm`
+(adapt | frozen) and `--share` (encoder | encoder-and-heads | projection-head).
 
 Budget: the same number of optimizer steps of `--batch-size` images per arm. Federated arms
 take `--local-steps` batches per site per round (so `sites x local-steps` per round); pooled takes
@@ -696,7 +698,8 @@ def main() -> None:
     threads = set_torch_threads()
     base = RunConfig(ssl_rounds=args.ssl_rounds, finetune_rounds=args.finetune_rounds, arch=args.arch,
                      pretrained=args.pretrained == "true", image_size=args.image_size, batch_size=args.batch_size,
-                     local_steps=args.local_steps, lr=args.lr, ssl_colour_jitter=args.ssl_colour_jitter, share=args.share, ssl_batchnorm=args.ssl_batchnorm, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
+                     local_steps=args.local_steps, lr=args.lr, finetune_lr=args.finetune_lr, lr_schedule=args.lr_schedule,
+                     ssl_colour_jitter=args.ssl_colour_jitter, ssl_batchnorm=args.ssl_batchnorm, share=args.share,
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, augment=args.augment,
                      head_warmup_epochs=args.head_warmup_epochs, test_time_augmentation=args.test_time_augmentation,
                      keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,

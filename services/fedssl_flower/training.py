@@ -233,7 +233,7 @@ def train_ssl(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     colour_jitter: float = 0.4,
-    batchnorm: str = "adapt",
+    batchnorm: str = SSL_BATCHNORM_ADAPT,
 ) -> dict:
     """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
@@ -242,10 +242,10 @@ def train_ssl(
     and saturation jitter strength (0 = none). `batchnorm`: `adapt` (the encoder's BatchNorm
     running statistics follow the augmented views) or `frozen` (they stay as they came, the
     layers normalising with them: an ImageNet start keeps the statistics its weights expect)."""
+    _check(batchnorm, SSL_BATCHNORM, "ssl-batchnorm")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
-    _check(batchnorm, SSL_BATCHNORM, "ssl-batchnorm")
     if batchnorm == SSL_BATCHNORM_FROZEN:
         for m in model.encoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
