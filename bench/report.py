@@ -83,6 +83,11 @@ def quality(q: dict, out: Path) -> None:
     ax.barh([_label(a) for a in arms], [summary[a]["balanced_accuracy"]["mean"] for a in arms],
             xerr=[summary[a]["balanced_accuracy"]["std"] for a in arms],
             color=["#3b6ea8" if a in ("federated", "pooled") else "#9bb3cf" for a in arms])
+    tta = [(i, summary[a]["with_test_time_augmentation"]["balanced_accuracy"]["mean"]) for i, a in enumerate(arms)
+           if "with_test_time_augmentation" in summary[a]]
+    if tta:  # --tta runs: the same models scored with dihedral test-time augmentation, as served
+        ax.scatter([v for _, v in tta], [i for i, _ in tta], marker="D", color="black", zorder=3, s=18,
+                   label="the same models with dihedral test-time augmentation (8 views, as served)")
     ref = q.get("reference_flamby_fed_isic2019_balanced_accuracy", {})
     for name, value, style in (("FLamby pooled", ref.get("pooled"), "--"), ("FLamby FedAvg", ref.get("FedAvg"), ":")):
         if value:
