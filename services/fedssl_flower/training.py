@@ -212,6 +212,11 @@ def proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor], mu: f
     return (mu / 2) * sum(((params[n] - ref) ** 2).sum() for n, ref in reference.items())
 
 
+def encoder_batchnorms(model: FedSSLModel) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The encoder's BatchNorm layers by state-dict prefix (`encoder.<path>`)."""
+    return {f"encoder.{n}": m for n, m in model.encoder.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
 def _channels_last(model: nn.Module, on: bool) -> None:
     """Convolutions run ~1.4x faster on CPU in channels-last layout; state dicts leave in the
     default layout so serialisation sees ordinary contiguous tensors."""
@@ -247,9 +252,8 @@ def train_ssl(
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
     if batchnorm == SSL_BATCHNORM_FROZEN:
-        for m in model.encoder.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for layer in encoder_batchnorms(model).values():
+            layer.eval()
     reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -412,7 +416,7 @@ def recompute_batchnorm(model: FedSSLModel, images: torch.Tensor, *, batch_size:
     as in training: each layer sees the batch statistics of the layers before it) of the batch
     mean and variance, and returns them by layer name with the number of images behind them,
     so that hospitals' statistics can be merged. Only the encoder's layers: heads are not run."""
-    layers = {f"encoder.{n}": m for n, m in model.encoder.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    layers = encoder_batchnorms(model)
     saved = {n: m.momentum for n, m in layers.items()}
     for m in layers.values():
         m.reset_running_stats()
