@@ -194,6 +194,7 @@ class ClassifierModel(nn.Module):
 TASK_GROUPS = {
     names.TASK_EMBEDDING: (names.GROUP_ENCODER,),
     names.TASK_CLASSIFICATION: (names.GROUP_ENCODER, names.GROUP_CLASSIFIER),
+    names.TASK_GENERATION: (names.GROUP_GENERATOR,),  # fedssl_core.generative: served by POST :generate
 }
 
 

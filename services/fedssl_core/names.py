@@ -10,6 +10,12 @@ from __future__ import annotations
 PHASE_SSL = "ssl"  # self-supervised pre-training of the shared encoder
 PHASE_FINETUNE = "finetune"  # federated supervised training of the classifier
 PHASES = (PHASE_SSL, PHASE_FINETUNE)
+PHASE_GENERATE = "generate"  # a generative run (run config task = generate): a class-conditional GAN
+
+# --- What a run trains (run config `task`) ------------------------------------------------
+RUN_DIAGNOSIS = "diagnosis"  # SSL rounds, then fine-tuning: the encoder and the classifier
+RUN_GENERATE = "generate"  # generative rounds: a class-conditional image generator
+RUN_TASKS = (RUN_DIAGNOSIS, RUN_GENERATE)
 
 # --- Self-supervised tasks a hospital can run (node config `ssl-task`) ----------------
 SSL_SIMCLR = "simclr"
@@ -42,7 +48,8 @@ SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 # --- Model tasks in the registry -----------------------------------------------------
 TASK_EMBEDDING = "embedding"
 TASK_CLASSIFICATION = "classification"
-MODEL_TASKS = (TASK_EMBEDDING, TASK_CLASSIFICATION)
+TASK_GENERATION = "generation"  # a class-conditional image generator (POST :generate)
+MODEL_TASKS = (TASK_EMBEDDING, TASK_CLASSIFICATION, TASK_GENERATION)
 
 # Test-time augmentation of a classifier (run config test-time-augmentation; input_spec
 # test_time_augmentation): none, or the mean of the softmax over the 8 dihedral views of each
@@ -56,6 +63,7 @@ TTA_VIEWS = {TTA_NONE: 1, TTA_DIHEDRAL: 8}
 # --- Registered model names and aliases the aggregator uses -------------------------
 ENCODER_MODEL = "fedssl-encoder"
 CLASSIFIER_MODEL = "fedssl-classifier"
+GENERATOR_MODEL = "fedssl-generator"
 LOCAL_MODEL_PREFIX = "fedssl-local-"  # + hospital slug: a hospital's local-only classifier (register-local-models)
 ALIAS_PRODUCTION = "production"
 ALIAS_STAGING = "staging"
@@ -67,6 +75,10 @@ GROUP_PROJECTION_HEAD = "projection_head"  # SimCLR
 GROUP_ROTATION_HEAD = "rotation_head"  # rotation prediction, 4 classes
 GROUP_CLASSIFIER = "classifier"  # diagnosis head
 PARAM_GROUPS = (GROUP_ENCODER, GROUP_PROJECTION_HEAD, GROUP_ROTATION_HEAD, GROUP_CLASSIFIER)
+# ConditionalGAN (fedssl_core.generative), a generative run's model: both networks are averaged.
+GROUP_GENERATOR = "generator"
+GROUP_DISCRIMINATOR = "discriminator"
+ARCH_CGAN = "cgan-sn"  # the registered architecture of a generator
 
 # --- Architectures --------------------------------------------------------------------
 ARCH_RESNET18 = "resnet18"
@@ -111,6 +123,16 @@ M_BASELINE_SECONDS = "baseline_seconds"  # local training of the local-only base
 M_HANDLER_SECONDS = "handler_seconds"  # the whole train handler, (de)serialisation included
 M_EVALUATE_SECONDS = "evaluate_seconds"  # scoring the received global model (and the baseline)
 TIMING_KEYS = (M_STARTUP_SECONDS, M_SETUP_SECONDS, M_COMPUTE_SECONDS, M_BASELINE_SECONDS, M_HANDLER_SECONDS, M_EVALUATE_SECONDS)
+# A generative round (task=generate), scored by each hospital on its own held-out images with
+# ImageNet EfficientNet-Lite0 features (fedssl_flower.generative_metrics):
+M_GENERATOR_LOSS = "generator_loss"
+M_DISCRIMINATOR_LOSS = "discriminator_loss"
+M_FID = "fid"  # Frechet distance, generated vs held-out real
+M_GEN_PRECISION = "gen_precision"  # improved precision (Kynkaanniemi et al. 2019): realism
+M_GEN_RECALL = "gen_recall"  # improved recall: coverage of the real images
+M_MEMORISATION_RATIO = "memorisation_distance_ratio"  # generated-to-train / held-out-to-train nearest distances (median)
+M_TOO_CLOSE = "memorisation_too_close_fraction"  # generated images nearer a training image than 99 % of held-out ones
+GENERATIVE_SCORES = (M_FID, M_GEN_PRECISION, M_GEN_RECALL, M_MEMORISATION_RATIO, M_TOO_CLOSE)
 LOCAL_ONLY_PREFIX = "local_only_"  # a hospital's local-only model: local_only_balanced_accuracy…
 
 # --- Environment variables shared across services ----------------------------------

@@ -41,12 +41,14 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) ->
     return out
 
 
-STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+# BatchNorm statistics, and spectral norm's power-iteration vectors (`weight_u`, `weight_v` of
+# the generative run's discriminator): state the forward pass updates, not trained parameters.
+STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", ".weight_u", ".weight_v")
 
 
 def is_trained(key: str, array: np.ndarray) -> bool:
-    """A trained float parameter (goes through the strategy), not a BatchNorm statistic or an
-    integer buffer (plain average / max)."""
+    """A trained float parameter (goes through the strategy), not a BatchNorm statistic, a
+    spectral-norm power-iteration vector or an integer buffer (plain average / max)."""
     return np.issubdtype(array.dtype, np.floating) and not key.endswith(STATISTICS_SUFFIXES)
 
 
