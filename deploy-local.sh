@@ -3,7 +3,7 @@
 # all as local processes; trains across the hospitals, then leaves the registry serving.
 #
 #   ./deploy-local.sh                      # = up with defaults
-#   ./deploy-local.sh up [--preset default|quality] [--hospitals N] [--rounds N] [--finetune-rounds N]
+#   ./deploy-local.sh up [--preset default|quality|generate] [--hospitals N] [--rounds N] [--finetune-rounds N]
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH|kaggle:SLUG] [--max-images N]
 #                        [--partition SCHEME] [--dirichlet-alpha A] [--label-map MAP] [--class-names a,b,...]
 #                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]] [--register-local-models]
@@ -23,6 +23,10 @@
 #     --preset default: 3 hospitals, at most 600 images each (8 minutes on 2 CPU cores, 2026-12-04);
 #     --preset quality: HAM10000's 4 acquisition sites with all their images: the recipe of
 #                       docs/benchmarks.md section 1 through the real deployment.
+#     --preset generate: a generative run (run config task=generate): 3 hospitals with all their
+#                       images train a class-conditional GAN together at 32 px; the registry then
+#                       serves fedssl-generator (POST /v1/models/fedssl-generator:generate).
+#                       --rounds N sets its generate-rounds.
 #     SSL rounds are opt-in (--rounds N): on top of the ImageNet start they did not help at
 #     this budget (docs/benchmarks.md).
 #     Rounds, image size and local steps default to the app's run config (pyproject.toml).
@@ -191,7 +195,7 @@ cmd_up() {
   local preset=default ssl_tasks=simclr hospitals="" rounds="" ft_rounds="" image_size="" local_steps="" data=auto max_images="" round_timeout=1800
   while [ $# -gt 0 ]; do
     case "$1" in
-      --preset) preset="${2:?--preset needs default or quality}"; shift 2 ;;
+      --preset) preset="${2:?--preset needs default, quality or generate}"; shift 2 ;;
       --ssl-tasks) ssl_tasks="${2:?--ssl-tasks needs a comma list of simclr and rotation}"; shift 2 ;;
       --local-steps) local_steps="${2:?--local-steps needs a number}"; shift 2 ;;
       --hospitals) hospitals="${2:?--hospitals needs a number}"; shift 2 ;;
@@ -220,8 +224,13 @@ cmd_up() {
   case "$preset" in
     default) default_hospitals=3 max_images="${max_images:-600}" ;;
     quality) default_hospitals=4 max_images="${max_images:-0}" ;;
-    *) die "--preset must be default or quality, got '$preset'" ;;
+    generate) default_hospitals=3 max_images="${max_images:-0}" ;;
+    *) die "--preset must be default, quality or generate, got '$preset'" ;;
   esac
+  if [ "$preset" = generate ]; then
+    [ -z "$ft_rounds$local_steps" ] || die "--finetune-rounds and --local-steps apply to diagnosis runs, not to --preset generate (its steps per round: --run-config gan-steps=N)"
+    [ -z "$image_size" ] || [ "$image_size" = 32 ] || [ "$image_size" = 64 ] || die "--preset generate: --image-size must be 32 or 64 (the generator's sizes), got '$image_size'"
+  fi
   [ -z "$hospitals" ] || { is_int "$hospitals" && [ "$hospitals" -ge 1 ]; } || die "--hospitals must be a whole number >= 1, got '$hospitals'"
   [ -z "$alpha" ] || [[ "$alpha" =~ ^[0-9]*\.?[0-9]+$ ]] || die "--dirichlet-alpha must be a number > 0, got '$alpha'"
   [ -z "$alpha" ] || [ "$partition" = dirichlet ] || die "--dirichlet-alpha needs --partition dirichlet"
@@ -335,16 +344,27 @@ cmd_up() {
 
   local min_hospitals=$(( hospitals < 2 ? hospitals : 2 ))
   local overrides=()
+  if [ "$preset" = generate ]; then
+    overrides+=(-c "task=generate" -c "image-size=${image_size:-32}")
+    [ -n "$rounds" ] && overrides+=(-c "generate-rounds=$rounds")
+    rounds="" image_size=""
+  fi
   [ -n "$rounds" ] && overrides+=(-c "ssl-rounds=$rounds")
   [ -n "$ft_rounds" ] && overrides+=(-c "finetune-rounds=$ft_rounds")
   [ -n "$image_size" ] && overrides+=(-c "image-size=$image_size")
   [ -n "$local_steps" ] && overrides+=(-c "local-steps=$local_steps")
   [ "$register_local" = true ] && overrides+=(-c "register-local-models=true")
-  local d_rounds d_ft d_size d_steps  # the app's defaults (pyproject.toml [tool.flwr.app.config]) for what was not given
-  read -r d_rounds d_ft d_size d_steps <<<"$("$VENV/bin/python" -c 'import sys, tomllib
+  local d_rounds d_ft d_size d_steps d_gen d_gan  # the app's defaults (pyproject.toml [tool.flwr.app.config]) for what was not given
+  read -r d_rounds d_ft d_size d_steps d_gen d_gan <<<"$("$VENV/bin/python" -c 'import sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))["tool"]["flwr"]["app"]["config"]
-print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])' "$ROOT/pyproject.toml")"
-  say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each"))"
+print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"], c["generate-rounds"], c["gan-steps"])' "$ROOT/pyproject.toml")"
+  local held
+  held="$([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each")"
+  if [ "$preset" = generate ]; then
+    say "submitting the run (preset generate): class-conditional GAN, ${overrides[*]} ($d_gen rounds of $d_gan steps unless overridden) on $hospitals hospitals ($source data, $held)"
+  else
+    say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $held)"
+  fi
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
     "${overrides[@]}" -c "min-hospitals=$min_hospitals" -c "wait-for-hospitals=600.0" -c "round-timeout=$round_timeout.0" -c "data-warning=\"$warning\"" \
@@ -365,10 +385,17 @@ print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"])'
     "$VENV/bin/python" -c "from PIL import Image; Image.new('RGB', (64, 64), (180, 120, 90)).save('$sample')"
   fi
   say "done. The registry keeps serving at $registry_url (dashboard: $registry_url/)"
-  say "classify an image (KServe-style REST):"
-  echo
-  echo "  curl -s -H \"Authorization: Bearer \$(cat $token_file)\" -F \"file=@$sample\" $registry_url/v1/models/fedssl-classifier:predict"
-  echo
+  if [ "$preset" = generate ]; then
+    say "draw synthetic images of one class (PNG, base64 in JSON; \"format\": \"zip\" for a zip):"
+    echo
+    echo "  curl -s -H \"Authorization: Bearer \$(cat $token_file)\" -H 'Content-Type: application/json' -d '{\"class\": 0, \"count\": 8, \"seed\": 1}' $registry_url/v1/models/fedssl-generator:generate"
+    echo
+  else
+    say "classify an image (KServe-style REST):"
+    echo
+    echo "  curl -s -H \"Authorization: Bearer \$(cat $token_file)\" -F \"file=@$sample\" $registry_url/v1/models/fedssl-classifier:predict"
+    echo
+  fi
   if [ "$register_local" = true ]; then
     say "each hospital's own model is registered as fedssl-local-<hospital>; compare them on one image: $registry_url/dashboard/try"
   fi

@@ -117,8 +117,10 @@ def test_bad_arguments_are_refused_with_what_was_expected(deployed):
         (["up", "--dirichlet-alpha", "0.3"], "--dirichlet-alpha needs --partition dirichlet"),
         (["up", "--partition", "dirichlet", "--dirichlet-alpha", "x"], "--dirichlet-alpha must be a number > 0, got 'x'"),
         (["up", "--frobnicate"], "unknown option '--frobnicate'"),
-        (["up", "--preset", "fast"], "--preset must be default or quality, got 'fast'"),
+        (["up", "--preset", "fast"], "--preset must be default, quality or generate, got 'fast'"),
         (["up", "--local-steps", "0"], "--local-steps must be a whole number >= 1, got '0'"),
+        (["up", "--preset", "generate", "--image-size", "96"], "--preset generate: --image-size must be 32 or 64"),
+        (["up", "--preset", "generate", "--finetune-rounds", "2"], "--finetune-rounds and --local-steps apply to diagnosis runs"),
         (["up", "--ssl-tasks", "simclr,jigsaw"], "--ssl-tasks: unknown SSL task 'jigsaw'"),
         (["restart"], "unknown command 'restart' (expected up, status, down or --kind)"),
     ]

@@ -29,11 +29,11 @@ import re
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl_core import names, weights
+from fedssl_core.generative import ConditionalGAN
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
 from . import local, local_dp, records, secure_aggregation, training
@@ -84,13 +84,12 @@ def _has_model(context: Context, key: str) -> bool:
     return _state_path(context, key).is_file()
 
 
-def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedSSLModel:
+def _model(context: Context, key: str, cfg: RunConfig, num_classes: int) -> FedSSLModel | ConditionalGAN:
     """The hospital's model `key` from its state directory; a seeded fresh one the first time
     (the server's initial model is identical, so the local-only baseline starts where the
-    federation starts)."""
-    torch.manual_seed(cfg.seed)
+    federation starts). A generative run's model is its GAN (`local.new_model`)."""
     saved = _has_model(context, key)
-    model = FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained and not saved)
+    model = local.new_model(cfg, num_classes, pretrained=cfg.pretrained and not saved)
     if saved:
         weights.load_into(model, weights.load_file(_state_path(context, key)))
     return model

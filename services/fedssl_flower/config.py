@@ -37,6 +37,9 @@ def coerce(default: Any, raw: Any, what: str) -> Any:
 
 @dataclass(frozen=True)
 class RunConfig:
+    # What the run trains: diagnosis (SSL rounds, then fine-tuning: an encoder and a classifier) |
+    # generate (generative rounds: a class-conditional GAN, fedssl_core.generative; the keys gan-*)
+    task: str = names.RUN_DIAGNOSIS
     ssl_rounds: int = 3  # federated self-supervised rounds
     finetune_rounds: int = 2  # federated supervised rounds after SSL
     arch: str = names.ARCH_RESNET18  # resnet18 | resnet50 | efficientnet_lite0
@@ -68,6 +71,20 @@ class RunConfig:
     # SSL rounds: adapt (the encoder's BatchNorm running statistics follow the SimCLR/rotation
     # views) | frozen (they keep the values they came with, and normalise with them)
     ssl_batchnorm: str = "adapt"
+    # task=generate: rounds, and each hospital's generator/discriminator steps per round (batches
+    # of batch-size images at image-size, which must be 32 or 64); Adam learning rates (beta1 = 0);
+    # the generator's latent size and width (its last block's channels; the discriminator's first);
+    # DiffAugment (colour, translation, cutout) on every image the discriminator sees; the
+    # generated images each hospital scores per round against its held-out ones (FID,
+    # precision/recall, memorisation: services/fedssl_flower/generative_metrics.py).
+    generate_rounds: int = 10
+    gan_steps: int = 50
+    gan_lr: float = 2e-4
+    gan_lr_discriminator: float = 2e-4
+    gan_z_dim: int = 64
+    gan_width: int = 32
+    gan_diffaugment: bool = True
+    gan_eval_samples: int = 256
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
     finetune_mode: str = "linear"  # linear (frozen encoder) | full
@@ -165,8 +182,12 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        need(self.task in names.RUN_TASKS, f"task={self.task!r}; expected one of {', '.join(names.RUN_TASKS)}")
         need(self.ssl_rounds >= 0 and self.finetune_rounds >= 0, "ssl-rounds and finetune-rounds must be >= 0")
-        need(self.ssl_rounds + self.finetune_rounds > 0, "nothing to do: ssl-rounds and finetune-rounds are both 0")
+        if self.task == names.RUN_GENERATE:
+            self._validate_generate(need)
+        else:
+            need(self.ssl_rounds + self.finetune_rounds > 0, "nothing to do: ssl-rounds and finetune-rounds are both 0")
         need(self.arch in names.ARCHITECTURES, f"arch={self.arch!r}; expected one of {', '.join(names.ARCHITECTURES)}")
         need(self.image_size >= 16, f"image-size must be >= 16, got {self.image_size}")
         need(self.batch_size >= 2, f"batch-size must be >= 2, got {self.batch_size}")
@@ -256,6 +277,26 @@ class RunConfig:
              "register-local-models=true needs local-baseline=true: without it hospitals train no local-only model to register")
         need(not self.register_local_models or self.finetune_rounds > 0,
              "register-local-models=true needs finetune-rounds >= 1: local-only classifiers exist only after fine-tuning")
+
+    def _validate_generate(self, need) -> None:
+        from fedssl_core.generative import IMAGE_SIZES
+
+        need(self.generate_rounds >= 1, f"task=generate needs generate-rounds >= 1, got {self.generate_rounds}")
+        need(self.gan_steps >= 1, f"gan-steps must be >= 1, got {self.gan_steps}")
+        need(self.gan_lr > 0 and self.gan_lr_discriminator > 0,
+             f"gan-lr and gan-lr-discriminator must be > 0, got {self.gan_lr} and {self.gan_lr_discriminator}")
+        need(1 <= self.gan_z_dim <= 1024, f"gan-z-dim must be in 1..1024, got {self.gan_z_dim}")
+        need(4 <= self.gan_width <= 512, f"gan-width must be in 4..512, got {self.gan_width}")
+        need(self.strategy != names.STRATEGY_FEDPROX,
+             "task=generate does not train with FedProx's proximal term; pick another strategy (e.g. fedavg, fedadam)")
+        need(self.gan_eval_samples >= 2, f"gan-eval-samples must be >= 2 (FID needs two), got {self.gan_eval_samples}")
+        need(self.image_size in IMAGE_SIZES,
+             f"task=generate: image-size={self.image_size}; the generator makes {' or '.join(map(str, IMAGE_SIZES))} px images")
+        need(not self.register_local_models,
+             "register-local-models=true registers local-only classifiers, which task=generate does not train; set it false")
+        need(not self.resume_from_registry,
+             "task=generate with resume-from-registry=true: the registry keeps the generator only, not the discriminator a "
+             "resumed run would need; start a new run")
 
     def _validate_secure_aggregation(self, need) -> None:
         shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold

@@ -11,10 +11,11 @@ import math
 
 import torch
 
+from fedssl_core import generative as gan_models
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel
 
-from . import training
+from . import generative, training
 from .config import RunConfig
 from .data import HospitalData
 
@@ -40,6 +41,10 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
     `drift`: fine-tuning's SCAFFOLD control variates (`training.train_supervised`).
     `proximal_mu`: FedProx's proximal term toward the model as it is now (`training.proximal_term`)."""
     n = len(data.train_images)
+    if phase == names.PHASE_GENERATE:
+        return generative.train_gan(model, data.train_images, data.train_labels, steps=cfg.gan_steps, batch_size=cfg.batch_size,
+                                    lr_generator=cfg.gan_lr, lr_discriminator=cfg.gan_lr_discriminator, seed=seed,
+                                    augment=cfg.gan_diffaugment)
     if phase == names.PHASE_SSL:
         return training.train_ssl(
             model, data.train_images, task, batch_size=cfg.batch_size, share=cfg.share, seed=seed,
@@ -63,7 +68,10 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
 
 def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig) -> dict:
     """Scores on the hospital's held-out split. An SSL-phase encoder has no classifier yet, so
-    it is scored by a linear probe fitted on the hospital's training split."""
+    it is scored by a linear probe fitted on the hospital's training split. A generator is
+    scored by what it draws against the held-out images (`score_generator`)."""
+    if phase == names.PHASE_GENERATE:
+        return score_generator(model, data, cfg)
     if phase == names.PHASE_SSL:
         model = copy.deepcopy(model)
         torch.manual_seed(cfg.seed)
@@ -73,3 +81,30 @@ def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig) ->
             batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=training.FINETUNE_LINEAR, seed=cfg.seed,
         )
     return training.evaluate(model, data.test_images, data.test_labels, data.class_names, tta=cfg.test_time_augmentation)
+
+
+def new_model(cfg: RunConfig, num_classes: int, pretrained: bool | None = None) -> FedSSLModel | gan_models.ConditionalGAN:
+    """The run's model, seeded with the run's seed (the aggregator and every hospital build the
+    same one): the GAN of a generative run, else the encoder with its heads."""
+    torch.manual_seed(cfg.seed)
+    if cfg.task == names.RUN_GENERATE:
+        return gan_models.ConditionalGAN(num_classes, cfg.image_size, cfg.gan_z_dim, cfg.gan_width)
+    return FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained if pretrained is None else pretrained)
+
+
+def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: RunConfig) -> dict:
+    """A generator's scores at a hospital: `gan-eval-samples` images drawn with the held-out
+    split's class mix against the held-out images (Frechet distance and precision/recall on
+    ImageNet EfficientNet-Lite0 features), and how near they sit to the training images
+    (memorisation). The same latents every round (the run's seed), so rounds compare."""
+    from . import generative_metrics  # timm and the Lite0 weights: only generative runs pay for them
+
+    def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return gan_models.sample(gan.generator, labels, seed)
+
+    m = generative_metrics.score_generator(draw, data.train_images, data.train_labels, data.test_images, data.test_labels,
+                                           extractor=generative_metrics.FeatureExtractor(), seed=cfg.seed,
+                                           max_samples=cfg.gan_eval_samples)
+    return {names.M_FID: m["fid"], names.M_GEN_PRECISION: m["precision"], names.M_GEN_RECALL: m["recall"],
+            names.M_MEMORISATION_RATIO: m["memorisation_distance_ratio"], names.M_TOO_CLOSE: m["memorisation_too_close_fraction"],
+            "generated_examples": m["generated_examples"], names.M_TEST_EXAMPLES: m["real_examples"]}

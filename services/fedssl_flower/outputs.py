@@ -29,6 +29,13 @@ CSV_COLUMNS = [
     names.LOCAL_ONLY_PREFIX + names.M_ACCURACY, names.LOCAL_ONLY_PREFIX + names.M_BALANCED_ACCURACY,
     names.LOCAL_ONLY_PREFIX + names.M_MACRO_AUC, "duration_seconds", "bytes_sent", "bytes_received",
 ]
+# A generative run's (task=generate) rounds: the GAN's losses and each hospital's scores of the
+# global generator, beside its local-only generator's.
+GENERATE_CSV_COLUMNS = [
+    "phase", "round", "hospital", names.M_EXAMPLES, names.M_GENERATOR_LOSS, names.M_DISCRIMINATOR_LOSS,
+    *names.GENERATIVE_SCORES, names.M_TEST_EXAMPLES, *(names.LOCAL_ONLY_PREFIX + k for k in names.GENERATIVE_SCORES),
+    "duration_seconds", "bytes_sent", "bytes_received",
+]
 
 
 class RunFolder:
@@ -49,11 +56,12 @@ class RunFolder:
             rows.append({**base, "hospital": hospital, **metrics})
         new = not self.csv_path.exists()
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        columns = GENERATE_CSV_COLUMNS if record["phase"] == names.PHASE_GENERATE else CSV_COLUMNS
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
         self._append(self.csv_path, buf.getvalue())
         self._append(self.path / "rounds.jsonl", json.dumps(record) + "\n")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from flwr.app import Message
 
-from fedssl_core import names, weights
+from fedssl_core import generative, names, weights
 from fedssl_core.models import TASK_GROUPS, select_groups
 
 from . import aggregation, local_models, records
@@ -109,6 +109,13 @@ def temperature_scaled(state: dict[str, torch.Tensor], aggregated: dict) -> tupl
                     "fitted_on": "hospitals' held-out splits, NLL summed by the aggregator"}
 
 
+_DESCRIPTIONS = {
+    names.TASK_EMBEDDING: "fedssl shared image encoder (federated self-supervised)",
+    names.TASK_CLASSIFICATION: "fedssl diagnosis classifier (federated fine-tuned)",
+    names.TASK_GENERATION: "fedssl class-conditional image generator (federated GAN): synthetic images, POST :generate",
+}
+
+
 def secure_summary(secure: SecureResult) -> dict:
     """What a secure round's record keeps: the protocol's parameters, each stage's cost, who
     dropped out where (by node id; hospital names are in the round's failed list)."""
@@ -142,7 +149,7 @@ class RunReport:
         return {
             "status": status,
             "phase": self.history[-1]["phase"] if self.history else names.PHASE_SSL,
-            "planned_rounds": {names.PHASE_SSL: self.cfg.ssl_rounds, names.PHASE_FINETUNE: self.cfg.finetune_rounds},
+            "planned_rounds": self._planned_rounds(),
             "config": self.cfg.as_dict(),
             "data_source": source,
             "synthetic_data": synthetic,
@@ -169,6 +176,14 @@ class RunReport:
             "error": error,
         }
 
+    def _phases(self) -> tuple[str, ...]:
+        return (names.PHASE_GENERATE,) if self.cfg.task == names.RUN_GENERATE else names.PHASES
+
+    def _planned_rounds(self) -> dict[str, int]:
+        if self.cfg.task == names.RUN_GENERATE:
+            return {names.PHASE_GENERATE: self.cfg.generate_rounds}
+        return {names.PHASE_SSL: self.cfg.ssl_rounds, names.PHASE_FINETUNE: self.cfg.finetune_rounds}
+
     def put_run(self, status: str) -> None:
         """The run's body, as of now, to the registry (when one is configured)."""
         if self.registry is not None:
@@ -189,11 +204,14 @@ class RunReport:
 
     def summary(self, status: str, error: str | None = None, privacy: dict | None = None) -> dict:
         """The run folder's summary.json; `privacy`: the run's privacy spent (dp), if any."""
-        last = {p: next((r["aggregated"] for r in reversed(self.history) if r["phase"] == p), None) for p in names.PHASES}
+        last = {p: next((r["aggregated"] for r in reversed(self.history) if r["phase"] == p), None) for p in self._phases()}
+        model = ({"arch": names.ARCH_CGAN, "image_size": self.cfg.image_size, "num_classes": len(self.hospitals.class_names),
+                  "z_dim": self.cfg.gan_z_dim, "width": self.cfg.gan_width} if self.cfg.task == names.RUN_GENERATE else
+                 {"arch": self.cfg.arch, "image_size": self.cfg.image_size, "num_classes": len(self.hospitals.class_names),
+                  "finetune_mode": self.cfg.finetune_mode, "share": self.cfg.share})
         return {
             "run_id": self.run_id, "status": status, "error": error,
-            "model": {"arch": self.cfg.arch, "image_size": self.cfg.image_size, "num_classes": len(self.hospitals.class_names),
-                      "finetune_mode": self.cfg.finetune_mode, "share": self.cfg.share},
+            "model": model,
             "classes": self.hospitals.class_names,
             "data": self.hospitals.data_facts()[0], "synthetic_data": self.hospitals.data_facts()[1], "warnings": self.warnings,
             "hospitals": {h.name: {"ssl_task": h.ssl_task, "audit": h.audit} for h in self.hospitals.values()},
@@ -262,6 +280,9 @@ class RunReport:
             record["timing"]["register_seconds"] = time.monotonic() - t_reg
             self.folder.append_round(record)
         self.history.append(record)
+        if phase == names.PHASE_GENERATE:
+            self._generate_progress(t, aggregated, evaluate_seconds)
+            return record
         loss = aggregated.get(names.M_FINETUNE_LOSS if phase == names.PHASE_FINETUNE else names.M_LOSS)
         progress("phase=%s round=%d/%d hospitals=%d loss=%s balanced_accuracy=%s macro_auc=%s (%.1fs)",
                  phase, rnd, t.total, len(t.examples), _fmt(loss), _fmt(aggregated.get(names.M_BALANCED_ACCURACY)),
@@ -275,9 +296,26 @@ class RunReport:
                      + (f", budget {p['max_epsilon']:g}" if p.get("max_epsilon") else ""))
         return record
 
+    def _generate_progress(self, t: Trained, aggregated: dict, evaluate_seconds: float) -> None:
+        """A generative round's progress line; a warning when hospitals found generated images
+        nearer their training images than real unseen images ever are (possible copies)."""
+        progress("phase=%s round=%d/%d hospitals=%d generator_loss=%s discriminator_loss=%s fid=%s precision=%s recall=%s "
+                 "too_close=%s (%.1fs)", t.phase, t.round, t.total, len(t.examples), _fmt(aggregated.get(names.M_GENERATOR_LOSS)),
+                 _fmt(aggregated.get(names.M_DISCRIMINATOR_LOSS)), _fmt(aggregated.get(names.M_FID)),
+                 _fmt(aggregated.get(names.M_GEN_PRECISION)), _fmt(aggregated.get(names.M_GEN_RECALL)),
+                 _fmt(aggregated.get(names.M_TOO_CLOSE)), t.seconds + evaluate_seconds)
+        close = {h: m[names.M_TOO_CLOSE] for h, m in self.history[-1]["hospitals"].items() if m.get(names.M_TOO_CLOSE)}
+        if close:
+            progress("phase=%s round=%d memorisation: generated images nearer a training image than 99%% of held-out images "
+                     "are, by hospital: %s", t.phase, t.round, ", ".join(f"{h} {v:.1%}" for h, v in sorted(close.items())))
+
     # ---------------------------------------------------------------- registered versions
     def _input_spec(self, task: str = names.TASK_CLASSIFICATION) -> dict:
-        """How the registered model reads images; a classifier also how it was scored (test-time augmentation)."""
+        """How the registered model reads images; a classifier also how it was scored (test-time
+        augmentation); a generator what it draws (its image size, classes and latent size)."""
+        if task == names.TASK_GENERATION:
+            return {"image_size": self.cfg.image_size, "channels": 3, "class_names": self.hospitals.class_names,
+                    "z_dim": self.cfg.gan_z_dim}
         mean, std = names.NORMALIZATION[self.cfg.arch]
         return {"image_size": self.cfg.image_size, "channels": 3, "mean": list(mean), "std": list(std),
                 "class_names": self.hospitals.class_names} | (
@@ -296,15 +334,20 @@ class RunReport:
         source, synthetic = self.hospitals.data_facts()
         scalars = {k: v for k, v in aggregated.items() if isinstance(v, (int, float))}
         targets = [(names.ENCODER_MODEL, names.TASK_EMBEDDING)]
-        if phase == names.PHASE_FINETUNE:
+        if phase == names.PHASE_GENERATE:
+            targets = [(names.GENERATOR_MODEL, names.TASK_GENERATION)]
+        elif phase == names.PHASE_FINETUNE:
             targets.append((names.CLASSIFIER_MODEL, names.TASK_CLASSIFICATION))
         for model_name, task in targets:
             self.registry.ensure_model(
-                model_name, task=task, architecture=self.cfg.arch, input_spec=self._input_spec(task),
-                description=("fedssl shared image encoder (federated self-supervised)" if task == names.TASK_EMBEDDING
-                             else "fedssl diagnosis classifier (federated fine-tuned)"),
+                model_name, task=task, architecture=names.ARCH_CGAN if task == names.TASK_GENERATION else self.cfg.arch,
+                input_spec=self._input_spec(task), description=_DESCRIPTIONS[task],
             )
             meta = self._weights_meta(task, phase, rnd)
+            if task == names.TASK_GENERATION:
+                meta |= {"fedssl.arch": names.ARCH_CGAN} | generative.generator_meta(
+                    {"num_classes": len(self.hospitals.class_names), "image_size": self.cfg.image_size,
+                     "z_dim": self.cfg.gan_z_dim, "width": self.cfg.gan_width})
             served = select_groups(state, TASK_GROUPS[task])
             calibration = None
             if task == names.TASK_CLASSIFICATION:
@@ -377,6 +420,12 @@ class RunReport:
 
     def recipe(self) -> dict:
         """The training recipe behind a registered version: every run-config key that shapes the model."""
+        if self.cfg.task == names.RUN_GENERATE:
+            config = self.cfg.as_dict()
+            keep = ("task", "image-size", "batch-size", "generate-rounds", "gan-steps", "gan-lr", "gan-lr-discriminator",
+                    "gan-z-dim", "gan-width", "gan-diffaugment", "gan-eval-samples", "strategy", "server-lr", "server-momentum",
+                    "update-encoding", "seed", "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta", "dp-max-epsilon")
+            return {k: config[k] for k in keep} | {"strategy_parameters": aggregation.parameters(self.cfg)}
         keep = ("arch", "pretrained", "image-size", "batch-size", "ssl-rounds", "finetune-rounds", "local-epochs", "local-steps",
                 "lr", "finetune-lr", "lr-schedule", "weight-decay", "keep-optimizer-state", "finetune-loss", "augment", "head-warmup-epochs",
                 "finetune-mode", "share", "test-time-augmentation", "ssl-colour-jitter", "ssl-batchnorm",
@@ -394,7 +443,10 @@ class RunReport:
         """What the model cost up to this registration: rounds per phase (this one included;
         `recorded`: it is in the history already), local steps per round at each hospital,
         and the run's wall time so far."""
-        rounds = {p: sum(1 for h in self.history if h["phase"] == p) + (p == phase and not recorded) for p in names.PHASES}
+        rounds = {p: sum(1 for h in self.history if h["phase"] == p) + (p == phase and not recorded) for p in self._phases()}
+        if self.cfg.task == names.RUN_GENERATE:
+            return {"rounds": rounds, "gan_steps_per_round": self.cfg.gan_steps, "batch_size": self.cfg.batch_size,
+                    "wall_seconds": round(time.monotonic() - self.t_start, 1)}
         return {"rounds": rounds, "local_steps_per_round": self.cfg.local_steps or None, "local_epochs_per_round":
                 None if self.cfg.local_steps else self.cfg.local_epochs, "batch_size": self.cfg.batch_size,
                 "wall_seconds": round(time.monotonic() - self.t_start, 1)}

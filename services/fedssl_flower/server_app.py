@@ -33,9 +33,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
 from fedssl_core import names, weights
-from fedssl_core.models import FedSSLModel
 
-from . import records, secure_aggregation, training
+from . import local, records, secure_aggregation, training
 from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update, update_norm
 from .config import RunConfig
 from .errors import ConfigError, RunFailed
@@ -69,8 +68,7 @@ class Aggregator:
 
     # ---------------------------------------------------------------- model
     def _init_model(self) -> None:
-        torch.manual_seed(self.cfg.seed)
-        model = FedSSLModel(self.cfg.arch, num_classes=len(self.hospitals.class_names), pretrained=self.cfg.pretrained)
+        model = local.new_model(self.cfg, len(self.hospitals.class_names))
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ---------------------------------------------------------------- rounds
@@ -103,7 +101,8 @@ class Aggregator:
             m["test_loss"] = m.pop(names.M_LOSS, None)
             if records.LOCAL_EVAL_METRICS in reply.content:
                 local = records.from_metric_record(reply.content[records.LOCAL_EVAL_METRICS], len(self.hospitals.class_names))
-                for k in (names.M_ACCURACY, names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_F1, names.M_CONFUSION_MATRIX):
+                for k in (names.M_ACCURACY, names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_F1, names.M_CONFUSION_MATRIX,
+                          *names.GENERATIVE_SCORES):
                     if k in local:
                         m[names.LOCAL_ONLY_PREFIX + k] = local[k]
             scores[name] = m
@@ -355,6 +354,30 @@ class Aggregator:
                 self.report.put_run("running")
         return trained
 
+    def _diagnosis_schedule(self) -> list[tuple[str, int, int]]:
+        """SSL rounds, then fine-tuning rounds; with resume-from-registry, those after the newest checkpoint."""
+        start = (names.PHASE_SSL, 0)
+        if self.cfg.resume_from_registry:
+            start = self._resume_point() or start
+            if start != (names.PHASE_SSL, 0) and (self.cfg.strategy in STATEFUL_STRATEGIES or self.cfg.server_momentum > 0):
+                log.warning("resume-from-registry with strategy=%s: the server optimiser's state (momentum, moments) is "
+                            "not registered with the model; the resumed rounds start it from zero", self.cfg.strategy)
+        schedule = [(names.PHASE_SSL, r, self.cfg.ssl_rounds) for r in range(1, self.cfg.ssl_rounds + 1)]
+        schedule += [(names.PHASE_FINETUNE, r, self.cfg.finetune_rounds) for r in range(1, self.cfg.finetune_rounds + 1)]
+        order = {names.PHASE_SSL: 0, names.PHASE_FINETUNE: 1}
+        schedule = [s for s in schedule if (order[s[0]], s[1]) > (order[start[0]], start[1])]
+        progress("run %s: %d SSL + %d fine-tune rounds, %d hospitals (%s)", self.run_id, self.cfg.ssl_rounds,
+                 self.cfg.finetune_rounds, len(self.hospitals.names()), ", ".join(self.hospitals.names()))
+        return schedule
+
+    def _generate_schedule(self) -> list[tuple[str, int, int]]:
+        """task=generate: `generate-rounds` rounds of the class-conditional GAN, each averaged,
+        scored and registered like a diagnosis round."""
+        progress("run %s: %d generative rounds (class-conditional GAN, %d px, %d steps per round), %d hospitals (%s)", self.run_id,
+                 self.cfg.generate_rounds, self.cfg.image_size, self.cfg.gan_steps, len(self.hospitals.names()),
+                 ", ".join(self.hospitals.names()))
+        return [(names.PHASE_GENERATE, r, self.cfg.generate_rounds) for r in range(1, self.cfg.generate_rounds + 1)]
+
     def run(self) -> None:
         add_exit_handler(self._stopped)
         try:
@@ -364,18 +387,7 @@ class Aggregator:
             self._init_model()
             if any(h.audit.get("synthetic_data") for h in self.hospitals.values()):
                 self.report.warnings.append("trained on SYNTHETIC images: not a model of real data")
-            start = (names.PHASE_SSL, 0)
-            if self.cfg.resume_from_registry:
-                start = self._resume_point() or start
-                if start != (names.PHASE_SSL, 0) and (self.cfg.strategy in STATEFUL_STRATEGIES or self.cfg.server_momentum > 0):
-                    log.warning("resume-from-registry with strategy=%s: the server optimiser's state (momentum, moments) is "
-                                "not registered with the model; the resumed rounds start it from zero", self.cfg.strategy)
-            schedule = [(names.PHASE_SSL, r, self.cfg.ssl_rounds) for r in range(1, self.cfg.ssl_rounds + 1)]
-            schedule += [(names.PHASE_FINETUNE, r, self.cfg.finetune_rounds) for r in range(1, self.cfg.finetune_rounds + 1)]
-            order = {names.PHASE_SSL: 0, names.PHASE_FINETUNE: 1}
-            schedule = [s for s in schedule if (order[s[0]], s[1]) > (order[start[0]], start[1])]
-            progress("run %s: %d SSL + %d fine-tune rounds, %d hospitals (%s)", self.run_id, self.cfg.ssl_rounds,
-                     self.cfg.finetune_rounds, len(self.hospitals.names()), ", ".join(self.hospitals.names()))
+            schedule = self._generate_schedule() if self.cfg.task == names.RUN_GENERATE else self._diagnosis_schedule()
             self.aggregation.population = len(self.hospitals.names())  # dp: the accountant's population
             trained = self._train(schedule)
             if trained is not None:

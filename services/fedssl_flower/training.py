@@ -54,6 +54,13 @@ _TASK_HEAD = {names.SSL_SIMCLR: names.GROUP_PROJECTION_HEAD, names.SSL_ROTATION:
 # the same task train their encoders against one averaged head rather than each against its
 # own; a hospital returns the heads of the other tasks unchanged.
 _SSL_HEADS = tuple(_TASK_HEAD.values())
+# task=generate: both networks of the GAN are averaged. The discriminator travels too: a
+# hospital's generator learns from its discriminator, and four discriminators that each saw
+# only their own images would pull one averaged generator four ways (and a fresh local
+# discriminator each round would start from nothing). Sharing it reveals little beyond the
+# generator: the generator is trained on nothing but the discriminator's gradients. Neither is
+# an image store, but both can memorise: the per-round memorisation check scores that.
+GENERATIVE_GROUPS = (names.GROUP_GENERATOR, names.GROUP_DISCRIMINATOR)
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -63,6 +70,8 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 def trainable_groups(phase: str, task: str | None, share: str = SHARE_ENCODER, mode: str = FINETUNE_LINEAR) -> tuple[str, ...]:
     """The parameter groups a hospital trains in `phase`."""
+    if phase == names.PHASE_GENERATE:
+        return GENERATIVE_GROUPS
     _check(phase, names.PHASES, "phase")
     if phase == names.PHASE_SSL:
         _check(task or "", names.SSL_TASKS, "ssl-task")
@@ -77,7 +86,10 @@ def trainable_groups(phase: str, task: str | None, share: str = SHARE_ENCODER, m
 def shared_groups(phase: str, share: str = SHARE_ENCODER, mode: str = FINETUNE_LINEAR) -> tuple[str, ...]:
     """The parameter groups the server aggregates in `phase`. SSL: the encoder (`encoder`),
     the encoder and every SSL task head (`encoder-and-heads`), or the projection head alone
-    in the frozen-backbone set-up (`projection-head`)."""
+    in the frozen-backbone set-up (`projection-head`). Generative rounds: the generator and
+    the discriminator (`GENERATIVE_GROUPS`)."""
+    if phase == names.PHASE_GENERATE:
+        return GENERATIVE_GROUPS
     _check(phase, names.PHASES, "phase")
     if phase == names.PHASE_SSL:
         _check(share, SHARE_MODES, "share")

@@ -8,7 +8,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from fedssl_core import names
 
@@ -93,6 +93,9 @@ class InputSpec(Body):
     # classification: none, or dihedral (the softmax averaged over the 8 flips and 90-degree turns
     # of each image; fedssl_core.models.tta_views), what the model was scored with at the hospitals
     test_time_augmentation: Literal["none", "dihedral"] = "none"
+    # generation only, and required there: the length of the generator's latent vectors (the v2
+    # `latent` input's width). image_size and class_names are then what the generator draws.
+    z_dim: int | None = Field(None, ge=1, le=1024)
 
     @field_validator("class_names")
     @classmethod
@@ -110,9 +113,17 @@ class InputSpec(Body):
 class ModelCreate(Body):
     name: str
     description: str = ""
-    task: Literal["embedding", "classification"]
-    architecture: Literal["resnet18", "resnet50", "efficientnet_lite0"] = "resnet18"
+    task: Literal["embedding", "classification", "generation"]  # names.MODEL_TASKS
+    # names.ARCHITECTURES, and names.ARCH_CGAN for a generation model (its default there: a
+    # generator has one architecture, so a client need not name it)
+    architecture: Literal["resnet18", "resnet50", "efficientnet_lite0", "cgan-sn"] = "resnet18"
     input_spec: InputSpec
+
+    @model_validator(mode="after")
+    def _generator_architecture(self) -> "ModelCreate":
+        if self.task == names.TASK_GENERATION and "architecture" not in self.model_fields_set:
+            self.architecture = names.ARCH_CGAN
+        return self
 
     @field_validator("name")
     @classmethod
@@ -133,6 +144,18 @@ class AliasSet(Body):
     version: VersionNumber
 
 
+class GenerateRequest(Body):
+    """`POST /v1/models/{name}:generate`: `count` images of one class. The registry's
+    `max_generate_count` setting bounds `count` (checked by the route, which names it)."""
+
+    class_: StrictStr | StrictInt = Field(alias="class", description="a class name of the model's input_spec.class_names, "
+                                                                      "or its index")
+    count: int = Field(ge=1, le=DB_INT_MAX, description="images to draw, at most FEDSSL_REGISTRY_MAX_GENERATE_COUNT")
+    seed: int = Field(0, ge=0, le=JSON_INT_MAX, description="the latents' seed: the same seed, class and count give "
+                                                            "the same images")
+    format: Literal["json", "zip"] = Field("json", description="json: PNGs in base64; zip: an application/zip of PNGs")
+
+
 class RunUpsert(Body):
     model_config = ConfigDict(extra="allow")
     status: Literal["running", "succeeded", "failed"] = "running"
@@ -151,7 +174,7 @@ class RunUpsert(Body):
 
 class RoundCreate(Body):
     model_config = ConfigDict(extra="allow")
-    phase: Literal["ssl", "finetune"]
+    phase: Literal["ssl", "finetune", "generate"]  # names.PHASES and names.PHASE_GENERATE
     round: RoundNumber
     aggregated: dict[str, Any] = Field(default_factory=dict)
     hospitals: dict[str, dict[str, Any]] = Field(default_factory=dict)

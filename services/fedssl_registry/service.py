@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from fedssl_core import generative, names, weights
 from fedssl_core import models as core_models
-from fedssl_core import names, weights
 from fedssl_core.errors import ConfigError, FedSSLError, WeightsError
 from fedssl_core.preprocessing import normalize
 
@@ -36,6 +36,9 @@ ROUND_CSV_SCALARS = (
     "examples", "loss", "ssl_loss_simclr", "ssl_loss_rotation", "finetune_loss", "test_loss", "accuracy",
     "balanced_accuracy", "macro_auc", "test_examples", "local_only_loss", "local_only_accuracy",
     "local_only_balanced_accuracy", "local_only_macro_auc",
+    # a generative run's rounds (names.GENERATIVE_SCORES and the GAN's losses)
+    "generator_loss", "discriminator_loss", "fid", "gen_precision", "gen_recall", "memorisation_distance_ratio",
+    "memorisation_too_close_fraction", "local_only_fid",
 )
 
 
@@ -47,20 +50,10 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def servable_module(model: dict, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The serving module of registered `model` (a `Registry.model_dict`) holding `state`,
-    in eval mode. Torch: run it on the torch thread.
-
-    Raises a FedSSLError saying why unless the weights can answer patients: every tensor
-    has the dtype the model has for it (float32 parameters; a bool or int8 file of the right
-    shapes would be cast silently, bool to NaN), no value is NaN or infinite, keys and shapes
-    fit, and a forward pass of a probe image (mid-grey, the spec's size, normalised with its
-    mean/std) gives finite outputs: probabilities for a classifier, an embedding otherwise.
-    """
-    spec = model["input_spec"]
-    classification = model["task"] == names.TASK_CLASSIFICATION
-    module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None,
-                                               spec.get("test_time_augmentation") or names.TTA_NONE)
+def _check_tensors(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load `state` into `module` if every tensor has the dtype the module has for it (float32
+    parameters; a bool or int8 file of the right shapes would be cast silently, bool to NaN),
+    no value is NaN or infinite, and keys and shapes fit; else a WeightsError naming them."""
     expected = module.state_dict()
     wrong = sorted(f"{k} is {_dtype(state[k])}, expected {_dtype(expected[k])}"
                    for k in set(expected) & set(state) if state[k].dtype != expected[k].dtype)
@@ -70,6 +63,25 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor]) -> torch.nn.
     if non_finite:
         raise WeightsError(f"NaN or infinite values in {_head(non_finite)}")
     weights.load_into(module, state)
+
+
+def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> torch.nn.Module:
+    """The serving module of registered `model` (a `Registry.model_dict`) holding `state`,
+    in eval mode. Torch: run it on the torch thread. `metadata` is the safetensors file's
+    (`weights.read_metadata`): a generator's shape is read from it (`servable_generator`).
+
+    Raises a FedSSLError saying why unless the weights can answer patients: the tensors pass
+    `_check_tensors`, and a forward pass of a probe image (mid-grey, the spec's size,
+    normalised with its mean/std) gives finite outputs: probabilities for a classifier, an
+    embedding otherwise.
+    """
+    if model["task"] == names.TASK_GENERATION:
+        return servable_generator(model, state, metadata or {})
+    spec = model["input_spec"]
+    classification = model["task"] == names.TASK_CLASSIFICATION
+    module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None,
+                                               spec.get("test_time_augmentation") or names.TTA_NONE)
+    _check_tensors(module, state)
     module.eval()
     size = int(spec["image_size"])
     try:
@@ -84,6 +96,63 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor]) -> torch.nn.
         what = "probabilities" if classification else "embedding"
         raise WeightsError(f"on a probe image (mid-grey, {size}x{size}) the model's {what} are not finite (NaN or infinity)")
     return module
+
+
+def servable_generator(model: dict, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> generative.Generator:
+    """The generator of registered generation `model` holding `state` (its `generator.*`
+    tensors only), in eval mode, built to the shape its weights' `metadata` names
+    (`generative.build_generator`). Torch: run it on the torch thread.
+
+    Raises a FedSSLError saying why unless it can serve what the model promises: the
+    metadata's classes, image size and latent width are the model's input_spec ones (a
+    client picks classes by name and sends latents of `z_dim`), the tensors pass
+    `_check_tensors`, and one probe image per class (seed 0) is finite before it becomes
+    pixels (NaN would turn into arbitrary bytes).
+    """
+    spec = model["input_spec"]
+    generator = generative.build_generator(metadata)
+    classes = list(spec.get("class_names") or [])
+    differ = [f"{what} {got} (the model's input_spec: {want})" for what, got, want in (
+        ("num_classes", generator.num_classes, len(classes)), ("image_size", generator.image_size, spec.get("image_size")),
+        ("z_dim", generator.z_dim, spec.get("z_dim"))) if got != want]
+    if differ:
+        raise WeightsError(f"the generator in these weights (safetensors metadata) has {'; '.join(differ)}; register it "
+                           "under a model whose input_spec has its classes, image size and z_dim")
+    # A holder whose state-dict keys are the registered ones (`generator.*`), so a file with
+    # other keys (the discriminator's, say) is refused naming them.
+    holder = torch.nn.Module()
+    holder.add_module(names.GROUP_GENERATOR, generator)
+    _check_tensors(holder, state)
+    generator.eval()
+    with torch.inference_mode():
+        n = generator.num_classes
+        out = generator(generative.latents(n, generator.z_dim, 0), torch.arange(n))
+    if not bool(torch.isfinite(out).all()):
+        raise WeightsError("on a probe (one latent of seed 0 per class) the generator's images are not finite (NaN or infinity)")
+    return generator
+
+
+def generation_spec(body: ModelCreate) -> dict:
+    """The input_spec stored for a generation model: what it draws (`image_size`, `channels`,
+    `class_names`) and its latent width (`z_dim`). A generator normalises nothing, so a
+    mean, std or test-time augmentation sent for it is refused rather than stored unused."""
+    spec = body.input_spec
+    if body.architecture != names.ARCH_CGAN:
+        raise InvalidInput(f"a generation model has architecture {names.ARCH_CGAN!r} (fedssl_core.generative), "
+                           f"got {body.architecture!r}")
+    if not spec.class_names:
+        raise InvalidInput("a generation model needs input_spec.class_names (at least 1): the classes it draws, "
+                           "in the generator's class-index order")
+    if spec.z_dim is None:
+        raise InvalidInput("a generation model needs input_spec.z_dim: the length of its generator's latent vectors")
+    if spec.image_size not in generative.IMAGE_SIZES:
+        raise InvalidInput(f"a generation model's input_spec.image_size is one of {', '.join(map(str, generative.IMAGE_SIZES))}, "
+                           f"got {spec.image_size}")
+    unused = sorted({"mean", "std", "test_time_augmentation"} & spec.model_fields_set)
+    if unused:
+        raise InvalidInput(f"{', '.join('input_spec.' + k for k in unused)}: not used by a generation model (it draws "
+                           "pixels and normalises nothing); send image_size, channels, class_names and z_dim")
+    return spec.model_dump(include={"image_size", "channels", "class_names", "z_dim"})
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -150,11 +219,15 @@ class Registry:
     def create_model(self, body: ModelCreate) -> dict:
         if body.task == "classification" and len(body.input_spec.class_names) < 2:
             raise InvalidInput("a classification model needs input_spec.class_names with at least 2 classes")
+        spec = generation_spec(body) if body.task == names.TASK_GENERATION else body.input_spec.model_dump(exclude={"z_dim"})
+        if body.task != names.TASK_GENERATION and (body.architecture == names.ARCH_CGAN or body.input_spec.z_dim is not None):
+            raise InvalidInput(f"architecture {names.ARCH_CGAN!r} and input_spec.z_dim are for task {names.TASK_GENERATION!r} "
+                               f"(a class-conditional image generator), not {body.task!r}")
         with self.sessions.begin() as s:
             if s.scalar(select(db.RegisteredModel).where(db.RegisteredModel.name == body.name)) is not None:
                 raise Conflict(f"model {body.name!r} already exists")
             m = db.RegisteredModel(name=body.name, description=body.description, task=body.task,
-                                   architecture=body.architecture, input_spec=body.input_spec.model_dump())
+                                   architecture=body.architecture, input_spec=spec)
             s.add(m)
             s.flush()
             out = self.model_dict(m)
@@ -172,7 +245,8 @@ class Registry:
     # ------------------------------------------------------------------ versions
     def _validate_weights(self, m: dict, path: Path) -> None:
         try:
-            servable_module(m, weights.from_bytes(path.read_bytes()))
+            data = path.read_bytes()
+            servable_module(m, weights.from_bytes(data), weights.read_metadata(data))
         except FedSSLError as exc:
             raise InvalidInput(f"weights rejected for {m['name']!r} ({m['task']}, {m['architecture']}): {exc}") from exc
 
@@ -353,7 +427,7 @@ class Registry:
         self.get_run(run_id)
         with self.sessions() as s:
             rows = s.scalars(select(db.Round).where(db.Round.run_id == run_id).order_by(db.Round.id))
-            order = {"ssl": 0, "finetune": 1}
+            order = {"ssl": 0, "finetune": 1, "generate": 2}
             return sorted((r.body for r in rows), key=lambda b: (order.get(b["phase"], 9), b["round"]))
 
     def rounds_csv(self, run_id: str) -> str:

@@ -32,6 +32,35 @@ def test_bad_run_config_is_named(key, value, message):
         RunConfig.from_mapping({key: value})
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({"task": "segment"}, "task='segment'; expected one of diagnosis, generate"),
+    ({"task": "generate", "image-size": 96}, "task=generate: image-size=96; the generator makes 32 or 64 px images"),
+    ({"task": "generate", "image-size": 32, "generate-rounds": 0}, "task=generate needs generate-rounds >= 1, got 0"),
+    ({"task": "generate", "image-size": 32, "gan-steps": 0}, "gan-steps must be >= 1, got 0"),
+    ({"task": "generate", "image-size": 32, "gan-width": 2}, "gan-width must be in 4..512, got 2"),
+    ({"task": "generate", "image-size": 32, "strategy": "fedprox", "proximal-mu": 0.1},
+     "task=generate does not train with FedProx's proximal term"),
+    ({"task": "generate", "image-size": 32, "resume-from-registry": True}, "the registry keeps the generator only"),
+])
+def test_bad_generative_run_config_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_mapping(overrides)
+
+
+def test_a_generative_run_needs_no_ssl_or_finetune_rounds():
+    cfg = RunConfig.from_mapping({"task": "generate", "image-size": 64, "ssl-rounds": 0, "finetune-rounds": 0})
+    assert cfg.generate_rounds == 10 and cfg.image_size == 64
+
+
+def test_spectral_norm_vectors_are_averaged_as_statistics_not_trained():
+    """The discriminator's power-iteration vectors go around the strategy (and DP's clipping), like BatchNorm's."""
+    from fedssl_flower.strategy import is_trained
+
+    v = np.zeros(3, dtype=np.float32)
+    assert not is_trained("discriminator.features.0.weight_u", v) and not is_trained("discriminator.embed.weight_v", v)
+    assert is_trained("discriminator.features.0.weight_orig", v) and is_trained("generator.stem.weight", v)
+
+
 def test_weighted_average_weights_by_examples_and_keeps_int_buffers():
     a = {"w": np.array([0.0, 2.0], dtype=np.float32), "n": np.array(3, dtype=np.int64)}
     b = {"w": np.array([4.0, 6.0], dtype=np.float32), "n": np.array(5, dtype=np.int64)}

@@ -238,12 +238,12 @@ def test_root_redirects_and_every_dashboard_response_has_a_strict_csp(federation
 
 def test_the_front_end_only_reads():
     """Nothing on the dashboard can change the registry: its code sends no PUT/PATCH/DELETE,
-    its one POST is :predict (a read under the registry's auth), and it never writes HTML
-    from strings (all data goes through text nodes)."""
+    its two POSTs are :predict and :generate (reads under the registry's auth), and it never
+    writes HTML from strings (all data goes through text nodes)."""
     code = "\n".join(p.read_text() for p in sorted(dashboard.STATIC_DIR.glob("*.js")))
     assert not re.search(r"""method:\s*["'](PUT|PATCH|DELETE)""", code)
-    assert re.findall(r"""method:\s*["'](\w+)""", code) == ["POST"]
-    assert re.search(r"""request\(`/v1/models/\$\{enc\(name\)\}:predict""", code)
+    assert re.findall(r"""method:\s*["'](\w+)""", code) == ["POST", "POST"]
+    assert re.findall(r"""request\(`/v1/models/\$\{enc\(name\)\}:(\w+)\$\{query\}`, \{ method: ["']POST""", code) == ["predict", "generate"]
     without_comments = re.sub(r"//[^\n]*|/\*.*?\*/", "", code, flags=re.S)
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", without_comments)
 

@@ -13,6 +13,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
+from fedssl_core import generative, names, weights
+from fedssl_core.models import select_groups
 from tests.support import processes as P
 
 from .conftest import model_body, upload
@@ -24,14 +26,19 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, weights_blob):
-    """A registry holding a classifier with a version and a run, so generated requests reach
-    past the 404s."""
+    """A registry holding a classifier and a generator, each with a version, and a run, so
+    generated requests reach past the 404s."""
     work = tmp_path_factory.mktemp("schema-fuzz")
     with P.cluster(work) as c:
         reg = P.start_registry(c, work / "data", max_batch_wait_ms="1")
         with reg.client() as http:
             assert http.post("/v1/models", json=model_body()).status_code == 201
             assert upload(http, "clf", weights_blob).status_code == 201
+            gan = generative.ConditionalGAN(num_classes=2, image_size=32, z_dim=8, width=4)
+            assert http.post("/v1/models", json={"name": "gen", "task": "generation", "input_spec": {
+                "image_size": 32, "class_names": ["a", "b"], "z_dim": 8}}).status_code == 201
+            blob = weights.to_bytes(select_groups(gan.state_dict(), [names.GROUP_GENERATOR]), generative.generator_meta(gan.spec))
+            assert upload(http, "gen", blob).status_code == 201
             assert http.put("/v1/runs/r1", json={"status": "running"}).status_code == 200
         yield reg
         log = c.procs[0].text()

@@ -33,6 +33,11 @@ class InvalidInput(RegistryError):
     """400: the request is well-formed HTTP but its content is wrong."""
 
 
+class WrongTask(InvalidInput):
+    """400: the model's task is not one this route or input serves (an image to a generator,
+    `:generate` to a classifier); the message names the call that serves it."""
+
+
 class Unauthorized(RegistryError):
     """401: no or wrong bearer token."""
 
@@ -96,7 +101,8 @@ class ErrorBody(BaseModel):
 
 ERROR_SCHEMA = ErrorBody.model_json_schema()
 ERROR_DESCRIPTIONS = {
-    400: "Bad input: a malformed name, body, image, weights file or (on /v2) tensor, version or JSON",
+    400: "Bad input: a malformed name, body, image, weights file or (on /v2) tensor, version or JSON; "
+         "or a model whose task the route does not serve",
     401: "Missing or wrong bearer token",
     404: "Unknown model, version, alias or run",
     409: "Conflicts with the current state (name taken, version held by an alias)",

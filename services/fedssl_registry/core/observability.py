@@ -36,6 +36,9 @@ class Metrics:
         self.batch_size = Histogram("fedssl_inference_batch_size", "Images per forward pass (dynamic batching).",
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.inference_images = Counter("fedssl_inference_images_total", "Images run through models.", ["model"], registry=r)
+        self.generated_images = Counter("fedssl_generated_images_total", "Images drawn by generation models (:generate, /v2 "
+                                        "infer); their forward passes are in fedssl_inference_duration_seconds and "
+                                        "fedssl_inference_batch_size too.", ["model"], registry=r)
         self.loaded_models = Gauge("fedssl_loaded_models", "Model versions loaded in memory.", registry=r)
         self.model_loads = Counter("fedssl_model_loads_total", "Model versions loaded: pinned (an alias or the default) "
                                    "or on demand (any other version).", ["model", "kind"], registry=r)
@@ -60,6 +63,11 @@ class Metrics:
         self.batch_size.labels(model).observe(n)
         self.inference_seconds.labels(model).observe(seconds)
         self.inference_images.labels(model).inc(n)
+
+    def observe_generation(self, model: str, n: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(n)
+        self.inference_seconds.labels(model).observe(seconds)
+        self.generated_images.labels(model).inc(n)
 
     def on_registry_event(self, event: str, payload: dict) -> None:
         if event == "version":

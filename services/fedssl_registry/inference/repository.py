@@ -32,15 +32,36 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedssl_core import generative, names, weights
 from fedssl_core import models as core_models
-from fedssl_core import names, weights
 from fedssl_core.errors import FedSSLError
 from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
 
-from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady, TooManyLoads
+from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady, TooManyLoads, WrongTask
 from ..service import Registry, servable_module
 from .batcher import DynamicBatcher
 from .decode import DecodePool
+
+
+# The tasks each way in serves; a model of another task is refused (`WrongTask`) naming
+# the call that serves it (`served_by`).
+IMAGE_TASKS = (names.TASK_EMBEDDING, names.TASK_CLASSIFICATION)  # :predict, /v2 `input` and `image`
+GENERATION_TASKS = (names.TASK_GENERATION,)  # :generate, /v2 `class`
+
+
+def served_by(name: str, task: str) -> str:
+    """The calls that serve model `name` of `task`, for an error that sends a client there."""
+    if task == names.TASK_GENERATION:
+        return (f"POST /v1/models/{name}:generate with a JSON body {{\"class\", \"count\", \"seed\"}}, or /v2 infer "
+                "with input 'class' (INT64) and 'seed' or 'latent'")
+    return f"POST /v1/models/{name}:predict with an image upload, or /v2 infer with input 'image' (UINT8) or 'input' (FP32)"
+
+
+def check_task(model: dict, tasks: tuple[str, ...], call: str) -> None:
+    """Refuse `call` on `model` (a `Registry.model_dict`) unless its task is one of `tasks`."""
+    if model["task"] not in tasks:
+        raise WrongTask(f"model {model['name']!r} is a {model['task']} model, and {call} serves {' and '.join(tasks)} "
+                        f"models; use {served_by(model['name'], model['task'])}")
 
 
 @dataclass
@@ -50,7 +71,7 @@ class LoadedModel:
     task: str
     spec: dict
     module: torch.nn.Module
-    batcher: DynamicBatcher
+    batcher: DynamicBatcher | None  # None for a generator: see `ModelRepository.generate`
 
     @property
     def image_size(self) -> int:
@@ -59,6 +80,20 @@ class LoadedModel:
     @property
     def class_names(self) -> list[str]:
         return list(self.spec.get("class_names", []))
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def generate(self, labels: np.ndarray, seed: int, latent: np.ndarray | None = None) -> np.ndarray:
+        """A generator's uint8 (N, S, S, 3) RGB images of class indices `labels` (N,), from
+        latents drawn with `seed` or given as `latent` (N, z_dim): `generative.sample`,
+        channels last as image files and the v2 `images` output have them. Torch: run it on
+        the torch thread."""
+        # copies: a v2 binary tensor is a read-only view of the request body, which torch will not wrap
+        z = None if latent is None else torch.tensor(latent, dtype=torch.float32)
+        images = generative.sample(self.module, torch.tensor(labels, dtype=torch.long), seed, z=z)
+        return np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalised float32 (N, 3, S, S) → probabilities (classification) or embeddings."""
@@ -194,18 +229,28 @@ class ModelRepository:
 
     def _build(self, model: dict, version: dict) -> LoadedModel:
         name, number = model["name"], version["version"]
+        path = self.registry.weights_path(name, number)
         try:  # the upload checks again: a version stored before they existed may not pass them
-            module = servable_module(model, weights.load_file(self.registry.weights_path(name, number)))
+            data = path.read_bytes()
+            module = servable_module(model, weights.from_bytes(data), weights.read_metadata(data))
         except FedSSLError as exc:
             raise ModelNotReady(f"model {name!r} version {number} cannot be loaded: {exc}") from exc
-        loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None)  # type: ignore[arg-type]
+        loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None)
+        if model["task"] == names.TASK_GENERATION:
+            return loaded
         on_batch = (lambda n, s: self.metrics.observe_batch(name, n, s)) if self.metrics else None
         loaded.batcher = DynamicBatcher(loaded.forward, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
                                         executor=self.executor, on_batch=on_batch)
         return loaded
 
-    async def get(self, name: str, version: int | None = None, alias: str | None = None) -> LoadedModel:
+    async def get(self, name: str, version: int | None = None, alias: str | None = None, *,
+                  tasks: tuple[str, ...] | None = None, call: str = "") -> LoadedModel:
+        """The loaded version a request names (see `resolve`), loading it if need be. With
+        `tasks`, a model of another task is refused (`check_task`, naming `call`) before
+        anything is loaded."""
         model, ver = self.resolve(name, version, alias)
+        if tasks is not None:
+            check_task(model, tasks, call)
         key = (model["name"], ver["version"])
         with self._lock:
             if key in self._cache:
@@ -239,18 +284,30 @@ class ModelRepository:
                 for old in on_demand[: max(0, len(on_demand) - self.cache_size)]:
                     evicted.append(self._cache.pop(old))
             for m in evicted:
-                m.batcher.close()
+                m.close()
             if self.metrics:
                 self.metrics.loaded_models.set(len(self._cache))
             return loaded
 
+    async def generate(self, model: LoadedModel, labels: np.ndarray, seed: int, latent: np.ndarray | None = None) -> np.ndarray:
+        """`model.generate` on the torch thread, counted in the metrics.
+
+        Not through the dynamic batcher: a request's latents are drawn together from its
+        seed (`generative.latents`), so requests are not merged, and each is one turn of the
+        torch thread; the count limit (FEDSSL_REGISTRY_MAX_GENERATE_COUNT) bounds that turn."""
+        t0 = time.perf_counter()
+        images = await asyncio.get_running_loop().run_in_executor(self.executor, model.generate, labels, seed, latent)
+        if self.metrics:
+            self.metrics.observe_generation(model.name, len(images), time.perf_counter() - t0)
+        return images
+
     def forget(self, name: str, version: int | None = None) -> None:
         with self._lock:
             for key in [k for k in self._cache if k[0] == name and (version is None or k[1] == version)]:
-                self._cache.pop(key).batcher.close()
+                self._cache.pop(key).close()
 
     def close(self) -> None:
         for m in self._cache.values():
-            m.batcher.close()
+            m.close()
         self.decoder.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,5 @@
-"""/v1/models: registered models, versions (safetensors uploads), aliases, image prediction."""
+"""/v1/models: registered models, versions (safetensors uploads), aliases, image prediction
+and image generation."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import json
 import os
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 
 from fedssl_core import names
 from fedssl_core.preprocessing import ImageDecodeError
 
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_responses
-from ...schemas import DB_INT_MAX, MAX_JSON_DEPTH, AliasSet, ModelCreate, VersionMetadata
+from ...inference import generate as gen
+from ...inference.repository import GENERATION_TASKS, IMAGE_TASKS
+from ...schemas import DB_INT_MAX, MAX_JSON_DEPTH, AliasSet, GenerateRequest, ModelCreate, VersionMetadata
 from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, WriteAuth
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -22,6 +26,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 SAFETENSORS_TYPES = {"application/octet-stream", "application/x-safetensors", ""}
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/jpg"}
 VersionPath = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="a version number")]
+VersionQuery = Annotated[int | None, Query(ge=1, le=DB_INT_MAX, description="a version number (default: the production "
+                                                                            "alias, else the latest)")]
 
 
 def _require_multipart(request: Request) -> None:
@@ -117,8 +123,7 @@ def delete_alias(name: str, alias: str, registry: RegistryDep) -> None:
 
 @router.post("/{name}:predict", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503))
 async def predict(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep,
-                  file: UploadFile = File(...), version: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
-                  alias: str | None = None) -> dict:
+                  file: UploadFile = File(...), version: VersionQuery = None, alias: str | None = None) -> dict:
     """Classify (or embed) one uploaded JPEG/PNG image."""
     _require_multipart(request)
     if (file.content_type or "").lower() not in IMAGE_TYPES:
@@ -126,7 +131,7 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
     data = await file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
-    model = await repository.get(name, version, alias)
+    model = await repository.get(name, version, alias, tasks=IMAGE_TASKS, call=":predict")
     try:
         x = await repository.decoder.run(model.preprocess, data, settings.max_image_pixels)
     except ImageDecodeError as exc:
@@ -138,3 +143,27 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
         return {"model": model.name, "version": model.version, "label": model.class_names[best],
                 "probabilities": dict(zip(model.class_names, probs))}
     return {"model": model.name, "version": model.version, "embedding": out.tolist()}
+
+
+@router.post("/{name}:generate", dependencies=[ReadAuth],
+             responses={200: {"model": gen.GeneratedImages, "description": "format json: the images as base64 PNGs; format "
+                              "zip: an application/zip of PNGs named <class>-<seed>-<i>.png",
+                              "content": {gen.ZIP_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+                        **error_responses(400, 401, 404, 413, 422, 429, 503)})
+async def generate(name: str, body: GenerateRequest, repository: RepositoryDep, settings: SettingsDep,
+                   version: VersionQuery = None, alias: str | None = None) -> Response:
+    """Draw `count` images of one class from a generation model: those of
+    `fedssl_core.generative.sample(generator, [class] * count, seed)`, so the same class,
+    count and seed give the same images, byte for byte."""
+    gen.check_count(body.count, settings.max_generate_count)
+    model = await repository.get(name, version, alias, tasks=GENERATION_TASKS, call=":generate")
+    index = gen.class_index(body.class_, model.class_names, model.name)
+    images = await repository.generate(model, np.full(body.count, index, dtype=np.int64), body.seed)
+    class_name = model.class_names[index]
+    if body.format == gen.FORMAT_ZIP:
+        data = await repository.decoder.run(gen.zip_body, images, class_name, index, body.seed)
+        stem = f"{gen.file_stem(model.name, 'model')}-v{model.version}-{gen.file_stem(class_name, f'class{index}')}"
+        filename = f"{stem}-{body.seed}.zip"
+        return Response(data, media_type=gen.ZIP_TYPE, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    answer = await repository.decoder.run(gen.json_body, images, model.name, model.version, class_name, index, body.seed)
+    return Response(json.dumps(answer).encode(), media_type="application/json")

@@ -10,6 +10,8 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
+from fedssl_core import names
+
 from ... import __version__
 from ...core.errors import InvalidInput, error_responses
 from ...inference import v2 as protocol
@@ -41,7 +43,12 @@ def server_metadata() -> dict:
 def _metadata(registry, settings, name: str, version: int | None) -> dict:
     model, ver = registry.resolve(name, version)
     versions = [v["version"] for v in registry.list_versions(name)] if version is None else [ver["version"]]
-    return protocol.model_metadata(model, versions, settings.max_infer_batch)
+    return protocol.model_metadata(model, versions, _max_batch(model["task"], settings))
+
+
+def _max_batch(task: str, settings) -> int:
+    """Most images (N) in one infer request to a model of `task`."""
+    return settings.max_generate_count if task == names.TASK_GENERATION else settings.max_infer_batch
 
 
 @router.get("/models/{name}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
@@ -99,6 +106,9 @@ class _InferEndpoint:
             check_token(headers.get(b"authorization", b"").decode("latin-1"), state.settings)
         params = scope["path_params"]
         model = await state.repository.get(params["name"], _version(params.get("version")))
+        if model.task == names.TASK_GENERATION:
+            await self._generate(model, headers, state, receive, send)
+            return
         with model.batcher.incoming():
             body = await read_body(receive)
             raw_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
@@ -110,10 +120,28 @@ class _InferEndpoint:
                 req = await state.repository.decoder.run(protocol.parse_request, *args)
         out = model.check_finite(await model.batcher.submit(req.array))
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)
-        response_headers = [(b"content-length", str(len(payload)).encode())]
-        response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _respond(send, payload, extra)
+
+    async def _generate(self, model, headers: dict, state, receive: Receive, send: Send) -> None:
+        """A generation model's infer: `class` with `seed` or `latent` in, `images` out."""
+        body = await read_body(receive)
+        raw_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
+        header_length = None if raw_length is None else raw_length.decode("latin-1")
+        args = (body, header_length, model.name, model.class_names, int(model.spec["z_dim"]), state.settings.max_generate_count)
+        if protocol.parses_inline(len(body), header_length):
+            req = protocol.parse_generate_request(*args)
+        else:
+            req = await state.repository.decoder.run(protocol.parse_generate_request, *args)
+        images = await state.repository.generate(model, req.labels, req.seed, req.latent)
+        payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, images, req)
+        await _respond(send, payload, extra)
+
+
+async def _respond(send: Send, payload: bytes, extra: dict[str, str]) -> None:
+    response_headers = [(b"content-length", str(len(payload)).encode())]
+    response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 _infer = _InferEndpoint()
@@ -148,13 +176,16 @@ def openapi_paths() -> dict:
     """OpenAPI entries for the infer routes (plain ASGI routes are not in FastAPI's schema)."""
     errors = {str(status): {"description": text, "content": {"application/json": {"schema": {
         "type": "object", "properties": {"error": {"type": "string"}}}}}}
-        for status, text in ((400, "Bad tensor, shape, datatype or JSON"), (401, "Missing or wrong token (read auth)"),
+        for status, text in ((400, "Bad tensor, shape, datatype or JSON, or an input the model's task does not take"),
+                             (401, "Missing or wrong token (read auth)"),
                              (404, "Unknown model or version"),
                              (413, "Body too large, or more images than the model metadata's parameters.max_batch_size"),
                              (429, "Version not loaded and the model's on-demand loads at their limit; see Retry-After"),
                              (503, "Model cannot be loaded"))}
     body = {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "description": "v2 inference request with JSON tensors"}},
+        "application/json": {"schema": {"type": "object", "description": "v2 inference request with JSON tensors: 'image' "
+                                         "or 'input' for embedding and classification models, 'class' with 'seed' or "
+                                         "'latent' for generation models (the model metadata lists them)"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
             f"v2 binary tensor extension: JSON header ({protocol.HEADER_LENGTH} bytes) then the tensor bytes"}}}}
     ok = {"description": "v2 inference response (binary when the request asked for binary outputs)",

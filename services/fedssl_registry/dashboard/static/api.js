@@ -1,5 +1,5 @@
 // The registry's /v1 API as the dashboard reads it (docs/architecture.md section 2).
-// Reads only: the one POST is :predict, itself a read under the registry's auth rules.
+// Reads only: the POSTs are :predict and :generate, themselves reads under the registry's auth rules.
 
 const TOKEN_KEY = "fedssl.registry.token";
 
@@ -56,5 +56,11 @@ export const api = {
     form.append("file", file, file.name || "image");
     const query = version ? `?version=${enc(version)}` : "";
     return (await request(`/v1/models/${enc(name)}:predict${query}`, { method: "POST", body: form })).json();
+  },
+  /** `count` images of class `cls` (a name or an index) from a generation model's version. */
+  generate: async (name, version, cls, count, seed) => {
+    const query = version ? `?version=${enc(version)}` : "";
+    const body = JSON.stringify({ class: cls, count, seed });
+    return (await request(`/v1/models/${enc(name)}:generate${query}`, { method: "POST", headers: { "Content-Type": "application/json" }, body })).json();
   },
 };

@@ -99,6 +99,13 @@ export function badge(text, kind = "") {
   return h("span", { class: ["badge", kind && `badge-${kind}`], text });
 }
 
+const TASK_BADGES = { classification: "task-clf", embedding: "task-emb", generation: "task-gen" };
+
+/** A registered model's task (names.MODEL_TASKS), each in its own colour. */
+export function taskBadge(task) {
+  return badge(task, TASK_BADGES[task] || "task-emb");
+}
+
 export function statusBadge(status) {
   return h("span", { class: ["badge", `status-${status || "unknown"}`], "data-status": status || "", text: status || "unknown" });
 }

@@ -1,7 +1,7 @@
 // Overview: every federated run and every registered model.
 
 import { api } from "./api.js";
-import { badge, duration, empty, h, int, seconds, section, statusBadge, syntheticBadge, table, when } from "./dom.js";
+import { duration, empty, h, int, seconds, section, statusBadge, syntheticBadge, table, taskBadge, when } from "./dom.js";
 
 export const title = () => "Runs and models";
 
@@ -21,7 +21,7 @@ export function isSynthetic(run) {
 export function roundsText(run) {
   const planned = run.planned_rounds || {};
   const done = run.rounds_done || {};
-  return [["ssl", "SSL"], ["finetune", "fine-tune"]]
+  return [["ssl", "SSL"], ["finetune", "fine-tune"], ["generate", "generate"]]
     .filter(([p]) => planned[p] || done[p])
     .map(([p, label]) => `${label} ${done[p] || 0}/${planned[p] ?? "?"}`)
     .join(" · ");
@@ -47,11 +47,12 @@ function runRow(run) {
 
 function modelRow(m) {
   const spec = m.input_spec || {};
-  const lineageHint = m.task === "classification" ? `${(spec.class_names || []).length} classes` : "embedding";
+  const lineageHint = m.task === "classification" ? `${(spec.class_names || []).length} classes`
+    : m.task === "generation" ? `draws ${(spec.class_names || []).length} classes` : "embedding";
   return h("tr", { "data-model": m.name },
     h("td", {}, h("a", { href: `/dashboard/models/${encodeURIComponent(m.name)}`, class: "mono", text: m.name }),
       m.description ? h("div", { class: "muted small", text: m.description }) : null),
-    h("td", {}, badge(m.task, m.task === "classification" ? "task-clf" : "task-emb")),
+    h("td", {}, taskBadge(m.task)),
     h("td", { text: m.architecture }),
     h("td", { text: `${lineageHint} · ${spec.image_size ?? "?"} px` }),
     h("td", { text: int(m.versions) }),

@@ -19,7 +19,8 @@ export function poll({ run }) {
   return run.status === "running" ? "fast" : "slow";
 }
 
-const roundLabel = (rd) => `${rd.phase === "ssl" ? "SSL" : "FT"} ${rd.round}`;
+const PHASE_LABELS = { ssl: "SSL", finetune: "FT", generate: "GEN" };
+const roundLabel = (rd) => `${PHASE_LABELS[rd.phase] || rd.phase} ${rd.round}`;
 
 export function hospitalNames(run, rounds) {
   const all = new Set(Object.keys(run.hospitals || {}));
