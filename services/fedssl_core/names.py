@@ -132,7 +132,8 @@ M_GEN_PRECISION = "gen_precision"  # improved precision (Kynkaanniemi et al. 201
 M_GEN_RECALL = "gen_recall"  # improved recall: coverage of the real images
 M_MEMORISATION_RATIO = "memorisation_distance_ratio"  # generated-to-train / held-out-to-train nearest distances (median)
 M_TOO_CLOSE = "memorisation_too_close_fraction"  # generated images nearer a training image than 99 % of held-out ones
-GENERATIVE_SCORES = (M_FID, M_GEN_PRECISION, M_GEN_RECALL, M_MEMORISATION_RATIO, M_TOO_CLOSE)
+M_TOO_CLOSE_PIXELS = "memorisation_too_close_fraction_pixels"  # the same in pixels, against every training image
+GENERATIVE_SCORES = (M_FID, M_GEN_PRECISION, M_GEN_RECALL, M_MEMORISATION_RATIO, M_TOO_CLOSE, M_TOO_CLOSE_PIXELS)
 LOCAL_ONLY_PREFIX = "local_only_"  # a hospital's local-only model: local_only_balanced_accuracy…
 
 # --- Environment variables shared across services ----------------------------------

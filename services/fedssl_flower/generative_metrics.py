@@ -42,12 +42,13 @@ PRECISION = "precision"
 RECALL = "recall"
 MEMORISATION_DISTANCE_RATIO = "memorisation_distance_ratio"
 MEMORISATION_TOO_CLOSE_FRACTION = "memorisation_too_close_fraction"
+MEMORISATION_TOO_CLOSE_FRACTION_PIXELS = "memorisation_too_close_fraction_pixels"
 GENERATED_EXAMPLES = "generated_examples"
 REAL_EXAMPLES = "real_examples"
 # Fewest held-out images `score_generator` scores: precision/recall with k = 3 need 4 per set.
 _MIN_SCORED = 4
 SCORE_KEYS = (FID, PRECISION, RECALL, MEMORISATION_DISTANCE_RATIO, MEMORISATION_TOO_CLOSE_FRACTION,
-              GENERATED_EXAMPLES, REAL_EXAMPLES)
+              MEMORISATION_TOO_CLOSE_FRACTION_PIXELS, GENERATED_EXAMPLES, REAL_EXAMPLES)
 
 
 class FeatureExtractor:
@@ -285,6 +286,14 @@ def _subset(n: int, keep: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(rng.permutation(n)[: min(keep, n)])
 
 
+def pixels(images: torch.Tensor, size: int) -> np.ndarray:
+    """uint8 (N, 3, H, W) → float (N, 3 * size * size) in [0, 1], area-resized to `size` when it differs."""
+    x = images.float() / 255.0
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x.flatten(1).numpy().astype(np.float64)
+
+
 def score_generator(
     sample: Callable[[torch.Tensor, int], torch.Tensor],
     train_images: torch.Tensor,
@@ -305,9 +314,13 @@ def score_generator(
     recall and memorisation use them scaled to unit length (see below). Only training images in
     that subset can be caught as copied: pass a `max_samples` with 2 x `max_samples` >= len(train)
     to check all. Memorisation catches near-exact copies only: a 3 x 3 blur of a training image
-    at 32 px already lands as far from it, in these features, as an unseen real image does.
+    at 32 px already lands as far from it, in these features, as an unseen real image does. So
+    the same check also runs on pixels, at the generator's size, against every training image
+    (`memorisation_too_close_fraction_pixels`): a blurred or re-coloured copy stays near its
+    original there, where a feature-space check loses it.
     Returns `SCORE_KEYS`: fid, precision, recall, memorisation_distance_ratio,
-    memorisation_too_close_fraction, generated_examples, real_examples.
+    memorisation_too_close_fraction, memorisation_too_close_fraction_pixels, generated_examples,
+    real_examples.
     """
     if max_samples < _MIN_SCORED:
         raise ValueError(f"max_samples {max_samples}; expected at least {_MIN_SCORED} "
@@ -338,12 +351,15 @@ def score_generator(
     unit_fake, unit_test, unit_train = _unit_rows(fake), _unit_rows(test), _unit_rows(train)
     precision, recall = precision_recall(unit_test, unit_fake)
     memo = memorisation(unit_fake, unit_train, unit_test)
+    size = fake_images.shape[-1]
+    memo_pixels = memorisation(pixels(fake_images, size), pixels(train_images, size), pixels(test_images[test_rows], size))
     return {
         FID: frechet_distance(test, fake),
         PRECISION: precision,
         RECALL: recall,
         MEMORISATION_DISTANCE_RATIO: memo["distance_ratio"],
         MEMORISATION_TOO_CLOSE_FRACTION: memo["too_close_fraction"],
+        MEMORISATION_TOO_CLOSE_FRACTION_PIXELS: memo_pixels["too_close_fraction"],
         GENERATED_EXAMPLES: count,
         REAL_EXAMPLES: count,
     }

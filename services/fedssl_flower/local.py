@@ -107,4 +107,5 @@ def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: Run
                                            max_samples=cfg.gan_eval_samples)
     return {names.M_FID: m["fid"], names.M_GEN_PRECISION: m["precision"], names.M_GEN_RECALL: m["recall"],
             names.M_MEMORISATION_RATIO: m["memorisation_distance_ratio"], names.M_TOO_CLOSE: m["memorisation_too_close_fraction"],
+            names.M_TOO_CLOSE_PIXELS: m["memorisation_too_close_fraction_pixels"],
             "generated_examples": m["generated_examples"], names.M_TEST_EXAMPLES: m["real_examples"]}

@@ -304,10 +304,12 @@ class RunReport:
                  _fmt(aggregated.get(names.M_DISCRIMINATOR_LOSS)), _fmt(aggregated.get(names.M_FID)),
                  _fmt(aggregated.get(names.M_GEN_PRECISION)), _fmt(aggregated.get(names.M_GEN_RECALL)),
                  _fmt(aggregated.get(names.M_TOO_CLOSE)), t.seconds + evaluate_seconds)
-        close = {h: m[names.M_TOO_CLOSE] for h, m in self.history[-1]["hospitals"].items() if m.get(names.M_TOO_CLOSE)}
-        if close:
-            progress("phase=%s round=%d memorisation: generated images nearer a training image than 99%% of held-out images "
-                     "are, by hospital: %s", t.phase, t.round, ", ".join(f"{h} {v:.1%}" for h, v in sorted(close.items())))
+        for key, space in ((names.M_TOO_CLOSE, "features"), (names.M_TOO_CLOSE_PIXELS, "pixels")):
+            close = {h: m[key] for h, m in self.history[-1]["hospitals"].items() if m.get(key)}
+            if close:
+                progress("phase=%s round=%d memorisation (%s): generated images nearer a training image than 99%% of held-out "
+                         "images are, by hospital: %s", t.phase, t.round, space,
+                         ", ".join(f"{h} {v:.1%}" for h, v in sorted(close.items())))
 
     # ---------------------------------------------------------------- registered versions
     def _input_spec(self, task: str = names.TASK_CLASSIFICATION) -> dict:

@@ -38,7 +38,7 @@ ROUND_CSV_SCALARS = (
     "local_only_balanced_accuracy", "local_only_macro_auc",
     # a generative run's rounds (names.GENERATIVE_SCORES and the GAN's losses)
     "generator_loss", "discriminator_loss", "fid", "gen_precision", "gen_recall", "memorisation_distance_ratio",
-    "memorisation_too_close_fraction", "local_only_fid",
+    "memorisation_too_close_fraction", "memorisation_too_close_fraction_pixels", "local_only_fid",
 )
 
 

@@ -59,7 +59,8 @@ def test_both_networks_are_averaged_and_every_round_is_scored_at_the_hospitals(g
         ("generate", str(rnd), h) for rnd in ("1", "2") for h in ("aggregated", "hospital-0", "hospital-1")]
     for r in rows:
         assert float(r[names.M_FID]) > 0 and 0 <= float(r[names.M_GEN_PRECISION]) <= 1 and 0 <= float(r[names.M_GEN_RECALL]) <= 1
-        assert 0 <= float(r[names.M_TOO_CLOSE]) <= 1 and float(r[names.M_MEMORISATION_RATIO]) > 0
+        assert 0 <= float(r[names.M_TOO_CLOSE]) <= 1 and 0 <= float(r[names.M_TOO_CLOSE_PIXELS]) <= 1
+        assert float(r[names.M_MEMORISATION_RATIO]) > 0
         if r["hospital"] != "aggregated":  # the local-only GAN beside it, scored the same way
             assert float(r[names.LOCAL_ONLY_PREFIX + names.M_FID]) > 0
             assert float(r[names.M_GENERATOR_LOSS]) == float(r[names.M_GENERATOR_LOSS])  # finite, not NaN

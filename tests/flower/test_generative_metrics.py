@@ -189,11 +189,31 @@ def test_a_generator_returning_training_images_is_flagged_and_one_returning_nois
     assert set(copier) == set(SCORE_KEYS)
     assert copier["generated_examples"] == copier["real_examples"] == TEST_IMAGES
     assert copier["memorisation_too_close_fraction"] == 1.0 and copier["memorisation_distance_ratio"] < 0.01
+    assert copier["memorisation_too_close_fraction_pixels"] == 1.0
 
     noise = score_generator(lambda labels, seed: noise_images(len(labels), seed), **split)
     # 40 real images against 40 is a small sample: FID's upward bias puts even the copier in the hundreds.
     assert noise["fid"] > 2 * copier["fid"] and noise["precision"] == 0.0 and noise["recall"] == 0.0
     assert noise["memorisation_too_close_fraction"] == 0.0 and noise["memorisation_distance_ratio"] > 1.5
+
+
+def test_blurred_copies_of_training_images_are_caught_in_pixels_where_features_lose_them(extractor, ham_split):
+    """A 3x3 blur of a training image sits, in EfficientNet features, as far from its original as
+    an unseen image does; in pixels it stays next to it: the pixel check flags it."""
+    (train_images, train_labels), (test_images, test_labels) = ham_split
+    copier = memorising_generator(train_images, train_labels)
+
+    def blurred(labels, seed):
+        x = copier(labels, seed).float()
+        return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False).round().to(torch.uint8)
+
+    out = score_generator(blurred, train_images, train_labels, test_images, test_labels, extractor=extractor, seed=3,
+                          max_samples=TEST_IMAGES)
+    assert out["memorisation_too_close_fraction_pixels"] >= 0.9, out
+    assert out["memorisation_too_close_fraction"] < out["memorisation_too_close_fraction_pixels"], out
+    honest = score_generator(lambda labels, seed: test_images[:len(labels)], train_images, train_labels, test_images,
+                             test_labels, extractor=extractor, seed=3, max_samples=TEST_IMAGES)
+    assert honest["memorisation_too_close_fraction_pixels"] <= 0.1, honest  # unseen real images are not copies
 
 
 def test_score_generator_refuses_a_sample_of_the_wrong_size(extractor, ham_split):

@@ -11,7 +11,7 @@ const PER_CLASS = ["precision", "recall", "f1"];
 const GALLERY_COUNT = 8;
 // Generator metrics shown first when a version's lineage has them (names.GENERATIVE_SCORES, the
 // hospitals' scores of the round's generator); any other number in lineage.metrics follows, in name order.
-const GENERATOR_METRICS = ["fid", "gen_precision", "gen_recall", "memorisation_too_close_fraction",
+const GENERATOR_METRICS = ["fid", "gen_precision", "gen_recall", "memorisation_too_close_fraction", "memorisation_too_close_fraction_pixels",
   "memorisation_distance_ratio", "generator_loss", "discriminator_loss"];
 const MAX_METRIC_COLUMNS = 5;
 
