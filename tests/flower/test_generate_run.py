@@ -40,7 +40,7 @@ def generative_run(tmp_path_factory, ham10000_dir):
                 "generated": http.post(f"/v1/models/{names.GENERATOR_MODEL}:generate",
                                        json={"class": "mel", "count": 3, "seed": 7}).json(),
             }
-        yield result, work, state
+        yield result, work, state | {"registry_url": registry.url}
 
 
 def test_progress_shows_the_generator_scores(generative_run):
@@ -107,3 +107,28 @@ def test_the_registry_draws_the_same_images_the_run_s_generator_does(generative_
     generative.load_generator(gen, load_file(run_dir / "weights" / "generate-round-002.safetensors"))
     local = generative.sample(gen.eval(), torch.full((3,), out["class_index"]), seed=7)
     assert torch.equal(torch.stack(served).permute(0, 3, 1, 2), local)
+
+
+@pytest.mark.browser
+def test_the_dashboard_shows_the_run_s_scores_and_a_gallery_of_its_generator(generative_run, browser):
+    """The run page charts what the hospitals measured (FID per hospital and aggregated, the
+    GAN's losses, global vs local-only generator); the model page draws 8 images per class."""
+    _, work, state = generative_run
+    (run_dir,) = (work / "runs").iterdir()
+    history = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    tab = browser.tab(1280, 860)
+    tab.goto(f"{state['registry_url']}/dashboard/runs/{run_dir.name}")
+    tab.wait_for("document.querySelector('[data-chart=\"fid\"]') && document.querySelector('[data-chart=\"global_vs_local\"]')")
+    fid = tab.eval("""Object.fromEntries([...document.querySelectorAll('[data-chart="fid"] g.series')].map(
+        g => [g.dataset.series, [...g.querySelectorAll('circle.pt')].map(c => Number(c.dataset.value))]))""")
+    assert fid["aggregated"] == pytest.approx([r["aggregated"][names.M_FID] for r in history])
+    assert fid["hospital-0"] == pytest.approx([r["hospitals"]["hospital-0"][names.M_FID] for r in history])
+    assert tab.eval("document.querySelectorAll('[data-chart=\"gan_loss\"] g.series').length") == 2
+    bars = tab.eval("""[...document.querySelectorAll('[data-chart="global_vs_local"] rect.bar')].map(b => Number(b.dataset.value))""")
+    last = history[-1]["hospitals"]
+    assert sorted(bars) == pytest.approx(sorted(v for h in last.values() for v in (h[names.M_FID], h[names.LOCAL_ONLY_PREFIX + names.M_FID])))
+    tab.goto(f"{state['registry_url']}/dashboard/models/{names.GENERATOR_MODEL}")
+    tab.wait_for(f"document.getElementById('gallery')?.dataset.done === '{len(names.HAM10000_CLASSES)}'", timeout=60)
+    rows = tab.eval("[...document.querySelectorAll('#gallery .gallery-row')].map(r => [r.dataset.class, r.querySelectorAll('img.gallery-img').length])")
+    assert rows == [[c, 8] for c in names.HAM10000_CLASSES]
+    assert tab.errors == [], tab.errors

@@ -104,7 +104,45 @@ function alerts(run, rounds) {
 }
 
 // ------------------------------------------------------------------ curves
+// A generative run (task=generate): the GAN's losses, and what each hospital measured of the
+// round's generator on its own held-out images (names.GENERATIVE_SCORES), beside its local-only GAN.
+const GENERATIVE_CURVES = [
+  ["fid", "Fréchet distance (lower is better)", null, true],
+  ["gen_precision", "Precision (realism)", [0, 1], false],
+  ["gen_recall", "Recall (coverage)", [0, 1], false],
+  ["memorisation_too_close_fraction_pixels", "Too close to a training image (pixels)", [0, 1], false],
+];
+
+function generativeCurves(rounds, names, colour) {
+  const xLabels = rounds.map(roundLabel);
+  const charts = [lineChart({
+    id: "gan_loss", title: "GAN losses (hinge, mean over hospitals)", xLabels, format: (v) => v.toFixed(3),
+    series: [
+      { name: "discriminator", color: INK, width: 3, values: rounds.map((r) => metricOf(r.aggregated, "discriminator_loss")) },
+      { name: "generator", color: "#2563eb", width: 3, values: rounds.map((r) => metricOf(r.aggregated, "generator_loss")) },
+    ],
+  })];
+  for (const [key, title, domain, local] of GENERATIVE_CURVES) {
+    charts.push(lineChart({
+      id: key, title: `${title} · held-out images`, xLabels, domain, format: (v) => (domain ? v.toFixed(2) : v.toFixed(0)),
+      series: [
+        { name: "aggregated", color: INK, width: 3, values: rounds.map((r) => metricOf(r.aggregated, key)) },
+        ...(local ? [{ name: "local-only GANs (mean)", color: "#a3a3a3", width: 3, values: rounds.map((r) => metricOf(r.aggregated, LOCAL + key)) }] : []),
+        ...names.map((n) => ({ name: n, color: colour[n], values: rounds.map((r) => metricOf(r.hospitals?.[n], key)) })),
+      ],
+      caption: key === "fid" ? "ImageNet EfficientNet-Lite0 features; compare runs at equal gan-eval-samples only." : null,
+    }));
+  }
+  return charts;
+}
+
 function curves(run, rounds, names, colour) {
+  if (run.config?.task === "generate" || rounds.some((r) => r.phase === "generate")) {
+    const gen = rounds.filter((r) => r.phase === "generate");
+    return section("Training curves", { id: "curves" },
+      gen.length ? null : empty("No round has finished yet; curves appear as rounds complete."),
+      h("div", { class: "chart-grid" }, generativeCurves(gen, names, colour)));
+  }
   const ssl = rounds.filter((r) => r.phase === "ssl");
   const ft = rounds.filter((r) => r.phase === "finetune");
   const charts = [];
@@ -223,7 +261,22 @@ function localModels(run, names) {
     })));
 }
 
+function globalVsLocalGenerator(rounds, names) {
+  const latest = [...rounds].reverse().find((r) => names.some((n) => isNum(r.hospitals?.[n]?.fid)));
+  if (!latest) return h("div", { class: "chart" }, empty("Per-hospital scores appear after the first evaluated round."));
+  return barChart({
+    id: "global_vs_local", title: `Fréchet distance: global generator vs each hospital's local-only GAN (after ${roundLabel(latest)}; lower is better)`,
+    categories: names, format: (v) => v.toFixed(0),
+    groups: [
+      { name: "global (federated) generator", color: INK, values: names.map((n) => metricOf(latest.hospitals?.[n], "fid")) },
+      { name: "local-only generator", color: "#a3a3a3", values: names.map((n) => metricOf(latest.hospitals?.[n], `${LOCAL}fid`)) },
+    ],
+    caption: "Each hospital draws images from both generators and compares them with its own held-out images.",
+  });
+}
+
 function globalVsLocal(run, rounds, names) {
+  if (run.config?.task === "generate") return globalVsLocalGenerator(rounds, names);
   const latest = [...rounds].reverse().find((r) => names.some((n) => isNum(r.hospitals?.[n]?.[`${LOCAL}balanced_accuracy`])))
     || [...rounds].reverse().find((r) => names.some((n) => isNum(r.hospitals?.[n]?.balanced_accuracy)));
   if (!latest) return h("div", { class: "chart" }, empty("Per-hospital scores appear after the first evaluated round."));
