@@ -336,18 +336,18 @@ cmd_up() {
     node_config="hospital=\"$name\" ssl-task=\"$task\" ${data_configs[$i]}"
     node_config+=" max-images=$max_images cache-dir=\"$FEDSSL_HOME/cache\" threads=$threads"
     if ! alive "$PIDS/$name.pid"; then
-      say "starting SuperNode $name (ssl-task=$task)"
+      say "starting SuperNode $name$([ "$preset" = generate ] || echo " (ssl-task=$task)")"
       FLWR_HOME="$FEDSSL_HOME/flwr-$name" start "$name" fedssl-supernode --insecure --superlink "127.0.0.1:$SUPERLINK_PORT" \
         --port "$(free_port)" --node-config "$node_config"
     fi
   done
 
   local min_hospitals=$(( hospitals < 2 ? hospitals : 2 ))
-  local overrides=()
+  local overrides=() gen_rounds="" gen_size=""
   if [ "$preset" = generate ]; then
     overrides+=(-c "task=generate" -c "image-size=${image_size:-32}")
     [ -n "$rounds" ] && overrides+=(-c "generate-rounds=$rounds")
-    rounds="" image_size=""
+    gen_rounds="$rounds" gen_size="${image_size:-32}" rounds="" image_size=""
   fi
   [ -n "$rounds" ] && overrides+=(-c "ssl-rounds=$rounds")
   [ -n "$ft_rounds" ] && overrides+=(-c "finetune-rounds=$ft_rounds")
@@ -361,7 +361,7 @@ print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"], 
   local held
   held="$([ "$max_images" = 0 ] && echo "all their images" || echo "at most $max_images images each")"
   if [ "$preset" = generate ]; then
-    say "submitting the run (preset generate): class-conditional GAN, ${overrides[*]} ($d_gen rounds of $d_gan steps unless overridden) on $hospitals hospitals ($source data, $held)"
+    say "submitting the run (preset generate): a class-conditional GAN at $gen_size px, ${gen_rounds:-$d_gen} rounds of $d_gan steps on $hospitals hospitals ($source data, $held)"
   else
     say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $held)"
   fi
