@@ -82,7 +82,7 @@ from fedssl_flower.generative_metrics import (FeatureExtractor, class_balanced_l
                                               precision_recall)
 from fedssl_flower.strategy import weighted_average
 
-from bench.quality import REPO, SITES_METADATA, carve_validation, class_counts, load_sites, pooled_data
+from bench.quality import REPO, SITES_METADATA, carve_validation, class_counts, load_sites, parse_seeds, pooled_data
 
 ARMS = ("federated", "local", "pooled")
 DEFAULTS = RunConfig()  # the product's generative settings (pyproject [tool.flwr.app.config] mirrors them)
@@ -489,12 +489,7 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise SystemExit(f"unknown arm {unknown[0]!r}; expected one of {', '.join(ARMS)}" if unknown else "--arms: give at least one arm")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    if not seeds:
-        raise SystemExit("--seeds: give at least one seed")
+    seeds = parse_seeds(args.seeds)
     if args.lr_discriminator is None:
         args.lr_discriminator = args.lr
     for flag in ("rounds", "steps", "score_every", "tstr_per_class"):

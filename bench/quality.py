@@ -548,6 +548,17 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` as integers; a clear exit for anything else or for none."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed")
+    return seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ham10000")
@@ -647,12 +658,7 @@ def main() -> None:
             ok = False
         if not ok:
             raise SystemExit(f"arm {spec!r}: the label fraction after @ must be a number in (0, 1]")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    if not seeds:
-        raise SystemExit("--seeds: give at least one seed")
+    seeds = parse_seeds(args.seeds)
     if args.tail_average < 0:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
