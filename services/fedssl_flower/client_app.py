@@ -22,6 +22,7 @@ a warning every round.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -125,6 +127,28 @@ def _keep_moments(context: Context, key: str, carried: dict | None) -> None:
         weights.save_file(_state_path(context, key), carried["adamw"])  # atomic_write creates the folder
 
 
+def _feature_cache(context: Context) -> dict:
+    """A generative run's cache of the real images' features (`generative_metrics`), kept
+    beside the hospital's models: each round scores new generators against the same real
+    images, so their features are extracted once per run, not twice a round."""
+    path = _state_path(context, records.STATE_REAL_FEATURES).with_suffix(".npz")
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as saved:
+            return {k: saved[k] for k in saved.files}
+    except (OSError, ValueError) as exc:  # a torn or foreign file: extract again, never fail the round
+        log.warning("ignoring the feature cache %s (%s); extracting the features again", path, exc)
+        return {}
+
+
+def _keep_feature_cache(context: Context, cache: dict) -> None:
+    path = _state_path(context, records.STATE_REAL_FEATURES).with_suffix(".npz")
+    buf = io.BytesIO()
+    np.savez(buf, **cache)
+    weights.atomic_write(path, buf.getvalue())
+
+
 def _info(name: str, task: str, data: HospitalData) -> dict:
     return {"hospital": name, "ssl-task": task, "class-names": data.class_names, "audit": data.audit}
 
@@ -217,11 +241,14 @@ def _evaluation(context: Context, model: FedSSLModel, cfg: RunConfig, data: Hosp
         return {}
     t0 = time.perf_counter()
     phase = str(instr["evaluate-phase"])
-    scores = local.score(model, data, phase, cfg)
+    cache = _feature_cache(context) if phase == names.PHASE_GENERATE else None
+    scores = local.score(model, data, phase, cfg, cache)
     out = {}
     if cfg.local_baseline and _has_model(context, records.STATE_LOCAL_ONLY):
         baseline = _model(context, records.STATE_LOCAL_ONLY, cfg, len(data.class_names))
-        out[records.LOCAL_EVAL_METRICS] = records.to_metric_record(local.score(baseline, data, phase, cfg))
+        out[records.LOCAL_EVAL_METRICS] = records.to_metric_record(local.score(baseline, data, phase, cfg, cache))
+    if cache is not None:
+        _keep_feature_cache(context, cache)
     scores[names.M_EVALUATE_SECONDS] = time.perf_counter() - t0
     out[records.EVAL_METRICS] = records.to_metric_record(scores)
     return out

@@ -24,7 +24,8 @@ because this module is imported inside the Flower ClientApp.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, MutableMapping
 
 import numpy as np
 import torch
@@ -294,6 +295,19 @@ def pixels(images: torch.Tensor, size: int) -> np.ndarray:
     return x.flatten(1).numpy().astype(np.float64)
 
 
+def _real_features(extractor: FeatureExtractor, images: torch.Tensor, what: str,
+                   cache: MutableMapping[str, np.ndarray] | None) -> np.ndarray:
+    """The extractor's features of real `images`, from `cache` when it holds them: keyed by what
+    the images are (a SHA-256 of their pixels) and the extractor's input size, so a cache can
+    only ever give back the features of these very images."""
+    if cache is None:
+        return extractor(images)
+    key = f"{what}-{extractor.size}px-{hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:32]}"
+    if key not in cache:
+        cache[key] = extractor(images)
+    return np.asarray(cache[key], dtype=np.float64)
+
+
 def score_generator(
     sample: Callable[[torch.Tensor, int], torch.Tensor],
     train_images: torch.Tensor,
@@ -304,6 +318,7 @@ def score_generator(
     extractor: FeatureExtractor,
     seed: int,
     max_samples: int = 500,
+    cache: MutableMapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Score a class-conditional generator on a hospital's train/test split.
 
@@ -321,6 +336,8 @@ def score_generator(
     Returns `SCORE_KEYS`: fid, precision, recall, memorisation_distance_ratio,
     memorisation_too_close_fraction, memorisation_too_close_fraction_pixels, generated_examples,
     real_examples.
+    `cache`: a mapping that keeps the real images' features between calls (a hospital scores a
+    new generator every round, and a local-only one beside it, against the same real images).
     """
     if max_samples < _MIN_SCORED:
         raise ValueError(f"max_samples {max_samples}; expected at least {_MIN_SCORED} "
@@ -342,8 +359,8 @@ def score_generator(
     fake_images = _check_images(sample(wanted, seed), "generated images", count)
 
     fake = extractor(fake_images)
-    test = extractor(test_images[test_rows])
-    train = extractor(train_images[train_rows])
+    test = _real_features(extractor, test_images[test_rows], "heldout", cache)
+    train = _real_features(extractor, train_images[train_rows], "train", cache)
     # The k-NN measures run on unit-length features. Raw EfficientNet features of degenerate images
     # (noise) are short vectors near the middle of the real cloud, inside the huge k-NN balls that a
     # few hundred samples in 1,280 dimensions give: measured on HAM10000 at 32 px, noise scored a

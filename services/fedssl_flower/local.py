@@ -66,12 +66,13 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
     )
 
 
-def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig) -> dict:
+def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig, feature_cache: dict | None = None) -> dict:
     """Scores on the hospital's held-out split. An SSL-phase encoder has no classifier yet, so
     it is scored by a linear probe fitted on the hospital's training split. A generator is
-    scored by what it draws against the held-out images (`score_generator`)."""
+    scored by what it draws against the held-out images (`score_generator`; `feature_cache`
+    keeps the real images' features between calls)."""
     if phase == names.PHASE_GENERATE:
-        return score_generator(model, data, cfg)
+        return score_generator(model, data, cfg, feature_cache)
     if phase == names.PHASE_SSL:
         model = copy.deepcopy(model)
         torch.manual_seed(cfg.seed)
@@ -92,7 +93,7 @@ def new_model(cfg: RunConfig, num_classes: int, pretrained: bool | None = None) 
     return FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained if pretrained is None else pretrained)
 
 
-def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: RunConfig) -> dict:
+def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: RunConfig, feature_cache: dict | None = None) -> dict:
     """A generator's scores at a hospital: `gan-eval-samples` images drawn with the held-out
     split's class mix against the held-out images (Frechet distance and precision/recall on
     ImageNet EfficientNet-Lite0 features), and how near they sit to the training images
@@ -104,7 +105,7 @@ def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: Run
 
     m = generative_metrics.score_generator(draw, data.train_images, data.train_labels, data.test_images, data.test_labels,
                                            extractor=generative_metrics.FeatureExtractor(), seed=cfg.seed,
-                                           max_samples=cfg.gan_eval_samples)
+                                           max_samples=cfg.gan_eval_samples, cache=feature_cache)
     return {names.M_FID: m["fid"], names.M_GEN_PRECISION: m["precision"], names.M_GEN_RECALL: m["recall"],
             names.M_MEMORISATION_RATIO: m["memorisation_distance_ratio"], names.M_TOO_CLOSE: m["memorisation_too_close_fraction"],
             names.M_TOO_CLOSE_PIXELS: m["memorisation_too_close_fraction_pixels"],

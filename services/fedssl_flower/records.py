@@ -38,6 +38,7 @@ STATE_MODEL = "model"  # the hospital's copy of the federated model, heads inclu
 STATE_LOCAL_ONLY = "local_only_model"  # the local-only baseline model, sent only when register-local-models asks
 STATE_OPTIMIZER = "optimizer"  # the federated model's fine-tuning AdamW moments (keep-optimizer-state)
 STATE_LOCAL_ONLY_OPTIMIZER = "local_only_optimizer"  # the baseline's
+STATE_REAL_FEATURES = "real_features"  # task=generate: the real images' features the hospital scores generators against (.npz)
 
 
 def state_arrays(state: Mapping[str, torch.Tensor], groups: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

@@ -73,6 +73,14 @@ def test_both_networks_are_averaged_and_every_round_is_scored_at_the_hospitals(g
         assert any(not torch.equal(after[k], initial[k]) for k in initial if k.startswith(f"{group}.") and k.endswith(("weight", "weight_orig"))), group
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["model"]["arch"] == names.ARCH_CGAN
+    # Each hospital extracted its real images' features once for the whole run (held-out and
+    # training subsets), kept beside its models, never sent.
+    import numpy as np
+
+    for h in ("hospital-0", "hospital-1"):
+        (cache,) = (work / "cache" / "state").glob(f"run-*/{h}/real_features.npz")
+        with np.load(cache) as saved:
+            assert sorted(k.split("-")[0] for k in saved.files) == ["heldout", "train"]
     assert summary["final_metrics"]["generate"][names.M_FID] > 0
 
 

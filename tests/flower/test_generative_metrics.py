@@ -221,3 +221,42 @@ def test_score_generator_refuses_a_sample_of_the_wrong_size(extractor, ham_split
     with pytest.raises(ValueError, match=f"generated images holds 1 images; expected {TEST_IMAGES}"):
         score_generator(lambda labels, seed: noise_images(1), train_images, train_labels, test_images, test_labels,
                         extractor=extractor, seed=0, max_samples=TEST_IMAGES)
+
+
+class CountingExtractor(FeatureExtractor):
+    """The real extractor, counting the images it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=64)
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        self.images += len(images)
+        return super().__call__(images)
+
+
+def test_a_feature_cache_extracts_the_real_images_once_and_changes_no_score(ham_split):
+    """A hospital scores a new generator every round (and a local-only one beside it) against the
+    same real images: with a cache their features are extracted once; the scores are the same."""
+    (train_images, train_labels), (test_images, test_labels) = ham_split
+    counting = CountingExtractor()
+    split = dict(train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
+                 extractor=counting, seed=3, max_samples=TEST_IMAGES)
+
+    def noise(labels, seed):
+        return noise_images(len(labels), seed)
+
+    uncached = score_generator(noise, **split)
+    per_call = counting.images
+    cache: dict = {}
+    counting.images = 0
+    first = score_generator(noise, **split, cache=cache)
+    assert counting.images == per_call and len(cache) == 2  # held-out and training features, stored
+    counting.images = 0
+    second = score_generator(noise, **split, cache=cache)
+    assert counting.images == TEST_IMAGES  # only the generated images this time
+    assert first == second == uncached
+    # Another set of real images (another hospital, another split) is never served from the cache.
+    counting.images = 0
+    score_generator(noise, **(split | {"test_images": test_images.flip(-1)}), cache=cache)
+    assert counting.images == 2 * TEST_IMAGES and len(cache) == 3
