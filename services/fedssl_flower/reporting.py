@@ -148,7 +148,7 @@ class RunReport:
         source, synthetic = self.hospitals.data_facts()
         return {
             "status": status,
-            "phase": self.history[-1]["phase"] if self.history else names.PHASE_SSL,
+            "phase": self.history[-1]["phase"] if self.history else self._phases()[0],
             "planned_rounds": self._planned_rounds(),
             "config": self.cfg.as_dict(),
             "data_source": source,

@@ -100,7 +100,7 @@ def test_each_round_registers_a_generator_with_lineage(generative_run):
     # No encoder or classifier: a generative run trains neither.
     assert {m["name"] for m in state["models"]} == {names.GENERATOR_MODEL}
     (run,) = state["runs"]
-    assert run["status"] == "succeeded" and run["planned_rounds"] == {"generate": 2}
+    assert run["status"] == "succeeded" and run["planned_rounds"] == {"generate": 2} and run["phase"] == "generate"
 
 
 def test_the_registry_draws_the_same_images_the_run_s_generator_does(generative_run):
