@@ -296,7 +296,7 @@ def ddim_sample(model: TinyUNet, labels: torch.Tensor, seed: int, *, steps: int 
 
 # ---------------------------------------------------------------------------- the GAN
 def train_gan_for(gan: gan_models.ConditionalGAN, images: torch.Tensor, labels: torch.Tensor, *, seconds: float, chunk: int,
-                  batch_size: int, lr: float, seed: int, clock: str = "wall") -> dict:
+                  batch_size: int, lr: float, seed: int, clock: str = "wall", lr_discriminator: float | None = None) -> dict:
     """The product's `train_gan` in chunks of `chunk` steps (a fresh optimizer each, chunk seeds
     seed, seed+1, ...) until `seconds` of `clock` (wall or process CPU time) are spent (read after every chunk).
     The last chunk is shortened to the steps the remaining time holds at the rate so far, so the
@@ -307,7 +307,8 @@ def train_gan_for(gan: gan_models.ConditionalGAN, images: torch.Tensor, labels: 
     b0 = now()
     while (elapsed := now() - b0) < seconds:
         n = chunk if steps == 0 else min(chunk, max(1, round((seconds - elapsed) * steps / elapsed)))
-        last = train_gan(gan, images, labels, steps=n, batch_size=batch_size, lr_generator=lr, lr_discriminator=lr,
+        last = train_gan(gan, images, labels, steps=n, batch_size=batch_size, lr_generator=lr,
+                         lr_discriminator=lr if lr_discriminator is None else lr_discriminator,
                          seed=seed + chunks, augment=True)
         steps += n
         chunks += 1
@@ -385,18 +386,21 @@ def run_gan(data: dict, extractor, args, num_classes: int, class_names: list[str
     gan = gan_models.ConditionalGAN(num_classes, image_size=32, z_dim=DEFAULTS.gan_z_dim, width=DEFAULTS.gan_width)
     print(f"gan: training for {args.minutes} min in chunks of {args.gan_chunk} steps ...", flush=True)
     train = train_gan_for(gan, data["train_images"], data["train_labels"], seconds=args.minutes * 60, chunk=args.gan_chunk,
-                          batch_size=args.batch_size, lr=DEFAULTS.gan_lr, seed=args.seed, clock=args.clock)
+                          batch_size=args.batch_size, lr=args.gan_lr, lr_discriminator=args.gan_lr_discriminator, seed=args.seed,
+                          clock=args.clock)
     print(f"  {train['steps']} steps in {train['train_seconds']:.0f}s", flush=True)
 
     def sample_fn(labels, seed):
         return gan_models.sample(gan.generator, labels, seed, batch_size=64)
 
-    out = {"model": "gan", "variant": "gan", "training": train,
+    name = "gan" + (f"-{args.label}" if args.label else "")
+    out = {"model": "gan", "variant": name, "label": args.label, "training": train,
            "params": {"serving": params(gan.generator), "training": params(gan), "generator": params(gan.generator),
                       "discriminator": params(gan.discriminator)},
-           "config": {"z_dim": DEFAULTS.gan_z_dim, "width": DEFAULTS.gan_width, "lr": DEFAULTS.gan_lr, "batch_size": args.batch_size,
+           "config": {"z_dim": DEFAULTS.gan_z_dim, "width": DEFAULTS.gan_width, "lr": args.gan_lr,
+                      "lr_discriminator": args.gan_lr_discriminator, "batch_size": args.batch_size,
                       "diffaugment": True, "chunk_steps": args.gan_chunk, "sampling": "one generator forward pass"}}
-    out.update(evaluate("gan", sample_fn, data, extractor, args, num_classes, class_names))
+    out.update(evaluate(name, sample_fn, data, extractor, args, num_classes, class_names))
     return [out]
 
 
@@ -414,13 +418,14 @@ def run_ddpm(data: dict, extractor, args, num_classes: int, class_names: list[st
               "batch_size": args.batch_size, "hflip": True, "label_dropout": args.label_dropout, "ema_decay": args.ddpm_ema,
               "sampler": f"DDIM {args.ddim_steps} steps, eta 0, x0 clipped"}
     runs = []
-    variants = [("ddpm", ema.model, 1.0, True), ("ddpm-cfg2", ema.model, 2.0, True)]
+    tag = f"-{args.label}" if args.label else ""
+    variants = [(f"ddpm{tag}", ema.model, 1.0, True), (f"ddpm{tag}-cfg2", ema.model, 2.0, True)]
     if args.ddpm_raw == "true":
-        variants.append(("ddpm-noema", model, 1.0, False))
+        variants.append((f"ddpm{tag}-noema", model, 1.0, False))
     for name, net, w, grid in variants:
         def sample_fn(labels, seed, net=net, w=w):
             return ddim_sample(net, labels, seed, steps=args.ddim_steps, guidance=w)
-        r = {"model": "ddpm", "variant": name, "guidance_scale": w, "ema": net is ema.model, "training": train,
+        r = {"model": "ddpm", "variant": name, "label": args.label, "guidance_scale": w, "ema": net is ema.model, "training": train,
              "params": {"serving": params(model), "training": params(model)}, "config": config}
         r.update(evaluate(name, sample_fn, data, extractor, args, num_classes, class_names, grid=grid))
         runs.append(r)
@@ -464,8 +469,12 @@ def main() -> None:
     ap.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                     help="what the budget counts: wall clock, or this process's CPU time (when another process shares the core)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label", default="", help="names a variant (suffix of its entries' names); a rerun replaces the entries "
+                                                "of its models with the same label")
     ap.add_argument("--val-fraction", type=float, default=0.15, help="validation lesions carved from each site's training split")
     ap.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    ap.add_argument("--gan-lr", type=float, default=DEFAULTS.gan_lr, help="GAN generator learning rate (run config gan-lr)")
+    ap.add_argument("--gan-lr-discriminator", type=float, default=None, help="GAN discriminator learning rate (default: --gan-lr)")
     ap.add_argument("--gan-chunk", type=int, default=DEFAULTS.gan_steps, help="GAN steps per train_gan call (run config gan-steps)")
     ap.add_argument("--ddpm-base", type=int, default=32, help="UNet channels at 32 px")
     ap.add_argument("--ddpm-attention", default="true", choices=("true", "false"), help="self-attention at 8x8")
@@ -485,6 +494,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", type=Path, default=Path("bench/results/generative_family.json"))
     args = ap.parse_args()
+    if args.gan_lr_discriminator is None:
+        args.gan_lr_discriminator = args.gan_lr
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         raise SystemExit(f"--models {args.models!r}: expected a comma list of {', '.join(MODELS)}")
@@ -514,10 +525,11 @@ def main() -> None:
           f"affinity {sorted(os.sched_getaffinity(0))}", flush=True)
     extractor = FeatureExtractor()
 
-    # A rerun of some models replaces their entries and keeps the others' (each run carries its command).
+    # A rerun of some models replaces their entries of the same --label and keeps the others' (each run
+    # carries its command).
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     kept = [{"command": previous.get("command"), "machine": previous.get("machine"), "budget_minutes": previous.get("budget_minutes"),
-             **r} for r in previous.get("runs", []) if r["model"] not in models]
+             **r} for r in previous.get("runs", []) if r["model"] not in models or r.get("label", "") != args.label]
     runs: list[dict] = list(kept)
     result = {"command": command, "commands": [], "machine": machine(args.threads), "budget_minutes": args.minutes, "seed": args.seed,
               "data": {"path": str(args.data), "image_size": 32, "class_names": class_names, "val_fraction": args.val_fraction,
