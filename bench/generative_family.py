@@ -529,9 +529,9 @@ def main() -> None:
     # carries its command).
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     kept = [{"command": previous.get("command"), "machine": previous.get("machine"), "budget_minutes": previous.get("budget_minutes"),
-             **r} for r in previous.get("runs", []) if r["model"] not in models or r.get("label", "") != args.label]
+             "clock": previous.get("clock", "wall"), **r} for r in previous.get("runs", []) if r["model"] not in models or r.get("label", "") != args.label]
     runs: list[dict] = list(kept)
-    result = {"command": command, "commands": [], "machine": machine(args.threads), "budget_minutes": args.minutes, "seed": args.seed,
+    result = {"command": command, "commands": [], "machine": machine(args.threads), "budget_minutes": args.minutes, "clock": args.clock, "seed": args.seed,
               "data": {"path": str(args.data), "image_size": 32, "class_names": class_names, "val_fraction": args.val_fraction,
                        "train": len(train.train_images), "val": len(val.test_images), "eval": "pooled validation split",
                        "train_class_counts": torch.bincount(train.train_labels, minlength=num_classes).tolist(),
