@@ -127,11 +127,15 @@ def _keep_moments(context: Context, key: str, carried: dict | None) -> None:
         weights.save_file(_state_path(context, key), carried["adamw"])  # atomic_write creates the folder
 
 
+def _feature_cache_path(context: Context) -> Path:
+    return _state_path(context, records.STATE_REAL_FEATURES).with_suffix(".npz")
+
+
 def _feature_cache(context: Context) -> dict:
     """A generative run's cache of the real images' features (`generative_metrics`), kept
     beside the hospital's models: each round scores new generators against the same real
     images, so their features are extracted once per run, not twice a round."""
-    path = _state_path(context, records.STATE_REAL_FEATURES).with_suffix(".npz")
+    path = _feature_cache_path(context)
     if not path.is_file():
         return {}
     try:
@@ -143,7 +147,7 @@ def _feature_cache(context: Context) -> dict:
 
 
 def _keep_feature_cache(context: Context, cache: dict) -> None:
-    path = _state_path(context, records.STATE_REAL_FEATURES).with_suffix(".npz")
+    path = _feature_cache_path(context)
     buf = io.BytesIO()
     np.savez(buf, **cache)
     weights.atomic_write(path, buf.getvalue())

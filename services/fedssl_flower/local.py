@@ -7,6 +7,7 @@ same functions in one process, so its federated numbers come from the code hospi
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -93,6 +94,15 @@ def new_model(cfg: RunConfig, num_classes: int, pretrained: bool | None = None) 
     return FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained if pretrained is None else pretrained)
 
 
+@functools.cache
+def _feature_extractor():
+    """The ImageNet EfficientNet-Lite0 feature extractor, built once per process: a handler
+    scores the global and the local-only generator with it."""
+    from . import generative_metrics
+
+    return generative_metrics.FeatureExtractor()
+
+
 def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: RunConfig, feature_cache: dict | None = None) -> dict:
     """A generator's scores at a hospital: `gan-eval-samples` images drawn with the held-out
     split's class mix against the held-out images (Frechet distance and precision/recall on
@@ -104,7 +114,7 @@ def score_generator(gan: gan_models.ConditionalGAN, data: HospitalData, cfg: Run
         return gan_models.sample(gan.generator, labels, seed)
 
     m = generative_metrics.score_generator(draw, data.train_images, data.train_labels, data.test_images, data.test_labels,
-                                           extractor=generative_metrics.FeatureExtractor(), seed=cfg.seed,
+                                           extractor=_feature_extractor(), seed=cfg.seed,
                                            max_samples=cfg.gan_eval_samples, cache=feature_cache)
     return {names.M_FID: m["fid"], names.M_GEN_PRECISION: m["precision"], names.M_GEN_RECALL: m["recall"],
             names.M_MEMORISATION_RATIO: m["memorisation_distance_ratio"], names.M_TOO_CLOSE: m["memorisation_too_close_fraction"],

@@ -36,9 +36,8 @@ ROUND_CSV_SCALARS = (
     "examples", "loss", "ssl_loss_simclr", "ssl_loss_rotation", "finetune_loss", "test_loss", "accuracy",
     "balanced_accuracy", "macro_auc", "test_examples", "local_only_loss", "local_only_accuracy",
     "local_only_balanced_accuracy", "local_only_macro_auc",
-    # a generative run's rounds (names.GENERATIVE_SCORES and the GAN's losses)
-    "generator_loss", "discriminator_loss", "fid", "gen_precision", "gen_recall", "memorisation_distance_ratio",
-    "memorisation_too_close_fraction", "memorisation_too_close_fraction_pixels", "local_only_fid",
+    # a generative run's rounds: the GAN's losses and the hospitals' scores of its generators
+    names.M_GENERATOR_LOSS, names.M_DISCRIMINATOR_LOSS, *names.GENERATIVE_SCORES, names.LOCAL_ONLY_PREFIX + names.M_FID,
 )
 
 

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -75,8 +76,6 @@ def test_both_networks_are_averaged_and_every_round_is_scored_at_the_hospitals(g
     assert summary["status"] == "succeeded" and summary["model"]["arch"] == names.ARCH_CGAN
     # Each hospital extracted its real images' features once for the whole run (held-out and
     # training subsets), kept beside its models, never sent.
-    import numpy as np
-
     for h in ("hospital-0", "hospital-1"):
         (cache,) = (work / "cache" / "state").glob(f"run-*/{h}/real_features.npz")
         with np.load(cache) as saved:
@@ -107,7 +106,7 @@ def test_the_registry_draws_the_same_images_the_run_s_generator_does(generative_
     _, work, state = generative_run
     out = state["generated"]
     assert out["class"] == "mel" and out["class_index"] == names.HAM10000_CLASSES.index("mel") and out["seed"] == 7
-    served = [torch.from_numpy(__import__("numpy").asarray(Image.open(io.BytesIO(base64.b64decode(i["png_base64"])))))
+    served = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(base64.b64decode(i["png_base64"])))))
               for i in out["images"]]
     assert len(served) == 3 and all(img.shape == (32, 32, 3) for img in served)
     (run_dir,) = (work / "runs").iterdir()

@@ -110,31 +110,29 @@ class _InferEndpoint:
             await self._generate(model, headers, state, receive, send)
             return
         with model.batcher.incoming():
-            body = await read_body(receive)
-            raw_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
-            header_length = None if raw_length is None else raw_length.decode("latin-1")
-            args = (body, header_length, model.image_size, model.mean, model.std, state.settings.max_infer_batch)
-            if protocol.parses_inline(len(body), header_length):
-                req = protocol.parse_request(*args)
-            else:  # JSON and numpy work of up to seconds: off the event loop, bounded (inference.decode)
-                req = await state.repository.decoder.run(protocol.parse_request, *args)
+            req = await _parse(state, headers, await read_body(receive), protocol.parse_request,
+                               model.image_size, model.mean, model.std, state.settings.max_infer_batch)
         out = model.check_finite(await model.batcher.submit(req.array))
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)
         await _respond(send, payload, extra)
 
     async def _generate(self, model, headers: dict, state, receive: Receive, send: Send) -> None:
         """A generation model's infer: `class` with `seed` or `latent` in, `images` out."""
-        body = await read_body(receive)
-        raw_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
-        header_length = None if raw_length is None else raw_length.decode("latin-1")
-        args = (body, header_length, model.name, model.class_names, int(model.spec["z_dim"]), state.settings.max_generate_count)
-        if protocol.parses_inline(len(body), header_length):
-            req = protocol.parse_generate_request(*args)
-        else:
-            req = await state.repository.decoder.run(protocol.parse_generate_request, *args)
+        req = await _parse(state, headers, await read_body(receive), protocol.parse_generate_request,
+                           model.name, model.class_names, int(model.spec["z_dim"]), state.settings.max_generate_count)
         images = await state.repository.generate(model, req.labels, req.seed, req.latent)
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, images, req)
         await _respond(send, payload, extra)
+
+
+async def _parse(state, headers: dict, body: bytes, parse, *args):
+    """`parse(body, header_length, *args)`: on the event loop when the body is small, else
+    (JSON and numpy work of up to seconds) off it, bounded (inference.decode)."""
+    raw_length = headers.get(protocol.HEADER_LENGTH.lower().encode())
+    header_length = None if raw_length is None else raw_length.decode("latin-1")
+    if protocol.parses_inline(len(body), header_length):
+        return parse(body, header_length, *args)
+    return await state.repository.decoder.run(parse, body, header_length, *args)
 
 
 async def _respond(send: Send, payload: bytes, extra: dict[str, str]) -> None:
