@@ -525,11 +525,12 @@ def main() -> None:
           f"affinity {sorted(os.sched_getaffinity(0))}", flush=True)
     extractor = FeatureExtractor()
 
-    # A rerun of some models replaces their entries of the same --label and keeps the others' (each run
-    # carries its command).
+    # A rerun of some models replaces their entries of the same --label and --seed and keeps the others'
+    # (each run carries its command and seed).
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     kept = [{"command": previous.get("command"), "machine": previous.get("machine"), "budget_minutes": previous.get("budget_minutes"),
-             "clock": previous.get("clock", "wall"), **r} for r in previous.get("runs", []) if r["model"] not in models or r.get("label", "") != args.label]
+             "clock": previous.get("clock", "wall"), "seed": previous.get("seed", 0), **r} for r in previous.get("runs", [])
+            if r["model"] not in models or r.get("label", "") != args.label or r.get("seed", previous.get("seed", 0)) != args.seed]
     runs: list[dict] = list(kept)
     result = {"command": command, "commands": [], "machine": machine(args.threads), "budget_minutes": args.minutes, "clock": args.clock, "seed": args.seed,
               "data": {"path": str(args.data), "image_size": 32, "class_names": class_names, "val_fraction": args.val_fraction,
@@ -545,19 +546,20 @@ def main() -> None:
     for m in models:
         runner = {"gan": run_gan, "ddpm": run_ddpm, "real": run_real}[m]
         for r in runner(data, extractor, args, num_classes, class_names):
-            r.update({"command": command, "machine": machine(args.threads), "budget_minutes": args.minutes, "clock": args.clock})
+            r.update({"command": command, "machine": machine(args.threads), "budget_minutes": args.minutes, "clock": args.clock,
+                      "seed": args.seed})
             runs.append(r)
         result["commands"] = list(dict.fromkeys(r["command"] for r in runs))
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every model: a long run loses nothing
 
     print()
-    head = (f"{'model':<17} {'FID':>7} {'prec':>6} {'recall':>6} {'memo ratio':>10} {'too close':>9} {'steps':>6} "
+    head = (f"{'model':<17} {'seed':>4} {'FID':>7} {'prec':>6} {'recall':>6} {'memo ratio':>10} {'too close':>9} {'steps':>6} "
             f"{'train s':>7} {'cpu s':>6} {'ms/image':>9} {'cpu ms/im':>9} {'params':>9}")
     print(head)
     lines = [head]
     for r in sorted(runs, key=lambda r: r["model"] == "real"):
         s = r["scores"]
-        line = (f"{r['variant']:<17} {s['fid']:>7.1f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
+        line = (f"{r['variant']:<17} {r.get('seed', 0):>4} {s['fid']:>7.1f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
                 f"{s['memorisation_distance_ratio']:>10.3f} {s['memorisation_too_close_fraction']:>9.3f} "
                 f"{r['training']['steps']:>6} {r['training']['train_seconds']:>7.0f} {r['training']['train_cpu_seconds']:>6.0f} "
                 f"{r['sampling_seconds_per_image'] * 1000:>9.2f} {_ms(r.get('sampling_cpu_seconds_per_image')):>9} "

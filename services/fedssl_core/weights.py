@@ -93,10 +93,9 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return from_bytes(path.read_bytes())
 
 
-def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load `state` into `model`, strictly: a missing or unexpected key, or a shape
-    mismatch, is a `WeightsError` naming the keys."""
-    expected = model.state_dict()
+def check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """A `WeightsError` naming the keys unless `state` has exactly `expected`'s keys, each of
+    its shape (`expected` may live on the meta device: only shapes are read)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -115,4 +114,10 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None
                 + head([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in mismatched])
             )
         raise WeightsError("weights do not fit the model: " + "; ".join(parts))
+
+
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load `state` into `model`, strictly: a missing or unexpected key, or a shape
+    mismatch, is a `WeightsError` naming the keys (`check_fits`)."""
+    check_fits(model.state_dict(), state)
     model.load_state_dict(dict(state), strict=True)

@@ -109,6 +109,11 @@ def servable_generator(model: dict, state: Mapping[str, torch.Tensor], metadata:
     pixels (NaN would turn into arbitrary bytes).
     """
     spec = model["input_spec"]
+    # The shape comes from the file's metadata: check it against the file's own tensors on the
+    # meta device first, so metadata cannot make serving allocate a model larger than its file.
+    with torch.device("meta"):
+        shape_only = generative.build_generator(metadata)
+    weights.check_fits({f"{names.GROUP_GENERATOR}.{k}": t for k, t in shape_only.state_dict().items()}, state)
     generator = generative.build_generator(metadata)
     classes = list(spec.get("class_names") or [])
     differ = [f"{what} {got} (the model's input_spec: {want})" for what, got, want in (

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import zipfile
 
 import httpx
@@ -341,6 +343,46 @@ def test_weights_that_do_not_fit_the_model_are_refused_naming_why(reg, gans):
         "num_classes 4 (the model's input_spec: 3); register it under a model whose input_spec has its classes, image size and z_dim")
     assert with_discriminator.status_code == 400
     assert "unexpected keys: discriminator." in with_discriminator.json()["error"]
+
+
+def test_metadata_that_claims_another_generator_shape_than_its_tensors_is_refused(reg, gans):
+    """The generator is built from the file's metadata: a width the tensors do not have (here 512,
+    some 100M parameters) is refused by comparing shapes before anything of that size exists."""
+    blob = generator_blob(gans[1])
+    meta = {**weights.read_metadata(blob), "fedssl.width": "512"}
+    with reg.client() as http:
+        def versions():
+            return [v["version"] for v in http.get(f"/v1/models/{GEN}/versions").json()["versions"]]
+        before = versions()
+        r = upload(http, GEN, weights.to_bytes(weights.from_bytes(blob), meta))
+        assert versions() == before  # nothing registered
+    assert r.status_code == 400
+    assert "weights do not fit the model: shape mismatch: generator." in r.json()["error"]
+
+
+CAPPED = """
+import resource
+from fedssl_core import generative
+from fedssl_registry import service
+gan = generative.ConditionalGAN(num_classes=3, image_size=32, z_dim=16, width=8)
+state = {f"generator.{k}": v for k, v in gan.generator.state_dict().items()}
+meta = {**generative.generator_meta(gan.spec), "fedssl.width": "512"}
+model = {"input_spec": {"image_size": 32, "class_names": ["a", "b", "c"], "z_dim": 16}}
+vm = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize"))) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))  # 200 MB more, as a container limit would
+try:
+    service.servable_generator(model, state, meta)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_claimed_shape_is_checked_before_a_generator_of_that_size_is_built():
+    """Under an address-space cap of 200 MB above what the process holds, the width-512 claim
+    (a ~400 MB generator) is refused for its shapes; building it first would fail to allocate."""
+    out = subprocess.run([sys.executable, "-c", CAPPED], env=P.base_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("WeightsError weights do not fit the model: shape mismatch: generator."), out.stdout
 
 
 # ---------------------------------------------------------------------- metrics, docs, dashboard
