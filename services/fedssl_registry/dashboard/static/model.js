@@ -205,7 +205,8 @@ export function render({ model, versions, selected, scores }) {
   const spec = model.input_spec || {};
   const current = versions.find((v) => v.version === selected);
   const generator = model.task === "generation";
-  const metricKeys = generator ? generatorMetricKeys(versions).slice(0, MAX_METRIC_COLUMNS) : null;
+  const allMetricKeys = generator ? generatorMetricKeys(versions) : null; // charts: all; the table: the first few
+  const metricKeys = generator ? allMetricKeys.slice(0, MAX_METRIC_COLUMNS) : null;
   const scoreHeads = generator ? metricKeys.map((k) => k.replaceAll("_", " ")) : ["Balanced acc.", "Macro AUC"];
   return h("div", { class: "model-page", "data-model": model.name, "data-task": model.task },
     h("div", { class: "page-head" },
@@ -227,5 +228,5 @@ export function render({ model, versions, selected, scores }) {
         ? table(["Version", "Aliases", "Created", "Run (lineage)", "Hospitals", ...scoreHeads, "Data", "Tags", "Size"],
           versions.slice().reverse().map((v) => versionRow(model, v, selected, metricKeys)), { class: "versions-table" })
         : empty("No versions uploaded yet.")),
-    current ? (generator ? generatorDetail(model, versions, current, generatorMetricKeys(versions)) : versionDetail(model, current, scores)) : null);
+    current ? (generator ? generatorDetail(model, versions, current, allMetricKeys) : versionDetail(model, current, scores)) : null);
 }
