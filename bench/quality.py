@@ -246,6 +246,67 @@ def probe(model: FedSSLModel, train: HospitalData, test: HospitalData, cfg: RunC
     return out
 
 
+def head_diagnostic(model: FedSSLModel, sites: list[HospitalData], test: HospitalData, cfg: RunConfig,
+                    virtual_per_class: int = 2000) -> dict:
+    """Is the federated model's gap to pooled training in its classifier or in its encoder? With
+    the final federated encoder frozen, two new classifiers are scored beside the model's own:
+    - `oracle`: a linear probe on the pooled training features (`probe`; it needs every
+      hospital's features in one place, so it is a bound on what any classifier-only fix can
+      reach, not a method a deployment has);
+    - `ccvr`: the model's own classifier fine-tuned on virtual features drawn from one Gaussian
+      per class whose mean and covariance are merged from each hospital's class counts, feature
+      sums and second moments (what one extra statistics round would share; classifier
+      calibration with virtual representations, Luo et al., NeurIPS 2021), `virtual_per_class`
+      features of every class, `probe-epochs` at `probe-lr` in batches of 256;
+    - `ccvr_diagonal`: the same with only each class's per-feature variances (a far smaller
+      and less revealing share than full second moments)."""
+    from fedssl_flower.metrics import classification_metrics
+
+    k, dim = model.num_classes, model.feature_dim
+    n, s1, s2 = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dim, dtype=torch.float64), torch.zeros(k, dim, dim, dtype=torch.float64)
+    for site in sites:  # each hospital's statistics of its own features; only these leave it
+        f = training.embed(model, site.train_images).double()
+        for c in range(k):
+            fc = f[site.train_labels == c]
+            n[c] += len(fc)
+            s1[c] += fc.sum(0)
+            s2[c] += fc.T @ fc
+    def recalibrated(diagonal: bool) -> dict:
+        g = torch.Generator().manual_seed(cfg.seed)
+        xs, ys = [], []
+        for c in range(k):
+            if n[c] < 2:
+                continue
+            mean = s1[c] / n[c]
+            cov = s2[c] / n[c] - torch.outer(mean, mean)
+            if diagonal:
+                cov = torch.diag(cov.diagonal())
+            values, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # sampled as mean + z V sqrt(max(values, 0))
+            root = vectors * values.clamp(min=0).sqrt()
+            xs.append((mean + torch.randn(virtual_per_class, dim, generator=g, dtype=torch.float64) @ root.T).float())
+            ys.append(torch.full((virtual_per_class,), c, dtype=torch.long))
+        x, y = torch.cat(xs), torch.cat(ys)
+        head = copy.deepcopy(model.classifier)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=0.0)
+        for _ in range(cfg.probe_epochs):
+            for idx in training._batches(len(x), 256, g):
+                loss = F.cross_entropy(head(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            proba = torch.softmax(head(f_test), 1).numpy()
+        return headline(classification_metrics(test.test_labels.numpy(), proba, test.class_names))
+
+    f_test = training.embed(model, test.test_images)
+    ccvr, ccvr_diagonal = recalibrated(False), recalibrated(True)
+    oracle = probe(model, pooled_data(sites), test, cfg)
+    print(f"    head diagnostic: oracle probe {oracle[names.M_BALANCED_ACCURACY]:.3f}, "
+          f"CCVR {ccvr[names.M_BALANCED_ACCURACY]:.3f} (diagonal covariances {ccvr_diagonal[names.M_BALANCED_ACCURACY]:.3f})", flush=True)
+    return {"oracle_probe": oracle, "ccvr": ccvr, "ccvr_diagonal": ccvr_diagonal, "virtual_per_class": virtual_per_class,
+            "note": "the final federated encoder frozen; no test-time augmentation (compare with test, not tta_test)"}
+
+
 # ---------------------------------------------------------------------------- training
 def fresh_model(cfg: RunConfig, num_classes: int) -> FedSSLModel:
     torch.manual_seed(cfg.seed)  # what the aggregator starts from
@@ -266,7 +327,7 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
-             tta: bool = False) -> dict:
+             tta: bool = False, head_check: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -285,7 +346,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     (`weighted_average`, `ServerOptimizer`) for strategy=fedavg without DP, as before. Each
     round records every hospital's update norm and the global model's (`update_norm`).
     `uniform_weights`: plain FedAvg weighs every hospital equally instead of by its images.
-    `tta`: the final model is also scored with test-time augmentation (`tta_scores`)."""
+    `tta`: the final model is also scored with test-time augmentation (`tta_scores`).
+    `head_check`: also run `head_diagnostic` on the final model."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -382,6 +444,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     extra = {"update_norms": update_norms}
     if tta and cfg.finetune_rounds:
         extra["tta_test"] = tta_scores(server, test)
+    if head_check and cfg.finetune_rounds:
+        extra["head_diagnostic"] = head_diagnostic(server, ft_sites, test, cfg)
     if private is not None and cfg.dp != names.DP_OFF:
         extra |= {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
@@ -438,7 +502,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
-            tta: bool = False) -> dict:
+            tta: bool = False, head_check: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -470,7 +534,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta)
+                       attack, attacker, uniform_weights, tta, head_check)
         if uniform_weights:
             out["aggregation_weights"] = "uniform"
     if fedprox_mu and arm in FEDERATED_ARMS:
@@ -645,6 +709,10 @@ def main() -> None:
     ap.add_argument("--exclude-site", default="", metavar="HOSPITAL",
                     help="train without this site (still scored on the pooled test of every site): what a defence that "
                          "leaves an attacker out every round can at best reach")
+    ap.add_argument("--head-diagnostic", action="store_true",
+                    help="federated arms: with the final encoder frozen, also score a linear probe on the pooled training "
+                         "features (a bound) and the classifier recalibrated on virtual features from merged per-class "
+                         "feature statistics (CCVR): is the gap to pooled training in the classifier or the encoder?")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -746,14 +814,14 @@ def main() -> None:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
-                        attack, args.attacker, args.aggregation_weights == "uniform", args.tta)
+                        attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
                                                                               "label_map", "class_names", "attack", "attacker", "exclude_site",
-                                                                              "aggregation_weights", "tta"))
+                                                                              "aggregation_weights", "tta", "head_diagnostic"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
@@ -762,6 +830,7 @@ def main() -> None:
                             + (f" --tail-average {args.tail_average}" if args.tail_average else "")
                             + (f" --aggregation-weights {args.aggregation_weights}" if args.aggregation_weights != "examples" else "")
                             + (" --tta" if args.tta else "")
+                            + (" --head-diagnostic" if args.head_diagnostic else "")
                             + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
                             + f" --arms {spec} --seeds {seed}"

@@ -27,7 +27,7 @@ def bench(tmp_path, ham10000_dir, *args):
 
 
 def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham10000_dir):
-    proc = bench(tmp_path, ham10000_dir, "--arms", "federated,int8,no-ssl@0.5", "--seeds", "0")
+    proc = bench(tmp_path, ham10000_dir, "--arms", "federated,int8,no-ssl@0.5", "--seeds", "0", "--head-diagnostic")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "quality.json").read_text())
     sites = result["data"]["sites"]
@@ -42,6 +42,10 @@ def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham1000
     assert 0.0 <= fed["test"]["ece"] <= 1.0 and fed["test"]["temperature"] > 0
     assert 0.0 <= fed["ssl_probe_val"]["knn_balanced_accuracy"] <= 1.0
     assert [(c["phase"], c["round"]) for c in fed["communication"]] == [("ssl", 1), ("finetune", 1), ("finetune", 2)]
+    # the classifier-vs-encoder diagnostic: three classifiers on the frozen final encoder, and the flag in the command
+    assert {k: 0.0 <= fed["head_diagnostic"][k]["balanced_accuracy"] <= 1.0 for k in ("oracle_probe", "ccvr", "ccvr_diagonal")} == {
+        "oracle_probe": True, "ccvr": True, "ccvr_diagonal": True}
+    assert "--head-diagnostic" in fed["command"] and "head diagnostic: oracle probe" in proc.stdout
     # no SSL: the SSL rounds' compute goes to fine-tuning (2 x ssl-rounds more rounds), on half the labels
     assert [c["round"] for c in runs["no-ssl@0.5"]["curve"]] == [1, 2, 3, 4]
     assert runs["no-ssl@0.5"]["label_fraction"] == 0.5
