@@ -100,7 +100,8 @@ def gan_config(args, seed: int) -> RunConfig:
     cfg = RunConfig(task=names.RUN_GENERATE, seed=seed, image_size=args.image_size, batch_size=args.batch_size,
                     generate_rounds=args.rounds, gan_steps=args.steps, gan_lr=args.lr, gan_lr_discriminator=args.lr_discriminator,
                     gan_z_dim=args.z_dim, gan_width=args.width, gan_diffaugment=args.diffaugment == "true",
-                    gan_eval_samples=args.curve_samples, local_baseline=False)
+                    gan_eval_samples=args.curve_samples, local_baseline=False,
+                    keep_optimizer_state=args.keep_optimizer_state == "true")
     cfg.validate()
     return cfg
 
@@ -116,12 +117,13 @@ def federate(sites: list[HospitalData], cfg: RunConfig, num_classes: int, after_
     example-weighted average of both networks' state (`weighted_average`)."""
     server = local.new_model(cfg, num_classes)
     hospitals = [copy.deepcopy(server) for _ in sites]
+    moments = [{} if cfg.keep_optimizer_state else None for _ in sites]  # --keep-optimizer-state: each hospital's Adam, kept
     for rnd in range(1, cfg.generate_rounds + 1):
         current = records.state_arrays(server.state_dict(), SHARED)
         updates, metrics = [], []
-        for site, model in zip(sites, hospitals):
+        for site, model, kept in zip(sites, hospitals, moments):
             records.load_arrays(model, current)
-            m = local.train_round(model, site, "", PHASE, cfg, local.round_seed(cfg.seed, PHASE, rnd), rnd)
+            m = local.train_round(model, site, "", PHASE, cfg, local.round_seed(cfg.seed, PHASE, rnd), rnd, kept)
             updates.append((records.state_arrays(model.state_dict(), SHARED), m[names.M_EXAMPLES]))
             metrics.append(m)
         records.load_arrays(server, weighted_average(updates))
@@ -130,12 +132,13 @@ def federate(sites: list[HospitalData], cfg: RunConfig, num_classes: int, after_
 
 
 def train_alone(data: HospitalData, cfg: RunConfig, num_classes: int, steps: int, after_round=None) -> gan_models.ConditionalGAN:
-    """One GAN on one data set: the federation's rounds (fresh optimizer, the same round seeds)
+    """One GAN on one data set: the federation's rounds (a fresh optimizer unless --keep-optimizer-state, the same round seeds)
     with `steps` steps each."""
     cfg = dataclasses.replace(cfg, gan_steps=steps)
     gan = local.new_model(cfg, num_classes)
+    kept = {} if cfg.keep_optimizer_state else None
     for rnd in range(1, cfg.generate_rounds + 1):
-        m = local.train_round(gan, data, "", PHASE, cfg, local.round_seed(cfg.seed, PHASE, rnd), rnd)
+        m = local.train_round(gan, data, "", PHASE, cfg, local.round_seed(cfg.seed, PHASE, rnd), rnd, kept)
         if after_round is not None:
             after_round(rnd, gan, _round_losses([m]))
     return gan.eval()
@@ -399,7 +402,8 @@ def run_arm(arm: str, seed: int, sites: list[HospitalData], split_parts: list[Ho
                      "batch_size": args.batch_size,
                      "generator_steps_per_model": args.rounds * args.steps * (len(sites) if arm == "pooled" else 1),
                      "generator_steps_total": args.rounds * args.steps * len(sites)}
-    out["config"] = {k: v for k, v in cfg.as_dict().items() if k in ("seed", "image-size", "batch-size") or k.startswith(("gan-", "generate-"))}
+    out["config"] = {k: v for k, v in cfg.as_dict().items()
+                     if k in ("seed", "image-size", "batch-size", "keep-optimizer-state") or k.startswith(("gan-", "generate-"))}
     return out
 
 
@@ -469,6 +473,9 @@ def main() -> None:
     ap.add_argument("--lr-discriminator", type=float, default=None,
                     help="discriminator learning rate (run config gan-lr-discriminator; default: --lr)")
     ap.add_argument("--diffaugment", default="true" if DEFAULTS.gan_diffaugment else "false", choices=("true", "false"))
+    ap.add_argument("--keep-optimizer-state", default="false", choices=("true", "false"),
+                    help="each hospital (and the pooled and site-alone GANs) keeps both networks' Adam moments across "
+                         "rounds instead of a fresh optimizer each round (the product's generative rounds: fresh)")
     ap.add_argument("--eval-samples", type=int, default=1000, help="generated = real images for FID, precision, recall, memorisation")
     ap.add_argument("--curve-samples", type=int, default=DEFAULTS.gan_eval_samples, help="images per curve point")
     ap.add_argument("--score-every", type=int, default=2, help="federated and pooled: a curve point every this many rounds")

@@ -3,8 +3,9 @@
 Plain PyTorch, like `training`: the ClientApp and the benchmarks call `train_gan` with a
 `ConditionalGAN` and a hospital's uint8 images. Hinge loss, one discriminator step per
 generator step, Adam with beta1 = 0 (the usual GAN setting), DiffAugment on every image the
-discriminator sees. A fresh optimizer each round, as in the other phases: hospitals keep no
-optimizer state between rounds.
+discriminator sees. A fresh optimizer each round, as in the other phases: the product's
+hospitals keep no optimizer state between generative rounds (`optimizer_state` lets the
+benchmark measure keeping both networks' Adam moments instead).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from fedssl_core.generative import ConditionalGAN, diff_augment
+
+from .training import load_optimizer_moments, optimizer_moments
 
 BETAS = (0.0, 0.99)
 
@@ -23,10 +26,13 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 def train_gan(gan: ConditionalGAN, images: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
-              lr_generator: float, lr_discriminator: float, seed: int, augment: bool = True) -> dict[str, float]:
+              lr_generator: float, lr_discriminator: float, seed: int, augment: bool = True,
+              optimizer_state: dict | None = None) -> dict[str, float]:
     """`steps` hinge-loss steps (one discriminator, one generator step each) on batches drawn
     with replacement across epochs from `images` (uint8 (N, 3, S, S), S the generator's size)
-    and their class `labels`. Returns the mean losses and the examples seen."""
+    and their class `labels`. Returns the mean losses and the examples seen.
+    `optimizer_state`: both networks' Adam moments kept across rounds, restored from and saved
+    to this dict (keys `generator`, `discriminator`); None: fresh optimizers."""
     if images.shape[-1] != gan.generator.image_size:
         raise ValueError(f"images are {images.shape[-1]} px; the generator makes {gan.generator.image_size} px")
     if len(images) < 2:
@@ -36,6 +42,10 @@ def train_gan(gan: ConditionalGAN, images: torch.Tensor, labels: torch.Tensor, *
     gan.train()
     opt_g = torch.optim.Adam(gen.parameters(), lr=lr_generator, betas=BETAS)
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr_discriminator, betas=BETAS)
+    optimizers = {"generator": opt_g, "discriminator": opt_d}
+    if optimizer_state:
+        for name, opt in optimizers.items():
+            load_optimizer_moments(opt, optimizer_state[name])
     aug = (lambda x: diff_augment(x, g)) if augment else (lambda x: x)
     batch_size = min(batch_size, len(images))
     order, pos = torch.randperm(len(images), generator=g), 0
@@ -65,6 +75,8 @@ def train_gan(gan: ConditionalGAN, images: torch.Tensor, labels: torch.Tensor, *
         real_total += float(d_real.detach().mean())
         fake_total += float(d_fake.detach().mean())
     gan.eval()
+    if optimizer_state is not None:
+        optimizer_state.update({name: optimizer_moments(opt) for name, opt in optimizers.items()})
     n = max(steps, 1)
     return {"discriminator_loss": d_total / n, "generator_loss": g_total / n, "discriminator_real_score": real_total / n,
             "discriminator_fake_score": fake_total / n, "examples": steps * batch_size}

@@ -38,14 +38,15 @@ def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> 
 def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1,
                 optimizer_state: dict | None = None, drift: dict | None = None, proximal_mu: float = 0.0) -> dict:
     """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning).
-    `optimizer_state`: the hospital's fine-tuning optimizer moments, kept across rounds.
+    `optimizer_state`: the hospital's optimizer moments, kept across rounds (fine-tuning's
+    AdamW; in a generative round both networks' Adam, which only the benchmark keeps).
     `drift`: fine-tuning's SCAFFOLD control variates (`training.train_supervised`).
     `proximal_mu`: FedProx's proximal term toward the model as it is now (`training.proximal_term`)."""
     n = len(data.train_images)
     if phase == names.PHASE_GENERATE:
         return generative.train_gan(model, data.train_images, data.train_labels, steps=cfg.gan_steps, batch_size=cfg.batch_size,
                                     lr_generator=cfg.gan_lr, lr_discriminator=cfg.gan_lr_discriminator, seed=seed,
-                                    augment=cfg.gan_diffaugment)
+                                    augment=cfg.gan_diffaugment, optimizer_state=optimizer_state)
     if phase == names.PHASE_SSL:
         return training.train_ssl(
             model, data.train_images, task, batch_size=cfg.batch_size, share=cfg.share, seed=seed,

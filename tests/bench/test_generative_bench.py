@@ -59,14 +59,17 @@ def test_generative_bench_scores_every_arm_and_a_rerun_replaces_its_entry(tmp_pa
     assert (tmp_path / "private" / "real-train-32px.png").is_file()
     assert (tmp_path / "private" / "federated-seed0-test-32px-memorisation.png").is_file()
     assert "FID" in proc.stdout
+    pooled_first = next(r for r in result["runs"] if r["arm"] == "pooled")
 
-    # A rerun of one arm replaces its own entry and leaves the others.
-    proc = bench(tmp_path, ham10000_dir, "--arms", "pooled", "--rounds", "1")
+    # A rerun of one arm replaces its own entry and leaves the others (this one keeps Adam's moments across rounds).
+    assert pooled_first["config"]["keep-optimizer-state"] is False
+    proc = bench(tmp_path, ham10000_dir, "--arms", "pooled", "--rounds", "1", "--keep-optimizer-state", "true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "generative.json").read_text())
     assert sorted(r["arm"] for r in result["runs"]) == ["federated", "local", "pooled"]
     pooled = next(r for r in result["runs"] if r["arm"] == "pooled")
     assert pooled["budget"]["rounds"] == 1 and [c["round"] for c in pooled["curve"]] == [1]
+    assert pooled["config"]["keep-optimizer-state"] is True and "--keep-optimizer-state true" in pooled["command"]
     assert set(result["summary"]["test"]) == {"federated", "local", "pooled"}
 
 
