@@ -246,6 +246,19 @@ def probe(model: FedSSLModel, train: HospitalData, test: HospitalData, cfg: RunC
     return out
 
 
+def _cholesky_with_jitter(cov: torch.Tensor, tries: int = 8) -> torch.Tensor:
+    """The Cholesky factor of covariance `cov` plus the smallest ridge (1e-8 of its mean variance,
+    then ten times more each try) that makes it positive definite: a class's few features, or
+    features that never vary, leave the empirical covariance singular."""
+    scale = max(float(cov.diagonal().mean()), 1e-12)
+    eye = torch.eye(len(cov), dtype=cov.dtype)
+    for i in range(tries):
+        root, info = torch.linalg.cholesky_ex(cov + eye * scale * 1e-8 * 10 ** i)
+        if int(info) == 0:
+            return root
+    raise RuntimeError(f"a class covariance stays singular with a ridge of {scale * 1e-8 * 10 ** (tries - 1):.3g}")
+
+
 def head_diagnostic(model: FedSSLModel, sites: list[HospitalData], test: HospitalData, cfg: RunConfig,
                     virtual_per_class: int = 2000) -> dict:
     """Is the federated model's gap to pooled training in its classifier or in its encoder? With
@@ -281,8 +294,7 @@ def head_diagnostic(model: FedSSLModel, sites: list[HospitalData], test: Hospita
             cov = s2[c] / n[c] - torch.outer(mean, mean)
             if diagonal:
                 cov = torch.diag(cov.diagonal())
-            values, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # sampled as mean + z V sqrt(max(values, 0))
-            root = vectors * values.clamp(min=0).sqrt()
+            root = _cholesky_with_jitter((cov + cov.T) / 2)  # sampled as mean + z L^T
             xs.append((mean + torch.randn(virtual_per_class, dim, generator=g, dtype=torch.float64) @ root.T).float())
             ys.append(torch.full((virtual_per_class,), c, dtype=torch.long))
         x, y = torch.cat(xs), torch.cat(ys)
