@@ -216,32 +216,45 @@ def _balanced_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
     return float(np.mean([(pred[true == c] == c).float().mean() for c in true.unique()]))
 
 
+def _fit_linear(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, g: torch.Generator,
+                batch_size: int, weight: torch.Tensor | None = None) -> torch.nn.Linear:
+    """`probe-epochs` of AdamW at `probe-lr` on features `x` with labels `y` (batches drawn with
+    `g`; `weight`: class weights of the cross-entropy)."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=0.0)
+    for _ in range(cfg.probe_epochs):
+        for idx in training._batches(len(x), batch_size, g):
+            loss = F.cross_entropy(head(x[idx]), y[idx], weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return head
+
+
 def probe(model: FedSSLModel, train: HospitalData, test: HospitalData, cfg: RunConfig) -> dict:
     """Linear probe and kNN of the frozen encoder: how much diagnosis its features carry.
     Features are computed once; the linear classifier is trained on them as the product's
     SSL-round probe is (`probe-epochs` at `probe-lr`, class-weighted), the kNN is cosine with
     k = 20 and similarity-weighted votes."""
+    return probe_features(model, training.embed(model, train.train_images), train.train_labels,
+                          training.embed(model, test.test_images), test, cfg)
+
+
+def probe_features(model: FedSSLModel, f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor,
+                   test: HospitalData, cfg: RunConfig) -> dict:
+    """`probe` on features already computed by the frozen encoder of `model`."""
     from fedssl_flower.metrics import classification_metrics
 
-    f_train, f_test = training.embed(model, train.train_images), training.embed(model, test.test_images)
     head = copy.deepcopy(model.classifier)
     torch.manual_seed(cfg.seed)
     head.reset_parameters()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=0.0)
-    weight = training._class_weights(train.train_labels, model.num_classes)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.probe_epochs):
-        for idx in training._batches(len(f_train), cfg.batch_size, g):
-            loss = F.cross_entropy(head(f_train[idx]), train.train_labels[idx], weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    _fit_linear(head, f_train, y_train, cfg, torch.Generator().manual_seed(cfg.seed), cfg.batch_size,
+                weight=training._class_weights(y_train, model.num_classes))
     with torch.no_grad():
         proba = torch.softmax(head(f_test), 1).numpy()
     out = headline(classification_metrics(test.test_labels.numpy(), proba, test.class_names))
     a, b = F.normalize(f_train, dim=1), F.normalize(f_test, dim=1)
     sims, idx = (b @ a.T).topk(20, dim=1)
-    votes = torch.zeros(len(b), len(test.class_names)).scatter_add_(1, train.train_labels[idx], torch.exp(sims / 0.07))
+    votes = torch.zeros(len(b), len(test.class_names)).scatter_add_(1, y_train[idx], torch.exp(sims / 0.07))
     out["knn_balanced_accuracy"] = _balanced_accuracy(votes.argmax(1), test.test_labels)
     return out
 
@@ -277,13 +290,15 @@ def head_diagnostic(model: FedSSLModel, sites: list[HospitalData], test: Hospita
 
     k, dim = model.num_classes, model.feature_dim
     n, s1, s2 = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dim, dtype=torch.float64), torch.zeros(k, dim, dim, dtype=torch.float64)
-    for site in sites:  # each hospital's statistics of its own features; only these leave it
-        f = training.embed(model, site.train_images).double()
+    feats = [training.embed(model, site.train_images) for site in sites]
+    for site, f in zip(sites, feats):  # each hospital's statistics of its own features; only these leave it
+        f = f.double()
         for c in range(k):
             fc = f[site.train_labels == c]
             n[c] += len(fc)
             s1[c] += fc.sum(0)
             s2[c] += fc.T @ fc
+
     def recalibrated(diagonal: bool) -> dict:
         g = torch.Generator().manual_seed(cfg.seed)
         xs, ys = [], []
@@ -298,21 +313,14 @@ def head_diagnostic(model: FedSSLModel, sites: list[HospitalData], test: Hospita
             xs.append((mean + torch.randn(virtual_per_class, dim, generator=g, dtype=torch.float64) @ root.T).float())
             ys.append(torch.full((virtual_per_class,), c, dtype=torch.long))
         x, y = torch.cat(xs), torch.cat(ys)
-        head = copy.deepcopy(model.classifier)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=0.0)
-        for _ in range(cfg.probe_epochs):
-            for idx in training._batches(len(x), 256, g):
-                loss = F.cross_entropy(head(x[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        head = _fit_linear(copy.deepcopy(model.classifier), x, y, cfg, g, 256)
         with torch.no_grad():
             proba = torch.softmax(head(f_test), 1).numpy()
         return headline(classification_metrics(test.test_labels.numpy(), proba, test.class_names))
 
     f_test = training.embed(model, test.test_images)
     ccvr, ccvr_diagonal = recalibrated(False), recalibrated(True)
-    oracle = probe(model, pooled_data(sites), test, cfg)
+    oracle = probe_features(model, torch.cat(feats), torch.cat([site.train_labels for site in sites]), f_test, test, cfg)
     print(f"    head diagnostic: oracle probe {oracle[names.M_BALANCED_ACCURACY]:.3f}, "
           f"CCVR {ccvr[names.M_BALANCED_ACCURACY]:.3f} (diagonal covariances {ccvr_diagonal[names.M_BALANCED_ACCURACY]:.3f})", flush=True)
     return {"oracle_probe": oracle, "ccvr": ccvr, "ccvr_diagonal": ccvr_diagonal, "virtual_per_class": virtual_per_class,
