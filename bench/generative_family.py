@@ -25,6 +25,15 @@ Models (`--models`, default both):
         (eps_u + 2 (eps_c - eps_u): two). Sampled with DDIM (`--ddim-steps`, 50, eta 0, x0 clipped).
         Also scored without the EMA (scale 1) as a check that the EMA is not what decides.
 
+Federated (`--federated-rounds R`, default 0 = pooled as above): the same budget split over R rounds
+of the 4 sites, each site training the global model on its own training images for budget / (4 R)
+of the clock per round (a fresh optimizer each round, as every round of a generative run has), after
+which the site models are averaged weighted by examples (`strategy.weighted_average`, what FedAvg with
+server-lr 1 does): the GAN's whole state (both networks, BatchNorm statistics and spectral-norm vectors:
+what the product's generative round averages), the UNet and its EMA copy (the EMA's update count carries
+on across rounds, as the mean of the sites' steps). Same total compute as the pooled run; scored the
+same way on the pooled validation split. Variants get the suffix `-fedR`.
+
   real  a reference, not a model (not in the default `--models`): real training images of the requested
         classes (drawn at random with replacement) in place of generated ones, scored the same way: the
         FID / precision / recall a perfect copy of the training distribution gets against the validation
@@ -47,7 +56,7 @@ serve (GAN generator; UNet) and that train (GAN generator + discriminator).
 A grid of 8 generated images per class (one row per class) of each model goes to
 `--figures`/family-<model>.png (generated images only).
 
-    taskset -c 0 .venv/bin/python -m bench.generative_family [--minutes 10] [--models gan,ddpm]
+    taskset -c 0 .venv/bin/python -m bench.generative_family [--minutes 10] [--models gan,ddpm] [--federated-rounds 10]
 
 Prints a table and writes JSON (default bench/results/generative_family.json) with the command line,
 the machine and the torch threads.
@@ -66,6 +75,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +84,7 @@ from fedssl_core import generative as gan_models
 from fedssl_flower.config import RunConfig
 from fedssl_flower.generative import train_gan
 from fedssl_flower.generative_metrics import FeatureExtractor, score_generator
+from fedssl_flower.strategy import weighted_average
 
 from bench.generative import save_grid
 from bench.quality import REPO, SITES_METADATA, carve_validation, load_sites, pooled_data
@@ -321,6 +332,42 @@ def train_gan_for(gan: gan_models.ConditionalGAN, images: torch.Tensor, labels: 
             "examples": steps * batch_size, "last_chunk_losses": {k: v for k, v in last.items() if k != "examples"}}
 
 
+# ---------------------------------------------------------------------------- federated
+def average_into(target: nn.Module, models: list[nn.Module], examples: list[int]) -> None:
+    """Load into `target` the example-weighted average of the models' whole state (FedAvg)."""
+    updates = [({k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}, n) for m, n in zip(models, examples)]
+    target.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weighted_average(updates).items()})
+
+
+def federate(model: nn.Module, sites: list[dict], rounds: int, seconds: float, train_site, after_round=None) -> dict:
+    """`rounds` rounds in which every site trains a copy of the global `model` on its own images for
+    `seconds` / (rounds x sites) of the clock (`train_site(copy, site, seconds, seed_offset)` -> its training
+    record), then the global model becomes the example-weighted average (`after_round(records)` after each).
+    Returns the records summed, with the examples of every site and round."""
+    share = seconds / (rounds * len(sites))
+    totals = {"steps": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0, "examples": 0}
+    per_round, loss_sum = [], 0.0
+    for rnd in range(1, rounds + 1):
+        copies, recs = [], []
+        for i, site in enumerate(sites):
+            local = copy.deepcopy(model)
+            recs.append(train_site(local, site, share, 1000 * rnd + i))
+            copies.append(local)
+        for rec in recs:
+            for k in totals:
+                totals[k] += rec[k]
+            loss_sum += rec.get("mean_loss", math.nan) * rec["steps"]
+        average_into(model, copies, [r["examples"] for r in recs])
+        per_round.append([r["steps"] for r in recs])
+        if after_round is not None:
+            after_round(recs)
+        print(f"    round {rnd}/{rounds}: steps per site {per_round[-1]}", flush=True)
+    if "mean_loss" in recs[0]:  # the DDPM's: over every step of every site
+        totals["mean_loss"] = loss_sum / max(totals["steps"], 1)
+    return {**totals, "rounds": rounds, "sites": [s["name"] for s in sites], "seconds_per_site_round": share,
+            "steps_per_site_round": per_round}
+
+
 # ---------------------------------------------------------------------------- measuring
 def params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -381,20 +428,37 @@ def evaluate(name: str, sample_fn, data: dict, extractor: FeatureExtractor, args
     return out
 
 
+def _federated(args) -> str:
+    return f", federated: {args.federated_rounds} rounds of the 4 sites" if args.federated_rounds else ""
+
+
+def _fed_suffix(args) -> str:
+    return f"-fed{args.federated_rounds}" if args.federated_rounds else ""
+
+
 def run_gan(data: dict, extractor, args, num_classes: int, class_names: list[str]) -> list[dict]:
     torch.manual_seed(args.seed)
     gan = gan_models.ConditionalGAN(num_classes, image_size=32, z_dim=DEFAULTS.gan_z_dim, width=DEFAULTS.gan_width)
-    print(f"gan: training for {args.minutes} min in chunks of {args.gan_chunk} steps ...", flush=True)
-    train = train_gan_for(gan, data["train_images"], data["train_labels"], seconds=args.minutes * 60, chunk=args.gan_chunk,
-                          batch_size=args.batch_size, lr=args.gan_lr, lr_discriminator=args.gan_lr_discriminator, seed=args.seed,
-                          clock=args.clock)
+    print(f"gan: training for {args.minutes} min in chunks of {args.gan_chunk} steps{_federated(args)} ...", flush=True)
+
+    def train_on(net, images, labels, seconds, seed_offset=0):
+        return train_gan_for(net, images, labels, seconds=seconds, chunk=args.gan_chunk, batch_size=args.batch_size,
+                             lr=args.gan_lr, lr_discriminator=args.gan_lr_discriminator, seed=args.seed + seed_offset,
+                             clock=args.clock)
+
+    if args.federated_rounds:
+        train = federate(gan, data["sites"], args.federated_rounds, args.minutes * 60,
+                         lambda net, site, seconds, off: train_on(net, site["images"], site["labels"], seconds, off))
+        gan.eval()
+    else:
+        train = train_on(gan, data["train_images"], data["train_labels"], args.minutes * 60)
     print(f"  {train['steps']} steps in {train['train_seconds']:.0f}s", flush=True)
 
     def sample_fn(labels, seed):
         return gan_models.sample(gan.generator, labels, seed, batch_size=64)
 
-    name = "gan" + (f"-{args.label}" if args.label else "")
-    out = {"model": "gan", "variant": name, "label": args.label, "training": train,
+    name = "gan" + (f"-{args.label}" if args.label else "") + _fed_suffix(args)
+    out = {"model": "gan", "variant": name, "label": args.label, "federated_rounds": args.federated_rounds, "training": train,
            "params": {"serving": params(gan.generator), "training": params(gan), "generator": params(gan.generator),
                       "discriminator": params(gan.discriminator)},
            "config": {"z_dim": DEFAULTS.gan_z_dim, "width": DEFAULTS.gan_width, "lr": args.gan_lr,
@@ -408,24 +472,44 @@ def run_ddpm(data: dict, extractor, args, num_classes: int, class_names: list[st
     torch.manual_seed(args.seed)
     model = TinyUNet(num_classes, base=args.ddpm_base, attention=args.ddpm_attention == "true")
     ema = EMA(model, args.ddpm_ema)
-    print(f"ddpm: {params(model) / 1e6:.2f} M parameters, training for {args.minutes} min ...", flush=True)
-    train = train_ddpm(model, ema, data["train_images"], data["train_labels"], seconds=args.minutes * 60,
-                       batch_size=args.batch_size, lr=args.ddpm_lr, label_dropout=args.label_dropout, seed=args.seed,
-                       clock=args.clock)
+    print(f"ddpm: {params(model) / 1e6:.2f} M parameters, training for {args.minutes} min{_federated(args)} ...", flush=True)
+
+    def train_on(net, net_ema, images, labels, seconds, seed_offset=0):
+        return train_ddpm(net, net_ema, images, labels, seconds=seconds, batch_size=args.batch_size, lr=args.ddpm_lr,
+                          label_dropout=args.label_dropout, seed=args.seed + seed_offset, clock=args.clock)
+
+    if args.federated_rounds:
+        # The federated model is the UNet and its EMA copy together (both averaged), the EMA's count carried on.
+        pair = nn.ModuleDict({"net": model, "ema": ema.model})
+
+        def train_site(local_pair, site, seconds, off):
+            local_ema = EMA.__new__(EMA)
+            local_ema.model, local_ema.decay, local_ema.updates = local_pair["ema"], ema.decay, ema.updates
+            return train_on(local_pair["net"], local_ema, site["images"], site["labels"], seconds, off)
+
+        def after_round(recs):  # the EMA's warm-up count moves on by the sites' mean steps
+            ema.updates += round(sum(r["steps"] for r in recs) / len(recs))
+
+        train = federate(pair, data["sites"], args.federated_rounds, args.minutes * 60, train_site, after_round)
+        model.eval()
+    else:
+        train = train_on(model, ema, data["train_images"], data["train_labels"], args.minutes * 60)
     print(f"  {train['steps']} steps in {train['train_seconds']:.0f}s, mean loss {train['mean_loss']:.4f}", flush=True)
     config = {"base_channels": args.ddpm_base, "channel_mults": list(model.mults), "attention_8px": model.attention,
               "timesteps": TIMESTEPS, "schedule": "cosine", "prediction": "epsilon", "lr": args.ddpm_lr,
               "batch_size": args.batch_size, "hflip": True, "label_dropout": args.label_dropout, "ema_decay": args.ddpm_ema,
               "sampler": f"DDIM {args.ddim_steps} steps, eta 0, x0 clipped"}
     runs = []
-    tag = f"-{args.label}" if args.label else ""
-    variants = [(f"ddpm{tag}", ema.model, 1.0, True), (f"ddpm{tag}-cfg2", ema.model, 2.0, True)]
+    tag = (f"-{args.label}" if args.label else "") + _fed_suffix(args)
+    variants = [(f"ddpm{tag}", ema.model, 1.0, True)]
+    if args.ddpm_cfg2 == "true":
+        variants.append((f"ddpm{tag}-cfg2", ema.model, 2.0, True))
     if args.ddpm_raw == "true":
         variants.append((f"ddpm{tag}-noema", model, 1.0, False))
     for name, net, w, grid in variants:
         def sample_fn(labels, seed, net=net, w=w):
             return ddim_sample(net, labels, seed, steps=args.ddim_steps, guidance=w)
-        r = {"model": "ddpm", "variant": name, "label": args.label, "guidance_scale": w, "ema": net is ema.model, "training": train,
+        r = {"model": "ddpm", "variant": name, "label": args.label, "federated_rounds": args.federated_rounds, "guidance_scale": w, "ema": net is ema.model, "training": train,
              "params": {"serving": params(model), "training": params(model)}, "config": config}
         r.update(evaluate(name, sample_fn, data, extractor, args, num_classes, class_names, grid=grid))
         runs.append(r)
@@ -481,6 +565,9 @@ def main() -> None:
     ap.add_argument("--ddpm-lr", type=float, default=2e-4)
     ap.add_argument("--ddpm-ema", type=float, default=0.999)
     ap.add_argument("--ddpm-raw", default="true", choices=("true", "false"), help="also score the UNet without EMA")
+    ap.add_argument("--ddpm-cfg2", default="true", choices=("true", "false"), help="also score with guidance scale 2")
+    ap.add_argument("--federated-rounds", type=int, default=0,
+                    help="0: train on the pooled sites; R > 0: R federated rounds of the 4 sites, the same budget in all")
     ap.add_argument("--label-dropout", type=float, default=0.1, help="classifier-free guidance: share of null-class labels")
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--eval-samples", type=int, default=500, help="score_generator max_samples")
@@ -499,6 +586,12 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         raise SystemExit(f"--models {args.models!r}: expected a comma list of {', '.join(MODELS)}")
+    if not args.minutes > 0:
+        raise SystemExit(f"--minutes {args.minutes}: expected a positive training budget")
+    if args.federated_rounds < 0:
+        raise SystemExit(f"--federated-rounds {args.federated_rounds}: expected 0 (pooled) or a number of rounds")
+    if args.federated_rounds and "real" in models:
+        raise SystemExit("--federated-rounds: the real reference trains nothing; run it without --federated-rounds")
     if args.eval_samples < 4:
         raise SystemExit("--eval-samples must be >= 4")
     if not (args.data / SITES_METADATA).is_file():
@@ -519,7 +612,8 @@ def main() -> None:
     class_names = train.class_names
     num_classes = len(class_names)
     data = {"train_images": train.train_images, "train_labels": train.train_labels,
-            "val_images": val.test_images, "val_labels": val.test_labels}
+            "val_images": val.test_images, "val_labels": val.test_labels,
+            "sites": [{"name": site.hospital, "images": site.train_images, "labels": site.train_labels} for site, _ in carved]}
     print(f"{len(train.train_images)} training / {len(val.test_images)} validation images at 32 px "
           f"({time.perf_counter() - t0:.0f}s); {torch.get_num_threads()} torch thread(s), "
           f"affinity {sorted(os.sched_getaffinity(0))}", flush=True)
@@ -530,11 +624,13 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     kept = [{"command": previous.get("command"), "machine": previous.get("machine"), "budget_minutes": previous.get("budget_minutes"),
              "clock": previous.get("clock", "wall"), "seed": previous.get("seed", 0), **r} for r in previous.get("runs", [])
-            if r["model"] not in models or r.get("label", "") != args.label or r.get("seed", previous.get("seed", 0)) != args.seed]
+            if r["model"] not in models or r.get("label", "") != args.label or r.get("seed", previous.get("seed", 0)) != args.seed
+            or r.get("federated_rounds", 0) != args.federated_rounds]
     runs: list[dict] = list(kept)
     result = {"command": command, "commands": [], "machine": machine(args.threads), "budget_minutes": args.minutes, "clock": args.clock, "seed": args.seed,
               "data": {"path": str(args.data), "image_size": 32, "class_names": class_names, "val_fraction": args.val_fraction,
                        "train": len(train.train_images), "val": len(val.test_images), "eval": "pooled validation split",
+                       "site_train": {site.hospital: len(site.train_images) for site, _ in carved},
                        "train_class_counts": torch.bincount(train.train_labels, minlength=num_classes).tolist(),
                        "val_class_counts": torch.bincount(val.test_labels, minlength=num_classes).tolist()},
               "features": "ImageNet EfficientNet-Lite0 (generative_metrics.FeatureExtractor, 96 px): FIDs compare within fedssl only",
@@ -553,13 +649,13 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every model: a long run loses nothing
 
     print()
-    head = (f"{'model':<17} {'seed':>4} {'FID':>7} {'prec':>6} {'recall':>6} {'memo ratio':>10} {'too close':>9} {'steps':>6} "
+    head = (f"{'model':<20} {'seed':>4} {'FID':>7} {'prec':>6} {'recall':>6} {'memo ratio':>10} {'too close':>9} {'steps':>6} "
             f"{'train s':>7} {'cpu s':>6} {'ms/image':>9} {'cpu ms/im':>9} {'params':>9}")
     print(head)
     lines = [head]
     for r in sorted(runs, key=lambda r: r["model"] == "real"):
         s = r["scores"]
-        line = (f"{r['variant']:<17} {r.get('seed', 0):>4} {s['fid']:>7.1f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
+        line = (f"{r['variant']:<20} {r.get('seed', 0):>4} {s['fid']:>7.1f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
                 f"{s['memorisation_distance_ratio']:>10.3f} {s['memorisation_too_close_fraction']:>9.3f} "
                 f"{r['training']['steps']:>6} {r['training']['train_seconds']:>7.0f} {r['training']['train_cpu_seconds']:>6.0f} "
                 f"{r['sampling_seconds_per_image'] * 1000:>9.2f} {_ms(r.get('sampling_cpu_seconds_per_image')):>9} "
