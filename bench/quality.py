@@ -347,7 +347,7 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
-             tta: bool = False, head_check: bool = False) -> dict:
+             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -367,7 +367,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     round records every hospital's update norm and the global model's (`update_norm`).
     `uniform_weights`: plain FedAvg weighs every hospital equally instead of by its images.
     `tta`: the final model is also scored with test-time augmentation (`tta_scores`).
-    `head_check`: also run `head_diagnostic` on the final model."""
+    `head_check`: also run `head_diagnostic` on the final model.
+    `fedbn` (each site's own held-out split, in site order): FedBN (Li et al. 2021): after its first
+    round a hospital keeps its own encoder BatchNorm layers (affine weights and running statistics)
+    instead of loading the global ones; the aggregator still averages them, so the global model
+    is what FedAvg would serve. Each fine-tuning round also scores the personalised models (every
+    site's own model on its own split, the union scored together), and the end the global model
+    with its BatchNorm statistics recomputed over the pooled training images."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -387,6 +393,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 setattr(TaskIdentity, key, 0)
     stopped = None
     tail: list[dict[str, torch.Tensor]] = []  # the last `tail_average` global fine-tuning states
+    bn_keys = {k for k in state if k.rpartition(".")[0] in training.encoder_batchnorms(server)} if fedbn else set()
+    started: set[int] = set()  # --fedbn: hospitals that have trained once (and keep their BatchNorm layers from then on)
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
@@ -403,7 +411,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         updates, traffic, deltas, norms, arrived = [], {}, [], {}, {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(current, cfg.update_encoding)
-            records.load_arrays(model, down)
+            records.load_arrays(model, {k: v for k, v in down.items() if k not in bn_keys} if i in started else down)
+            started.add(i)
             drift = None
             if scaffold and phase == names.PHASE_FINETUNE:
                 mine = controls[i]
@@ -458,6 +467,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 recal = copy.deepcopy(server)
                 training.recompute_batchnorm(recal, pooled_data(ssl_sites).train_images)
                 curve[-1]["bn_recomputed"] = headline(scores(recal, test, tta=cfg.test_time_augmentation))
+            if fedbn:
+                curve[-1]["personalised"] = personalised_scores(hospitals, fedbn, cfg)
+        if fedbn and phase == names.PHASE_FINETUNE:
+            print(f"    fedbn: personalised models {curve[-1]['personalised'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
@@ -466,6 +479,14 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         extra["tta_test"] = tta_scores(server, test)
     if head_check and cfg.finetune_rounds:
         extra["head_diagnostic"] = head_diagnostic(server, ft_sites, test, cfg)
+    if fedbn and cfg.finetune_rounds:
+        recal = copy.deepcopy(server)
+        training.recompute_batchnorm(recal, pooled_data(ft_sites).train_images)
+        extra["fedbn"] = {"batchnorm_keys": len(bn_keys), "personalised": curve[-1]["personalised"],
+                          "bn_recomputed": headline(scores(recal, test, tta=cfg.test_time_augmentation)),
+                          "note": "test: the global model (BatchNorm layers averaged); personalised: each site's own model "
+                                  "on its own split; bn_recomputed: the global model's statistics over the pooled training images"}
+        print(f"    fedbn: global {extra['fedbn']['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f} with BatchNorm recomputed", flush=True)
     if private is not None and cfg.dp != names.DP_OFF:
         extra |= {"privacy": private.privacy_spent(), "stopped_by_privacy_budget": stopped}
     if not cfg.finetune_rounds:  # SSL only: the encoder is scored by probes
@@ -481,6 +502,17 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                  "last_round_test": headline(scores(server, test, tta=cfg.test_time_augmentation)),
                                  "bn_recomputed_test": headline(scores(recal, test, tta=cfg.test_time_augmentation))}, **extra}
     return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
+
+
+def personalised_scores(models: list[FedSSLModel], splits: list[HospitalData], cfg: RunConfig) -> dict:
+    """Headline metrics of every site's own model on its own held-out split, the predictions of all
+    sites scored together (what personalised federated learning reports)."""
+    from fedssl_flower.metrics import classification_metrics
+
+    proba = torch.cat([training.view_log_proba(training.predict_view_logits(m, s.test_images, cfg.test_time_augmentation)).exp()
+                       for m, s in zip(models, splits)]).numpy()
+    labels = torch.cat([s.test_labels for s in splits]).numpy()
+    return headline(classification_metrics(labels, proba, splits[0].class_names))
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -522,7 +554,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
-            tta: bool = False, head_check: bool = False) -> dict:
+            tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -554,7 +586,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta, head_check)
+                       attack, attacker, uniform_weights, tta, head_check, fedbn)
         if uniform_weights:
             out["aggregation_weights"] = "uniform"
     if fedprox_mu and arm in FEDERATED_ARMS:
@@ -733,6 +765,9 @@ def main() -> None:
                     help="federated arms: with the final encoder frozen, also score a linear probe on the pooled training "
                          "features (a bound) and the classifier recalibrated on virtual features from merged per-class "
                          "feature statistics (CCVR): is the gap to pooled training in the classifier or the encoder?")
+    ap.add_argument("--fedbn", action="store_true",
+                    help="federated arms: FedBN, every hospital keeps its own encoder BatchNorm layers after its first round; "
+                         "the global model (BatchNorm averaged) is scored as usual, next to the personalised models")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -824,6 +859,7 @@ def main() -> None:
         kept = [i for i, s in enumerate(sites) if s.hospital != args.exclude_site]
         sites, vals, full = [sites[i] for i in kept], [vals[i] for i in kept], [full[i] for i in kept]
         print(f"training without {args.exclude_site} (scored on every site's pooled {args.eval} split)", flush=True)
+    site_splits = full if args.eval == "test" else vals  # each site's own held-out split (--fedbn's personalised scores)
     print(f"{len(sites)} sites loaded in {time.perf_counter() - t0:.0f}s: " + ", ".join(
         f"{s.hospital} {len(s.train_images)}/{len(v.test_images)}/{len(f.test_images)}" for s, v, f in zip(sites, vals, full))
         + " train/val/test images", flush=True)
@@ -834,14 +870,15 @@ def main() -> None:
         for seed in (seeds if spec.partition("@")[0] in SEEDED_ARMS else seeds[:1]):
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
-                        attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic)
+                        attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
+                        site_splits if args.fedbn else None)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
                                                                               "label_map", "class_names", "attack", "attacker", "exclude_site",
-                                                                              "aggregation_weights", "tta", "head_diagnostic"))
+                                                                              "aggregation_weights", "tta", "head_diagnostic", "fedbn"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
@@ -851,6 +888,7 @@ def main() -> None:
                             + (f" --aggregation-weights {args.aggregation_weights}" if args.aggregation_weights != "examples" else "")
                             + (" --tta" if args.tta else "")
                             + (" --head-diagnostic" if args.head_diagnostic else "")
+                            + (" --fedbn" if args.fedbn else "")
                             + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
                             + f" --arms {spec} --seeds {seed}"

@@ -27,7 +27,7 @@ def bench(tmp_path, ham10000_dir, *args):
 
 
 def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham10000_dir):
-    proc = bench(tmp_path, ham10000_dir, "--arms", "federated,int8,no-ssl@0.5", "--seeds", "0", "--head-diagnostic")
+    proc = bench(tmp_path, ham10000_dir, "--arms", "federated,int8,no-ssl@0.5", "--seeds", "0", "--head-diagnostic", "--fedbn")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "quality.json").read_text())
     sites = result["data"]["sites"]
@@ -46,6 +46,10 @@ def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham1000
     assert {k: 0.0 <= fed["head_diagnostic"][k]["balanced_accuracy"] <= 1.0 for k in ("oracle_probe", "ccvr", "ccvr_diagonal")} == {
         "oracle_probe": True, "ccvr": True, "ccvr_diagonal": True}
     assert "--head-diagnostic" in fed["command"] and "head diagnostic: oracle probe" in proc.stdout
+    # FedBN: the encoder's BatchNorm layers (5 entries each) stayed at the hospitals; personalised models scored every round
+    assert fed["fedbn"]["batchnorm_keys"] > 0 and fed["fedbn"]["batchnorm_keys"] % 5 == 0
+    assert all(0.0 <= c["personalised"]["balanced_accuracy"] <= 1.0 for c in fed["curve"])
+    assert 0.0 <= fed["fedbn"]["bn_recomputed"]["balanced_accuracy"] <= 1.0 and "--fedbn" in fed["command"]
     # no SSL: the SSL rounds' compute goes to fine-tuning (2 x ssl-rounds more rounds), on half the labels
     assert [c["round"] for c in runs["no-ssl@0.5"]["curve"]] == [1, 2, 3, 4]
     assert runs["no-ssl@0.5"]["label_fraction"] == 0.5
@@ -186,3 +190,54 @@ def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham
         quality.main()
     assert message in str(stop.value)
     assert not (tmp_path / "q.json").exists()
+
+
+def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(monkeypatch):
+    """--fedbn: from its second round on a hospital starts from the global model except its own
+    encoder BatchNorm layers; the aggregator still averages those into the global model."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local, training
+    from fedssl_flower.config import RunConfig
+    from fedssl_flower.data import HospitalData
+
+    g = torch.Generator().manual_seed(0)
+
+    def site(name, shift):  # two sites whose images differ in brightness (what FedBN is for)
+        images = (torch.rand(12, 3, 16, 16, generator=g) * 120 + shift).to(torch.uint8)
+        labels = torch.arange(12) % 3
+        return HospitalData(hospital=name, class_names=["a", "b", "c"], train_images=images, train_labels=labels,
+                            test_images=images[:6], test_labels=labels[:6], train_groups=[f"{name}{i}" for i in range(12)])
+
+    sites = [site("dark", 0), site("bright", 130)]
+    cfg = RunConfig(arch="efficientnet_lite0", pretrained=False, image_size=16, batch_size=4, local_steps=1, ssl_rounds=0,
+                    finetune_rounds=2, local_baseline=False, finetune_mode=training.FINETUNE_FULL)
+    starts = []  # (round, hospital, its state as training starts)
+    real_train_round = local.train_round
+
+    def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
+        starts.append((rnd, data.hospital, {k: v.clone() for k, v in model.state_dict().items()}))
+        return real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    globals_after = []
+    real_scores = quality.scores
+    monkeypatch.setattr(quality, "scores", lambda model, *a, **k: (globals_after.append(
+        {k2: v.clone() for k2, v in model.state_dict().items()}), real_scores(model, *a, **k))[1])
+    pooled = quality.pooled_data(sites)
+    out = quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, fedbn=sites)
+
+    bn = {k for k in starts[0][2] if k.rpartition(".")[0] in training.encoder_batchnorms(quality.fresh_model(cfg, 3))}
+    assert bn and out["fedbn"]["batchnorm_keys"] == len(bn)
+    round1_global = globals_after[0]
+    for rnd, hospital, state in starts:
+        if rnd == 1:
+            continue
+        mine = next(s for r, h, s in reversed(starts) if h == hospital and r == 1)
+        others = [k for k in state if k not in bn and state[k].is_floating_point() and not k.startswith("finetune_head")]
+        # everything but BatchNorm is round 1's global model ...
+        assert all(torch.equal(state[k], round1_global[k]) for k in others)
+        # ... and the BatchNorm layers are the hospital's own (moved by its round-1 training), not the global average
+        moved = [k for k in bn if k.endswith("running_mean") and not torch.equal(state[k], round1_global[k])]
+        assert len(moved) == len([k for k in bn if k.endswith("running_mean")]), hospital
+        assert not all(torch.equal(state[k], mine[k]) for k in bn if k.endswith("running_mean"))  # trained since its start
