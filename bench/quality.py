@@ -347,7 +347,8 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
-             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None) -> dict:
+             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
+             fixed_head: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -373,11 +374,19 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     instead of loading the global ones; the aggregator still averages them, so the global model
     is what FedAvg would serve. Each fine-tuning round also scores the personalised models (every
     site's own model on its own split, the union scored together), and the end the global model
-    with its BatchNorm statistics recomputed over the pooled training images."""
+    with its BatchNorm statistics recomputed over the pooled training images.
+    `fixed_head`: FedBABU (Oh et al. 2022): the classifier stays at its seeded random start in every
+    fine-tuning round (its gradients are zeroed, so AdamW never moves it; weight decay aside, which
+    at 1e-4 x lr is negligible), only the encoder learns and is averaged; the global model serves
+    with that fixed classifier."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
     hospitals = [copy.deepcopy(server) for _ in ssl_sites]
+    if fixed_head:  # --fixed-head: no gradient ever reaches a hospital's classifier
+        for model in hospitals:
+            for p in model.classifier.parameters():
+                p.register_hook(torch.zeros_like)
     moments = [{} if cfg.keep_optimizer_state else None for _ in ssl_sites]  # each hospital's AdamW, kept
     curve, comm, ssl_probe, update_norms = [], [], None, []
     optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
@@ -554,7 +563,8 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
-            tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None) -> dict:
+            tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
+            fixed_head: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -586,7 +596,9 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta, head_check, fedbn)
+                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head)
+        if fixed_head:
+            out["fixed_head"] = True
         if uniform_weights:
             out["aggregation_weights"] = "uniform"
     if fedprox_mu and arm in FEDERATED_ARMS:
@@ -768,6 +780,8 @@ def main() -> None:
     ap.add_argument("--fedbn", action="store_true",
                     help="federated arms: FedBN, every hospital keeps its own encoder BatchNorm layers after its first round; "
                          "the global model (BatchNorm averaged) is scored as usual, next to the personalised models")
+    ap.add_argument("--fixed-head", action="store_true",
+                    help="federated arms: FedBABU, the classifier stays at its random start; only the encoder is trained")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -871,14 +885,15 @@ def main() -> None:
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
-                        site_splits if args.fedbn else None)
+                        site_splits if args.fedbn else None, args.fixed_head)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
                                                                               "label_map", "class_names", "attack", "attacker", "exclude_site",
-                                                                              "aggregation_weights", "tta", "head_diagnostic", "fedbn"))
+                                                                              "aggregation_weights", "tta", "head_diagnostic", "fedbn",
+                                                                              "fixed_head"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
@@ -889,6 +904,7 @@ def main() -> None:
                             + (" --tta" if args.tta else "")
                             + (" --head-diagnostic" if args.head_diagnostic else "")
                             + (" --fedbn" if args.fedbn else "")
+                            + (" --fixed-head" if args.fixed_head else "")
                             + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
                             + f" --arms {spec} --seeds {seed}"

@@ -3,6 +3,7 @@ scores them on the pooled test, keeps fewer labels when asked, counts the bytes 
 encoding puts on the wire, and appends to its JSON so a long benchmark can run in pieces."""
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -192,26 +193,63 @@ def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham
     assert not (tmp_path / "q.json").exists()
 
 
+def _two_tiny_sites():
+    """Two sites of 12 random 16 px images in 3 classes whose brightness differs (what FedBN is for),
+    and a run config that fine-tunes everything for 2 rounds of one step."""
+    from fedssl_flower import training
+    from fedssl_flower.config import RunConfig
+    from fedssl_flower.data import HospitalData
+
+    g = torch.Generator().manual_seed(0)
+
+    def site(name, shift):
+        images = (torch.rand(12, 3, 16, 16, generator=g) * 120 + shift).to(torch.uint8)
+        labels = torch.arange(12) % 3
+        return HospitalData(hospital=name, class_names=["a", "b", "c"], train_images=images, train_labels=labels,
+                            test_images=images[:6], test_labels=labels[:6], train_groups=[f"{name}{i}" for i in range(12)])
+
+    cfg = RunConfig(arch="efficientnet_lite0", pretrained=False, image_size=16, batch_size=4, local_steps=1, ssl_rounds=0,
+                    finetune_rounds=2, local_baseline=False, finetune_mode=training.FINETUNE_FULL)
+    return [site("dark", 0), site("bright", 130)], cfg
+
+
+def _global_states(monkeypatch, quality) -> list[dict]:
+    """The global model's state each time bench.quality scores it (after every fine-tuning round)."""
+    states, real_scores = [], quality.scores
+
+    def spy(model, *args, **kwargs):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_scores(model, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "scores", spy)
+    return states
+
+
+def test_fixed_head_trains_only_the_encoder(monkeypatch):
+    """--fixed-head (FedBABU): the classifier the federation serves is its random start; the encoder learned."""
+    from bench import quality
+    from fedssl_core import names
+
+    sites, cfg = _two_tiny_sites()
+    start = quality.fresh_model(dataclasses.replace(cfg, seed=0), 3).state_dict()
+    states = _global_states(monkeypatch, quality)
+    pooled = quality.pooled_data(sites)
+    out = quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, fixed_head=True)
+    final = states[-1]
+    assert [c["round"] for c in out["curve"]] == [1, 2]
+    assert torch.allclose(final["classifier.weight"], start["classifier.weight"], atol=1e-6)
+    assert torch.allclose(final["classifier.bias"], start["classifier.bias"], atol=1e-6)
+    assert not torch.allclose(final["encoder.conv_stem.weight"], start["encoder.conv_stem.weight"])
+
+
 def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(monkeypatch):
     """--fedbn: from its second round on a hospital starts from the global model except its own
     encoder BatchNorm layers; the aggregator still averages those into the global model."""
     from bench import quality
     from fedssl_core import names
     from fedssl_flower import local, training
-    from fedssl_flower.config import RunConfig
-    from fedssl_flower.data import HospitalData
 
-    g = torch.Generator().manual_seed(0)
-
-    def site(name, shift):  # two sites whose images differ in brightness (what FedBN is for)
-        images = (torch.rand(12, 3, 16, 16, generator=g) * 120 + shift).to(torch.uint8)
-        labels = torch.arange(12) % 3
-        return HospitalData(hospital=name, class_names=["a", "b", "c"], train_images=images, train_labels=labels,
-                            test_images=images[:6], test_labels=labels[:6], train_groups=[f"{name}{i}" for i in range(12)])
-
-    sites = [site("dark", 0), site("bright", 130)]
-    cfg = RunConfig(arch="efficientnet_lite0", pretrained=False, image_size=16, batch_size=4, local_steps=1, ssl_rounds=0,
-                    finetune_rounds=2, local_baseline=False, finetune_mode=training.FINETUNE_FULL)
+    sites, cfg = _two_tiny_sites()
     starts = []  # (round, hospital, its state as training starts)
     real_train_round = local.train_round
 
@@ -220,10 +258,7 @@ def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(mo
         return real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
 
     monkeypatch.setattr(quality.local, "train_round", spy)
-    globals_after = []
-    real_scores = quality.scores
-    monkeypatch.setattr(quality, "scores", lambda model, *a, **k: (globals_after.append(
-        {k2: v.clone() for k2, v in model.state_dict().items()}), real_scores(model, *a, **k))[1])
+    globals_after = _global_states(monkeypatch, quality)
     pooled = quality.pooled_data(sites)
     out = quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, fedbn=sites)
 
@@ -234,7 +269,7 @@ def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(mo
         if rnd == 1:
             continue
         mine = next(s for r, h, s in reversed(starts) if h == hospital and r == 1)
-        others = [k for k in state if k not in bn and state[k].is_floating_point() and not k.startswith("finetune_head")]
+        others = [k for k in state if k not in bn and state[k].is_floating_point()]
         # everything but BatchNorm is round 1's global model ...
         assert all(torch.equal(state[k], round1_global[k]) for k in others)
         # ... and the BatchNorm layers are the hospital's own (moved by its round-1 training), not the global average
