@@ -32,7 +32,9 @@ which the site models are averaged weighted by examples (`strategy.weighted_aver
 server-lr 1 does): the GAN's whole state (both networks, BatchNorm statistics and spectral-norm vectors:
 what the product's generative round averages), the UNet and its EMA copy (the EMA's update count carries
 on across rounds, as the mean of the sites' steps). Same total compute as the pooled run; scored the
-same way on the pooled validation split. Variants get the suffix `-fedR`.
+same way on the pooled validation split. Variants get the suffix `-fedR`. `--keep-optimizer-state true`:
+each site keeps its Adam moments across rounds (and the GAN across its chunks; the pooled run too)
+instead of a fresh Adam (name such a run with `--label`).
 
   real  a reference, not a model (not in the default `--models`): real training images of the requested
         classes (drawn at random with replacement) in place of generated ones, scored the same way: the
@@ -84,6 +86,7 @@ from fedssl_core import generative as gan_models
 from fedssl_flower.config import RunConfig
 from fedssl_flower.generative import train_gan
 from fedssl_flower.generative_metrics import FeatureExtractor, score_generator
+from fedssl_flower.training import load_optimizer_moments, optimizer_moments
 from fedssl_flower.strategy import weighted_average
 
 from bench.generative import save_grid
@@ -231,11 +234,15 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def train_ddpm(model: TinyUNet, ema: EMA, images: torch.Tensor, labels: torch.Tensor, *, seconds: float, batch_size: int,
-               lr: float, label_dropout: float, seed: int, clock: str = "wall", log_every: int = 100) -> dict:
-    """Train until `seconds` of `clock` (wall or process CPU time) are spent (read after every step)."""
+               lr: float, label_dropout: float, seed: int, clock: str = "wall", log_every: int = 100,
+               optimizer_state: dict | None = None) -> dict:
+    """Train until `seconds` of `clock` (wall or process CPU time) are spent (read after every step).
+    `optimizer_state`: Adam's moments restored from it (when it holds any) and saved back into it."""
     g = torch.Generator().manual_seed(seed)
     alpha_bar = cosine_alpha_bar()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if optimizer_state:
+        load_optimizer_moments(opt, optimizer_state["unet"])
     model.train()
     order, pos, steps, loss_sum, window = torch.randperm(len(images), generator=g), 0, 0, 0.0, 0.0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -267,6 +274,8 @@ def train_ddpm(model: TinyUNet, ema: EMA, images: torch.Tensor, labels: torch.Te
             print(f"    ddpm step {steps}: loss {window / log_every:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
             window = 0.0
     model.eval()
+    if optimizer_state is not None:
+        optimizer_state["unet"] = optimizer_moments(opt)
     return {"steps": steps, "train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0,
             "mean_loss": loss_sum / max(steps, 1),
             "examples": steps * batch_size}
@@ -307,8 +316,10 @@ def ddim_sample(model: TinyUNet, labels: torch.Tensor, seed: int, *, steps: int 
 
 # ---------------------------------------------------------------------------- the GAN
 def train_gan_for(gan: gan_models.ConditionalGAN, images: torch.Tensor, labels: torch.Tensor, *, seconds: float, chunk: int,
-                  batch_size: int, lr: float, seed: int, clock: str = "wall", lr_discriminator: float | None = None) -> dict:
-    """The product's `train_gan` in chunks of `chunk` steps (a fresh optimizer each, chunk seeds
+                  batch_size: int, lr: float, seed: int, clock: str = "wall", lr_discriminator: float | None = None,
+                  optimizer_state: dict | None = None) -> dict:
+    """The product's `train_gan` in chunks of `chunk` steps (a fresh optimizer each unless `optimizer_state`
+    carries both networks' Adam moments from chunk to chunk and call to call; chunk seeds
     seed, seed+1, ...) until `seconds` of `clock` (wall or process CPU time) are spent (read after every chunk).
     The last chunk is shortened to the steps the remaining time holds at the rate so far, so the
     GAN ends about where the budget does rather than up to a chunk past it."""
@@ -320,7 +331,7 @@ def train_gan_for(gan: gan_models.ConditionalGAN, images: torch.Tensor, labels: 
         n = chunk if steps == 0 else min(chunk, max(1, round((seconds - elapsed) * steps / elapsed)))
         last = train_gan(gan, images, labels, steps=n, batch_size=batch_size, lr_generator=lr,
                          lr_discriminator=lr if lr_discriminator is None else lr_discriminator,
-                         seed=seed + chunks, augment=True)
+                         seed=seed + chunks, augment=True, optimizer_state=optimizer_state)
         steps += n
         chunks += 1
         if chunks % 10 == 0:
@@ -436,22 +447,30 @@ def _fed_suffix(args) -> str:
     return f"-fed{args.federated_rounds}" if args.federated_rounds else ""
 
 
+def _site_moments(args, data: dict) -> dict[str, dict | None]:
+    """--keep-optimizer-state true: a dict per site (and for the pooled run) that keeps its Adam moments
+    across rounds and chunks; else None each (a fresh Adam every round and chunk)."""
+    return {name: {} if args.keep_optimizer_state == "true" else None for name in [s["name"] for s in data["sites"]] + ["pooled"]}
+
+
 def run_gan(data: dict, extractor, args, num_classes: int, class_names: list[str]) -> list[dict]:
     torch.manual_seed(args.seed)
     gan = gan_models.ConditionalGAN(num_classes, image_size=32, z_dim=DEFAULTS.gan_z_dim, width=DEFAULTS.gan_width)
     print(f"gan: training for {args.minutes} min in chunks of {args.gan_chunk} steps{_federated(args)} ...", flush=True)
 
-    def train_on(net, images, labels, seconds, seed_offset=0):
+    def train_on(net, images, labels, seconds, seed_offset=0, kept=None):
         return train_gan_for(net, images, labels, seconds=seconds, chunk=args.gan_chunk, batch_size=args.batch_size,
                              lr=args.gan_lr, lr_discriminator=args.gan_lr_discriminator, seed=args.seed + seed_offset,
-                             clock=args.clock)
+                             clock=args.clock, optimizer_state=kept)
 
+    moments = _site_moments(args, data)
     if args.federated_rounds:
         train = federate(gan, data["sites"], args.federated_rounds, args.minutes * 60,
-                         lambda net, site, seconds, off: train_on(net, site["images"], site["labels"], seconds, off))
+                         lambda net, site, seconds, off: train_on(net, site["images"], site["labels"], seconds, off,
+                                                                  moments[site["name"]]))
         gan.eval()
     else:
-        train = train_on(gan, data["train_images"], data["train_labels"], args.minutes * 60)
+        train = train_on(gan, data["train_images"], data["train_labels"], args.minutes * 60, kept=moments["pooled"])
     print(f"  {train['steps']} steps in {train['train_seconds']:.0f}s", flush=True)
 
     def sample_fn(labels, seed):
@@ -463,7 +482,8 @@ def run_gan(data: dict, extractor, args, num_classes: int, class_names: list[str
                       "discriminator": params(gan.discriminator)},
            "config": {"z_dim": DEFAULTS.gan_z_dim, "width": DEFAULTS.gan_width, "lr": args.gan_lr,
                       "lr_discriminator": args.gan_lr_discriminator, "batch_size": args.batch_size,
-                      "diffaugment": True, "chunk_steps": args.gan_chunk, "sampling": "one generator forward pass"}}
+                      "diffaugment": True, "chunk_steps": args.gan_chunk, "sampling": "one generator forward pass",
+                      "keep_optimizer_state": args.keep_optimizer_state == "true"}}
     out.update(evaluate(name, sample_fn, data, extractor, args, num_classes, class_names))
     return [out]
 
@@ -474,9 +494,11 @@ def run_ddpm(data: dict, extractor, args, num_classes: int, class_names: list[st
     ema = EMA(model, args.ddpm_ema)
     print(f"ddpm: {params(model) / 1e6:.2f} M parameters, training for {args.minutes} min{_federated(args)} ...", flush=True)
 
-    def train_on(net, net_ema, images, labels, seconds, seed_offset=0):
+    def train_on(net, net_ema, images, labels, seconds, seed_offset=0, kept=None):
         return train_ddpm(net, net_ema, images, labels, seconds=seconds, batch_size=args.batch_size, lr=args.ddpm_lr,
-                          label_dropout=args.label_dropout, seed=args.seed + seed_offset, clock=args.clock)
+                          label_dropout=args.label_dropout, seed=args.seed + seed_offset, clock=args.clock, optimizer_state=kept)
+
+    moments = _site_moments(args, data)
 
     if args.federated_rounds:
         # The federated model is the UNet and its EMA copy together (both averaged), the EMA's count carried on.
@@ -485,7 +507,7 @@ def run_ddpm(data: dict, extractor, args, num_classes: int, class_names: list[st
         def train_site(local_pair, site, seconds, off):
             local_ema = EMA.__new__(EMA)
             local_ema.model, local_ema.decay, local_ema.updates = local_pair["ema"], ema.decay, ema.updates
-            return train_on(local_pair["net"], local_ema, site["images"], site["labels"], seconds, off)
+            return train_on(local_pair["net"], local_ema, site["images"], site["labels"], seconds, off, moments[site["name"]])
 
         def after_round(recs):  # the EMA's warm-up count moves on by the sites' mean steps
             ema.updates += round(sum(r["steps"] for r in recs) / len(recs))
@@ -493,12 +515,12 @@ def run_ddpm(data: dict, extractor, args, num_classes: int, class_names: list[st
         train = federate(pair, data["sites"], args.federated_rounds, args.minutes * 60, train_site, after_round)
         model.eval()
     else:
-        train = train_on(model, ema, data["train_images"], data["train_labels"], args.minutes * 60)
+        train = train_on(model, ema, data["train_images"], data["train_labels"], args.minutes * 60, kept=moments["pooled"])
     print(f"  {train['steps']} steps in {train['train_seconds']:.0f}s, mean loss {train['mean_loss']:.4f}", flush=True)
     config = {"base_channels": args.ddpm_base, "channel_mults": list(model.mults), "attention_8px": model.attention,
               "timesteps": TIMESTEPS, "schedule": "cosine", "prediction": "epsilon", "lr": args.ddpm_lr,
               "batch_size": args.batch_size, "hflip": True, "label_dropout": args.label_dropout, "ema_decay": args.ddpm_ema,
-              "sampler": f"DDIM {args.ddim_steps} steps, eta 0, x0 clipped"}
+              "sampler": f"DDIM {args.ddim_steps} steps, eta 0, x0 clipped", "keep_optimizer_state": args.keep_optimizer_state == "true"}
     runs = []
     tag = (f"-{args.label}" if args.label else "") + _fed_suffix(args)
     variants = [(f"ddpm{tag}", ema.model, 1.0, True)]
@@ -566,6 +588,8 @@ def main() -> None:
     ap.add_argument("--ddpm-ema", type=float, default=0.999)
     ap.add_argument("--ddpm-raw", default="true", choices=("true", "false"), help="also score the UNet without EMA")
     ap.add_argument("--ddpm-cfg2", default="true", choices=("true", "false"), help="also score with guidance scale 2")
+    ap.add_argument("--keep-optimizer-state", default="false", choices=("true", "false"),
+                    help="each site (or the pooled run) keeps its Adam moments across rounds and GAN chunks instead of a fresh Adam")
     ap.add_argument("--federated-rounds", type=int, default=0,
                     help="0: train on the pooled sites; R > 0: R federated rounds of the 4 sites, the same budget in all")
     ap.add_argument("--label-dropout", type=float, default=0.1, help="classifier-free guidance: share of null-class labels")

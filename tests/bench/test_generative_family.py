@@ -83,3 +83,23 @@ def test_federate_gives_every_site_the_global_model_and_takes_the_example_weight
     assert [s[:2] for s in seen] == [("a", 1000), ("b", 1001), ("a", 2000), ("b", 2001)]
     assert torch.allclose(seen[2][2], torch.full((2,), 3.25)) and torch.allclose(seen[3][2], torch.full((2,), 3.25))
     assert rec["steps"] == 8 and rec["seconds_per_site_round"] == 2.0 and rec["steps_per_site_round"] == [[1, 3], [1, 3]]
+
+
+def test_train_ddpm_keeps_adam_moments_across_calls_when_asked():
+    import torch
+
+    from bench.generative_family import EMA, TinyUNet, train_ddpm
+
+    torch.manual_seed(0)
+    model = TinyUNet(3, base=8, attention=False)
+    ema = EMA(model)
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
+    kept: dict = {}
+    first = train_ddpm(model, ema, images, labels, seconds=0.01, batch_size=4, lr=1e-3, label_dropout=0.1, seed=0,
+                       optimizer_state=kept)
+    assert float(kept["unet"]["0.step"]) == first["steps"] >= 1
+    second = train_ddpm(model, ema, images, labels, seconds=0.01, batch_size=4, lr=1e-3, label_dropout=0.1, seed=1,
+                        optimizer_state=kept)
+    assert float(kept["unet"]["0.step"]) == first["steps"] + second["steps"]  # Adam went on, it did not restart
+    fresh = train_ddpm(model, ema, images, labels, seconds=0.01, batch_size=4, lr=1e-3, label_dropout=0.1, seed=2)
+    assert fresh["steps"] >= 1 and float(kept["unet"]["0.step"]) == first["steps"] + second["steps"]
