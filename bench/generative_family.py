@@ -673,13 +673,13 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every model: a long run loses nothing
 
     print()
-    head = (f"{'model':<20} {'seed':>4} {'FID':>7} {'prec':>6} {'recall':>6} {'memo ratio':>10} {'too close':>9} {'steps':>6} "
+    head = (f"{'model':<28} {'seed':>4} {'FID':>7} {'prec':>6} {'recall':>6} {'memo ratio':>10} {'too close':>9} {'steps':>6} "
             f"{'train s':>7} {'cpu s':>6} {'ms/image':>9} {'cpu ms/im':>9} {'params':>9}")
     print(head)
     lines = [head]
     for r in sorted(runs, key=lambda r: r["model"] == "real"):
         s = r["scores"]
-        line = (f"{r['variant']:<20} {r.get('seed', 0):>4} {s['fid']:>7.1f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
+        line = (f"{r['variant']:<28} {r.get('seed', 0):>4} {s['fid']:>7.1f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
                 f"{s['memorisation_distance_ratio']:>10.3f} {s['memorisation_too_close_fraction']:>9.3f} "
                 f"{r['training']['steps']:>6} {r['training']['train_seconds']:>7.0f} {r['training']['train_cpu_seconds']:>6.0f} "
                 f"{r['sampling_seconds_per_image'] * 1000:>9.2f} {_ms(r.get('sampling_cpu_seconds_per_image')):>9} "
