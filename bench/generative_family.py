@@ -4,8 +4,9 @@ on one CPU thread, both scored the same way (issue 16).
 
 Data as in `bench/quality.py` (whose loaders this reuses): HAM10000's 4 acquisition sites, each split
 train/test by lesion (0.2), a validation split carved by lesion from each site's training split
-(`--val-fraction`). Both models train on the 4 sites' training images pooled (after the carve) and are
-scored on the pooled VALIDATION split; nothing here reads the test split's images.
+(`--val-fraction`). Both models train on the 4 sites' training images pooled (after the carve), or
+federated (`--federated-rounds`, below), and are scored on the pooled VALIDATION split; nothing here
+reads the test split's images.
 
 Models (`--models`, default both):
   gan   the product's `fedssl_core.generative.ConditionalGAN` (DCGAN generator with class-conditional
