@@ -223,6 +223,13 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
 
+    @classmethod
+    def over(cls, averaged: nn.Module, decay: float, updates: int) -> "EMA":
+        """An EMA whose running average is `averaged` itself (not a copy), `updates` updates in."""
+        ema = cls.__new__(cls)
+        ema.model, ema.decay, ema.updates = averaged, decay, updates
+        return ema
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
@@ -506,8 +513,7 @@ def run_ddpm(data: dict, extractor, args, num_classes: int, class_names: list[st
         pair = nn.ModuleDict({"net": model, "ema": ema.model})
 
         def train_site(local_pair, site, seconds, off):
-            local_ema = EMA.__new__(EMA)
-            local_ema.model, local_ema.decay, local_ema.updates = local_pair["ema"], ema.decay, ema.updates
+            local_ema = EMA.over(local_pair["ema"], ema.decay, ema.updates)  # the site's copy of the global EMA
             return train_on(local_pair["net"], local_ema, site["images"], site["labels"], seconds, off, moments[site["name"]])
 
         def after_round(recs):  # the EMA's warm-up count moves on by the sites' mean steps

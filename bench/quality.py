@@ -373,7 +373,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     round a hospital keeps its own encoder BatchNorm layers (affine weights and running statistics)
     instead of loading the global ones; the aggregator still averages them, so the global model
     is what FedAvg would serve. Each fine-tuning round also scores the personalised models (every
-    site's own model on its own split, the union scored together), and the end the global model
+    site's own model on its own split, the union scored together), and at the end the global model
     with its BatchNorm statistics recomputed over the pooled training images.
     `fixed_head`: FedBABU (Oh et al. 2022): the classifier stays at its seeded random start in every
     fine-tuning round (its gradients are zeroed, so AdamW never moves it; weight decay aside, which
