@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedssl_core import names
 from flwr.app import Message, MessageType, RecordDict
 
 from . import records
@@ -100,8 +101,9 @@ class Hospitals(Mapping[int, Hospital]):
                 progress("hospital %s reconnected as node %s (was node %s)", hospital.name, node, old)
             self.class_names = self.class_names or hospital.class_names
             self.by_node[node] = hospital
-            progress("hospital %s joined (node %s): ssl-task=%s, %s data, %d train / %d test images",
-                     hospital.name, node, hospital.ssl_task, hospital.audit.get("data_source"),
+            ssl = self.cfg.task == names.RUN_DIAGNOSIS and self.cfg.ssl_rounds > 0  # its SSL task matters only then
+            progress("hospital %s joined (node %s): %s%s data, %d train / %d test images",
+                     hospital.name, node, f"ssl-task={hospital.ssl_task}, " if ssl else "", hospital.audit.get("data_source"),
                      hospital.audit.get("train_examples", 0), hospital.audit.get("test_examples", 0))
         errors += [f"node {n}: no answer within {self.cfg.round_timeout:.0f}s" for n in sorted(missing)]
         if errors and strict:

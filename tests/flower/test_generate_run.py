@@ -47,6 +47,8 @@ def generative_run(tmp_path_factory, ham10000_dir):
 def test_progress_shows_the_generator_scores(generative_run):
     result, _, _ = generative_run
     assert "2 generative rounds (class-conditional GAN, 32 px, 2 steps per round)" in result.stdout
+    joined = [x for x in result.stdout.splitlines() if " joined (node " in x]
+    assert len(joined) == 2 and not any("ssl-task" in x for x in joined), joined  # no SSL in a generative run
     for rnd in (1, 2):
         line = next(x for x in result.stdout.splitlines() if f"phase=generate round={rnd}/2 hospitals=2" in x)
         assert "fid=" in line and "fid=n/a" not in line and "precision=" in line and "too_close=" in line
