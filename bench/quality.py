@@ -473,13 +473,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 if len(tail) > 1:
                     curve[-1]["tail_average"] = {"rounds": len(tail), **headline(scores(averaged_model(server, tail), test, tta=cfg.test_time_augmentation))}
             if bn_diagnostic:  # the same model with BatchNorm statistics recomputed over every site's images
-                recal = copy.deepcopy(server)
-                training.recompute_batchnorm(recal, pooled_data(ssl_sites).train_images)
-                curve[-1]["bn_recomputed"] = headline(scores(recal, test, tta=cfg.test_time_augmentation))
+                curve[-1]["bn_recomputed"] = bn_recomputed_scores(server, pooled_data(ssl_sites).train_images, test, cfg)
             if fedbn:
                 curve[-1]["personalised"] = personalised_scores(hospitals, fedbn, cfg)
-        if fedbn and phase == names.PHASE_FINETUNE:
-            print(f"    fedbn: personalised models {curve[-1]['personalised'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+                print(f"    fedbn: personalised models {curve[-1]['personalised'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
         print(f"    {phase} round {rnd}: " + (f"balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}"
                                               + (f" (BN recomputed {curve[-1]['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f})" if bn_diagnostic else "")
                                               if phase == names.PHASE_FINETUNE else "done"), flush=True)
@@ -489,10 +486,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     if head_check and cfg.finetune_rounds:
         extra["head_diagnostic"] = head_diagnostic(server, ft_sites, test, cfg)
     if fedbn and cfg.finetune_rounds:
-        recal = copy.deepcopy(server)
-        training.recompute_batchnorm(recal, pooled_data(ft_sites).train_images)
         extra["fedbn"] = {"batchnorm_keys": len(bn_keys), "personalised": curve[-1]["personalised"],
-                          "bn_recomputed": headline(scores(recal, test, tta=cfg.test_time_augmentation)),
+                          "bn_recomputed": bn_recomputed_scores(server, pooled_data(ft_sites).train_images, test, cfg),
                           "note": "test: the global model (BatchNorm layers averaged); personalised: each site's own model "
                                   "on its own split; bn_recomputed: the global model's statistics over the pooled training images"}
         print(f"    fedbn: global {extra['fedbn']['bn_recomputed'][names.M_BALANCED_ACCURACY]:.3f} with BatchNorm recomputed", flush=True)
@@ -503,14 +498,21 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 **extra}
     if tail_average > 1:
         final = averaged_model(server, tail)
-        recal = copy.deepcopy(final)
-        training.recompute_batchnorm(recal, pooled_data(ft_sites).train_images)
         return {"test": scores(final, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm,
                 "tail_average": {"k": tail_average, "rounds": [c["round"] for c in curve][-len(tail):],
                                  "weights": "uniform", "batchnorm": "running statistics averaged",
                                  "last_round_test": headline(scores(server, test, tta=cfg.test_time_augmentation)),
-                                 "bn_recomputed_test": headline(scores(recal, test, tta=cfg.test_time_augmentation))}, **extra}
+                                 "bn_recomputed_test": bn_recomputed_scores(final, pooled_data(ft_sites).train_images, test, cfg)},
+                **extra}
     return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
+
+
+def bn_recomputed_scores(model: FedSSLModel, images: torch.Tensor, test: HospitalData, cfg: RunConfig) -> dict:
+    """Headline metrics of a copy of `model` with its BatchNorm statistics recomputed over `images`
+    (what a statistics-only round would give); `model` itself is left as it is."""
+    recal = copy.deepcopy(model)
+    training.recompute_batchnorm(recal, images)
+    return headline(scores(recal, test, tta=cfg.test_time_augmentation))
 
 
 def personalised_scores(models: list[FedSSLModel], splits: list[HospitalData], cfg: RunConfig) -> dict:
