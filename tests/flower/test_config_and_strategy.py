@@ -12,9 +12,10 @@ def test_run_config_defaults_come_from_pyproject(repo_root):
     import tomllib
 
     declared = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = RunConfig.from_mapping(declared)
-    assert cfg.as_dict() == {k: declared[k] for k in cfg.as_dict()}  # one default, one place
-    assert set(declared) == set(cfg.as_dict())
+    assert set(declared) == set(RunConfig().as_dict())  # every key in both, none in one only
+    differ = {k: (v, declared[k]) for k, v in RunConfig().as_dict().items() if v != declared[k] or type(v) is not type(declared[k])}
+    assert not differ, f"RunConfig's defaults and pyproject's (dataclass, pyproject): {differ}"
+    assert RunConfig.from_mapping(declared) == RunConfig()  # and they parse to the same config
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -299,7 +299,8 @@ def test_a_hospital_under_local_dp_sends_a_noised_update_and_the_global_statisti
     from tests.flower.test_client_app import hospital_context, message, reply_state
 
     run_config = {"arch": "resnet18", "pretrained": False, "image-size": 32, "batch-size": 16, "local-steps": 1,
-                  "ssl-rounds": 0, "finetune-rounds": 1, "local-baseline": False, **LOCAL, "dp-local-epsilon": 0.9}
+                  "ssl-rounds": 0, "finetune-rounds": 1, "finetune-mode": "full", "local-baseline": False, **LOCAL,
+                  "dp-local-epsilon": 0.9}
     ctx = hospital_context(tmp_path, ham10000_dir, run_config, max_images=40)
     torch.manual_seed(0)
     initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
@@ -310,9 +311,10 @@ def test_a_hospital_under_local_dp_sends_a_noised_update_and_the_global_statisti
     delta = torch.cat([(sent[k] - initial[k]).flatten() for k in sent
                        if sent[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))])
     assert float(delta.std()) == pytest.approx(sigma, rel=0.01)
-    for k in sent:
-        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            assert torch.equal(sent[k], initial[k]), k
+    statistics = [k for k in sent if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics  # full fine-tuning: the encoder's BatchNorm travels too
+    for k in statistics:  # (a 0-d buffer travels as shape (1,), as every array record carries it)
+        assert torch.equal(sent[k], initial[k].reshape(sent[k].shape)), k
 
 
 @pytest.mark.parametrize("overrides,message", [

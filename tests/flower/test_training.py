@@ -96,7 +96,7 @@ def test_local_rounds_follow_run_config_steps_and_schedule(data):
     first, last = local.schedule(cfg, names.PHASE_FINETUNE, 1, 500, 0.01), local.schedule(cfg, names.PHASE_FINETUNE, 4, 500, 0.01)
     assert (first.offset, first.total, last.offset) == (0, 12, 9)
     assert first.lr_at(0) == 0.01 and last.lr_at(2) < 0.001
-    epochs = local.schedule(RunConfig(batch_size=64, finetune_rounds=2), names.PHASE_FINETUNE, 2, 130, 0.01)
+    epochs = local.schedule(RunConfig(batch_size=64, finetune_rounds=2, local_steps=0), names.PHASE_FINETUNE, 2, 130, 0.01)
     assert (epochs.steps, epochs.offset, epochs.total) == (0, 3, 6)  # one epoch = 3 batches of 64
 
 
