@@ -706,19 +706,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="SSL learning rate")
     ap.add_argument("--ssl-colour-jitter", type=float, default=RunConfig.ssl_colour_jitter,
                     help="SimCLR views' brightness/contrast/saturation jitter strength (run config ssl-colour-jitter; 0 = none)")
-    ap.add_argument("--ssl-batchnorm", default=training.SSL_BATCHNORM_ADAPT, choices=training.SSL_BATCHNORM,
+    ap.add_argument("--ssl-batchnorm", default=names.SSL_BATCHNORM_ADAPT, choices=names.SSL_BATCHNORM,
                     help="SSL rounds: the encoder's BatchNorm statistics adapt to the views or stay frozen (run config ssl-batchnorm)")
-    ap.add_argument("--share", default=training.SHARE_ENCODER, choices=training.SHARE_MODES,
+    ap.add_argument("--share", default=names.SHARE_ENCODER, choices=names.SHARE_MODES,
                     help="what SSL rounds share (run config share): encoder, encoder-and-heads, projection-head")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
-    ap.add_argument("--lr-schedule", default=training.SCHEDULE_COSINE, choices=training.LR_SCHEDULES)
+    ap.add_argument("--lr-schedule", default=names.SCHEDULE_COSINE, choices=names.LR_SCHEDULES)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--keep-optimizer-state", default="true", choices=("true", "false"),
                     help="hospitals (and pooled training) keep their fine-tuning AdamW moments across rounds")
     ap.add_argument("--server-lr", type=float, default=1.0, help="the aggregator's step on the averaged update (1 = FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="server heavy-ball momentum (FedAvgM)")
-    ap.add_argument("--finetune-loss", default=training.LOSS_BALANCED_SOFTMAX, choices=training.FINETUNE_LOSSES)
-    ap.add_argument("--augment", default=training.AUGMENT_FLIPS, choices=training.AUGMENTS,
+    ap.add_argument("--finetune-loss", default=names.LOSS_BALANCED_SOFTMAX, choices=names.FINETUNE_LOSSES)
+    ap.add_argument("--augment", default=names.AUGMENT_FLIPS, choices=names.AUGMENTS,
                     help="fine-tuning augmentation (run config augment)")
     ap.add_argument("--head-warmup-epochs", type=int, default=0,
                     help="fine-tune round 1: each hospital first fits the classifier on frozen features (run config head-warmup-epochs)")
@@ -847,7 +847,7 @@ def main() -> None:
                      ssl_colour_jitter=args.ssl_colour_jitter, ssl_batchnorm=args.ssl_batchnorm, share=args.share,
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, augment=args.augment,
                      head_warmup_epochs=args.head_warmup_epochs, test_time_augmentation=args.test_time_augmentation,
-                     keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=training.FINETUNE_FULL,
+                     keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=names.FINETUNE_FULL,
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
                      dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
                      dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,

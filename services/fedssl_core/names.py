@@ -22,6 +22,31 @@ SSL_SIMCLR = "simclr"
 SSL_ROTATION = "rotation"
 SSL_TASKS = (SSL_SIMCLR, SSL_ROTATION)
 
+# --- Allowed values of the run config's training keys -----------------------------------
+# What the SSL rounds share (`share`): the encoder (task heads stay at each hospital), the
+# encoder and the SSL task heads, or only the SimCLR projection head (a frozen backbone).
+SHARE_ENCODER, SHARE_ENCODER_AND_HEADS, SHARE_PROJECTION_HEAD = "encoder", "encoder-and-heads", "projection-head"
+SHARE_MODES = (SHARE_ENCODER, SHARE_ENCODER_AND_HEADS, SHARE_PROJECTION_HEAD)
+SSL_BATCHNORM_ADAPT, SSL_BATCHNORM_FROZEN = "adapt", "frozen"  # `ssl-batchnorm`
+SSL_BATCHNORM = (SSL_BATCHNORM_ADAPT, SSL_BATCHNORM_FROZEN)
+FINETUNE_LINEAR, FINETUNE_FULL = "linear", "full"  # `finetune-mode`: a frozen encoder, or everything trained
+FINETUNE_MODES = (FINETUNE_LINEAR, FINETUNE_FULL)
+# `finetune-loss`, supervised losses for imbalanced labels: inverse-frequency class weights, or
+# balanced softmax (logit adjustment by the local label prior, Ren et al. 2020 / Menon et al.
+# 2021): the model learns class-balanced logits even where a hospital sees almost only one class.
+LOSS_WEIGHTED_CE, LOSS_BALANCED_SOFTMAX = "weighted-ce", "balanced-softmax"
+FINETUNE_LOSSES = (LOSS_WEIGHTED_CE, LOSS_BALANCED_SOFTMAX)
+# `augment`, fine-tuning augmentation: flips and 90-degree turns only, or those plus a random
+# resized crop (area 0.5-1, aspect 3/4-4/3) and mild colour jitter (brightness, contrast,
+# saturation +-0.2, 4 images in 5), SimCLR's transform at a gentler setting.
+AUGMENT_FLIPS, AUGMENT_CROP_JITTER = "flips", "crop-jitter"
+AUGMENTS = (AUGMENT_FLIPS, AUGMENT_CROP_JITTER)
+SCHEDULE_CONSTANT, SCHEDULE_COSINE = "constant", "cosine"  # `lr-schedule`
+LR_SCHEDULES = (SCHEDULE_CONSTANT, SCHEDULE_COSINE)
+# `update-encoding`: model updates on the wire as sent, as fp16, or as int8 with a per-tensor
+# scale (fedssl_flower.compression).
+ENCODINGS = ("none", "fp16", "int8")
+
 # --- Aggregation strategies (run config `strategy`): Flower's strategy classes of these names ---
 STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDPROX = "fedavg", "fedavgm", "fedprox"
 STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD = "fedadam", "fedyogi", "fedadagrad"
@@ -95,6 +120,13 @@ DATA_HAM10000 = "ham10000"
 DATA_IMAGEFOLDER = "imagefolder"
 DATA_SYNTHETIC = "synthetic"
 DATA_SOURCES = (DATA_HAM10000, DATA_IMAGEFOLDER, DATA_SYNTHETIC)
+
+# --- How a dataset is split among hospitals (node config `partition-by`, fedssl_flower.data.partition) ---
+PARTITION_LESION = "lesion"  # by lesion or patient id: no lesion at two hospitals
+PARTITION_DIRICHLET = "dirichlet"  # label skew drawn from a Dirichlet(alpha) per class
+PARTITION_SITE = "site"  # HAM10000's acquisition sites: the real, non-IID hospitals
+PARTITION_RANDOM = "random"  # class-per-folder trees: no lesion or patient ids, each image is its own group
+PARTITION_SCHEMES = (PARTITION_LESION, PARTITION_DIRICHLET, PARTITION_SITE, PARTITION_RANDOM)
 
 # --- Metric keys (round records, CSV columns, registry lineage, dashboard) ----------
 M_LOSS = "loss"  # training loss of the phase's objective

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedssl_core import names
+
 from .errors import ConfigError
 
-ENCODINGS = ("none", "fp16", "int8")
 SCALE_SUFFIX = "::scale"
 
 
 def _check(encoding: str) -> None:
-    if encoding not in ENCODINGS:
-        raise ConfigError(f"unknown update-encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+    if encoding not in names.ENCODINGS:
+        raise ConfigError(f"unknown update-encoding {encoding!r}; expected one of {', '.join(names.ENCODINGS)}")
 
 
 def encode_arrays(arrays: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:

@@ -18,9 +18,7 @@ from typing import Any
 
 from fedssl_core import names
 
-from .compression import ENCODINGS
 from .errors import ConfigError
-from .training import AUGMENTS, FINETUNE_LOSSES, FINETUNE_MODES, LR_SCHEDULES, SHARE_MODES, SSL_BATCHNORM
 
 
 def coerce(default: Any, raw: Any, what: str) -> Any:
@@ -197,17 +195,17 @@ class RunConfig:
         need(self.local_steps >= 0, f"local-steps must be >= 0 (0 = local-epochs passes), got {self.local_steps}")
         need(self.lr > 0 and self.finetune_lr >= 0, f"lr must be > 0 and finetune-lr >= 0, got {self.lr} and {self.finetune_lr}")
         need(self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}")
-        need(self.lr_schedule in LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
-        need(self.finetune_loss in FINETUNE_LOSSES, f"finetune-loss={self.finetune_loss!r}; expected one of {', '.join(FINETUNE_LOSSES)}")
+        need(self.lr_schedule in names.LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r}; expected one of {', '.join(names.LR_SCHEDULES)}")
+        need(self.finetune_loss in names.FINETUNE_LOSSES, f"finetune-loss={self.finetune_loss!r}; expected one of {', '.join(names.FINETUNE_LOSSES)}")
         need(self.head_warmup_epochs >= 0, f"head-warmup-epochs must be >= 0 (0 = off), got {self.head_warmup_epochs}")
-        need(self.ssl_batchnorm in SSL_BATCHNORM, f"ssl-batchnorm={self.ssl_batchnorm!r}; expected one of {', '.join(SSL_BATCHNORM)}")
+        need(self.ssl_batchnorm in names.SSL_BATCHNORM, f"ssl-batchnorm={self.ssl_batchnorm!r}; expected one of {', '.join(names.SSL_BATCHNORM)}")
         need(0 <= self.ssl_colour_jitter <= 1, f"ssl-colour-jitter must be in [0, 1] (0 = none), got {self.ssl_colour_jitter}")
         need(self.test_time_augmentation in names.TTA_MODES,
              f"test-time-augmentation={self.test_time_augmentation!r}; expected one of {', '.join(names.TTA_MODES)}")
-        need(self.augment in AUGMENTS, f"augment={self.augment!r}; expected one of {', '.join(AUGMENTS)}")
-        need(self.finetune_mode in FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(FINETUNE_MODES)}")
-        need(self.share in SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(SHARE_MODES)}")
-        need(self.update_encoding in ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        need(self.augment in names.AUGMENTS, f"augment={self.augment!r}; expected one of {', '.join(names.AUGMENTS)}")
+        need(self.finetune_mode in names.FINETUNE_MODES, f"finetune-mode={self.finetune_mode!r}; expected one of {', '.join(names.FINETUNE_MODES)}")
+        need(self.share in names.SHARE_MODES, f"share={self.share!r}; expected one of {', '.join(names.SHARE_MODES)}")
+        need(self.update_encoding in names.ENCODINGS, f"update-encoding={self.update_encoding!r}; expected one of {', '.join(names.ENCODINGS)}")
         need(self.strategy in names.STRATEGIES, f"strategy={self.strategy!r}; expected one of {', '.join(names.STRATEGIES)}")
         need(self.server_lr > 0, f"server-lr must be > 0 (1 = plain FedAvg), got {self.server_lr}")
         need(0 <= self.server_momentum < 1, f"server-momentum must be in [0, 1), got {self.server_momentum}")

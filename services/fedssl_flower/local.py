@@ -53,13 +53,13 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
             schedule=schedule(cfg, phase, rnd, n, cfg.lr), weight_decay=cfg.weight_decay, proximal_mu=proximal_mu,
             colour_jitter=cfg.ssl_colour_jitter, batchnorm=cfg.ssl_batchnorm,
         )
-    lr = cfg.probe_lr if cfg.finetune_mode == training.FINETUNE_LINEAR else (cfg.finetune_lr or cfg.lr)
-    if cfg.head_warmup_epochs and rnd == 1 and cfg.finetune_mode == training.FINETUNE_FULL:
+    lr = cfg.probe_lr if cfg.finetune_mode == names.FINETUNE_LINEAR else (cfg.finetune_lr or cfg.lr)
+    if cfg.head_warmup_epochs and rnd == 1 and cfg.finetune_mode == names.FINETUNE_FULL:
         # LP-FT (Kumar et al. 2022): fit the fresh classifier on the frozen encoder's features
         # first, so full fine-tuning's first steps do not push a random head's gradients into the encoder.
         training.train_supervised(
             model, data.train_images, data.train_labels, epochs=cfg.head_warmup_epochs, batch_size=cfg.batch_size,
-            lr=cfg.probe_lr, mode=training.FINETUNE_LINEAR, seed=seed, loss=cfg.finetune_loss,
+            lr=cfg.probe_lr, mode=names.FINETUNE_LINEAR, seed=seed, loss=cfg.finetune_loss,
         )
     return training.train_supervised(
         model, data.train_images, data.train_labels, batch_size=cfg.batch_size, mode=cfg.finetune_mode, seed=seed,
@@ -81,7 +81,7 @@ def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig, fe
         model.classifier.reset_parameters()
         training.train_supervised(
             model, data.train_images, data.train_labels, epochs=cfg.probe_epochs,
-            batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=training.FINETUNE_LINEAR, seed=cfg.seed,
+            batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=names.FINETUNE_LINEAR, seed=cfg.seed,
         )
     return training.evaluate(model, data.test_images, data.test_labels, data.class_names, tta=cfg.test_time_augmentation)
 

@@ -24,31 +24,6 @@ from .metrics import classification_metrics
 from .ssl.losses import NTXentLoss
 from .ssl.transforms import SimCLRTransform, normalize, rotate_batch
 
-SHARE_ENCODER = "encoder"
-SHARE_ENCODER_AND_HEADS = "encoder-and-heads"
-SHARE_PROJECTION_HEAD = "projection-head"
-SHARE_MODES = (SHARE_ENCODER, SHARE_ENCODER_AND_HEADS, SHARE_PROJECTION_HEAD)
-SSL_BATCHNORM_ADAPT, SSL_BATCHNORM_FROZEN = "adapt", "frozen"
-SSL_BATCHNORM = (SSL_BATCHNORM_ADAPT, SSL_BATCHNORM_FROZEN)
-FINETUNE_LINEAR = "linear"
-FINETUNE_FULL = "full"
-FINETUNE_MODES = (FINETUNE_LINEAR, FINETUNE_FULL)
-# Supervised losses for imbalanced labels: inverse-frequency class weights, or balanced softmax
-# (logit adjustment by the local label prior, Ren et al. 2020 / Menon et al. 2021): the model
-# learns class-balanced logits even where a hospital sees almost only one class.
-LOSS_WEIGHTED_CE = "weighted-ce"
-LOSS_BALANCED_SOFTMAX = "balanced-softmax"
-FINETUNE_LOSSES = (LOSS_WEIGHTED_CE, LOSS_BALANCED_SOFTMAX)
-# Fine-tuning augmentation: flips and 90-degree turns only, or those plus a random resized crop
-# (area 0.5-1, aspect 3/4-4/3) and mild colour jitter (brightness, contrast, saturation +-0.2,
-# 4 images in 5), SimCLR's transform at a gentler setting.
-AUGMENT_FLIPS = "flips"
-AUGMENT_CROP_JITTER = "crop-jitter"
-AUGMENTS = (AUGMENT_FLIPS, AUGMENT_CROP_JITTER)
-SCHEDULE_CONSTANT = "constant"
-SCHEDULE_COSINE = "cosine"
-LR_SCHEDULES = (SCHEDULE_CONSTANT, SCHEDULE_COSINE)
-
 _TASK_HEAD = {names.SSL_SIMCLR: names.GROUP_PROJECTION_HEAD, names.SSL_ROTATION: names.GROUP_ROTATION_HEAD}
 # share=encoder-and-heads: every SSL task head travels with the encoder, so hospitals running
 # the same task train their encoders against one averaged head rather than each against its
@@ -68,22 +43,22 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
 
 
-def trainable_groups(phase: str, task: str | None, share: str = SHARE_ENCODER, mode: str = FINETUNE_LINEAR) -> tuple[str, ...]:
+def trainable_groups(phase: str, task: str | None, share: str = names.SHARE_ENCODER, mode: str = names.FINETUNE_LINEAR) -> tuple[str, ...]:
     """The parameter groups a hospital trains in `phase`."""
     if phase == names.PHASE_GENERATE:
         return GENERATIVE_GROUPS
     _check(phase, names.PHASES, "phase")
     if phase == names.PHASE_SSL:
         _check(task or "", names.SSL_TASKS, "ssl-task")
-        _check(share, SHARE_MODES, "share")
-        if share == SHARE_PROJECTION_HEAD:
+        _check(share, names.SHARE_MODES, "share")
+        if share == names.SHARE_PROJECTION_HEAD:
             return (_TASK_HEAD[task],)  # backbone frozen: only the head learns
         return (names.GROUP_ENCODER, _TASK_HEAD[task])
-    _check(mode, FINETUNE_MODES, "finetune-mode")
-    return (names.GROUP_CLASSIFIER,) if mode == FINETUNE_LINEAR else (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
+    _check(mode, names.FINETUNE_MODES, "finetune-mode")
+    return (names.GROUP_CLASSIFIER,) if mode == names.FINETUNE_LINEAR else (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
 
 
-def shared_groups(phase: str, share: str = SHARE_ENCODER, mode: str = FINETUNE_LINEAR) -> tuple[str, ...]:
+def shared_groups(phase: str, share: str = names.SHARE_ENCODER, mode: str = names.FINETUNE_LINEAR) -> tuple[str, ...]:
     """The parameter groups the server aggregates in `phase`. SSL: the encoder (`encoder`),
     the encoder and every SSL task head (`encoder-and-heads`), or the projection head alone
     in the frozen-backbone set-up (`projection-head`). Generative rounds: the generator and
@@ -92,11 +67,11 @@ def shared_groups(phase: str, share: str = SHARE_ENCODER, mode: str = FINETUNE_L
         return GENERATIVE_GROUPS
     _check(phase, names.PHASES, "phase")
     if phase == names.PHASE_SSL:
-        _check(share, SHARE_MODES, "share")
-        return {SHARE_PROJECTION_HEAD: (names.GROUP_PROJECTION_HEAD,), SHARE_ENCODER: (names.GROUP_ENCODER,),
-                SHARE_ENCODER_AND_HEADS: (names.GROUP_ENCODER, *_SSL_HEADS)}[share]
-    _check(mode, FINETUNE_MODES, "finetune-mode")
-    return (names.GROUP_CLASSIFIER,) if mode == FINETUNE_LINEAR else (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
+        _check(share, names.SHARE_MODES, "share")
+        return {names.SHARE_PROJECTION_HEAD: (names.GROUP_PROJECTION_HEAD,), names.SHARE_ENCODER: (names.GROUP_ENCODER,),
+                names.SHARE_ENCODER_AND_HEADS: (names.GROUP_ENCODER, *_SSL_HEADS)}[share]
+    _check(mode, names.FINETUNE_MODES, "finetune-mode")
+    return (names.GROUP_CLASSIFIER,) if mode == names.FINETUNE_LINEAR else (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
 
 
 def _prepare(model: FedSSLModel, groups: tuple[str, ...]) -> list[nn.Parameter]:
@@ -132,7 +107,7 @@ class Schedule:
     lr: float = 1e-3
     steps: int = 0
     epochs: int = 1
-    kind: str = SCHEDULE_CONSTANT
+    kind: str = names.SCHEDULE_CONSTANT
     offset: int = 0
     total: int = 0
     warmup: int = 0  # linear warm-up steps at the start of the phase
@@ -142,7 +117,7 @@ class Schedule:
         t = self.offset + step
         if self.warmup and t < self.warmup:
             return self.lr * (t + 1) / self.warmup
-        if self.kind == SCHEDULE_COSINE and self.total > self.warmup:
+        if self.kind == names.SCHEDULE_COSINE and self.total > self.warmup:
             progress = min(1.0, (t - self.warmup) / (self.total - self.warmup))
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.lr
@@ -163,11 +138,11 @@ class Schedule:
                     return
 
 
-def cannot_train(phase: str, images: int, mode: str = FINETUNE_LINEAR) -> str | None:
+def cannot_train(phase: str, images: int, mode: str = names.FINETUNE_LINEAR) -> str | None:
     """Why a hospital with `images` training images cannot take a `phase` round, or None.
     Training BatchNorm (and SimCLR's negatives) needs two images in a batch; a linear probe on
     frozen features needs one. Below that a round would take no step and report a NaN loss."""
-    need = 1 if phase == names.PHASE_FINETUNE and mode == FINETUNE_LINEAR else 2
+    need = 1 if phase == names.PHASE_FINETUNE and mode == names.FINETUNE_LINEAR else 2
     if images < need:
         return (f"{images} training image(s); {phase} training "
                 f"{'of the linear classifier ' if need == 1 else ''}needs at least {need}")
@@ -243,14 +218,14 @@ def train_ssl(
     epochs: int = 1,
     batch_size: int = 64,
     lr: float = 1e-3,
-    share: str = SHARE_ENCODER,
+    share: str = names.SHARE_ENCODER,
     seed: int = 0,
     temperature: float = 0.5,
     schedule: Schedule | None = None,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     colour_jitter: float = 0.4,
-    batchnorm: str = SSL_BATCHNORM_ADAPT,
+    batchnorm: str = names.SSL_BATCHNORM_ADAPT,
 ) -> dict:
     """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
@@ -259,11 +234,11 @@ def train_ssl(
     and saturation jitter strength (0 = none). `batchnorm`: `adapt` (the encoder's BatchNorm
     running statistics follow the augmented views) or `frozen` (they stay as they came, the
     layers normalising with them: an ImageNet start keeps the statistics its weights expect)."""
-    _check(batchnorm, SSL_BATCHNORM, "ssl-batchnorm")
+    _check(batchnorm, names.SSL_BATCHNORM, "ssl-batchnorm")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
-    if batchnorm == SSL_BATCHNORM_FROZEN:
+    if batchnorm == names.SSL_BATCHNORM_FROZEN:
         for layer in encoder_batchnorms(model).values():
             layer.eval()
     reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
@@ -313,7 +288,7 @@ def _augment_supervised(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor
 
 def supervised_view(batch: torch.Tensor, augment: str, g: torch.Generator, mean, std) -> torch.Tensor:
     """A uint8 batch as the normalised float input of one fine-tuning step under `augment`."""
-    if augment == AUGMENT_CROP_JITTER:
+    if augment == names.AUGMENT_CROP_JITTER:
         return SimCLRTransform(crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2, saturation=0.2, jitter_p=0.8,
                                mean=mean, std=std).view(batch, g)
     return normalize(_augment_supervised(batch, g), mean, std)
@@ -327,16 +302,16 @@ def train_supervised(
     epochs: int = 1,
     batch_size: int = 64,
     lr: float = 1e-3,
-    mode: str = FINETUNE_LINEAR,
+    mode: str = names.FINETUNE_LINEAR,
     seed: int = 0,
     class_weighted: bool = True,
-    loss: str = LOSS_WEIGHTED_CE,
+    loss: str = names.LOSS_WEIGHTED_CE,
     schedule: Schedule | None = None,
     weight_decay: float = 0.0,
     optimizer_state: dict | None = None,
     drift: dict | None = None,
     proximal_mu: float = 0.0,
-    augment: str = AUGMENT_FLIPS,
+    augment: str = names.AUGMENT_FLIPS,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -350,9 +325,9 @@ def train_supervised(
     hospital's next control variate).
     `proximal_mu` > 0 adds FedProx's `proximal_term` toward the shared groups' values at the
     start (the reported loss stays the task loss alone).
-    `augment` (full mode): `AUGMENTS`, what each fine-tuning batch goes through."""
-    _check(loss, FINETUNE_LOSSES, "finetune-loss")
-    _check(augment, AUGMENTS, "augment")
+    `augment` (full mode): `names.AUGMENTS`, what each fine-tuning batch goes through."""
+    _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
+    _check(augment, names.AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     params = _prepare(model, groups)
@@ -365,7 +340,7 @@ def train_supervised(
         load_optimizer_moments(optimizer, optimizer_state["adamw"])
     g = torch.Generator().manual_seed(seed)
     counts = torch.bincount(labels, minlength=model.num_classes).float()
-    if loss == LOSS_BALANCED_SOFTMAX:
+    if loss == names.LOSS_BALANCED_SOFTMAX:
         # log prior; an absent class gets the prior of half an example, so its logit is not pushed down
         adjust, weight = torch.log(counts.clamp(min=0.5) / counts.sum().clamp(min=1)), None
     else:
@@ -375,7 +350,7 @@ def train_supervised(
         return F.cross_entropy(logits if adjust is None else logits + adjust, target, weight=weight)
 
     total, batches = 0.0, 0
-    if mode == FINETUNE_LINEAR:
+    if mode == names.FINETUNE_LINEAR:
         # The encoder is frozen: compute features once, then epochs over features are cheap.
         features = embed(model, images, batch_size=max(batch_size, 256))
         for step, idx in enumerate(schedule.batches(len(images), batch_size, g)):

@@ -196,7 +196,7 @@ def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham
 def _two_tiny_sites():
     """Two sites of 12 random 16 px images in 3 classes whose brightness differs (what FedBN is for),
     and a run config that fine-tunes everything for 2 rounds of one step."""
-    from fedssl_flower import training
+    from fedssl_core import names
     from fedssl_flower.config import RunConfig
     from fedssl_flower.data import HospitalData
 
@@ -209,7 +209,7 @@ def _two_tiny_sites():
                             test_images=images[:6], test_labels=labels[:6], train_groups=[f"{name}{i}" for i in range(12)])
 
     cfg = RunConfig(arch="efficientnet_lite0", pretrained=False, image_size=16, batch_size=4, local_steps=1, ssl_rounds=0,
-                    finetune_rounds=2, local_baseline=False, finetune_mode=training.FINETUNE_FULL)
+                    finetune_rounds=2, local_baseline=False, finetune_mode=names.FINETUNE_FULL)
     return [site("dark", 0), site("bright", 130)], cfg
 
 

@@ -80,12 +80,12 @@ def test_schedule_takes_exactly_its_steps_whatever_the_data_size():
 
 
 def test_cosine_schedule_decays_over_the_phase_rounds_with_warmup():
-    s = training.Schedule(lr=1.0, steps=10, kind=training.SCHEDULE_COSINE, offset=0, total=40, warmup=4)
+    s = training.Schedule(lr=1.0, steps=10, kind=names.SCHEDULE_COSINE, offset=0, total=40, warmup=4)
     assert [round(s.lr_at(i), 3) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    last_round = training.Schedule(lr=1.0, steps=10, kind=training.SCHEDULE_COSINE, offset=30, total=40, warmup=4)
+    last_round = training.Schedule(lr=1.0, steps=10, kind=names.SCHEDULE_COSINE, offset=30, total=40, warmup=4)
     lrs = [last_round.lr_at(i) for i in range(10)]
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.01
-    assert training.Schedule(lr=0.3, kind=training.SCHEDULE_CONSTANT, total=40).lr_at(39) == 0.3
+    assert training.Schedule(lr=0.3, kind=names.SCHEDULE_CONSTANT, total=40).lr_at(39) == 0.3
 
 
 def test_local_rounds_follow_run_config_steps_and_schedule(data):
@@ -137,15 +137,15 @@ def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
     labels = torch.tensor([1] * 20 + [0] * 180)
     images = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).expand(200, -1, -1, -1).contiguous()
     gap = {}
-    for loss in training.FINETUNE_LOSSES:
+    for loss in names.FINETUNE_LOSSES:
         model = FedSSLModel(num_classes=2)
         training.train_supervised(model, images, labels, mode="linear", class_weighted=False, loss=loss,
                                   schedule=training.Schedule(lr=0.05, epochs=40), batch_size=50)
         with torch.no_grad():
             logits = model.eval()(training.normalize(images[:1], model.mean, model.std))[0]
         gap[loss] = float(logits[0] - logits[1])
-    assert abs(gap[training.LOSS_WEIGHTED_CE] - math.log(9)) < 0.3
-    assert abs(gap[training.LOSS_BALANCED_SOFTMAX]) < 0.3
+    assert abs(gap[names.LOSS_WEIGHTED_CE] - math.log(9)) < 0.3
+    assert abs(gap[names.LOSS_BALANCED_SOFTMAX]) < 0.3
     with pytest.raises(ConfigError, match="finetune-loss"):
         training.train_supervised(FedSSLModel(num_classes=2), images, labels, loss="focal")
 

@@ -25,7 +25,7 @@ from ..errors import ConfigError, DatasetMalformed
 from . import cache, ham10000, imagefolder, kaggle, synthetic
 from .catalog import Catalog
 from .decode import decode_all
-from .partition import PARTITION_LESION, PARTITION_SCHEMES, cap_by_group, partition_indices, split_train_test
+from .partition import cap_by_group, partition_indices, split_train_test
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class HospitalDataConfig:
     data_path: str = "data/ham10000"
     partition_id: int = 0
     num_partitions: int = 1
-    partition_by: str = PARTITION_LESION  # lesion | dirichlet | site | random (data.partition)
+    partition_by: str = names.PARTITION_LESION  # lesion | dirichlet | site | random (data.partition)
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
     max_images: int = 0  # 0 = all
@@ -75,8 +75,8 @@ class HospitalDataConfig:
         cfg = cls(**values)
         if cfg.data_source not in names.DATA_SOURCES:
             raise ConfigError(f"node config data-source={cfg.data_source!r}; expected one of {', '.join(names.DATA_SOURCES)}")
-        if cfg.partition_by not in PARTITION_SCHEMES:
-            raise ConfigError(f"node config partition-by={cfg.partition_by!r}; expected one of {', '.join(PARTITION_SCHEMES)}")
+        if cfg.partition_by not in names.PARTITION_SCHEMES:
+            raise ConfigError(f"node config partition-by={cfg.partition_by!r}; expected one of {', '.join(names.PARTITION_SCHEMES)}")
         return cfg
 
 

@@ -34,8 +34,7 @@ from ..errors import ConfigError, DatasetMalformed, DatasetNotFound, FedSSLError
 from . import ham10000, imagefolder
 from .catalog import Catalog
 from .labels import LabelMap, parse_class_names, parse_label_map, reconcile
-from .partition import (PARTITION_DIRICHLET, PARTITION_LESION, PARTITION_RANDOM, PARTITION_SITE, cap_by_group,
-                        partition_indices)
+from .partition import cap_by_group, partition_indices
 
 LAYOUT_HAM10000 = "ham10000"
 LAYOUT_HOSPITAL_FOLDERS = "hospital-folders"
@@ -47,8 +46,8 @@ LAYOUTS = {
 }
 # Partition schemes each layout can use (`--partition`); the first is the default.
 PARTITIONS = {
-    LAYOUT_HAM10000: (PARTITION_SITE, PARTITION_LESION, PARTITION_DIRICHLET),  # site only when the data has sites
-    LAYOUT_CLASS_FOLDERS: (PARTITION_RANDOM, PARTITION_DIRICHLET),
+    LAYOUT_HAM10000: (names.PARTITION_SITE, names.PARTITION_LESION, names.PARTITION_DIRICHLET),  # site only when the data has sites
+    LAYOUT_CLASS_FOLDERS: (names.PARTITION_RANDOM, names.PARTITION_DIRICHLET),
 }
 EXPECTED = ("expected one of: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
             + " (e.g. PATH/<hospital>/<class>/<image>.jpg or PATH/<class>/<image>.jpg)")
@@ -174,10 +173,10 @@ def _split(kind: str, cat: Catalog, path: Path, hospitals: int, partition: str, 
                                  alpha=alpha, sites=cat.sites, seed=seed)
         if not mine:
             raise DatasetMalformed(f"hospital-{i + 1} of {hospitals} gets no images of {path} by {partition}; "
-                                   "use fewer hospitals" + (" or a larger --dirichlet-alpha" if partition == PARTITION_DIRICHLET else ""))
+                                   "use fewer hospitals" + (" or a larger --dirichlet-alpha" if partition == names.PARTITION_DIRICHLET else ""))
         node = {"data-source": names.DATA_HAM10000 if kind == LAYOUT_HAM10000 else names.DATA_IMAGEFOLDER,
                 "data-path": str(path), "partition-id": i, "num-partitions": hospitals, "partition-by": partition}
-        if partition == PARTITION_DIRICHLET:
+        if partition == names.PARTITION_DIRICHLET:
             node["dirichlet-alpha"] = float(alpha)
         node.update(extra)
         plans.append(HospitalPlan(f"hospital-{i + 1}", node, _counts(cat, mine),
@@ -235,7 +234,7 @@ def plan(path: Path | str, *, hospitals: int | None = None, default_hospitals: i
             cat = imagefolder.load_catalog(path / folder, mapping, rec.class_names, name)
             everything = list(range(len(cat.paths)))
             node = {"data-source": names.DATA_IMAGEFOLDER, "data-path": str(path / folder), "partition-id": 0,
-                    "num-partitions": 1, "partition-by": PARTITION_RANDOM,
+                    "num-partitions": 1, "partition-by": names.PARTITION_RANDOM,
                     "label-map": _json_literal(mapping), "class-names": ",".join(rec.class_names)}
             plans.append(HospitalPlan(name, node, _counts(cat, everything),
                                       _counts(cat, cap_by_group(everything, cat.groups, max_images, seed)), folder))
@@ -250,7 +249,7 @@ def plan(path: Path | str, *, hospitals: int | None = None, default_hospitals: i
         cat = ham10000.load_catalog(path)
         n_sites = len(set(cat.sites)) if cat.sites is not None else 0
         if partition is None:
-            partition = PARTITION_SITE if n_sites and n <= n_sites else PARTITION_LESION  # real, non-IID hospitals
+            partition = names.PARTITION_SITE if n_sites and n <= n_sites else names.PARTITION_LESION  # real, non-IID hospitals
         elif partition not in PARTITIONS[kind]:
             raise ConfigError(f"--partition {partition}: HAM10000 splits by {', '.join(PARTITIONS[kind])}")
         plans = _split(kind, cat, path, n, partition, dirichlet_alpha, max_images, seed, {})
@@ -258,7 +257,7 @@ def plan(path: Path | str, *, hospitals: int | None = None, default_hospitals: i
         return Layout(kind, str(path), cat.class_names, plans, partition, max_images, {}, notes)
 
     # one class-per-folder tree
-    partition = partition or PARTITION_RANDOM
+    partition = partition or names.PARTITION_RANDOM
     if partition not in PARTITIONS[kind]:
         raise ConfigError(f"--partition {partition}: a class-per-folder tree has no lesion ids or sites; "
                           f"split it by {' or '.join(PARTITIONS[kind])}")

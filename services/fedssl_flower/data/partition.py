@@ -13,13 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from fedssl_core import names
 
-PARTITION_LESION = "lesion"
-PARTITION_DIRICHLET = "dirichlet"
-PARTITION_SITE = "site"
-PARTITION_RANDOM = "random"  # class-per-folder trees: no lesion or patient ids, each image is its own group
-PARTITION_SCHEMES = (PARTITION_LESION, PARTITION_DIRICHLET, PARTITION_SITE, PARTITION_RANDOM)
+from ..errors import ConfigError
 
 
 def _group_members(groups: Sequence[str]) -> dict[str, list[int]]:
@@ -35,7 +31,7 @@ def partition_indices(
     *,
     partition_id: int,
     num_partitions: int,
-    by: str = PARTITION_LESION,
+    by: str = names.PARTITION_LESION,
     alpha: float = 0.5,
     sites: Sequence[str] | None = None,
     seed: int = 0,
@@ -57,10 +53,10 @@ def partition_indices(
     order = sorted(members)
     rng = np.random.default_rng(seed)
 
-    if by in (PARTITION_LESION, PARTITION_RANDOM):
+    if by in (names.PARTITION_LESION, names.PARTITION_RANDOM):
         shuffled = [order[i] for i in rng.permutation(len(order))]
         chosen = shuffled[partition_id::num_partitions]
-    elif by == PARTITION_DIRICHLET:
+    elif by == names.PARTITION_DIRICHLET:
         if alpha <= 0:
             raise ConfigError(f"dirichlet-alpha must be > 0, got {alpha}")
         by_class: dict[int, list[str]] = defaultdict(list)
@@ -75,7 +71,7 @@ def partition_indices(
             cuts[-1] = len(gs)
             start = 0 if partition_id == 0 else cuts[partition_id - 1]
             chosen.extend(gs[start : cuts[partition_id]])
-    elif by == PARTITION_SITE:
+    elif by == names.PARTITION_SITE:
         if sites is None:
             raise ConfigError(
                 "partition-by = 'site' needs an acquisition-site column; HAM10000 has it in "
@@ -98,7 +94,7 @@ def partition_indices(
 
         chosen = [g for g in order if home(g) in mine]
     else:
-        raise ConfigError(f"unknown partition-by {by!r}; expected one of {', '.join(PARTITION_SCHEMES)}")
+        raise ConfigError(f"unknown partition-by {by!r}; expected one of {', '.join(names.PARTITION_SCHEMES)}")
     return sorted(i for g in chosen for i in members[g])
 
 
