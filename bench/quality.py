@@ -152,6 +152,22 @@ def carve_validation(site: HospitalData, fraction: float) -> tuple[HospitalData,
     return train, val
 
 
+def shuffle_sites(sites: list[HospitalData], seed: int = 0) -> list[HospitalData]:
+    """The same hospitals with the same numbers of training images, the images dealt out among
+    them at random (an IID federation of the same data; a lesion's images may then sit at two
+    hospitals, which the training split allows): is the gap to pooled training the sites'
+    heterogeneity, or federated averaging itself?"""
+    pooled = pooled_data(sites)
+    perm = torch.randperm(len(pooled.train_labels), generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for site in sites:
+        idx = perm[start:start + len(site.train_labels)]
+        start += len(idx)
+        out.append(dataclasses.replace(site, train_images=pooled.train_images[idx], train_labels=pooled.train_labels[idx],
+                                       train_groups=[pooled.train_groups[i] for i in idx.tolist()]))
+    return out
+
+
 def keep_labels(site: HospitalData, fraction: float, seed: int) -> HospitalData:
     """Only `fraction` of the training lesions keep their label (stratified, at least one
     lesion of each class present with two or more)."""
@@ -775,6 +791,9 @@ def main() -> None:
     ap.add_argument("--exclude-site", default="", metavar="HOSPITAL",
                     help="train without this site (still scored on the pooled test of every site): what a defence that "
                          "leaves an attacker out every round can at best reach")
+    ap.add_argument("--shuffle-sites", action="store_true",
+                    help="diagnostic: deal the training images out among the hospitals at random, each keeping its number "
+                         "of images (an IID federation of the same data; validation and test splits unchanged)")
     ap.add_argument("--head-diagnostic", action="store_true",
                     help="federated arms: with the final encoder frozen, also score a linear probe on the pooled training "
                          "features (a bound) and the classifier recalibrated on virtual features from merged per-class "
@@ -875,6 +894,9 @@ def main() -> None:
         kept = [i for i, s in enumerate(sites) if s.hospital != args.exclude_site]
         sites, vals, full = [sites[i] for i in kept], [vals[i] for i in kept], [full[i] for i in kept]
         print(f"training without {args.exclude_site} (scored on every site's pooled {args.eval} split)", flush=True)
+    if args.shuffle_sites:
+        sites = shuffle_sites(sites)
+        print("training images dealt out among the sites at random (--shuffle-sites): an IID federation", flush=True)
     site_splits = full if args.eval == "test" else vals  # each site's own held-out split (--fedbn's personalised scores)
     print(f"{len(sites)} sites loaded in {time.perf_counter() - t0:.0f}s: " + ", ".join(
         f"{s.hospital} {len(s.train_images)}/{len(v.test_images)}/{len(f.test_images)}" for s, v, f in zip(sites, vals, full))
@@ -891,11 +913,13 @@ def main() -> None:
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
+            if args.shuffle_sites:
+                r["shuffled_sites"] = True
             r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                  if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
                                                                               "label_map", "class_names", "attack", "attacker", "exclude_site",
                                                                               "aggregation_weights", "tta", "head_diagnostic", "fedbn",
-                                                                              "fixed_head"))
+                                                                              "fixed_head", "shuffle_sites"))
                             + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
                             + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
                             + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
@@ -907,6 +931,7 @@ def main() -> None:
                             + (" --head-diagnostic" if args.head_diagnostic else "")
                             + (" --fedbn" if args.fedbn else "")
                             + (" --fixed-head" if args.fixed_head else "")
+                            + (" --shuffle-sites" if args.shuffle_sites else "")
                             + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
                             + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
                             + f" --arms {spec} --seeds {seed}"

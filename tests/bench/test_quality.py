@@ -276,3 +276,26 @@ def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(mo
         moved = [k for k in bn if k.endswith("running_mean") and not torch.equal(state[k], round1_global[k])]
         assert len(moved) == len([k for k in bn if k.endswith("running_mean")]), hospital
         assert not all(torch.equal(state[k], mine[k]) for k in bn if k.endswith("running_mean"))  # trained since its start
+
+
+def test_shuffle_sites_deals_the_same_images_out_at_random_keeping_each_sites_size():
+    """--shuffle-sites (the IID diagnostic): every training image and its label land at exactly one
+    site, each site keeps its size and its held-out split, and a site that held one class only
+    now holds a mix."""
+    from bench import quality
+    from fedssl_flower.data import HospitalData
+
+    def site(name, n, label):
+        images = torch.arange(n * 3 * 2 * 2, dtype=torch.int64).reshape(n, 3, 2, 2) + 1000 * label
+        return HospitalData(hospital=name, class_names=["a", "b"], train_images=images, train_labels=torch.full((n,), label),
+                            test_images=images[:2], test_labels=torch.full((2,), label), train_groups=[f"{name}{i}" for i in range(n)])
+
+    sites = [site("only-a", 30, 0), site("only-b", 10, 1)]
+    shuffled = quality.shuffle_sites(sites)
+    assert [s.hospital for s in shuffled] == ["only-a", "only-b"] and [len(s.train_labels) for s in shuffled] == [30, 10]
+    assert all(torch.equal(s.test_images, t.test_images) for s, t in zip(shuffled, sites))
+    before = sorted((tuple(x.flatten().tolist()), int(y), g) for s in sites for x, y, g in zip(s.train_images, s.train_labels, s.train_groups))
+    after = sorted((tuple(x.flatten().tolist()), int(y), g) for s in shuffled for x, y, g in zip(s.train_images, s.train_labels, s.train_groups))
+    assert after == before  # the same (image, label, lesion) triples, none lost or doubled
+    assert set(shuffled[1].train_labels.tolist()) == {0, 1}  # the one-class site is mixed now
+    assert all(torch.equal(a.train_labels, b.train_labels) for a, b in zip(shuffled, quality.shuffle_sites(sites)))  # seeded
