@@ -364,7 +364,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
              tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
-             fixed_head: bool = False) -> dict:
+             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5)) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -394,7 +394,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     `fixed_head`: FedBABU (Oh et al. 2022): the classifier stays at its seeded random start in every
     fine-tuning round (its gradients are zeroed, so AdamW never moves it; weight decay aside, which
     at 1e-4 x lr is negligible), only the encoder learns and is averaged; the global model serves
-    with that fixed classifier."""
+    with that fixed classifier.
+    `moon` (mu, temperature), mu > 0: MOON (Li, He & Song 2021): from its second fine-tuning round
+    on, a hospital adds the model-contrastive term `training.Contrast` (its features pulled toward
+    the round's global encoder's, pushed from its own previous local encoder's) to its loss."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -420,6 +423,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     tail: list[dict[str, torch.Tensor]] = []  # the last `tail_average` global fine-tuning states
     bn_keys = {k for k in state if k.rpartition(".")[0] in training.encoder_batchnorms(server)} if fedbn else set()
     started: set[int] = set()  # --fedbn: hospitals that have trained once (and keep their BatchNorm layers from then on)
+    trained_in: set[tuple[str, int]] = set()  # (phase, hospital): --moon-mu needs a previous local model of the phase
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
@@ -436,13 +440,17 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         updates, traffic, deltas, norms, arrived = [], {}, [], {}, {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(current, cfg.update_encoding)
+            previous = copy.deepcopy(model.encoder) if moon[0] and phase == names.PHASE_FINETUNE and (phase, i) in trained_in else None
             records.load_arrays(model, {k: v for k, v in down.items() if k not in bn_keys} if i in started else down)
             started.add(i)
+            trained_in.add((phase, i))
+            contrast = (training.Contrast(copy.deepcopy(model.encoder), previous, mu=moon[0], temperature=moon[1])
+                        if previous is not None else None)
             drift = None
             if scaffold and phase == names.PHASE_FINETUNE:
                 mine = controls[i]
                 drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu)
+            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu, contrast)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -582,7 +590,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
-            fixed_head: bool = False) -> dict:
+            fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5)) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     cfg = dataclasses.replace(base, seed=seed)
@@ -614,7 +622,9 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head)
+                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon)
+        if moon[0]:
+            out["moon"] = {"mu": moon[0], "temperature": moon[1]}
         if fixed_head:
             out["fixed_head"] = True
         if uniform_weights:
@@ -705,6 +715,31 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+# Arguments a run's command line leaves out (the command names its own arm and seed), and those it
+# shows only when they differ from their defaults (variants and diagnostics; every other value is
+# written out, so a command keeps its recipe when a default changes). Flags appear when set.
+NOT_IN_COMMAND = ("data", "cache_dir", "out", "arms", "seeds")
+ONLY_WHEN_SET = ("label", "label_map", "class_names", "fedprox_mu", "moon_mu", "moon_temperature", "tail_average",
+                 "attack", "attacker", "exclude_site", "aggregation_weights")
+
+
+def rerun_command(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: str, seed: int, folders: bool) -> str:
+    """The command line that reruns one arm and seed of this invocation."""
+    words = ["python -m bench.quality"]
+    for k, v in vars(args).items():
+        flag = "--" + k.replace("_", "-")
+        if k in NOT_IN_COMMAND or (k in ONLY_WHEN_SET and v == ap.get_default(k)):
+            continue
+        if isinstance(v, bool):
+            words += [flag] if v else []
+        else:
+            words.append(f"{flag} {shlex.quote(str(v))}")
+    words.append(f"--arms {spec} --seeds {seed}")
+    if folders:
+        words.append(f"--data {shlex.quote(str(args.data))}")
+    return " ".join(words)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ham10000")
@@ -757,6 +792,10 @@ def main() -> None:
     ap.add_argument("--fedprox-mu", type=float, default=0.0,
                     help="federated arms: FedProx proximal term mu/2 ||w - w_global||^2 in fine-tuning (training.proximal_term, "
                          "what strategy=fedprox proximal-mu adds at the hospitals; 0 = off)")
+    ap.add_argument("--moon-mu", type=float, default=0.0,
+                    help="federated arms: MOON's model-contrastive term in fine-tuning, this weight (training.Contrast; "
+                         "bench only; 0 = off)")
+    ap.add_argument("--moon-temperature", type=float, default=0.5, help="--moon-mu: the contrastive temperature")
     ap.add_argument("--tail-average", type=int, default=0, metavar="K",
                     help="federated arms: score the uniform average of the last K fine-tuning rounds' global models "
                          "(BatchNorm running statistics averaged) instead of the last one (bench only; 0 or 1 = off)")
@@ -821,6 +860,8 @@ def main() -> None:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
         raise SystemExit("--fedprox-mu must be >= 0")
+    if args.moon_mu < 0 or args.moon_temperature <= 0:
+        raise SystemExit(f"--moon-mu must be >= 0 and --moon-temperature > 0 (got {args.moon_mu}, {args.moon_temperature})")
     try:
         attack = parse_attack(args.attack, "--attack")
     except FedSSLError as exc:
@@ -909,33 +950,13 @@ def main() -> None:
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
-                        site_splits if args.fedbn else None, args.fixed_head)
+                        site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature))
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             if args.shuffle_sites:
                 r["shuffled_sites"] = True
-            r["command"] = ("python -m bench.quality " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                 if k not in ("data", "cache_dir", "out", "arms", "seeds", "label", "bn_diagnostic", "scaffold", "fedprox_mu", "tail_average",
-                                                                              "label_map", "class_names", "attack", "attacker", "exclude_site",
-                                                                              "aggregation_weights", "tta", "head_diagnostic", "fedbn",
-                                                                              "fixed_head", "shuffle_sites"))
-                            + (f" --label-map {shlex.quote(args.label_map)}" if args.label_map else "")
-                            + (f" --class-names {shlex.quote(args.class_names)}" if args.class_names else "")
-                            + (f" --label {args.label}" if args.label else "") + (" --bn-diagnostic" if args.bn_diagnostic else "")
-                            + (" --scaffold" if args.scaffold else "")
-                            + (f" --fedprox-mu {args.fedprox_mu}" if args.fedprox_mu else "")
-                            + (f" --tail-average {args.tail_average}" if args.tail_average else "")
-                            + (f" --aggregation-weights {args.aggregation_weights}" if args.aggregation_weights != "examples" else "")
-                            + (" --tta" if args.tta else "")
-                            + (" --head-diagnostic" if args.head_diagnostic else "")
-                            + (" --fedbn" if args.fedbn else "")
-                            + (" --fixed-head" if args.fixed_head else "")
-                            + (" --shuffle-sites" if args.shuffle_sites else "")
-                            + (f" --attack {attack} --attacker {shlex.quote(args.attacker)}" if attack.active else "")
-                            + (f" --exclude-site {shlex.quote(args.exclude_site)}" if args.exclude_site else "")
-                            + f" --arms {spec} --seeds {seed}"
-                            + (f" --data {shlex.quote(str(args.data))}" if folders else ""))
+            r["command"] = rerun_command(ap, args, spec, seed, folders)
             runs = [x for x in runs if key(x) != key(r)] + [r]
             t = r["test"]
             print(f"  balanced accuracy {t[names.M_BALANCED_ACCURACY]:.3f}, macro AUC {t[names.M_MACRO_AUC]:.3f}, "

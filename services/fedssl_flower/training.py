@@ -199,6 +199,33 @@ def proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor], mu: f
     return (mu / 2) * sum(((params[n] - ref) ** 2).sum() for n, ref in reference.items())
 
 
+@dataclass
+class Contrast:
+    """MOON's model-contrastive term (Li, He & Song, CVPR 2021) for one hospital's round: each
+    image's representation is pulled toward the global model's representation of it and pushed
+    away from the hospital's own previous local model's, `mu * -log(e^(s_g/t) / (e^(s_g/t) + e^(s_p/t)))`
+    with `s` the cosine similarity of encoder features and `t` the temperature. `global_encoder`
+    and `previous_encoder` are frozen copies (eval mode: their BatchNorm statistics do not move)."""
+
+    global_encoder: nn.Module
+    previous_encoder: nn.Module
+    mu: float = 1.0
+    temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        for encoder in (self.global_encoder, self.previous_encoder):
+            encoder.eval().requires_grad_(False)
+            _channels_last(encoder, True)
+
+    def term(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            anchor, previous = self.global_encoder(x), self.previous_encoder(x)
+        z = F.normalize(features, dim=1)
+        logits = torch.stack([(z * F.normalize(anchor, dim=1)).sum(1), (z * F.normalize(previous, dim=1)).sum(1)], 1)
+        target = torch.zeros(len(z), dtype=torch.long)
+        return self.mu * F.cross_entropy(logits / self.temperature, target)
+
+
 def encoder_batchnorms(model: FedSSLModel) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """The encoder's BatchNorm layers by state-dict prefix (`encoder.<path>`)."""
     return {f"encoder.{n}": m for n, m in model.encoder.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -312,6 +339,7 @@ def train_supervised(
     drift: dict | None = None,
     proximal_mu: float = 0.0,
     augment: str = names.AUGMENT_FLIPS,
+    contrast: Contrast | None = None,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -325,7 +353,9 @@ def train_supervised(
     hospital's next control variate).
     `proximal_mu` > 0 adds FedProx's `proximal_term` toward the shared groups' values at the
     start (the reported loss stays the task loss alone).
-    `augment` (full mode): `names.AUGMENTS`, what each fine-tuning batch goes through."""
+    `augment` (full mode): `names.AUGMENTS`, what each fine-tuning batch goes through.
+    `contrast` (full mode): MOON's model-contrastive term (`Contrast.term`) is added to every
+    batch's loss (the reported loss stays the task loss alone)."""
     _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
     _check(augment, names.AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
@@ -367,10 +397,11 @@ def train_supervised(
         grad_sums = {n: torch.zeros_like(p) for n, p in named}
         for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
             _set_lr(optimizer, schedule.lr_at(step))
-            x = supervised_view(images[idx], augment, g, model.mean, model.std)
-            value = objective(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
+            x = supervised_view(images[idx], augment, g, model.mean, model.std).contiguous(memory_format=torch.channels_last)
+            features = model.encoder(x)
+            value = objective(model.classifier(features), labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            with_proximal(value).backward()
+            (with_proximal(value) + (contrast.term(features, x) if contrast is not None else 0)).backward()
             for n, p in named:
                 if p.grad is not None:
                     grad_sums[n] += p.grad

@@ -181,6 +181,8 @@ def test_quality_bench_aggregates_by_a_strategy_with_one_hospital_attacking(tmp_
     (["--attacker", "rosendahl"], "--attacker rosendahl needs --attack SPEC"),
     (["--attack", "sign-flip", "--attacker", "nobody"], "--attacker 'nobody' is not one of the hospitals: rosendahl, vidir_modern, "),
     (["--strategy", "fedmedian", "--proximal-mu", "0.1"], "proximal-mu=0.1 acts with strategy=fedprox only, not strategy=fedmedian"),
+    (["--moon-mu", "-1"], "--moon-mu must be >= 0 and --moon-temperature > 0 (got -1.0, 0.5)"),
+    (["--moon-mu", "1", "--moon-temperature", "0"], "--moon-mu must be >= 0 and --moon-temperature > 0 (got 1.0, 0.0)"),
 ])
 def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham10000_dir, monkeypatch, args, message):
     from bench import quality
@@ -276,6 +278,39 @@ def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(mo
         moved = [k for k in bn if k.endswith("running_mean") and not torch.equal(state[k], round1_global[k])]
         assert len(moved) == len([k for k in bn if k.endswith("running_mean")]), hospital
         assert not all(torch.equal(state[k], mine[k]) for k in bn if k.endswith("running_mean"))  # trained since its start
+
+
+def test_moon_contrasts_each_hospital_with_its_own_previous_local_encoder_from_round_two(monkeypatch):
+    """--moon-mu: round 1 trains without the term (no previous local model yet); from round 2 on a
+    hospital's term holds the round's global encoder and its own encoder as its last round left it."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, finetune_rounds=3)
+    seen, ended = [], {}  # (round, hospital, contrast or None, its encoder state as training starts); each hospital's last trained encoder
+    real_train_round = local.train_round
+
+    def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
+        contrast = args[-1] if args else kwargs.get("contrast")
+        seen.append((rnd, data.hospital, contrast, {k: v.clone() for k, v in model.encoder.state_dict().items()},
+                     ended.get(data.hospital)))
+        out = real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
+        ended[data.hospital] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        return out
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    out = quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, moon=(1.0, 0.5))
+    assert [c["round"] for c in out["curve"]] == [1, 2, 3]
+    assert [(r, c is None) for r, _, c, _, _ in seen] == [(1, True), (1, True), (2, False), (2, False), (3, False), (3, False)]
+    for rnd, hospital, contrast, start, last in seen[2:]:
+        assert contrast.mu == 1.0 and contrast.temperature == 0.5
+        anchor, previous = contrast.global_encoder.state_dict(), contrast.previous_encoder.state_dict()
+        assert all(torch.equal(anchor[k], start[k]) for k in start)  # the global encoder this round started from
+        assert all(torch.equal(previous[k], last[k]) for k in last)  # the hospital's own, as its last round ended
+        assert not all(torch.equal(previous[k], start[k]) for k in start if start[k].is_floating_point())
 
 
 def test_shuffle_sites_deals_the_same_images_out_at_random_keeping_each_sites_size():

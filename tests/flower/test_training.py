@@ -1,3 +1,4 @@
+import copy
 import math
 import re
 
@@ -220,6 +221,56 @@ def test_proximal_term_is_half_mu_times_the_squared_distance_and_pulls_toward_th
     assert torch.allclose(layer.weight.grad, torch.full((2, 3), 0.5))  # mu * (w - w_ref): descent goes back
     assert torch.count_nonzero(layer.bias.grad) == 0
     assert training.proximal_reference(layer, ("weight",), 0.0) is None  # mu = 0: nothing captured, nothing added
+
+
+def test_moon_term_pulls_features_toward_the_global_encoder_and_away_from_the_previous_one():
+    """MOON's model-contrastive term: log 2 (times mu) with no gradient when the global and previous
+    encoders agree; otherwise smaller for features like the global encoder's than for features like
+    the previous one's, and its gradient moves features toward the global encoder's."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    same = training.Contrast(copy.deepcopy(a), copy.deepcopy(a), mu=2.0, temperature=0.5)
+    features = torch.randn(8, 3, requires_grad=True)
+    term = same.term(features, x)
+    assert float(term.detach()) == pytest.approx(2.0 * math.log(2))
+    term.backward()
+    assert features.grad.abs().max() < 1e-6
+    moon = training.Contrast(copy.deepcopy(a), copy.deepcopy(b), mu=1.0, temperature=0.5)
+    assert all(not p.requires_grad for p in moon.global_encoder.parameters()) and not moon.global_encoder.training
+    assert all(p.requires_grad for p in a.parameters()) and a.training  # only the copies were frozen
+    like_global, like_previous = a(x).detach(), b(x).detach()
+    assert float(moon.term(like_global, x)) < math.log(2) < float(moon.term(like_previous, x))
+    features = like_previous.clone().requires_grad_(True)
+    moon.term(features, x).backward()
+    with torch.no_grad():
+        stepped = features - 0.1 * features.grad
+        cos = torch.nn.functional.cosine_similarity
+        assert (cos(stepped, like_global).mean() > cos(like_previous, like_global).mean())
+
+
+def test_full_fine_tuning_adds_the_moon_term_to_its_loss_but_reports_the_task_loss(data):
+    """train_supervised(contrast=...): the same seeded round with a strong MOON term ends elsewhere,
+    and its reported loss is the classification loss alone (close to the plain round's)."""
+    def one_round(contrast):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        start = copy.deepcopy(model.encoder)
+        moon = None if contrast is None else training.Contrast(start, copy.deepcopy(model.encoder).apply(_perturb), mu=contrast)
+        metrics = training.train_supervised(model, data.train_images[:32], data.train_labels[:32], epochs=1, batch_size=16,
+                                            lr=1e-3, mode=names.FINETUNE_FULL, contrast=moon)
+        return model, metrics
+
+    plain, plain_metrics = one_round(None)
+    pulled, pulled_metrics = one_round(50.0)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.encoder.parameters(), pulled.encoder.parameters()))
+    assert pulled_metrics[names.M_LOSS] < 3 * plain_metrics[names.M_LOSS]  # not the 50 x log 2 of the term
+
+
+def _perturb(module):
+    if isinstance(module, torch.nn.Conv2d):
+        with torch.no_grad():
+            module.weight.add_(0.05 * torch.randn_like(module.weight))
 
 
 @pytest.mark.parametrize("phase", names.PHASES)
