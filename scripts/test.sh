@@ -9,4 +9,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$ROOT/.tools/bin:$ROOT/.venv/bin:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest -n "${FEDSSL_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
+exec "$ROOT/.venv/bin/python" -m pytest -n "${FEDSSL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 "$@"

@@ -25,12 +25,30 @@ def pytest_configure(config):
             os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
 
 
+# Seconds each of the longest test modules takes on the 2-core machine (setup + call, summed
+# over its tests; `./scripts/test.sh --durations=0`, 2026-12-06). Only their order matters.
+LONGEST_MODULES = {
+    "tests/flower/test_attack.py": 160, "tests/flower/test_faults.py": 195, "tests/flower/test_secure_aggregation.py": 172,
+    "tests/flower/test_superlink_faults.py": 156, "tests/registry/test_dashboard.py": 134, "tests/test_deploy_local.py": 124,
+    "tests/flower/test_integration.py": 102, "tests/bench/test_quality.py": 101, "tests/test_deploy_local_folders.py": 86,
+    "tests/flower/test_superlink_proxy.py": 85, "tests/deploy/test_chart.py": 77, "tests/flower/test_generate_run.py": 60,
+    "tests/registry/test_api.py": 43, "tests/bench/test_generative_bench.py": 39,
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules of real-process tests (marked `integration`) first, each module's tests kept in
-    order: with a worker per module at a time (`--dist loadfile`) the long federations start at
-    once and the quick unit tests fill in around them instead of after them."""
+    """The longest modules first, longest first (LONGEST_MODULES), then the other modules of
+    real-process tests (marked `integration`), then the rest; each module's tests kept in order.
+    With one worker per module at a time (`--dist loadfile`, and `--no-loadscope-reorder` so
+    pytest-xdist keeps this order instead of sorting by test count) the long federations start
+    at once and the quick unit tests fill in around them instead of after them."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("integration") and item.module is not None}
-    items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)  # stable: order kept within
+
+    def weight(item) -> float:
+        known = LONGEST_MODULES.get(item.nodeid.partition("::")[0])
+        return known if known is not None else (1 if item.module is not None and item.module.__name__ in slow else 0)
+
+    items.sort(key=lambda item: -weight(item))  # stable: order kept within a module
 
 
 def free_port() -> int:

@@ -1,8 +1,7 @@
 """A hospital that misbehaves on purpose (node config `attack`, tests and benchmarks only):
 the transform, its validation, the ClientApp that applies it, and a real federation where
-one SuperNode scales its update x100 and each robust strategy (Flower's fedmedian,
-fedtrimmedavg, krum, multikrum, fedyogi, fedadagrad; fedssl's median-cosine) holds the global
-model, one run each."""
+one SuperNode scales its update x100 and a robust strategy of each kind (Flower's fedmedian,
+krum and fedyogi; fedssl's median-cosine) holds the global model, one run each."""
 
 import json
 import logging
@@ -87,16 +86,16 @@ def test_a_bad_attack_value_fails_the_hospital_at_start_up_with_its_name(tmp_pat
         client_app.app(describe, ctx)
 
 
-# Flower's strategies (and fedssl's median-cosine) run against the x100 hospital, with the run
-# config each needs; fedyogi and fedadagrad at a tiny server-eta, so their bound is per coordinate.
+# One strategy of each kind runs against the x100 hospital, with the run config it needs: a
+# coordinate-wise statistic (fedmedian), fedssl's own (median-cosine), a selection (krum) and a
+# server optimiser at a tiny server-eta, so its bound is per coordinate (fedyogi). The others of
+# each kind go through the same aggregator code; tests/flower/test_config_and_strategy.py holds
+# every strategy to Flower's own result or to the same bound, in process (a run here costs ~35 s).
 ROBUST_RUNS = {
     "fedmedian": [],
     "median-cosine": ["num-malicious-nodes=1"],  # the lowest cosine left out, the others clipped to the median norm
-    "fedtrimmedavg": ["trim-beta=0.34"],  # int(0.34 * 3) = 1 cut from each end: the median of three
     "krum": ["num-malicious-nodes=1"],
-    "multikrum": ["num-malicious-nodes=1", "num-nodes-to-select=2"],
     "fedyogi": ["server-eta=1e-6"],
-    "fedadagrad": ["server-eta=1e-6"],
 }
 
 
@@ -109,10 +108,9 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
     no further than the honest updates allow, where FedAvg's average of the same replies would
     have moved it tens of times further (a lower bound from the recorded norms, by the triangle
     inequality). Why each holds: a coordinate-wise median of three lies between two honest
-    values (fedmedian; fedtrimmedavg at 0.34 is the same median: the two runs' global models
-    match); median-cosine clips every update to the median norm, an honest one's; Krum picks one
-    update, an honest one (the global step is exactly that hospital's); MultiKrum keeps two, the
-    honest ones; FedYogi and FedAdagrad step no coordinate further than server-eta."""
+    values (fedmedian); median-cosine clips every update to the median norm, an honest one's;
+    Krum picks one update, an honest one (the global step is exactly that hospital's); FedYogi
+    steps no coordinate further than server-eta."""
     hospitals = {"honest-a": None, "honest-b": None, "mallory": "scale:100"}
     runs = {}
     with P.cluster(tmp_path) as c:
@@ -151,11 +149,9 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
         moved[strategy] = {k: saved[k].astype(np.float64) - start[k] for k in trained}
         if strategy == "krum":
             assert any(step == pytest.approx(h, rel=1e-4) for h in honest), (step, honest)  # one honest hospital's update
-        if strategy in ("fedyogi", "fedadagrad"):
+        if strategy == "fedyogi":
             assert max(float(np.abs(d).max()) for d in moved[strategy].values()) <= 1.0001e-6, strategy
         if strategy == "median-cosine":  # each update's cosine with the others' median, in the record and the log
             assert sorted(record["update_norms"]["cosines"]) == sorted(hospitals)
             assert all(-1 <= c <= 1 for c in record["update_norms"]["cosines"].values())
             assert "ssl round 1: median-cosine: cosine to the others' median update honest-a " in stdout
-    for k in trained:  # fedtrimmedavg at 0.34 of three replies is the median: the same global model
-        np.testing.assert_allclose(moved["fedtrimmedavg"][k], moved["fedmedian"][k], rtol=0, atol=1e-6)

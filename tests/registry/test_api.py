@@ -114,10 +114,21 @@ def test_openapi_documents_every_route_including_v2_infer(registry):
     assert "/v2/models/{name}/ready" in paths and "/v1/models/{name}/versions" in paths
 
 
+@pytest.fixture(scope="module")
+def refusing_registry(tmp_path_factory):
+    """One registry for every bad-input case: each must leave it as it found it (model `clf`, no
+    version), which each case asserts, so they can share one server instead of starting eleven."""
+    from tests.support import processes as P
+
+    work = tmp_path_factory.mktemp("refusing-registry")
+    with P.cluster(work) as c:
+        yield P.start_registry(c, work / "data")
+
+
 @pytest.mark.parametrize("case", ["bad_name", "dup", "bad_task", "unknown_model", "unknown_version", "malformed_json",
                                   "not_safetensors", "wrong_shape", "pickle", "wrong_content_type", "bad_metadata"])
-def test_bad_inputs_get_exact_errors(registry, weights_blob, case):
-    with registry.client() as http:
+def test_bad_inputs_get_exact_errors(refusing_registry, weights_blob, case):
+    with refusing_registry.client() as http:
         http.post("/v1/models", json=model_body())
         if case == "bad_name":
             r = http.post("/v1/models", json={**model_body(), "name": "../etc"})
@@ -162,6 +173,7 @@ def test_bad_inputs_get_exact_errors(registry, weights_blob, case):
             r = upload(http, "clf", weights_blob, {"lineage": "not an object"})
             assert r.status_code == 400 and r.json()["error"].startswith("metadata is not valid: lineage:")
         assert [v["version"] for v in http.get("/v1/models/clf/versions").json()["versions"]] == []  # nothing half-created
+        assert [m["name"] for m in http.get("/v1/models").json()["models"]] == ["clf"]
 
 
 def test_refuses_to_start_without_a_token(tmp_path):
