@@ -28,11 +28,11 @@ def pytest_configure(config):
 # Seconds each of the longest test modules takes on the 2-core machine (setup + call, summed
 # over its tests; `./scripts/test.sh --durations=0`, 2026-12-06). Only their order matters.
 LONGEST_MODULES = {
-    "tests/flower/test_attack.py": 160, "tests/flower/test_faults.py": 195, "tests/flower/test_secure_aggregation.py": 172,
-    "tests/flower/test_superlink_faults.py": 156, "tests/registry/test_dashboard.py": 134, "tests/test_deploy_local.py": 124,
-    "tests/flower/test_integration.py": 102, "tests/bench/test_quality.py": 101, "tests/test_deploy_local_folders.py": 86,
-    "tests/flower/test_superlink_proxy.py": 85, "tests/deploy/test_chart.py": 77, "tests/flower/test_generate_run.py": 60,
-    "tests/registry/test_api.py": 43, "tests/bench/test_generative_bench.py": 39,
+    "tests/flower/test_faults.py": 199, "tests/flower/test_secure_aggregation.py": 146, "tests/flower/test_attack.py": 144,
+    "tests/flower/test_superlink_faults.py": 142, "tests/registry/test_dashboard.py": 107, "tests/test_deploy_local.py": 95,
+    "tests/flower/test_integration.py": 85, "tests/test_deploy_local_folders.py": 80, "tests/bench/test_quality.py": 72,
+    "tests/flower/test_generate_run.py": 57, "tests/flower/test_superlink_proxy.py": 55, "tests/deploy/test_chart.py": 50,
+    "tests/bench/test_generative_bench.py": 38, "tests/registry/test_durability.py": 30, "tests/registry/test_api.py": 29,
 }
 
 
