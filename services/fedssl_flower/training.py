@@ -21,10 +21,10 @@ from fedssl_core.models import FedSSLModel, check_tta, combine_views, tta_views
 
 from .errors import ConfigError
 from .metrics import classification_metrics
-from .ssl.losses import NTXentLoss
+from . import ssl as ssl_methods
 from .ssl.transforms import SimCLRTransform, normalize, rotate_batch
 
-_TASK_HEAD = {names.SSL_SIMCLR: names.GROUP_PROJECTION_HEAD, names.SSL_ROTATION: names.GROUP_ROTATION_HEAD}
+_TASK_HEAD = {task: method.head for task, method in ssl_methods.METHODS.items()}
 # share=encoder-and-heads: every SSL task head travels with the encoder, so hospitals running
 # the same task train their encoders against one averaged head rather than each against its
 # own; a hospital returns the heads of the other tasks unchanged.
@@ -254,7 +254,7 @@ def train_ssl(
     colour_jitter: float = 0.4,
     batchnorm: str = names.SSL_BATCHNORM_ADAPT,
 ) -> dict:
-    """Self-supervised training on unlabelled uint8 `images` with `task` (simclr | rotation).
+    """Self-supervised training on unlabelled uint8 `images` with `task` (`ssl_methods.METHODS`: simclr | rotation).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
     adds FedProx's `proximal_term` toward the shared groups' values at the start (the
     reported loss stays the SSL loss alone). `colour_jitter`: SimCLR's brightness, contrast
@@ -271,23 +271,12 @@ def train_ssl(
     reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
-    criterion = NTXentLoss(temperature)
-    transform = SimCLRTransform(brightness=colour_jitter, contrast=colour_jitter, saturation=colour_jitter,
-                                mean=model.mean, std=model.std)
+    method = ssl_methods.build(task, model, temperature=temperature, colour_jitter=colour_jitter)
     total, batches = 0.0, 0
     _channels_last(model, True)
     for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
         _set_lr(optimizer, schedule.lr_at(step))
-        batch = images[idx]
-        if task == names.SSL_SIMCLR:
-            v1, v2 = transform(batch, g)
-            views = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
-            z = model.projection_head(model.encoder(views))
-            loss = criterion(z[: len(idx)], z[len(idx) :])
-        else:
-            rotated, k = rotate_batch(batch, g)
-            x = normalize(rotated, model.mean, model.std).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model.rotation_head(model.encoder(x)), k)
+        loss = method.loss(model, images[idx], g)
         optimizer.zero_grad(set_to_none=True)
         (loss if reference is None else loss + proximal_term(model, reference, proximal_mu)).backward()
         optimizer.step()

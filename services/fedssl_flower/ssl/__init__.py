@@ -1,1 +1,32 @@
-"""Self-supervised learning pieces: losses and multi-view transforms (lightly's split)."""
+"""Self-supervised methods, lightly's split: each method is a file with its loss and views
+(`simclr.py`, `rotation.py`), built on the losses and multi-view transforms here, and one line in
+METHODS. A method names the model's head it trains (`head`, a parameter group of
+`fedssl_core.models.FedSSLModel`, where a new method's head goes) and gives one batch's loss
+(`loss(model, uint8 batch, generator)`); `training.train_ssl` runs the steps for every method."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from fedssl_core.models import FedSSLModel
+
+from .rotation import Rotation
+from .simclr import SimCLR
+
+
+class SSLMethod(Protocol):
+    task: str
+    head: str
+
+    def loss(self, model: FedSSLModel, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor: ...
+
+
+METHODS: dict[str, type] = {SimCLR.task: SimCLR, Rotation.task: Rotation}  # in the order of names.SSL_TASKS
+
+
+def build(task: str, model: FedSSLModel, **options: object) -> SSLMethod:
+    """The method of ssl-task `task` for `model`; `options` (temperature, colour_jitter) go to
+    the methods that take them."""
+    return METHODS[task](model, **options)
