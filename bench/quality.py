@@ -423,6 +423,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     tail: list[dict[str, torch.Tensor]] = []  # the last `tail_average` global fine-tuning states
     bn_keys = {k for k in state if k.rpartition(".")[0] in training.encoder_batchnorms(server)} if fedbn else set()
     started: set[int] = set()  # --fedbn: hospitals that have trained once (and keep their BatchNorm layers from then on)
+    bn_images = None  # --bn-diagnostic: the pooled training images, built at the first fine-tuning round
     trained_in: set[tuple[str, int]] = set()  # (phase, hospital): --moon-mu needs a previous local model of the phase
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
@@ -497,7 +498,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 if len(tail) > 1:
                     curve[-1]["tail_average"] = {"rounds": len(tail), **headline(scores(averaged_model(server, tail), test, tta=cfg.test_time_augmentation))}
             if bn_diagnostic:  # the same model with BatchNorm statistics recomputed over every site's images
-                curve[-1]["bn_recomputed"] = bn_recomputed_scores(server, pooled_data(ssl_sites).train_images, test, cfg)
+                if bn_images is None:  # every site's training images, concatenated once for the whole run
+                    bn_images = pooled_data(ssl_sites).train_images
+                curve[-1]["bn_recomputed"] = bn_recomputed_scores(server, bn_images, test, cfg)
             if fedbn:
                 curve[-1]["personalised"] = personalised_scores(hospitals, fedbn, cfg)
                 print(f"    fedbn: personalised models {curve[-1]['personalised'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)

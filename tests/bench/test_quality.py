@@ -280,6 +280,22 @@ def test_fedbn_hospitals_keep_their_batchnorm_layers_and_load_everything_else(mo
         assert not all(torch.equal(state[k], mine[k]) for k in bn if k.endswith("running_mean"))  # trained since its start
 
 
+def test_bn_diagnostic_scores_every_round_with_statistics_recomputed_over_every_sites_images(monkeypatch):
+    """--bn-diagnostic: each fine-tuning round is also scored with BatchNorm statistics
+    recomputed over the pooled training images, built once for the run."""
+    from bench import quality
+    from fedssl_core import names
+
+    sites, cfg = _two_tiny_sites()
+    pooled = quality.pooled_data(sites)
+    built, real_pooled = [], quality.pooled_data
+    monkeypatch.setattr(quality, "pooled_data", lambda s, *a: built.append(len(s)) or real_pooled(s, *a))
+    out = quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, bn_diagnostic=True)
+    assert [c["round"] for c in out["curve"]] == [1, 2]
+    assert all(0.0 <= c["bn_recomputed"]["balanced_accuracy"] <= 1.0 for c in out["curve"])
+    assert built == [2]  # the pooled images once, not once a round
+
+
 def test_moon_contrasts_each_hospital_with_its_own_previous_local_encoder_from_round_two(monkeypatch):
     """--moon-mu: round 1 trains without the term (no previous local model yet); from round 2 on a
     hospital's term holds the round's global encoder and its own encoder as its last round left it."""
