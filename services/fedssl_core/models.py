@@ -50,7 +50,47 @@ def build_encoder(arch: str = names.ARCH_RESNET18, pretrained: bool = False) -> 
     backbone = factory(weights=weights if pretrained else None)
     feature_dim = backbone.fc.in_features
     backbone.fc = nn.Identity()
+    for stage in _RESNET_STAGES:  # same modules and state-dict keys, checkpointable
+        setattr(backbone, stage, CheckpointedStage(*getattr(backbone, stage)))
     return backbone, feature_dim
+
+
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class CheckpointedStage(nn.Sequential):
+    """A ResNet stage (`nn.Sequential` of blocks, same state-dict keys) whose blocks, with
+    `grad_checkpointing` on, keep only their inputs and recompute their forward pass during
+    backward instead of keeping their activations: timm's `set_grad_checkpointing` for
+    torchvision's ResNets (`set_activation_checkpointing`)."""
+
+    grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return super().forward(x)
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def set_activation_checkpointing(encoder: nn.Module, on: bool) -> None:
+    """Activation checkpointing of `encoder`'s blocks (a `build_encoder` encoder): training
+    keeps each block's input instead of every activation inside it and recomputes the block's
+    forward pass during backward. About half the activation memory of a training step, for
+    one more forward pass of the blocks. The recomputation runs in train mode, so BatchNorm
+    layers update their running statistics a second time: `training` puts them back."""
+    if hasattr(encoder, "set_grad_checkpointing"):  # timm (EfficientNet-Lite0)
+        encoder.set_grad_checkpointing(on)
+        return
+    stages = [m for m in encoder.modules() if isinstance(m, CheckpointedStage)]
+    if not stages:
+        raise ConfigError(f"activation checkpointing: {type(encoder).__name__} is not an encoder of build_encoder "
+                          f"({', '.join(names.ARCHITECTURES)})")
+    for stage in stages:
+        stage.grad_checkpointing = on
 
 
 def lite0_key(key: str) -> str:

@@ -71,6 +71,11 @@ class RunConfig:
     # SSL rounds: adapt (the encoder's BatchNorm running statistics follow the SimCLR/rotation
     # views) | frozen (they keep the values they came with, and normalise with them)
     ssl_batchnorm: str = "adapt"
+    # Training steps (both phases, when the encoder trains) keep each encoder block's input
+    # instead of all its activations and recompute the block during backward: the same steps,
+    # bit for bit, with a lower memory peak per hospital, for 35-50 % more time per step on CPU
+    # (docs/benchmarks.md, bench/memory.py).
+    activation_checkpointing: bool = True
     # task=generate: rounds, and each hospital's generator/discriminator steps per round (batches
     # of batch-size images at image-size, which must be 32 or 64); Adam learning rates (beta1 = 0);
     # the generator's latent size and width (its last block's channels; the discriminator's first);

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedssl_core import names
-from fedssl_core.models import FedSSLModel, check_tta, combine_views, tta_views
+from fedssl_core.models import FedSSLModel, check_tta, combine_views, set_activation_checkpointing, tta_views
 
 from .errors import ConfigError
 from .metrics import classification_metrics
@@ -231,6 +231,35 @@ def encoder_batchnorms(model: FedSSLModel) -> dict[str, nn.modules.batchnorm._Ba
     return {f"encoder.{n}": m for n, m in model.encoder.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
+class _Checkpointing:
+    """Activation checkpointing of a training loop's encoder (`set_activation_checkpointing`)
+    as a context: on inside, off after (evaluation and the next round see a plain model).
+    Its `backward` puts the encoder's BatchNorm running statistics back as the forward pass
+    left them, since the blocks' recomputation during backward runs in train mode and would
+    update them a second time: the step is the plain step's, with about half its activation
+    memory. Off (`on` false): a plain `loss.backward()`."""
+
+    def __init__(self, model: FedSSLModel, on: bool) -> None:
+        self.model, self.on = model, on
+        self.batchnorms = list(encoder_batchnorms(model).values()) if on else []
+
+    def __enter__(self) -> "_Checkpointing":
+        if self.on:
+            set_activation_checkpointing(self.model.encoder, True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            set_activation_checkpointing(self.model.encoder, False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        saved = [(b, b.clone()) for m in self.batchnorms for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                 if b is not None]
+        loss.backward()
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
 def _channels_last(model: nn.Module, on: bool) -> None:
     """Convolutions run ~1.4x faster on CPU in channels-last layout; state dicts leave in the
     default layout so serialisation sees ordinary contiguous tensors."""
@@ -253,6 +282,7 @@ def train_ssl(
     proximal_mu: float = 0.0,
     colour_jitter: float = 0.4,
     batchnorm: str = names.SSL_BATCHNORM_ADAPT,
+    checkpointing: bool = False,
 ) -> dict:
     """Self-supervised training on unlabelled uint8 `images` with `task` (`ssl_methods.METHODS`: simclr | rotation).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
@@ -260,7 +290,9 @@ def train_ssl(
     reported loss stays the SSL loss alone). `colour_jitter`: SimCLR's brightness, contrast
     and saturation jitter strength (0 = none). `batchnorm`: `adapt` (the encoder's BatchNorm
     running statistics follow the augmented views) or `frozen` (they stay as they came, the
-    layers normalising with them: an ImageNet start keeps the statistics its weights expect)."""
+    layers normalising with them: an ImageNet start keeps the statistics its weights expect).
+    `checkpointing`: activation checkpointing of the encoder when it trains (`_Checkpointing`:
+    the same steps with about half the activation memory, for one more forward pass)."""
     _check(batchnorm, names.SSL_BATCHNORM, "ssl-batchnorm")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
@@ -274,14 +306,15 @@ def train_ssl(
     method = ssl_methods.build(task, model, temperature=temperature, colour_jitter=colour_jitter)
     total, batches = 0.0, 0
     _channels_last(model, True)
-    for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
-        _set_lr(optimizer, schedule.lr_at(step))
-        loss = method.loss(model, images[idx], g)
-        optimizer.zero_grad(set_to_none=True)
-        (loss if reference is None else loss + proximal_term(model, reference, proximal_mu)).backward()
-        optimizer.step()
-        total += float(loss.detach())
-        batches += 1
+    with _Checkpointing(model, checkpointing and names.GROUP_ENCODER in groups) as steps:
+        for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
+            _set_lr(optimizer, schedule.lr_at(step))
+            loss = method.loss(model, images[idx], g)
+            optimizer.zero_grad(set_to_none=True)
+            steps.backward(loss if reference is None else loss + proximal_term(model, reference, proximal_mu))
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
     _channels_last(model, False)
     mean = total / batches if batches else float("nan")
     return {names.M_LOSS: mean, names.ssl_loss_key(task): mean, names.M_EXAMPLES: int(len(images))}
@@ -329,6 +362,7 @@ def train_supervised(
     proximal_mu: float = 0.0,
     augment: str = names.AUGMENT_FLIPS,
     contrast: Contrast | None = None,
+    checkpointing: bool = False,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -344,7 +378,8 @@ def train_supervised(
     start (the reported loss stays the task loss alone).
     `augment` (full mode): `names.AUGMENTS`, what each fine-tuning batch goes through.
     `contrast` (full mode): MOON's model-contrastive term (`Contrast.term`) is added to every
-    batch's loss (the reported loss stays the task loss alone)."""
+    batch's loss (the reported loss stays the task loss alone).
+    `checkpointing` (full mode): activation checkpointing of the encoder (`_Checkpointing`)."""
     _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
     _check(augment, names.AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
@@ -384,21 +419,22 @@ def train_supervised(
         _channels_last(model, True)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if drift is not None else []
         grad_sums = {n: torch.zeros_like(p) for n, p in named}
-        for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
-            _set_lr(optimizer, schedule.lr_at(step))
-            x = supervised_view(images[idx], augment, g, model.mean, model.std).contiguous(memory_format=torch.channels_last)
-            features = model.encoder(x)
-            value = objective(model.classifier(features), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            (with_proximal(value) + (contrast.term(features, x) if contrast is not None else 0)).backward()
-            for n, p in named:
-                if p.grad is not None:
-                    grad_sums[n] += p.grad
-                    if n in drift.get("correction", {}):
-                        p.grad += drift["correction"][n]
-            optimizer.step()
-            total += float(value.detach())
-            batches += 1
+        with _Checkpointing(model, checkpointing) as steps:
+            for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
+                _set_lr(optimizer, schedule.lr_at(step))
+                x = supervised_view(images[idx], augment, g, model.mean, model.std).contiguous(memory_format=torch.channels_last)
+                features = model.encoder(x)
+                value = objective(model.classifier(features), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                steps.backward(with_proximal(value) + (contrast.term(features, x) if contrast is not None else 0))
+                for n, p in named:
+                    if p.grad is not None:
+                        grad_sums[n] += p.grad
+                        if n in drift.get("correction", {}):
+                            p.grad += drift["correction"][n]
+                optimizer.step()
+                total += float(value.detach())
+                batches += 1
         _channels_last(model, False)
         if drift is not None and batches:
             drift["gradients"] = {n: t / batches for n, t in grad_sums.items()}

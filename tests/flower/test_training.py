@@ -337,3 +337,55 @@ def test_hospitals_score_a_classifier_as_it_is_served_with_test_time_augmentatio
     assert plain[names.M_NLL_BY_TEMPERATURE] == pytest.approx(
         [float(torch.nn.functional.cross_entropy(logits / t, labels)) for t in grid], rel=1e-5)
     assert plain[names.M_BALANCED_ACCURACY] != out[names.M_BALANCED_ACCURACY] or plain[names.M_LOSS] != pytest.approx(out[names.M_LOSS])
+
+
+def _block_calls(model):
+    """Counts runs of the forward pass of the encoder's first checkpointed block (timm's first
+    block, a ResNet's layer1.0), recomputations included (module hooks do not see those)."""
+    encoder = model.encoder
+    block = encoder.blocks[0][0] if hasattr(encoder, "blocks") else encoder.layer1[0]
+    calls, forward = [0], block.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    block.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("arch", [names.ARCH_EFFICIENTNET_LITE0, names.ARCH_RESNET18])
+def test_activation_checkpointing_takes_the_plain_steps_bit_for_bit_with_batchnorm_statistics_updated_once(data, arch):
+    """activation-checkpointing: each block's forward pass runs again during backward (in train
+    mode, which would move BatchNorm's running statistics a second time); the weights, the
+    statistics and the losses come out identical to plain training, in both phases, and the
+    model is left without checkpointing."""
+    images, labels = data.train_images[:24], data.train_labels[:24]
+    results, states, calls = {}, {}, {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = FedSSLModel(arch, num_classes=7)
+        calls[on] = _block_calls(model)
+        ssl = training.train_ssl(model, images, names.SSL_SIMCLR, batch_size=12, checkpointing=on)
+        ssl_calls = calls[on][0]
+        ft = training.train_supervised(model, images, labels, batch_size=12, mode=names.FINETUNE_FULL, checkpointing=on)
+        results[on], states[on] = (ssl[names.M_LOSS], ft[names.M_LOSS]), model.state_dict()
+        counter, calls[on] = calls[on], (ssl_calls, calls[on][0] - ssl_calls)
+        model.train()(training.normalize(images[:2], model.mean, model.std)).sum().backward()
+        assert counter[0] == sum(calls[on]) + 1, "the encoder was left checkpointing"  # a plain step runs the block once
+    # 2 steps a phase (24 images, batches of 12), each recomputed once with checkpointing
+    assert calls[False] == (2, 2) and calls[True] == (4, 4), calls
+    assert results[True] == results[False]
+    assert states[True].keys() == states[False].keys()
+    assert all(torch.equal(states[True][k], states[False][k]) for k in states[False])  # weights, running statistics, counters
+
+
+def test_activation_checkpointing_is_ignored_where_the_encoder_does_not_train(data):
+    torch.manual_seed(0)
+    model = FedSSLModel(num_classes=7)
+    counter = _block_calls(model)
+    before = snapshot(model.encoder)
+    training.train_ssl(model, data.train_images[:16], names.SSL_SIMCLR, batch_size=8, share="projection-head", checkpointing=True)
+    training.train_supervised(model, data.train_images[:16], data.train_labels[:16], mode="linear", checkpointing=True)
+    assert counter[0] == 2 + 1  # 2 SimCLR steps (both views in one forward), the probe's features in one batch: nothing recomputed
+    assert all(torch.equal(before[k], model.encoder.state_dict()[k]) for k in before)
