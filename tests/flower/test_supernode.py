@@ -1,7 +1,11 @@
 """fedssl-supernode's own decisions (the federation tests run it for real: every SuperNode in
 them is a fedssl-supernode whose ClientApp tasks are forked by fedssl_flower.warm_exec)."""
 
+import os
+import re
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from flwr.supercore.constant import TaskType
@@ -44,3 +48,74 @@ def test_help_and_an_explicit_isolation_run_flowers_supernode_unchanged():
     out = subprocess.run([str(P.VENV_BIN / "fedssl-supernode"), "--help"], env=P.base_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "usage: flower-supernode" in out.stdout
+
+
+def test_the_warm_superexec_freezes_what_it_preloaded_so_a_forked_tasks_collections_skip_it():
+    """gc.freeze before forking: a task's garbage collections leave the preloaded objects (and
+    the pages they sit on, shared with the SuperExec) alone, while its own objects are collected."""
+    script = """
+import gc, os, sys
+from fedssl_flower import warm_exec
+warm_exec.preload(("numpy",))
+import numpy
+assert id(numpy.__dict__) in {id(o) for o in gc.get_objects()}  # tracked before
+frozen = warm_exec.freeze_preloaded()
+assert frozen > 1000 and gc.get_count()[2] == 0, (frozen, gc.get_count())
+pid = os.fork()
+if pid == 0:
+    gc.collect()
+    tracked = {id(o) for o in gc.get_objects()}
+    mine = [[]]
+    ok = id(numpy.__dict__) not in tracked and id(mine) in {id(o) for o in gc.get_objects()}
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("frozen", frozen, "child", os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", script], env=P.base_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("child 0"), out.stdout
+
+
+def test_malloc_arenas_are_limited_unless_the_operator_chose():
+    assert supernode.superexec_env({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_ARENA_MAX": "2"}
+    assert supernode.superexec_env({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+    assert supernode.limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"}) is False  # the operator's value stands
+    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", "from fedssl_flower import supernode; "
+                          "print(supernode.limit_malloc_arenas({}))"], env=P.base_env(), capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr  # glibc here: mallopt accepted the limit
+
+
+def test_a_real_supernodes_warm_superexec_runs_with_two_malloc_arenas_and_its_preload_frozen(tmp_path):
+    """fedssl-supernode (its SuperLink need not exist yet: it keeps trying) starts the warm
+    SuperExec with MALLOC_ARENA_MAX=2 in its environment, and the SuperExec freezes what it
+    preloaded before it serves a task."""
+    c = P.Cluster(tmp_path)
+    try:
+        node = P.start_supernode(c, P.free_port(), "node", P.node_config(hospital="h"))
+        deadline = time.monotonic() + 240
+        while "objects frozen for the tasks to share" not in node.text():
+            assert node.popen.poll() is None and time.monotonic() < deadline, node.text()[-3000:]
+            time.sleep(0.2)
+        superexecs = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                      if _parent(pid) == node.popen.pid and b"fedssl_flower.warm_exec" in _cmdline(pid)]
+        assert len(superexecs) == 1, node.text()[-3000:]
+        environ = Path(f"/proc/{superexecs[0]}/environ").read_bytes().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=2" in environ
+        frozen = re.search(r"\((\d+) objects frozen", node.text())
+        assert frozen and int(frozen.group(1)) > 100_000  # torch, torchvision, timm and Flower's objects
+    finally:
+        c.close()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
