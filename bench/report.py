@@ -161,24 +161,26 @@ def communication(q: dict, out: Path) -> None:
 
 
 def scaling(s: dict, out: Path) -> None:
-    print("| hospitals | round (s, median) | train exchange (s) | evaluation exchange (s) | peak RSS per SuperNode + ClientApp (MB) | SuperNode idle (MB) | SuperLink + ServerApp peak (MB) | replies lost, sent again |")
+    print("| hospitals | round (s, median) | train exchange (s) | evaluation exchange (s) | peak per SuperNode tree, PSS mean (max) / RSS mean (MB) | SuperNode idle (MB) | SuperLink + ServerApp peak (MB) | replies lost, sent again |")
     print("|---|---|---|---|---|---|---|---|")
     for r in s["results"]:
         last = r["rounds"][-1]
         print(f"| {r['hospitals']} | {r['round_seconds_median']:.1f} | {last['train_seconds']:.1f} | {last['evaluate_seconds']:.1f} | "
-              f"{r['supernode_peak_rss_mb_mean']:.0f} (max {r['supernode_peak_rss_mb_max']:.0f}) | {r['supernode_idle_rss_mb']:.0f} | "
-              f"{r['superlink_peak_rss_mb']:.0f} | {r.get('lost_replies', 0)} |")
+              f"{r['supernode_peak_pss_mb_mean']:.0f} ({r['supernode_peak_pss_mb_max']:.0f}) / {r['supernode_peak_rss_mb_mean']:.0f} | "
+              f"{r['supernode_idle_rss_mb']:.0f} | {r['superlink_peak_rss_mb']:.0f} | {r.get('lost_replies', 0)} |")
     print()
     n = [r["hospitals"] for r in s["results"]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     a1.plot(n, [r["round_seconds_median"] for r in s["results"]], marker="o")
     a1.set_xlabel("hospitals (SuperNodes on one 2-core machine)")
     a1.set_ylabel("round wall time (s)")
-    a2.plot(n, [r["supernode_peak_rss_mb_mean"] for r in s["results"]], marker="o", label="SuperNode + ClientApp, peak")
-    a2.plot(n, [r["superlink_peak_rss_mb"] for r in s["results"]], marker="s", label="SuperLink + ServerApp, peak")
+    a2.plot(n, [r["supernode_peak_pss_mb_mean"] for r in s["results"]], marker="o", label="SuperNode tree, peak PSS (mean)")
+    a2.plot(n, [r["supernode_peak_pss_mb_max"] for r in s["results"]], marker="v", label="SuperNode tree, peak PSS (largest)")
+    a2.plot(n, [r["superlink_peak_rss_mb"] for r in s["results"]], marker="s", label="SuperLink + ServerApp, peak RSS")
+    a2.axhline(1000, color="grey", linestyle=":", linewidth=1, label="1 GB per SuperNode (issue 18)")
     a2.set_xlabel("hospitals")
-    a2.set_ylabel("resident memory (MB)")
-    a2.legend(fontsize=8)
+    a2.set_ylabel("memory (MB)")
+    a2.legend(fontsize=7)
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xticks(n, [str(x) for x in n])

@@ -10,7 +10,7 @@ every 0.2 s), and of the SuperLink with its ServerApp.
 Every hospital's ClientApp is its own process importing PyTorch; on 2 cores N of them
 start, train and evaluate concurrently, so the round time mostly measures that.
 
-    .venv/bin/python -m bench.scaling [--hospitals 2,4,8,16] [--rounds 2] [--max-images 64]
+    .venv/bin/python -m bench.scaling [--hospitals 2,4,8,16] [--rounds 2] [--max-images 64] [--run-config K=V ...]
 
 Prints a table and writes JSON (default bench/results/scaling.json). Numbers are reported,
 never asserted.
@@ -123,7 +123,8 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
             t0 = time.perf_counter()
             result = P.submit(port, work, f"ssl-rounds={args.rounds}", "finetune-rounds=0", f"image-size={args.image_size}",
                               f"batch-size={args.batch_size}", f"min-hospitals={max(1, round(n * args.min_fraction))}", "local-baseline=false",
-                              f"probe-epochs={args.probe_epochs}", f"round-timeout={args.round_timeout}", timeout=3600)
+                              f"probe-epochs={args.probe_epochs}", f"round-timeout={args.round_timeout}", *args.run_config,
+                              timeout=3600)
             wall = time.perf_counter() - t0
         if result.returncode != 0:
             raise SystemExit(f"the run with {n} hospitals failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}\n{c.logs()[-5000:]}")
@@ -163,8 +164,13 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="keep the results for other hospital counts already in --out")
     ap.add_argument("--round-timeout", type=float, default=300.0,
                     help="seconds before the aggregator sends a lost message again (run config round-timeout)")
+    ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more run config for the runs, e.g. activation-checkpointing=false")
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
     args = ap.parse_args()
+    for item in args.run_config:
+        if "=" not in item:
+            raise SystemExit(f"--run-config {item!r}: expected KEY=VALUE")
     try:
         counts = [int(x) for x in args.hospitals.split(",") if x.strip()]
     except ValueError:
