@@ -74,6 +74,9 @@ class TreeMemory:
         self.roots, self.interval = roots, interval
         self.peak = {name: 0 for name in roots}
         self.peak_pss = {name: 0 for name in roots}
+        # at each tree's PSS peak: the PSS of its root, of the root's children and of theirs (a
+        # SuperNode, its warm SuperExec, the ClientApp tasks running then)
+        self.peak_pss_parts: dict[str, list[list[int]]] = {name: [] for name in roots}
         self.idle = {name: _rss(pid) for name, pid in roots.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -86,7 +89,12 @@ class TreeMemory:
             kids = _children()
             for name, pid in self.roots.items():
                 self.peak[name] = max(self.peak[name], self._tree(pid, kids))
-                self.peak_pss[name] = max(self.peak_pss[name], self._tree(pid, kids, _pss))
+                levels, level = [], [pid]
+                while level:
+                    levels.append([_pss(p) for p in level])
+                    level = [k for p in level for k in kids.get(p, [])]
+                if sum(map(sum, levels)) > self.peak_pss[name]:
+                    self.peak_pss[name], self.peak_pss_parts[name] = sum(map(sum, levels)), levels
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -146,6 +154,11 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
         "supernode_peak_rss_mb_max": max(node_peaks) / 2**20,
         "supernode_peak_pss_mb_mean": statistics.mean(node_pss) / 2**20,
         "supernode_peak_pss_mb_max": max(node_pss) / 2**20,
+        "supernode_peak_pss_mb": sorted(round(v / 2**20) for v in node_pss),
+        # the largest tree at its peak: MB of the SuperNode, of its children (the warm SuperExec),
+        # of theirs (ClientApp tasks)
+        "supernode_peak_pss_parts_largest_mb": [[round(v / 2**20) for v in level] for level in max(
+            (parts for k, parts in mem.peak_pss_parts.items() if k != "superlink"), key=lambda parts: sum(map(sum, parts)))],
         "superlink_peak_rss_mb": mem.peak["superlink"] / 2**20,
     }
 
