@@ -236,8 +236,8 @@ class _Checkpointing:
     as a context: on inside, off after (evaluation and the next round see a plain model).
     Its `backward` puts the encoder's BatchNorm running statistics back as the forward pass
     left them, since the blocks' recomputation during backward runs in train mode and would
-    update them a second time: the step is the plain step's, with about half its activation
-    memory. Off (`on` false): a plain `loss.backward()`."""
+    update them a second time: the step is the plain step's, with a lower memory peak. Off
+    (`on` false): a plain `loss.backward()`."""
 
     def __init__(self, model: FedSSLModel, on: bool) -> None:
         self.model, self.on = model, on
@@ -292,7 +292,7 @@ def train_ssl(
     running statistics follow the augmented views) or `frozen` (they stay as they came, the
     layers normalising with them: an ImageNet start keeps the statistics its weights expect).
     `checkpointing`: activation checkpointing of the encoder when it trains (`_Checkpointing`:
-    the same steps with about half the activation memory, for one more forward pass)."""
+    the same steps with a lower memory peak, for one more forward pass of the encoder's blocks)."""
     _check(batchnorm, names.SSL_BATCHNORM, "ssl-batchnorm")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
