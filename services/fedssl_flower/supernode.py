@@ -162,8 +162,8 @@ def limit_malloc_arenas(environ=os.environ) -> bool:
     """Limits this process's glibc malloc to `MALLOC_ARENAS` arenas from now on, unless the
     operator set `MALLOC_ARENA_MAX` (glibc read it at start). Each thread that allocates (the
     SuperNode's gRPC threads, each holding messages of the model's size) otherwise gets an
-    arena of its own, up to 8 per core, that keeps what it freed: with this process and its
-    SuperExec limited, a hospital's peak was 4 % lower at 16 hospitals (docs/benchmarks.md).
+    arena of its own, up to 8 per core, that keeps what it freed; the saving measured here is
+    small, a few tens of MB per hospital at most (docs/benchmarks.md).
     False where the C library is not glibc (no arenas to limit)."""
     if "MALLOC_ARENA_MAX" in environ:
         return False
