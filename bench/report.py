@@ -161,12 +161,12 @@ def communication(q: dict, out: Path) -> None:
 
 
 def scaling(s: dict, out: Path) -> None:
-    print("| hospitals | round (s, median) | train exchange (s) | evaluation exchange (s) | peak per SuperNode tree, PSS mean (max) / RSS mean (MB) | SuperNode idle (MB) | SuperLink + ServerApp peak (MB) | replies lost, sent again |")
+    print("| hospitals | round (s, median) | train exchange (s) | evaluation exchange (s) | peak per SuperNode tree, PSS: largest (mean) / RSS mean (MB) | SuperNode idle (MB) | SuperLink + ServerApp peak (MB) | replies lost, sent again |")
     print("|---|---|---|---|---|---|---|---|")
     for r in s["results"]:
         last = r["rounds"][-1]
         print(f"| {r['hospitals']} | {r['round_seconds_median']:.1f} | {last['train_seconds']:.1f} | {last['evaluate_seconds']:.1f} | "
-              f"{r['supernode_peak_pss_mb_mean']:.0f} ({r['supernode_peak_pss_mb_max']:.0f}) / {r['supernode_peak_rss_mb_mean']:.0f} | "
+              f"{r['supernode_peak_pss_mb_max']:.0f} ({r['supernode_peak_pss_mb_mean']:.0f}) / {r['supernode_peak_rss_mb_mean']:.0f} | "
               f"{r['supernode_idle_rss_mb']:.0f} | {r['superlink_peak_rss_mb']:.0f} | {r.get('lost_replies', 0)} |")
     print()
     n = [r["hospitals"] for r in s["results"]]
