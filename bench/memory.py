@@ -8,6 +8,7 @@ with its ClientApp.
 
     python -m bench.memory                                # bench/scaling.py's hospitals: 64 px, batch 32
     python -m bench.memory --image-size 96 --batch-size 64  # the shipped recipe's fine-tuning rounds
+    python -m bench.memory --env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 --label jemalloc  # another allocator
 
 ~1-2 minutes on one core. Each (variant, phase) runs in a fresh process, so the allocator
 caches of one do not hide another's peak. Results go into bench/results/memory.json under the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -49,7 +51,8 @@ def probe(checkpointing: bool, phase: str, image_size: int, batch_size: int, ste
     """In this process: the preload, the model, then one round of `phase`."""
     from fedssl_flower.warm_exec import PRELOAD
 
-    out = {"start": anonymous_mb(), "imports": {}}
+    out = {"start": anonymous_mb(), "imports": {},
+           "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}}
     for name in PRELOAD:
         importlib.import_module(name)
         out["imports"][name] = anonymous_mb()
@@ -105,8 +108,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory.json")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in the probes' environment, e.g. an allocator: LD_PRELOAD=/path/libjemalloc.so.2 "
+                         "or MALLOC_MMAP_THRESHOLD_=131072 (repeatable; recorded, and the result is stored under --label)")
+    ap.add_argument("--label", default="", help="appended to the result's key (image size and batch size)")
     ap.add_argument("--child", nargs=2, metavar=("VARIANT", "PHASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    env = dict(os.environ)
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            ap.error(f"--env {item!r}: expected KEY=VALUE")
+        if name == "LD_PRELOAD" and not Path(value).is_file():
+            ap.error(f"--env LD_PRELOAD={value}: no such library")
+        env[name] = value
     if args.image_size < 16 or args.batch_size < 2 or args.steps < 1:
         ap.error(f"--image-size must be >= 16, --batch-size >= 2 and --steps >= 1; got {args.image_size}, "
                  f"{args.batch_size}, {args.steps}")
@@ -119,7 +134,7 @@ def main() -> None:
         for variant in VARIANTS:
             proc = subprocess.run([sys.executable, "-m", "bench.memory", "--child", variant, phase, "--image-size",
                                    str(args.image_size), "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-                                  cwd=REPO, capture_output=True, text=True)
+                                  cwd=REPO, capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"bench.memory: the {variant} {phase} probe failed:\n{proc.stderr[-4000:]}")
             r = results.setdefault(variant, {})[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -129,12 +144,13 @@ def main() -> None:
                   f"model {r['model'] - r['app_modules']:.0f}, the round's peak +{r['round_peak'] - r['model']:.0f} MB "
                   f"(resident high-water mark +{r['round_hwm_growth']:.0f}), peak {r['round_peak']:.0f} MB anonymous; "
                   f"{r['step_seconds']:.2f} s a step", flush=True)
-    key = f"{args.image_size}px-batch{args.batch_size}"
+    key = f"{args.image_size}px-batch{args.batch_size}" + (f"-{args.label}" if args.label else "")
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     doc = doc if "configs" in doc else {}  # an older single-config file is replaced
     doc["machine"] = {"python": platform.python_version()}
     doc.setdefault("configs", {})[key] = {"image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
-                                          "command": "python -m bench.memory " + " ".join(sys.argv[1:]), "mb": results}
+                                          "env": args.env, "command": "python -m bench.memory " + " ".join(sys.argv[1:]),
+                                          "mb": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out} ({key})")

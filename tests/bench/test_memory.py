@@ -8,9 +8,9 @@ import sys
 from tests.conftest import REPO_ROOT
 
 
-def run(out, size, batch):
+def run(out, size, batch, *more):
     proc = subprocess.run([sys.executable, "-m", "bench.memory", "--image-size", str(size), "--batch-size", str(batch),
-                           "--steps", "1", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                           "--steps", "1", "--out", str(out), *more], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -19,9 +19,12 @@ def test_memory_bench_records_every_stage_of_both_variants_and_keeps_other_sizes
     out = tmp_path / "memory.json"
     proc = run(out, 16, 4)
     assert "finetune checkpointing: preload" in proc.stdout and f"wrote {out} (16px-batch4)" in proc.stdout
-    run(out, 24, 2)  # a second size joins the first
+    run(out, 24, 2, "--env", "MALLOC_ARENA_MAX=1", "--label", "one-arena")  # a second size, another allocator set-up, joins
     result = json.loads(out.read_text())
-    assert set(result["configs"]) == {"16px-batch4", "24px-batch2"}
+    assert set(result["configs"]) == {"16px-batch4", "24px-batch2-one-arena"}
+    labelled = result["configs"]["24px-batch2-one-arena"]
+    assert labelled["env"] == ["MALLOC_ARENA_MAX=1"]
+    assert all(r["allocator_env"].get("MALLOC_ARENA_MAX") == "1" for phases in labelled["mb"].values() for r in phases.values())
     config = result["configs"]["16px-batch4"]
     assert (config["image_size"], config["batch_size"], config["steps"]) == (16, 4, 1)
     assert set(config["mb"]) == {"plain", "checkpointing"}
@@ -36,7 +39,9 @@ def test_memory_bench_records_every_stage_of_both_variants_and_keeps_other_sizes
             assert r["round_seconds"] > 0 and r["step_seconds"] > 0 and r["round_peak"] >= max(r["model"], r["after_round"]) - 1, (variant, phase)
 
 
-def test_memory_bench_refuses_sizes_it_cannot_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.memory", "--batch-size", "1", "--out", str(tmp_path / "m.json")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--batch-size >= 2" in proc.stderr and not (tmp_path / "m.json").exists()
+def test_memory_bench_refuses_sizes_it_cannot_run_and_a_library_that_is_not_there(tmp_path):
+    for args, error in ((["--batch-size", "1"], "--batch-size >= 2"), (["--env", "MALLOC_ARENA_MAX"], "expected KEY=VALUE"),
+                        (["--env", f"LD_PRELOAD={tmp_path}/none.so"], "no such library")):
+        proc = subprocess.run([sys.executable, "-m", "bench.memory", *args, "--out", str(tmp_path / "m.json")],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and error in proc.stderr and not (tmp_path / "m.json").exists(), args
