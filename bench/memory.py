@@ -14,8 +14,10 @@ with its ClientApp.
 caches of one do not hide another's peak. Results go into bench/results/memory.json under the
 image size and batch size (other sizes already there are kept). Read from /proc/self (Linux):
 anonymous memory from smaps_rollup, during a round sampled every 10 ms by a thread for its
-peak, then two more rounds unsampled for the time a step takes; the growth of resident memory's high-water mark (VmHWM) is recorded beside it (it also
-counts library code paged in by the first step, pages shared with every other process)."""
+peak, then two more rounds unsampled for the time a step takes. The growth of resident
+memory's high-water mark (VmHWM) is recorded beside it (it also counts library code paged in
+by the first step, pages shared with every other process). `--env KEY=VALUE --label L` runs
+the probes under another allocator set-up and stores the result under its own key."""
 
 from __future__ import annotations
 
