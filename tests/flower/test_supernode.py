@@ -1,7 +1,6 @@
 """fedssl-supernode's own decisions (the federation tests run it for real: every SuperNode in
 them is a fedssl-supernode whose ClientApp tasks are forked by fedssl_flower.warm_exec)."""
 
-import os
 import re
 import subprocess
 import time
@@ -11,7 +10,7 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
 
-from fedssl_flower import supernode, warm_exec
+from fedssl_flower import superlink, supernode, warm_exec
 from tests.support import processes as P
 
 
@@ -96,8 +95,7 @@ def test_a_real_supernodes_warm_superexec_runs_with_two_malloc_arenas_and_its_pr
         while "objects frozen for the tasks to share" not in node.text():
             assert node.popen.poll() is None and time.monotonic() < deadline, node.text()[-3000:]
             time.sleep(0.2)
-        superexecs = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                      if _parent(pid) == node.popen.pid and b"fedssl_flower.warm_exec" in _cmdline(pid)]
+        superexecs = [pid for pid, cmd in superlink._descendants(node.popen.pid).items() if "fedssl_flower.warm_exec" in cmd]
         assert len(superexecs) == 1, node.text()[-3000:]
         environ = Path(f"/proc/{superexecs[0]}/environ").read_bytes().split(b"\0")
         assert b"MALLOC_ARENA_MAX=2" in environ
@@ -106,16 +104,3 @@ def test_a_real_supernodes_warm_superexec_runs_with_two_malloc_arenas_and_its_pr
     finally:
         c.close()
 
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
