@@ -81,20 +81,24 @@ class TreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _tree(self, pid: int, kids: dict[int, list[int]], size=_rss) -> int:
-        return size(pid) + sum(self._tree(k, kids, size) for k in kids.get(pid, []))
+    @staticmethod
+    def _levels(pid: int, kids: dict[int, list[int]]) -> list[list[int]]:
+        """The pids of the tree under `pid`, level by level (the root first)."""
+        levels, level = [], [pid]
+        while level:
+            levels.append(level)
+            level = [k for p in level for k in kids.get(p, [])]
+        return levels
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             kids = _children()
             for name, pid in self.roots.items():
-                self.peak[name] = max(self.peak[name], self._tree(pid, kids))
-                levels, level = [], [pid]
-                while level:
-                    levels.append([_pss(p) for p in level])
-                    level = [k for p in level for k in kids.get(p, [])]
-                if sum(map(sum, levels)) > self.peak_pss[name]:
-                    self.peak_pss[name], self.peak_pss_parts[name] = sum(map(sum, levels)), levels
+                levels = self._levels(pid, kids)
+                self.peak[name] = max(self.peak[name], sum(_rss(p) for level in levels for p in level))
+                pss = [[_pss(p) for p in level] for level in levels]
+                if (total := sum(map(sum, pss))) > self.peak_pss[name]:
+                    self.peak_pss[name], self.peak_pss_parts[name] = total, pss
 
     def __enter__(self) -> Self:
         self._thread.start()
