@@ -365,12 +365,12 @@ def test_activation_checkpointing_takes_the_plain_steps_bit_for_bit_with_batchno
     for on in (False, True):
         torch.manual_seed(0)
         model = FedSSLModel(arch, num_classes=7)
-        calls[on] = _block_calls(model)
+        counter = _block_calls(model)
         ssl = training.train_ssl(model, images, names.SSL_SIMCLR, batch_size=12, checkpointing=on)
-        ssl_calls = calls[on][0]
+        ssl_calls = counter[0]
         ft = training.train_supervised(model, images, labels, batch_size=12, mode=names.FINETUNE_FULL, checkpointing=on)
         results[on], states[on] = (ssl[names.M_LOSS], ft[names.M_LOSS]), model.state_dict()
-        counter, calls[on] = calls[on], (ssl_calls, calls[on][0] - ssl_calls)
+        calls[on] = (ssl_calls, counter[0] - ssl_calls)
         model.train()(training.normalize(images[:2], model.mean, model.std)).sum().backward()
         assert counter[0] == sum(calls[on]) + 1, "the encoder was left checkpointing"  # a plain step runs the block once
     # 2 steps a phase (24 images, batches of 12), each recomputed once with checkpointing
