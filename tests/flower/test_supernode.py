@@ -10,7 +10,7 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
 
-from fedssl_flower import superlink, supernode, warm_exec
+from fedssl_flower import allocator, superlink, supernode, warm_exec
 from tests.support import processes as P
 
 
@@ -75,32 +75,44 @@ print("frozen", frozen, "child", os.waitstatus_to_exitcode(status))
     assert out.stdout.strip().endswith("child 0"), out.stdout
 
 
-def test_malloc_arenas_are_limited_unless_the_operator_chose():
-    assert supernode.superexec_env({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_ARENA_MAX": "2"}
-    assert supernode.superexec_env({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
-    assert supernode.limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"}) is False  # the operator's value stands
-    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", "from fedssl_flower import supernode; "
-                          "print(supernode.limit_malloc_arenas({}))"], env=P.base_env(), capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "True", out.stderr  # glibc here: mallopt accepted the limit
+def _warm_superexec(node: P.Proc) -> tuple[int, str]:
+    """The pid of the warm SuperExec a real fedssl-supernode started, once it has frozen its
+    preload (its SuperLink need not exist: the SuperNode keeps trying), and the log so far."""
+    deadline = time.monotonic() + 240
+    while "objects frozen for the tasks to share" not in node.text():
+        assert node.popen.poll() is None and time.monotonic() < deadline, node.text()[-3000:]
+        time.sleep(0.2)
+    superexecs = [pid for pid, cmd in superlink._descendants(node.popen.pid).items() if "fedssl_flower.warm_exec" in cmd]
+    assert len(superexecs) == 1, node.text()[-3000:]
+    return superexecs[0], node.text()
 
 
-def test_a_real_supernodes_warm_superexec_runs_with_two_malloc_arenas_and_its_preload_frozen(tmp_path):
-    """fedssl-supernode (its SuperLink need not exist yet: it keeps trying) starts the warm
-    SuperExec with MALLOC_ARENA_MAX=2 in its environment, and the SuperExec freezes what it
-    preloaded before it serves a task."""
+def test_a_real_supernodes_warm_superexec_allocates_with_jemalloc_and_its_preload_frozen(tmp_path):
+    """fedssl-supernode starts the warm SuperExec with jemalloc preloaded (scripts/bootstrap.sh
+    installs it into the virtualenv) and configured, the SuperExec says so from inside (jemalloc's
+    own `mallctl` is what its process resolves), and it freezes what it preloaded before it
+    serves a task."""
     c = P.Cluster(tmp_path)
     try:
         node = P.start_supernode(c, P.free_port(), "node", P.node_config(hospital="h"))
-        deadline = time.monotonic() + 240
-        while "objects frozen for the tasks to share" not in node.text():
-            assert node.popen.poll() is None and time.monotonic() < deadline, node.text()[-3000:]
-            time.sleep(0.2)
-        superexecs = [pid for pid, cmd in superlink._descendants(node.popen.pid).items() if "fedssl_flower.warm_exec" in cmd]
-        assert len(superexecs) == 1, node.text()[-3000:]
-        environ = Path(f"/proc/{superexecs[0]}/environ").read_bytes().split(b"\0")
-        assert b"MALLOC_ARENA_MAX=2" in environ
-        frozen = re.search(r"\((\d+) objects frozen", node.text())
+        pid, log = _warm_superexec(node)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"LD_PRELOAD={P.VENV_BIN.parent / 'lib' / 'libjemalloc.so.2'}".encode() in environ
+        assert f"MALLOC_CONF={allocator.JEMALLOC_CONF}".encode() in environ
+        assert "libjemalloc.so.2" in Path(f"/proc/{pid}/maps").read_text()
+        assert f"allocator: jemalloc, MALLOC_CONF={allocator.JEMALLOC_CONF})" in log
+        assert "glibc" not in log  # no warning that it fell back
+        frozen = re.search(r"\((\d+) objects frozen", log)
         assert frozen and int(frozen.group(1)) > 100_000  # torch, torchvision, timm and Flower's objects
     finally:
         c.close()
 
+
+def test_a_real_supernode_asked_for_a_missing_jemalloc_stops_and_names_it(tmp_path):
+    missing = tmp_path / "nowhere" / "libjemalloc.so.2"
+    out = subprocess.run([str(P.VENV_BIN / "fedssl-supernode"), "--insecure", "--superlink", "127.0.0.1:1"],
+                         env=P.base_env(FEDSSL_CLIENTAPP_ALLOCATOR="jemalloc", FEDSSL_JEMALLOC_PATH=str(missing)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"FEDSSL_JEMALLOC_PATH='{missing}': no such file; expected the path of libjemalloc.so.2" in out.stderr
+    assert "warm_exec" not in out.stderr  # nothing was started

@@ -168,11 +168,12 @@ def node_config(**values) -> str:
     return " ".join(parts)
 
 
-def start_supernode(c: Cluster, superlink_port: int, name: str, config: str, *, warm: bool = True) -> Proc:
-    """fedssl-supernode; `warm=False`: Flower's own per-message `flwr-clientapp` processes."""
+def start_supernode(c: Cluster, superlink_port: int, name: str, config: str, *, warm: bool = True, **env: str) -> Proc:
+    """fedssl-supernode; `warm=False`: Flower's own per-message `flwr-clientapp` processes;
+    `env`: more environment (e.g. FEDSSL_CLIENTAPP_ALLOCATOR)."""
     return c.spawn(name, [str(VENV_BIN / "fedssl-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
                           "--port", str(free_port()), "--node-config", config],
-                   base_env(FLWR_HOME=str(c.workdir / f"flwr-{name}"), FEDSSL_WARM_CLIENTAPP=str(warm).lower()))
+                   base_env(FLWR_HOME=str(c.workdir / f"flwr-{name}"), FEDSSL_WARM_CLIENTAPP=str(warm).lower(), **env))
 
 
 def start_ham_hospitals(c: Cluster, superlink_port: int, data_dir: Path, cache_dir: Path, attacks: dict[str, str | None],
