@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Self
 
+from fedssl_core import names
+from fedssl_flower import allocator
 from tests.support import processes as P
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +131,8 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
             cfg = {"hospital": f"hospital-{i:02d}", "ssl-task": ("simclr", "rotation")[i % 2], "data-path": str(args.data),
                    "partition-id": i, "num-partitions": n, "max-images": args.max_images, "cache-dir": str(cache_dir),
                    "threads": 1}
-            nodes[f"hospital-{i:02d}"] = P.start_supernode(c, port, f"node-{i}", P.node_config(**cfg)).popen.pid
+            nodes[f"hospital-{i:02d}"] = P.start_supernode(c, port, f"node-{i}", P.node_config(**cfg),
+                                                           FEDSSL_CLIENTAPP_ALLOCATOR=args.clientapp_allocator).popen.pid
         _wait_for_nodes(work, n)
         with TreeMemory({"superlink": link.popen.pid, **nodes}) as mem:
             t0 = time.perf_counter()
@@ -147,6 +150,7 @@ def one(args, n: int, work: Path, cache_dir: Path) -> dict:
     node_idle = [v for k, v in mem.idle.items() if k != "superlink"]
     return {
         "hospitals": n,
+        "clientapp_allocator": args.allocator.describe(),
         "wall_seconds": wall,
         "rounds": [{"round": r["round"], "seconds": r["duration_seconds"], **r["timing"], "failed_hospitals": r["failed_hospitals"],
                     "bytes_sent": r["bytes_sent"], "bytes_received": r["bytes_received"]} for r in rounds],
@@ -183,8 +187,14 @@ def main() -> None:
                     help="seconds before the aggregator sends a lost message again (run config round-timeout)")
     ap.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more run config for the runs, e.g. activation-checkpointing=false")
+    ap.add_argument("--clientapp-allocator", choices=allocator.CHOICES, default="auto",
+                    help="the SuperNodes' FEDSSL_CLIENTAPP_ALLOCATOR (auto: jemalloc where installed)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
     args = ap.parse_args()
+    try:
+        args.allocator = allocator.choose({names.ENV_CLIENTAPP_ALLOCATOR: args.clientapp_allocator})
+    except allocator.AllocatorError as exc:
+        raise SystemExit(f"--clientapp-allocator: {exc}") from None
     for item in args.run_config:
         if "=" not in item:
             raise SystemExit(f"--run-config {item!r}: expected KEY=VALUE")
@@ -203,7 +213,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
-            print(f"{n} hospitals, {args.rounds} SSL rounds ...", flush=True)
+            print(f"{n} hospitals, {args.rounds} SSL rounds, ClientApps with {args.allocator.describe()} ...", flush=True)
             r = one(args, n, Path(tmp) / f"n{n}", Path(tmp) / "cache")
             r["min_hospitals"] = max(1, round(n * args.min_fraction))
             results = sorted([*results, r], key=lambda x: x["hospitals"])
@@ -213,7 +223,7 @@ def main() -> None:
                   f"{r['lost_replies']} lost repl(ies) sent again", flush=True)
             out = {
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "append"},
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("append", "allocator")},
                 "results": results,
                 "note": "ClientApps run with threads=1 node config; RSS counts shared library pages in every process, "
                         "PSS splits them among the processes sharing them (a SuperNode's tree: fedssl-supernode, its warm "

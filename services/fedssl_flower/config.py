@@ -73,7 +73,7 @@ class RunConfig:
     ssl_batchnorm: str = "adapt"
     # Training steps (both phases, when the encoder trains) keep each encoder block's input
     # instead of all its activations and recompute the block during backward: the same steps,
-    # bit for bit, with a lower memory peak per hospital, for 35-50 % more time per step on CPU
+    # bit for bit, with a lower memory peak per hospital, for 25-50 % more time per step on CPU
     # (docs/benchmarks.md, bench/memory.py).
     activation_checkpointing: bool = True
     # task=generate: rounds, and each hospital's generator/discriminator steps per round (batches
