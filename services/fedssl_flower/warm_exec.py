@@ -11,12 +11,14 @@ so each message still gets a process of its own that exits when its task ends (p
 isolation, memory given back, a crash contained), minus the imports.
 
 Nothing computes in this process before it forks (no tensor op, so no OpenMP pool to
-inherit), and the app's own modules are not preloaded: each task imports the code of the
-FAB it runs. The preloaded objects are moved out of the garbage collector's reach
-(`freeze_preloaded`), so a full collection in a task does not write to every page they sit
-on, which would copy them out of what the task shares with this process (~100 MB, measured
-with a collection forced at the task's start; the short tasks of `bench/scaling.py` happen to
-run none, and their peak is the same either way). Started by `fedssl-supernode`.
+inherit), and the app's own modules are not preloaded (but for `fedssl_flower.allocator` and
+`fedssl_core.names`, small modules that import only the standard library, for the start line
+to say which allocator this process runs with): each task imports the app's code itself.
+The preloaded objects are moved out of the garbage collector's reach (`freeze_preloaded`),
+so a full collection in a task does not write to every page they sit on, which would copy
+them out of what the task shares with this process (~100 MB, measured with a collection
+forced at the task's start; the short tasks of `bench/scaling.py` happen to run none, and
+their peak is the same either way). Started by `fedssl-supernode`.
 
     python -m fedssl_flower.warm_exec --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid PID]
 """
