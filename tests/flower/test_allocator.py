@@ -11,11 +11,16 @@ from tests.support import processes as P
 JEMALLOC = P.VENV_BIN.parent / "lib" / "libjemalloc.so.2"  # where scripts/bootstrap.sh puts it
 
 
-def _active(env: dict[str, str]) -> str:
-    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", "from fedssl_flower import allocator; print(allocator.active())"],
+def _in_python(env: dict[str, str], call: str) -> str:
+    """What `allocator.<call>` prints in a fresh Python started with `env`."""
+    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", f"from fedssl_flower import allocator; print(allocator.{call})"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
+
+
+def _active(env: dict[str, str]) -> str:
+    return _in_python(env, "active()")
 
 
 def test_auto_finds_the_bootstrapped_jemalloc_and_a_process_with_its_environment_allocates_with_it():
@@ -36,12 +41,8 @@ def test_glibc_limits_the_arenas_unless_the_operator_chose():
     assert chosen.environ({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_ARENA_MAX": "2"}
     assert chosen.environ({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
     assert allocator.limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"}) is False
-    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", "from fedssl_flower import allocator; print(allocator.limit_malloc_arenas({}))"],
-                         env=P.base_env(), capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "True", out.stderr  # glibc here: mallopt accepted the limit
-    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", "from fedssl_flower import allocator; print(allocator.limit_malloc_arenas({}))"],
-                         env=P.base_env(LD_PRELOAD=str(JEMALLOC)), capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "False", out.stderr  # jemalloc has no glibc arenas to limit
+    assert _in_python(P.base_env(), "limit_malloc_arenas({})") == "True"  # glibc here: mallopt accepted the limit
+    assert _in_python(P.base_env(LD_PRELOAD=str(JEMALLOC)), "limit_malloc_arenas({})") == "False"  # jemalloc: no glibc arenas
 
 
 def test_auto_without_jemalloc_says_why_and_jemalloc_without_it_is_an_error(tmp_path, monkeypatch):
