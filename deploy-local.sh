@@ -6,7 +6,7 @@
 #   ./deploy-local.sh up [--preset default|quality|generate] [--hospitals N] [--rounds N] [--finetune-rounds N]
 #                        [--image-size PX] [--local-steps N] [--data auto|synthetic|PATH|kaggle:SLUG] [--max-images N]
 #                        [--partition SCHEME] [--dirichlet-alpha A] [--label-map MAP] [--class-names a,b,...]
-#                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation[,...]] [--register-local-models]
+#                        [--round-timeout SECONDS] [--ssl-tasks simclr|rotation|micle[,...]] [--register-local-models]
 #                        [--run-config "KEY=VALUE KEY=VALUE ..."]
 #     --data PATH is one of (it says which it found, and what each hospital holds, before training):
 #       the Kaggle HAM10000 layout     split into --hospitals N by --partition site|lesion|dirichlet;
@@ -196,7 +196,7 @@ cmd_up() {
   while [ $# -gt 0 ]; do
     case "$1" in
       --preset) preset="${2:?--preset needs default, quality or generate}"; shift 2 ;;
-      --ssl-tasks) ssl_tasks="${2:?--ssl-tasks needs a comma list of simclr and rotation}"; shift 2 ;;
+      --ssl-tasks) ssl_tasks="${2:?--ssl-tasks needs a comma list of simclr, rotation and micle}"; shift 2 ;;
       --local-steps) local_steps="${2:?--local-steps needs a number}"; shift 2 ;;
       --hospitals) hospitals="${2:?--hospitals needs a number}"; shift 2 ;;
       --rounds) rounds="${2:?--rounds needs a number}"; shift 2 ;;
@@ -241,9 +241,9 @@ cmd_up() {
   is_int "$max_images" || die "--max-images must be a whole number (0 = all), got '$max_images'"
   local TASKS t
   IFS=, read -r -a TASKS <<<"$ssl_tasks"
-  [ "${#TASKS[@]}" -ge 1 ] || die "--ssl-tasks needs at least one of simclr, rotation"
+  [ "${#TASKS[@]}" -ge 1 ] || die "--ssl-tasks needs at least one of simclr, rotation, micle"
   for t in "${TASKS[@]}"; do
-    case "$t" in simclr|rotation) ;; *) die "--ssl-tasks: unknown SSL task '$t' (expected simclr or rotation, comma-separated; hospitals take them in turn)" ;; esac
+    case "$t" in simclr|rotation|micle) ;; *) die "--ssl-tasks: unknown SSL task '$t' (expected simclr, rotation or micle, comma-separated; hospitals take them in turn)" ;; esac
   done
   { is_int "$round_timeout" && [ "$round_timeout" -ge 1 ]; } || die "--round-timeout must be a whole number of seconds >= 1, got '$round_timeout'"
 

@@ -361,7 +361,7 @@ def wire(arrays: dict[str, np.ndarray], encoding: str) -> tuple[dict[str, np.nda
 
 
 def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: HospitalData, val: HospitalData,
-             cfg: RunConfig, task: str, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
+             cfg: RunConfig, task: str | dict[str, str], bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
              tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
              fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5)) -> dict:
@@ -451,7 +451,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if scaffold and phase == names.PHASE_FINETUNE:
                 mine = controls[i]
                 drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
-            m = local.train_round(model, site, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu, contrast)
+            site_task = task.get(site.hospital, task[""]) if isinstance(task, dict) else task
+            m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu, contrast)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -589,13 +590,30 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
     return out
 
 
+def ssl_task_spec(text: str) -> dict[str, str]:
+    """`--ssl-task`: "TASK[,SITE=TASK...]" as {"": TASK, SITE: TASK}."""
+    first, *rest = [part.strip() for part in text.split(",")]
+    out = {"": first}
+    for part in rest:
+        site, eq, task = part.partition("=")
+        if not eq or not site:
+            raise ValueError(f"{part!r}: expected SITE=TASK after the first task")
+        out[site] = task
+    for site, task in out.items():
+        if task not in names.SSL_TASKS:
+            raise ValueError(f"{(site + '=') if site else ''}{task}: expected one of {', '.join(names.SSL_TASKS)}")
+    return out
+
+
 def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[HospitalData], test: HospitalData,
             base: RunConfig, bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
-            fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5)) -> dict:
+            fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
+            ssl_task: dict[str, str] | None = None) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
+    ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
     cfg = dataclasses.replace(base, seed=seed)
     val = pooled_data(vals, "pooled-val")
     labelled = [keep_labels(s, fraction, seed) for s in sites]
@@ -605,7 +623,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     cfg = dataclasses.replace(cfg, **variant)
     t0 = time.perf_counter()
     if arm == "ssl-probe":
-        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), names.SSL_SIMCLR,
+        out = federate(sites, labelled, test, val, dataclasses.replace(cfg, finetune_rounds=0), ssl_task,
                        attack=attack, attacker=attacker)
         out["test"] = out.pop("ssl_probe_test")
     elif arm == "probes":
@@ -616,15 +634,15 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out[f"probe_{name}"] = {"val": probe(model, pooled, val, cfg), "test": probe(model, pooled, test, cfg)}
         out["test"] = out["probe_start"]["test"]
     elif arm == "pooled":
-        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites), tta)
+        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, ssl_task[""], cfg.local_steps * len(sites), tta)
     elif arm == "local":
-        per_site = {s.hospital: centralised(s, ls, test, val, cfg, names.SSL_SIMCLR, cfg.local_steps * len(sites))
+        per_site = {s.hospital: centralised(s, ls, test, val, cfg, ssl_task.get(s.hospital, ssl_task[""]), cfg.local_steps * len(sites))
                     for s, ls in zip(sites, labelled)}
         out = {"sites": per_site,
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
-        out = federate(sites, labelled, test, val, cfg, names.SSL_SIMCLR, bn_diagnostic, scaffold, fedprox_mu, tail_average,
+        out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon)
         if moon[0]:
             out["moon"] = {"mu": moon[0], "temperature": moon[1]}
@@ -634,6 +652,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out["aggregation_weights"] = "uniform"
     if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
+    if cfg.ssl_rounds and arm not in ("probes",):
+        out["ssl_task"] = ssl_task[""] if arm == "pooled" else {s.hospital: ssl_task.get(s.hospital, ssl_task[""]) for s in sites}
     if arm in FEDERATED_ARMS + ("ssl-probe",):
         out["strategy"] = {"name": cfg.strategy, **aggregation.parameters(cfg)}
         if attack.active:
@@ -758,6 +778,10 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=25, help="batches per site per round (the budget)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="SSL learning rate")
+    ap.add_argument("--ssl-task", default=names.SSL_SIMCLR,
+                    help="the hospitals' SSL task (node config ssl-task: simclr, rotation or micle, which pairs two images "
+                         "of one lesion), then SITE=TASK for a site of its own: micle,vidir_molemax=simclr (that site "
+                         "has one image per lesion); pooled training takes the first")
     ap.add_argument("--ssl-colour-jitter", type=float, default=RunConfig.ssl_colour_jitter,
                     help="SimCLR views' brightness/contrast/saturation jitter strength (run config ssl-colour-jitter; 0 = none)")
     ap.add_argument("--ssl-batchnorm", default=names.SSL_BATCHNORM_ADAPT, choices=names.SSL_BATCHNORM,
@@ -847,6 +871,10 @@ def main() -> None:
                     help="federated arms: FedBABU, the classifier stays at its random start; only the encoder is trained")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
+    try:
+        ssl_tasks = ssl_task_spec(args.ssl_task)
+    except ValueError as e:
+        raise SystemExit(f"--ssl-task {args.ssl_task!r}: {e}") from None
     specs = [a.strip() for a in args.arms.split(",") if a.strip()]
     for spec in specs:
         arm, _, frac = spec.partition("@")
@@ -934,6 +962,9 @@ def main() -> None:
     carved = [carve_validation(s, args.val_fraction) for s in full]
     sites, vals = [c[0] for c in carved], [c[1] for c in carved]
     test = pooled_data(full, "pooled-test") if args.eval == "test" else pooled_data(vals, "pooled-val")
+    unknown = [site for site in ssl_tasks if site and site not in [s.hospital for s in full]]
+    if unknown:
+        raise SystemExit(f"--ssl-task: {', '.join(unknown)} is not one of the hospitals: {', '.join(s.hospital for s in full)}")
     if args.exclude_site:
         if args.exclude_site not in [s.hospital for s in full]:
             raise SystemExit(f"--exclude-site {args.exclude_site!r} is not one of the hospitals: {', '.join(s.hospital for s in full)}")
@@ -955,7 +986,8 @@ def main() -> None:
             print(f"{spec} (seed {seed}, eval {args.eval}) ...", flush=True)
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
-                        site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature))
+                        site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature),
+                        ssl_tasks)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

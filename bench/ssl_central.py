@@ -59,6 +59,39 @@ def probe(model, train: HospitalData, val: HospitalData) -> dict:
     return out
 
 
+class DCLLoss(torch.nn.Module):
+    """The decoupled contrastive loss (Yeh et al., ECCV 2022): NT-Xent with the positive pair
+    left out of the denominator, which removes the negative-positive coupling that makes
+    NT-Xent slow at small batches."""
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        n = z1.shape[0]
+        z = F.normalize(torch.cat([z1, z2]), dim=1)
+        sim = z @ z.T / self.temperature
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+        positive = sim[torch.arange(2 * n), partner]
+        mask = torch.eye(2 * n, dtype=torch.bool)
+        mask[torch.arange(2 * n), partner] = True
+        negatives = torch.logsumexp(sim.masked_fill(mask, float("-inf")), dim=1)
+        return (negatives - positive).mean()
+
+
+def lesion_partners(groups: list[str]) -> list[list[int]]:
+    """For each training image, the other training images of its lesion (empty when it has none)."""
+    by_group: dict[str, list[int]] = {}
+    for i, grp in enumerate(groups):
+        by_group.setdefault(grp, []).append(i)
+    return [[j for j in by_group[grp] if j != i] for i, grp in enumerate(groups)]
+
+
+def pick(partners: list[int], i: int, g: torch.Generator) -> int:
+    return partners[int(torch.randint(0, len(partners), (1,), generator=g))] if partners else i
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ham10000")
@@ -72,6 +105,12 @@ def main() -> None:
     ap.add_argument("--crop-min", type=float, default=0.3, help="smallest random-resized-crop area")
     ap.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     ap.add_argument("--recompute-bn", action="store_true", help="also probe with BatchNorm statistics recomputed on clean images")
+    ap.add_argument("--positives", default="views", choices=("views", "lesion"),
+                    help="a positive pair: two views of one image (SimCLR), or of two images of one lesion where the "
+                         "lesion has several (MICLe, Azizi et al. 2021; one image's two views otherwise)")
+    ap.add_argument("--loss", default="ntxent", choices=("ntxent", "dcl"),
+                    help="NT-Xent, or the decoupled contrastive loss (Yeh et al. 2022: the positive left out of the denominator)")
+    ap.add_argument("--freeze-bn", action="store_true", help="the encoder's BatchNorm statistics stay as they start (ssl-batchnorm = frozen)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -99,20 +138,30 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
+    partners = lesion_partners(train.train_groups)
+    result["multi_image_fraction"] = float(sum(len(p) > 0 for p in partners) / len(partners))
     record(0, None)
     params = list(model.encoder.parameters()) + list(model.projection_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    criterion = NTXentLoss(args.temperature)
+    criterion = NTXentLoss(args.temperature) if args.loss == "ntxent" else DCLLoss(args.temperature)
     transform = SimCLRTransform(crop_scale=(args.crop_min, 1.0), brightness=args.jitter, contrast=args.jitter,
                                 saturation=args.jitter, mean=model.mean, std=model.std)
     g = torch.Generator().manual_seed(0)
     model.train()
+    if args.freeze_bn:
+        for layer in training.encoder_batchnorms(model).values():
+            layer.eval()
     total, t0 = 0.0, time.time()
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         idx = torch.randint(0, len(train.train_images), (64,), generator=g)
-        v1, v2 = transform(train.train_images[idx], g)
+        if args.positives == "lesion":
+            other = torch.tensor([pick(partners[i], i, g) for i in idx.tolist()])
+            v1, _ = transform(train.train_images[idx], g)
+            _, v2 = transform(train.train_images[other], g)
+        else:
+            v1, v2 = transform(train.train_images[idx], g)
         z = model.projection_head(model.encoder(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)))
         loss = criterion(z[:64], z[64:])
         optimizer.zero_grad()

@@ -20,7 +20,8 @@ RUN_TASKS = (RUN_DIAGNOSIS, RUN_GENERATE)
 # --- Self-supervised tasks a hospital can run (node config `ssl-task`) ----------------
 SSL_SIMCLR = "simclr"
 SSL_ROTATION = "rotation"
-SSL_TASKS = (SSL_SIMCLR, SSL_ROTATION)
+SSL_MICLE = "micle"  # SimCLR with two images of one lesion as a positive pair (needs lesion/patient groups)
+SSL_TASKS = (SSL_SIMCLR, SSL_ROTATION, SSL_MICLE)
 
 # --- Allowed values of the run config's training keys -----------------------------------
 # What the SSL rounds share (`share`): the encoder (task heads stay at each hospital), the

@@ -43,6 +43,7 @@ from .attack import Attack, hospital_name, misbehave, node_attack
 from .config import RunConfig
 from .data import HospitalData, cache, load_hospital_data
 from .errors import ConfigError
+from .ssl import micle
 
 log = logging.getLogger("fedssl.hospital")
 
@@ -70,6 +71,8 @@ def _setup(context: Context) -> tuple[RunConfig, str, str, HospitalData]:
     name, task = _hospital(context)
     _attack(context)  # a bad value fails at start-up (describe), not in a round
     data = load_hospital_data(context.node_config, cfg.image_size, cfg.seed)
+    if task == names.SSL_MICLE and cfg.ssl_rounds:
+        micle.require_pairs(data.train_groups, f"hospital {name}")  # at start-up (describe), not in a round
     return cfg, name, task, data
 
 

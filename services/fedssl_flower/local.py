@@ -54,6 +54,7 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
             model, data.train_images, task, batch_size=cfg.batch_size, share=cfg.share, seed=seed,
             schedule=schedule(cfg, phase, rnd, n, cfg.lr), weight_decay=cfg.weight_decay, proximal_mu=proximal_mu,
             colour_jitter=cfg.ssl_colour_jitter, batchnorm=cfg.ssl_batchnorm, checkpointing=cfg.activation_checkpointing,
+            lesions=data.train_groups,
         )
     lr = cfg.probe_lr if cfg.finetune_mode == names.FINETUNE_LINEAR else (cfg.finetune_lr or cfg.lr)
     if cfg.head_warmup_epochs and rnd == 1 and cfg.finetune_mode == names.FINETUNE_FULL:

@@ -24,7 +24,7 @@ AGGREGATED = "aggregated"
 
 CSV_COLUMNS = [
     "phase", "round", "hospital", names.M_EXAMPLES, names.M_LOSS,
-    names.ssl_loss_key(names.SSL_SIMCLR), names.ssl_loss_key(names.SSL_ROTATION), names.M_FINETUNE_LOSS,
+    *(names.ssl_loss_key(task) for task in names.SSL_TASKS), names.M_FINETUNE_LOSS,
     names.M_ACCURACY, names.M_BALANCED_ACCURACY, names.M_MACRO_AUC, names.M_TEST_EXAMPLES,
     names.LOCAL_ONLY_PREFIX + names.M_ACCURACY, names.LOCAL_ONLY_PREFIX + names.M_BALANCED_ACCURACY,
     names.LOCAL_ONLY_PREFIX + names.M_MACRO_AUC, "duration_seconds", "bytes_sent", "bytes_received",

@@ -8,7 +8,7 @@ Images arrive as uint8 (N, 3, S, S) tensors and are augmented/normalised per bat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,8 +283,10 @@ def train_ssl(
     colour_jitter: float = 0.4,
     batchnorm: str = names.SSL_BATCHNORM_ADAPT,
     checkpointing: bool = False,
+    lesions: Sequence[str] = (),
 ) -> dict:
-    """Self-supervised training on unlabelled uint8 `images` with `task` (`ssl_methods.METHODS`: simclr | rotation).
+    """Self-supervised training on unlabelled uint8 `images` with `task` (`ssl_methods.METHODS`:
+    simclr | rotation | micle; `lesions`, the lesion or patient of each image, pairs MICLe's images).
     `schedule` (steps, learning-rate schedule) overrides `epochs` and `lr`. `proximal_mu` > 0
     adds FedProx's `proximal_term` toward the shared groups' values at the start (the
     reported loss stays the SSL loss alone). `colour_jitter`: SimCLR's brightness, contrast
@@ -303,13 +305,13 @@ def train_ssl(
     reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
-    method = ssl_methods.build(task, model, temperature=temperature, colour_jitter=colour_jitter)
+    method = ssl_methods.build(task, model, temperature=temperature, colour_jitter=colour_jitter, groups=lesions)
     total, batches = 0.0, 0
     _channels_last(model, True)
     with _Checkpointing(model, checkpointing and names.GROUP_ENCODER in groups) as steps:
         for step, idx in enumerate(schedule.batches(len(images), batch_size, g, min_size=2)):
             _set_lr(optimizer, schedule.lr_at(step))
-            loss = method.loss(model, images[idx], g)
+            loss = method.loss(model, method.batch(images, idx, g), g)
             optimizer.zero_grad(set_to_none=True)
             steps.backward(loss if reference is None else loss + proximal_term(model, reference, proximal_mu))
             optimizer.step()

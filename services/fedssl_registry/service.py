@@ -33,7 +33,7 @@ from .storage import ArtifactStore
 log = logging.getLogger("fedssl.registry")
 
 ROUND_CSV_SCALARS = (
-    "examples", "loss", "ssl_loss_simclr", "ssl_loss_rotation", "finetune_loss", "test_loss", "accuracy",
+    "examples", "loss", *(names.ssl_loss_key(task) for task in names.SSL_TASKS), "finetune_loss", "test_loss", "accuracy",
     "balanced_accuracy", "macro_auc", "test_examples", "local_only_loss", "local_only_accuracy",
     "local_only_balanced_accuracy", "local_only_macro_auc",
     # a generative run's rounds: the GAN's losses and the hospitals' scores of its generators

@@ -28,7 +28,8 @@ def bench(tmp_path, ham10000_dir, *args):
 
 
 def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham10000_dir):
-    proc = bench(tmp_path, ham10000_dir, "--arms", "federated,int8,no-ssl@0.5", "--seeds", "0", "--head-diagnostic", "--fedbn")
+    proc = bench(tmp_path, ham10000_dir, "--arms", "federated,int8,no-ssl@0.5", "--seeds", "0", "--head-diagnostic", "--fedbn",
+                 "--ssl-task", "micle,vidir_molemax=simclr")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "quality.json").read_text())
     sites = result["data"]["sites"]
@@ -43,6 +44,9 @@ def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham1000
     assert 0.0 <= fed["test"]["ece"] <= 1.0 and fed["test"]["temperature"] > 0
     assert 0.0 <= fed["ssl_probe_val"]["knn_balanced_accuracy"] <= 1.0
     assert [(c["phase"], c["round"]) for c in fed["communication"]] == [("ssl", 1), ("finetune", 1), ("finetune", 2)]
+    # MICLe at the sites whose lesions have several images, SimCLR at vidir_molemax (one image per lesion)
+    assert fed["ssl_task"] == {"rosendahl": "micle", "vidir_modern": "micle", "vidir_molemax": "simclr", "vienna_dias": "micle"}
+    assert "--ssl-task micle,vidir_molemax=simclr" in fed["command"] and "ssl_task" not in runs["no-ssl@0.5"]
     # the classifier-vs-encoder diagnostic: three classifiers on the frozen final encoder, and the flag in the command
     assert {k: 0.0 <= fed["head_diagnostic"][k]["balanced_accuracy"] <= 1.0 for k in ("oracle_probe", "ccvr", "ccvr_diagonal")} == {
         "oracle_probe": True, "ccvr": True, "ccvr_diagonal": True}
@@ -81,6 +85,9 @@ def test_quality_bench_refuses_unknown_arms_and_fractions(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--dp-target-epsilon", "3"], "--dp-target-epsilon needs --dp central-fixed or central-adaptive"),
+    (["--ssl-task", "micle,vidir_molemax=byol"], "--ssl-task 'micle,vidir_molemax=byol': vidir_molemax=byol: expected one of "
+                                                 "simclr, rotation, micle"),
+    (["--ssl-task", "micle,simclr"], "'simclr': expected SITE=TASK after the first task"),
     (["--dp", "central-fixed", "--dp-target-epsilon", "3", "--arms", "federated,no-ssl", "--ssl-rounds", "1"],
      "run different numbers of rounds ([5, 6])"),
 ])

@@ -91,3 +91,26 @@ def test_an_ssl_reply_carries_the_shared_groups_and_heads_of_other_tasks_go_back
         keys = [k for k in got if k.startswith(f"{group}.") and got[k].is_floating_point()]
         changed = any(not torch.equal(got[k], initial[k]) for k in keys)
         assert changed == (group in (names.GROUP_ENCODER, names.GROUP_ROTATION_HEAD)), group
+
+
+def test_a_micle_hospital_trains_on_pairs_of_its_lesions_and_reports_its_own_loss(tmp_path, ham10000_dir):
+    """ssl-task=micle on HAM10000: the lesion ids of the metadata pair the images, the encoder
+    moves, and the round's metrics carry the MICLe loss under its own key."""
+    ctx = hospital_context(tmp_path, ham10000_dir, {**RUN_CONFIG, "ssl-rounds": 1}, max_images=40, **{"ssl-task": "micle"})
+    torch.manual_seed(0)
+    initial = FedSSLModel("resnet18", num_classes=len(names.HAM10000_CLASSES)).state_dict()
+    encoder = {k: v for k, v in initial.items() if k.startswith(f"{names.GROUP_ENCODER}.")}
+    reply = client_app.app(message(encoder, MessageType.TRAIN, phase="ssl", round=1), ctx)
+    assert not reply.has_error(), reply.error
+    got = reply_state(reply)
+    assert any(not torch.equal(got[k], initial[k]) for k in got if got[k].is_floating_point())
+    metrics = dict(reply.content[records.METRICS])
+    assert metrics[names.ssl_loss_key(names.SSL_MICLE)] == metrics[names.M_LOSS] > 0
+
+
+def test_a_micle_hospital_without_lesion_ids_fails_at_start_up_naming_what_it_needs(tmp_path, ham10000_dir):
+    ctx = hospital_context(tmp_path, ham10000_dir, {**RUN_CONFIG, "ssl-rounds": 1}, hospital="folders",
+                           **{"ssl-task": "micle", "data-source": "synthetic", "synthetic-images": 40})
+    with pytest.raises(client_app.ConfigError, match=r"hospital folders: ssl-task=micle pairs images of the same lesion or "
+                                                     r"patient, and none of its \d+ training images shares its lesion"):
+        client_app.app(Message(RecordDict(), dst_node_id=1, message_type="query", group_id="test"), ctx)

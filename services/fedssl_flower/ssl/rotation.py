@@ -19,6 +19,9 @@ class Rotation:
     def __init__(self, model: FedSSLModel, **_: object) -> None:  # takes no options (SimCLR's are ignored)
         self.mean, self.std = model.mean, model.std
 
+    def batch(self, images: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return images[idx]
+
     def loss(self, model: FedSSLModel, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Cross-entropy of the rotation head on one uint8 batch, each image turned at random."""
         rotated, k = rotate_batch(batch, g)

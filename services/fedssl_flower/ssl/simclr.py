@@ -16,10 +16,13 @@ class SimCLR:
     task = names.SSL_SIMCLR
     head = names.GROUP_PROJECTION_HEAD
 
-    def __init__(self, model: FedSSLModel, *, temperature: float = 0.5, colour_jitter: float = 0.4) -> None:
+    def __init__(self, model: FedSSLModel, *, temperature: float = 0.5, colour_jitter: float = 0.4, **_: object) -> None:
         self.criterion = NTXentLoss(temperature)
         self.transform = SimCLRTransform(brightness=colour_jitter, contrast=colour_jitter, saturation=colour_jitter,
                                          mean=model.mean, std=model.std)
+
+    def batch(self, images: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return images[idx]
 
     def loss(self, model: FedSSLModel, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """NT-Xent of one uint8 batch's two views, through the encoder and the projection head."""

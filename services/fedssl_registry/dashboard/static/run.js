@@ -6,7 +6,7 @@ import { bytes, duration, empty, h, int, isNum, kv, num, pct, s, section, status
 import { isSynthetic, roundsText, runDuration } from "./overview.js";
 
 const LOCAL = "local_only_";
-const SSL_TASKS = ["simclr", "rotation"];
+const SSL_TASKS = ["simclr", "rotation", "micle"];  // fedssl_core.names.SSL_TASKS
 
 export const title = (data) => `Run ${data.run.run_id}`;
 
