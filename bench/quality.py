@@ -21,17 +21,20 @@ chosen on.
 
 Arms (`--arms`, default `federated,pooled,no-ssl,random,probes`); a `@F` suffix keeps only a
 fraction F of the training labels (by lesion, stratified; SSL still sees every image):
-  federated   every site SimCLR from the start weights, then federated full fine-tuning
+  federated   SSL rounds (SimCLR unless --ssl-task) from the start weights, then federated full fine-tuning
   pooled      one model on the union of the sites' training images, same steps
   no-ssl      federated fine-tuning from the start weights, no SSL rounds
   random      federated fine-tuning from random weights, no SSL rounds
-  random-ssl  every site SimCLR from random weights, then federated fine-tuning
+  random-ssl  SSL rounds from random weights, then federated fine-tuning
   local       each site alone, same pipeline and steps (scored on the pooled test; mean reported)
   probes      linear probe and kNN of frozen encoders: random, start weights (no training)
   ssl-probe   the federated SSL rounds only, then a linear probe and kNN of the encoder
   fp16, int8  `federated` with compressed updates, both directions (bytes on the wire counted)
-SimCLR rounds take the run config's SSL options: `--lr`, `--ssl-colour-jitter`, `--ssl-batchnorm`
-(adapt | frozen) and `--share` (encoder | encoder-and-heads | projection-head).
+SSL rounds run SimCLR at every site unless `--ssl-task` says otherwise (`micle`, or
+`micle,vidir_molemax=simclr` for a site of its own: MICLe needs lesions with several images,
+which vidir_molemax lacks), and take the run config's SSL options: `--lr`,
+`--ssl-colour-jitter`, `--ssl-batchnorm` (adapt | frozen) and `--share` (encoder |
+encoder-and-heads | projection-head).
 
 Budget: the same number of optimizer steps of `--batch-size` images per arm. Federated arms
 take `--local-steps` batches per site per round (so `sites x local-steps` per round); pooled takes

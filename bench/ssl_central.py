@@ -4,11 +4,15 @@ given number of steps, apart from federated averaging. A diagnostic beside bench
 (same sites, validation carving and probe recipe: 20 epochs of AdamW at 1e-2, class-weighted),
 on raw features and on features standardised with the training mean and std; with
 `--recompute-bn` also after the encoder's BatchNorm statistics are recomputed on the clean
-training images (`training.recompute_batchnorm`). One run per call, on one thread; the
-points go to `--out` as they come.
+training images (`training.recompute_batchnorm`). Besides SimCLR's NT-Xent: MICLe's positive
+pairs from one lesion's images (`--positives lesion`), the decoupled contrastive loss (`--loss
+dcl`), BYOL and SimSiam (`--method`), the methods issue 13 names, tried here before any of them
+goes into the product. One run per call, on one thread; the points go to `--out` as they come.
 
     .venv/bin/python -m bench.ssl_central --pretrained false --jitter 0.4 --steps 600 --every 150 \\
         --out bench/results/ssl_central/random-j0.4-600.json
+    .venv/bin/python -m bench.ssl_central --pretrained false --steps 1200 --every 300 --method byol \\
+        --out bench/results/ssl_central/random-j0.4-1200-byol.json
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ def probe(model, train: HospitalData, val: HospitalData) -> dict:
             out[kind] = Q._balanced_accuracy(head(y).argmax(1), val.test_labels)
     out["feat_norm"], out["feat_std_mean"] = float(f_train.norm(dim=1).mean()), float(f_train.std(0).mean())
     return out
+
+
+class Predictor(torch.nn.Module):
+    """BYOL's and SimSiam's predictor: Linear, BatchNorm, ReLU, Linear (hidden 512)."""
+
+    def __init__(self, dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(dim, hidden, bias=False), torch.nn.BatchNorm1d(hidden),
+                                          torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 class DCLLoss(torch.nn.Module):
@@ -110,6 +126,10 @@ def main() -> None:
                          "lesion has several (MICLe, Azizi et al. 2021; one image's two views otherwise)")
     ap.add_argument("--loss", default="ntxent", choices=("ntxent", "dcl"),
                     help="NT-Xent, or the decoupled contrastive loss (Yeh et al. 2022: the positive left out of the denominator)")
+    ap.add_argument("--method", default="simclr", choices=("simclr", "byol", "simsiam"),
+                    help="SimCLR (contrastive, --loss), BYOL (a predictor toward a momentum target network, Grill et al. "
+                         "2020) or SimSiam (a predictor toward the other view, gradient stopped, Chen & He 2021)")
+    ap.add_argument("--byol-momentum", type=float, default=0.99, help="BYOL: the target's EMA momentum at the start (cosine to 1)")
     ap.add_argument("--freeze-bn", action="store_true", help="the encoder's BatchNorm statistics stay as they start (ssl-batchnorm = frozen)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -142,6 +162,12 @@ def main() -> None:
     result["multi_image_fraction"] = float(sum(len(p) > 0 for p in partners) / len(partners))
     record(0, None)
     params = list(model.encoder.parameters()) + list(model.projection_head.parameters())
+    predictor = target = None
+    if args.method in ("byol", "simsiam"):
+        predictor = Predictor(model.projection_head.layers[-1].out_features)
+        params += list(predictor.parameters())
+    if args.method == "byol":
+        target = torch.nn.Sequential(copy.deepcopy(model.encoder), copy.deepcopy(model.projection_head)).requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     criterion = NTXentLoss(args.temperature) if args.loss == "ntxent" else DCLLoss(args.temperature)
     transform = SimCLRTransform(crop_scale=(args.crop_min, 1.0), brightness=args.jitter, contrast=args.jitter,
@@ -162,11 +188,27 @@ def main() -> None:
             _, v2 = transform(train.train_images[other], g)
         else:
             v1, v2 = transform(train.train_images[idx], g)
-        z = model.projection_head(model.encoder(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)))
-        loss = criterion(z[:64], z[64:])
+        views = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
+        z = model.projection_head(model.encoder(views))
+        if args.method == "simclr":
+            loss = criterion(z[:64], z[64:])
+        else:
+            q = predictor(z)
+            if target is not None:
+                with torch.no_grad():
+                    t = target(views)
+            else:
+                t = z.detach()
+            loss = -0.5 * (F.cosine_similarity(q[:64], t[64:]).mean() + F.cosine_similarity(q[64:], t[:64]).mean())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if target is not None:  # BYOL's target: an exponential moving average of the online network
+            m = 1 - (1 - args.byol_momentum) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            online = list(model.encoder.parameters()) + list(model.projection_head.parameters())
+            with torch.no_grad():
+                for tp, op in zip(target.parameters(), online):
+                    tp.mul_(m).add_(op.detach(), alpha=1 - m)
         total += float(loss.detach())
         if step % args.every == 0:
             record(step, total / args.every)
