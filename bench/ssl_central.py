@@ -37,6 +37,7 @@ from fedssl_flower import training  # noqa: E402
 from fedssl_flower.config import RunConfig  # noqa: E402
 from fedssl_flower.data import HospitalData  # noqa: E402
 from fedssl_flower.ssl.losses import NTXentLoss  # noqa: E402
+from fedssl_flower.ssl.micle import group_partners  # noqa: E402
 from fedssl_flower.ssl.transforms import SimCLRTransform  # noqa: E402
 
 
@@ -96,14 +97,6 @@ class DCLLoss(torch.nn.Module):
         return (negatives - positive).mean()
 
 
-def lesion_partners(groups: list[str]) -> list[list[int]]:
-    """For each training image, the other training images of its lesion (empty when it has none)."""
-    by_group: dict[str, list[int]] = {}
-    for i, grp in enumerate(groups):
-        by_group.setdefault(grp, []).append(i)
-    return [[j for j in by_group[grp] if j != i] for i, grp in enumerate(groups)]
-
-
 def pick(partners: list[int], i: int, g: torch.Generator) -> int:
     return partners[int(torch.randint(0, len(partners), (1,), generator=g))] if partners else i
 
@@ -158,7 +151,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    partners = lesion_partners(train.train_groups)
+    partners = group_partners(train.train_groups)
     result["multi_image_fraction"] = float(sum(len(p) > 0 for p in partners) / len(partners))
     record(0, None)
     params = list(model.encoder.parameters()) + list(model.projection_head.parameters())
