@@ -28,7 +28,7 @@ _TASK_HEAD = {task: method.head for task, method in ssl_methods.METHODS.items()}
 # share=encoder-and-heads: every SSL task head travels with the encoder, so hospitals running
 # the same task train their encoders against one averaged head rather than each against its
 # own; a hospital returns the heads of the other tasks unchanged.
-_SSL_HEADS = tuple(_TASK_HEAD.values())
+_SSL_HEADS = tuple(dict.fromkeys(_TASK_HEAD.values()))  # each head once: SimCLR and MICLe share the projection head
 # task=generate: both networks of the GAN are averaged. The discriminator travels too: a
 # hospital's generator learns from its discriminator, and four discriminators that each saw
 # only their own images would pull one averaged generator four ways (and a fresh local

@@ -11,6 +11,8 @@ from tests.support import processes as P
 
 pytestmark = pytest.mark.integration
 
+TASKS = (names.SSL_SIMCLR, names.SSL_ROTATION)  # a hospital each (a MICLe hospital: tests/flower/test_client_app.py)
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ham10000_dir):
@@ -19,7 +21,7 @@ def finished_run(tmp_path_factory, ham10000_dir):
         registry = P.start_registry(c, work / "registry")
         _, port = P.start_superlink(c, registry=registry)
         nodes = []
-        for i, task in enumerate(names.SSL_TASKS):
+        for i, task in enumerate(TASKS):
             nodes.append(P.start_supernode(c, port, f"node-{task}", P.node_config(
                 hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
                                                 "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")})))

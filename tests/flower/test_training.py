@@ -27,9 +27,10 @@ def test_ssl_training_reduces_the_loss_on_a_fixed_batch(task):
     torch.manual_seed(0)
     model = FedSSLModel(num_classes=7)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    first = training.train_ssl(model, images, task, epochs=1, batch_size=16, lr=1e-3, seed=0)
+    lesions = [str(i // 2) for i in range(16)]  # MICLe pairs images 2k and 2k+1; the other tasks ignore it
+    first = training.train_ssl(model, images, task, epochs=1, batch_size=16, lr=1e-3, seed=0, lesions=lesions)
     for _ in range(6):
-        last = training.train_ssl(model, images, task, epochs=1, batch_size=16, lr=1e-3, seed=0)
+        last = training.train_ssl(model, images, task, epochs=1, batch_size=16, lr=1e-3, seed=0, lesions=lesions)
     assert last[names.ssl_loss_key(task)] < first[names.ssl_loss_key(task)]
     assert first[names.M_EXAMPLES] == 16
 
@@ -70,6 +71,7 @@ def test_shared_and_trainable_groups():
     assert training.trainable_groups("ssl", "simclr", "encoder-and-heads") == (names.GROUP_ENCODER, names.GROUP_PROJECTION_HEAD)
     assert training.shared_groups("finetune", mode="full") == (names.GROUP_ENCODER, names.GROUP_CLASSIFIER)
     assert training.trainable_groups("ssl", "rotation", "encoder") == (names.GROUP_ENCODER, names.GROUP_ROTATION_HEAD)
+    assert training.trainable_groups("ssl", "micle", "encoder-and-heads") == (names.GROUP_ENCODER, names.GROUP_PROJECTION_HEAD)
 
 
 def test_schedule_takes_exactly_its_steps_whatever_the_data_size():

@@ -42,7 +42,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration]
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 REUSE_ENV = "FEDSSL_DASHBOARD_REGISTRY_DIR"
 LAPTOP, WIDE = (1280, 860), (2000, 1100)
-HOSPITALS = sorted(f"hospital-{t}" for t in names.SSL_TASKS)
+TASKS = (names.SSL_SIMCLR, names.SSL_ROTATION)  # a hospital each; MICLe is SimCLR's head and chart code path
+HOSPITALS = sorted(f"hospital-{t}" for t in TASKS)
 CLASSES = list(names.HAM10000_CLASSES)
 RENDERED = "Number(document.getElementById('main').dataset.rendered || 0) > 0"
 
@@ -107,7 +108,7 @@ def _federate(c: P.Cluster, work: Path, ham10000_dir: Path, browser: cdp.Browser
     Returns (registry, what the tab saw, the submitter's result)."""
     registry = P.start_registry(c, work / "registry")
     _, port = P.start_superlink(c, registry=registry)
-    for i, task in enumerate(names.SSL_TASKS):
+    for i, task in enumerate(TASKS):
         P.start_supernode(c, port, f"node-{task}", P.node_config(
             hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
                                             "num-partitions": 2, "max-images": 100, "cache-dir": str(work / "cache")}))
@@ -273,7 +274,7 @@ def test_run_page_draws_curves_hospitals_and_rounds_from_the_records(federation,
     ft = [r for r in fed.rounds if r["phase"] == "finetune"]
 
     # SSL loss per task: one hospital per task (so its curve is the task's), one point per SSL round.
-    for task in names.SSL_TASKS:
+    for task in TASKS:
         key, h = names.ssl_loss_key(task), f"hospital-{task}"
         assert chart_points(tab, key) == {h: pytest.approx(recorded(ssl, key, h))}
     # Fine-tune loss: aggregated + each hospital, one point per fine-tune round.
