@@ -138,6 +138,12 @@ def main() -> None:
     result = {"command": "python -m bench.ssl_central " + " ".join(sys.argv[1:]),
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "points": []}
 
+    def train_mode() -> None:
+        model.train()
+        if args.freeze_bn:  # after every probe too, or the statistics would adapt from the first one on
+            for layer in training.encoder_batchnorms(model).values():
+                layer.eval()
+
     def record(step: int, loss: float | None) -> None:
         model.eval()
         point = {**probe(model, train, val), "step": step, "loss": loss}
@@ -145,7 +151,7 @@ def main() -> None:
             recal = copy.deepcopy(model)
             training.recompute_batchnorm(recal, train.train_images)
             point["bn_recomputed"] = probe(recal, train, val)
-        model.train()
+        train_mode()
         result["points"].append(point)
         print(json.dumps(point), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +172,7 @@ def main() -> None:
     transform = SimCLRTransform(crop_scale=(args.crop_min, 1.0), brightness=args.jitter, contrast=args.jitter,
                                 saturation=args.jitter, mean=model.mean, std=model.std)
     g = torch.Generator().manual_seed(0)
-    model.train()
-    if args.freeze_bn:
-        for layer in training.encoder_batchnorms(model).values():
-            layer.eval()
+    train_mode()
     total, t0 = 0.0, time.time()
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
