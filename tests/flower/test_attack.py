@@ -1,7 +1,8 @@
 """A hospital that misbehaves on purpose (node config `attack`, tests and benchmarks only):
 the transform, its validation, the ClientApp that applies it, and a real federation where
-one SuperNode scales its update x100 and a robust strategy of each kind (Flower's fedmedian,
-krum and fedyogi; fedssl's median-cosine) holds the global model, one run each."""
+one SuperNode scales its update x100 and each robust strategy (Flower's fedmedian,
+fedtrimmedavg, krum, multikrum, fedyogi and fedadagrad; fedssl's median-cosine) holds the global
+model, one run each."""
 
 import json
 import logging
@@ -86,16 +87,21 @@ def test_a_bad_attack_value_fails_the_hospital_at_start_up_with_its_name(tmp_pat
         client_app.app(describe, ctx)
 
 
-# One strategy of each kind runs against the x100 hospital, with the run config it needs: a
-# coordinate-wise statistic (fedmedian), fedssl's own (median-cosine), a selection (krum) and a
-# server optimiser at a tiny server-eta, so its bound is per coordinate (fedyogi). The others of
-# each kind go through the same aggregator code; tests/flower/test_config_and_strategy.py holds
-# every strategy to Flower's own result or to the same bound, in process (a run here costs ~35 s).
+# Each strategy that can hold against one hospital runs against the x100 one, with the run
+# config it needs: coordinate-wise statistics (fedmedian; fedtrimmedavg cutting one of three
+# from each tail), fedssl's own (median-cosine), selections (krum; multikrum averaging the two
+# it keeps) and server optimisers at a tiny server-eta, so their bound is per coordinate
+# (fedyogi, fedadagrad; fedadam, the same code, runs in test_secure_aggregation.py).
+# tests/flower/test_config_and_strategy.py also holds every strategy to Flower's own result or
+# to the same bound, in process (a run here costs ~35 s).
 ROBUST_RUNS = {
     "fedmedian": [],
+    "fedtrimmedavg": ["trim-beta=0.34"],  # int(0.34 * 3) = 1 cut from each tail: the middle value
     "median-cosine": ["num-malicious-nodes=1"],  # the lowest cosine left out, the others clipped to the median norm
     "krum": ["num-malicious-nodes=1"],
+    "multikrum": ["num-malicious-nodes=1", "num-nodes-to-select=2"],
     "fedyogi": ["server-eta=1e-6"],
+    "fedadagrad": ["server-eta=1e-6"],
 }
 
 
@@ -107,10 +113,12 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
     taking the same AdamW steps move their model about as far), while the new global model moved
     no further than the honest updates allow, where FedAvg's average of the same replies would
     have moved it tens of times further (a lower bound from the recorded norms, by the triangle
-    inequality). Why each holds: a coordinate-wise median of three lies between two honest
-    values (fedmedian); median-cosine clips every update to the median norm, an honest one's;
-    Krum picks one update, an honest one (the global step is exactly that hospital's); FedYogi
-    steps no coordinate further than server-eta."""
+    inequality). Why each holds: a coordinate-wise median of three, or a mean trimmed of one
+    value at each end, lies between two honest values (fedmedian, fedtrimmedavg); median-cosine
+    clips every update to the median norm, an honest one's; Krum picks one update, an honest one
+    (the global step is exactly that hospital's), and MultiKrum keeping two keeps both honest
+    ones (its step is their average, no longer than the longer); FedYogi and FedAdagrad step no
+    coordinate further than server-eta."""
     hospitals = {"honest-a": None, "honest-b": None, "mallory": "scale:100"}
     runs = {}
     with P.cluster(tmp_path) as c:
@@ -147,7 +155,9 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
         assert fedavg_at_least > 10 * step, (strategy, norms, examples, step)
         if strategy == "krum":
             assert any(step == pytest.approx(h, rel=1e-4) for h in honest), (step, honest)  # one honest hospital's update
-        if strategy == "fedyogi":
+        if strategy == "multikrum":
+            assert step <= max(honest) * (1 + 1e-5), (step, honest)
+        if strategy in ("fedyogi", "fedadagrad"):
             assert max(float(np.abs(saved[k].astype(np.float64) - start[k]).max()) for k in trained) <= 1.0001e-6, strategy
         if strategy == "median-cosine":  # each update's cosine with the others' median, in the record and the log
             assert sorted(record["update_norms"]["cosines"]) == sorted(hospitals)
