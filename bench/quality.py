@@ -799,6 +799,10 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=1.0, help="the aggregator's step on the averaged update (1 = FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="server heavy-ball momentum (FedAvgM)")
     ap.add_argument("--finetune-loss", default=names.LOSS_BALANCED_SOFTMAX, choices=names.FINETUNE_LOSSES)
+    ap.add_argument("--finetune-mode", default=names.FINETUNE_FULL, choices=names.FINETUNE_MODES,
+                    help="fine-tuning rounds train encoder + classifier (full) or the classifier alone on the frozen encoder (linear, at --probe-lr)")
+    ap.add_argument("--probe-lr", type=float, default=RunConfig.probe_lr,
+                    help="learning rate of linear fine-tuning rounds and of the SSL-round probe")
     ap.add_argument("--augment", default=names.AUGMENT_FLIPS, choices=names.AUGMENTS,
                     help="fine-tuning augmentation (run config augment)")
     ap.add_argument("--head-warmup-epochs", type=int, default=0,
@@ -941,7 +945,8 @@ def main() -> None:
                      ssl_colour_jitter=args.ssl_colour_jitter, ssl_batchnorm=args.ssl_batchnorm, share=args.share,
                      weight_decay=args.weight_decay, finetune_loss=args.finetune_loss, augment=args.augment,
                      head_warmup_epochs=args.head_warmup_epochs, test_time_augmentation=args.test_time_augmentation,
-                     keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum, finetune_mode=names.FINETUNE_FULL,
+                     keep_optimizer_state=args.keep_optimizer_state == "true", server_lr=args.server_lr, server_momentum=args.server_momentum,
+                     finetune_mode=args.finetune_mode, probe_lr=args.probe_lr,
                      local_baseline=False, dp=args.dp, dp_noise_multiplier=args.dp_noise_multiplier,
                      dp_clipping_norm=args.dp_clipping_norm, dp_delta=args.dp_delta, dp_max_epsilon=args.dp_max_epsilon,
                      dp_target_quantile=args.dp_target_quantile, dp_clip_norm_lr=args.dp_clip_norm_lr,

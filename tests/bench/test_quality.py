@@ -75,6 +75,23 @@ def test_quality_bench_runs_arms_on_the_four_sites_and_appends(tmp_path, ham1000
     assert "probes" in result["summary"]["val"] and "probes" not in result["summary"]["test"]
 
 
+def test_quality_bench_linear_fine_tuning_sends_only_the_classifier(tmp_path, ham10000_dir):
+    """`--finetune-mode linear`: after the SSL round, fine-tuning rounds train and share the
+    classifier alone on the frozen encoder (1,280 x 7 weights and 7 biases, a few kB a round),
+    and the run records the mode and its learning rate."""
+    proc = bench(tmp_path, ham10000_dir, "--arms", "federated@0.5", "--seeds", "0", "--eval", "val", "--arch", "efficientnet_lite0",
+                 "--pretrained", "true", "--finetune-mode", "linear", "--probe-lr", "0.02")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "quality.json").read_text())["runs"]
+    assert run["config"]["finetune-mode"] == "linear" and run["config"]["probe-lr"] == 0.02
+    assert "--finetune-mode linear" in run["command"] and "--probe-lr 0.02" in run["command"]
+    sent = {(c["phase"], c["round"]): {h["train_sent"] for h in c["hospitals"].values()} for c in run["communication"]}
+    assert list(sent) == [("ssl", 1), ("finetune", 1), ("finetune", 2)]
+    (ssl,), (ft1,), (ft2,) = sent.values()
+    assert ft1 == ft2 and 4 * (1280 * 7 + 7) <= ft1 < 4 * (1280 * 7 + 7) + 4096 < ssl / 100  # float32 weights and a header
+    assert [c["round"] for c in run["curve"]] == [1, 2] and 0.0 <= run["test"]["balanced_accuracy"] <= 1.0
+
+
 def test_quality_bench_refuses_unknown_arms_and_fractions(tmp_path):
     for arms, message in (("federated,fedprox", "unknown arm 'fedprox'"), ("federated@1.5", "label fraction")):
         proc = subprocess.run([sys.executable, "-m", "bench.quality", "--arms", arms, "--out", str(tmp_path / "q.json")],
