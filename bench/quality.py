@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from fedssl_core import names
 from fedssl_core.models import FedSSLModel, set_torch_threads
 from fedssl_flower import aggregation, local, local_dp, records, training
+from fedssl_flower import ssl as ssl_methods
 from fedssl_flower.config import RunConfig, noise_multiplier_for_epsilon
 from fedssl_flower.data import HospitalData, layout, load_hospital_data
 from fedssl_flower.data.partition import split_train_test
@@ -367,7 +368,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              cfg: RunConfig, task: str | dict[str, str], bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
              tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
-             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5)) -> dict:
+             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5), joint: tuple[float, int] = (0.0, 32)) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -400,7 +401,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     with that fixed classifier.
     `moon` (mu, temperature), mu > 0: MOON (Li, He & Song 2021): from its second fine-tuning round
     on, a hospital adds the model-contrastive term `training.Contrast` (its features pulled toward
-    the round's global encoder's, pushed from its own previous local encoder's) to its loss."""
+    the round's global encoder's, pushed from its own previous local encoder's) to its loss.
+    `joint` (weight, batch), weight > 0: S4L: every fine-tuning step also adds `weight` times the
+    hospital's SSL task's loss on `batch` of its training images, labelled or not
+    (`training.Joint`: `ssl_sites`' images, every image, while `ft_sites` may keep a fraction of the labels)."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -455,7 +459,14 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 mine = controls[i]
                 drift = {"correction": {n: c - mine.get(n, 0) for n, c in control.items()}}
             site_task = task.get(site.hospital, task[""]) if isinstance(task, dict) else task
-            m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu, contrast)
+            mixed = None
+            if joint[0] and phase == names.PHASE_FINETUNE:
+                everything = ssl_sites[i]
+                mixed = training.Joint(ssl_methods.build(site_task, model, colour_jitter=cfg.ssl_colour_jitter,
+                                                         groups=everything.train_groups),
+                                       everything.train_images, weight=joint[0], batch_size=joint[1])
+            m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
+                                  contrast, mixed)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -613,7 +624,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
-            ssl_task: dict[str, str] | None = None) -> dict:
+            ssl_task: dict[str, str] | None = None, joint: tuple[float, int] = (0.0, 32)) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -646,9 +657,12 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon)
+                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint)
         if moon[0]:
             out["moon"] = {"mu": moon[0], "temperature": moon[1]}
+        if joint[0]:
+            out["joint_ssl"] = {"weight": joint[0], "batch": joint[1],
+                                "task": {s.hospital: ssl_task.get(s.hospital, ssl_task[""]) for s in sites}}
         if fixed_head:
             out["fixed_head"] = True
         if uniform_weights:
@@ -746,7 +760,7 @@ def parse_seeds(text: str) -> list[int]:
 # written out, so a command keeps its recipe when a default changes). Flags appear when set.
 NOT_IN_COMMAND = ("data", "cache_dir", "out", "arms", "seeds")
 ONLY_WHEN_SET = ("label", "label_map", "class_names", "fedprox_mu", "moon_mu", "moon_temperature", "tail_average",
-                 "attack", "attacker", "exclude_site", "aggregation_weights")
+                 "attack", "attacker", "exclude_site", "aggregation_weights", "joint_ssl_weight", "joint_ssl_batch")
 
 
 def rerun_command(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: str, seed: int, folders: bool) -> str:
@@ -830,6 +844,10 @@ def main() -> None:
                     help="federated arms: MOON's model-contrastive term in fine-tuning, this weight (training.Contrast; "
                          "bench only; 0 = off)")
     ap.add_argument("--moon-temperature", type=float, default=0.5, help="--moon-mu: the contrastive temperature")
+    ap.add_argument("--joint-ssl-weight", type=float, default=0.0,
+                    help="federated arms: S4L, every fine-tuning step also adds this weight times the --ssl-task loss on "
+                         "--joint-ssl-batch of the hospital's training images, labelled or not (training.Joint)")
+    ap.add_argument("--joint-ssl-batch", type=int, default=32, help="--joint-ssl-weight: images drawn per step")
     ap.add_argument("--tail-average", type=int, default=0, metavar="K",
                     help="federated arms: score the uniform average of the last K fine-tuning rounds' global models "
                          "(BatchNorm running statistics averaged) instead of the last one (bench only; 0 or 1 = off)")
@@ -898,6 +916,9 @@ def main() -> None:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
         raise SystemExit("--fedprox-mu must be >= 0")
+    if args.joint_ssl_weight < 0 or args.joint_ssl_batch < 2:
+        raise SystemExit(f"--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got {args.joint_ssl_weight}, "
+                         f"{args.joint_ssl_batch})")
     if args.moon_mu < 0 or args.moon_temperature <= 0:
         raise SystemExit(f"--moon-mu must be >= 0 and --moon-temperature > 0 (got {args.moon_mu}, {args.moon_temperature})")
     try:
@@ -995,7 +1016,7 @@ def main() -> None:
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
                         site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature),
-                        ssl_tasks)
+                        ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch))
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

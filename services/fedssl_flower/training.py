@@ -226,6 +226,25 @@ class Contrast:
         return self.mu * F.cross_entropy(logits / self.temperature, target)
 
 
+@dataclass
+class Joint:
+    """A self-supervised term in fine-tuning's loss (S4L, Zhai et al., ICCV 2019: self-supervised
+    semi-supervised learning), benchmark only: each step also draws `batch_size` of the
+    hospital's training images, labelled or not (`images`, uint8), and adds `weight` times
+    `method`'s loss on them (`ssl_methods.build`; its head trains beside the encoder and the
+    classifier and stays at the hospital), so the unlabelled images shape the encoder while
+    the labelled ones train the classifier."""
+
+    method: ssl_methods.SSLMethod
+    images: torch.Tensor
+    weight: float = 1.0
+    batch_size: int = 32
+
+    def term(self, model: FedSSLModel, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=g)
+        return self.weight * self.method.loss(model, self.method.batch(self.images, idx, g), g)
+
+
 def encoder_batchnorms(model: FedSSLModel) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """The encoder's BatchNorm layers by state-dict prefix (`encoder.<path>`)."""
     return {f"encoder.{n}": m for n, m in model.encoder.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -365,6 +384,7 @@ def train_supervised(
     augment: str = names.AUGMENT_FLIPS,
     contrast: Contrast | None = None,
     checkpointing: bool = False,
+    joint: Joint | None = None,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -381,11 +401,17 @@ def train_supervised(
     `augment` (full mode): `names.AUGMENTS`, what each fine-tuning batch goes through.
     `contrast` (full mode): MOON's model-contrastive term (`Contrast.term`) is added to every
     batch's loss (the reported loss stays the task loss alone).
-    `checkpointing` (full mode): activation checkpointing of the encoder (`_Checkpointing`)."""
+    `checkpointing` (full mode): activation checkpointing of the encoder (`_Checkpointing`).
+    `joint` (full mode): a self-supervised term added to every batch's loss (`Joint`; its head
+    trains too; the reported loss stays the task loss alone)."""
     _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
     _check(augment, names.AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
+    if joint is not None:
+        if mode != names.FINETUNE_FULL:
+            raise ConfigError("a self-supervised term in fine-tuning (joint) needs finetune-mode=full: it trains the encoder")
+        groups = (*groups, joint.method.head)
     params = _prepare(model, groups)
     reference = proximal_reference(model, shared_groups(names.PHASE_FINETUNE, mode=mode), proximal_mu)
 
@@ -428,7 +454,8 @@ def train_supervised(
                 features = model.encoder(x)
                 value = objective(model.classifier(features), labels[idx])
                 optimizer.zero_grad(set_to_none=True)
-                steps.backward(with_proximal(value) + (contrast.term(features, x) if contrast is not None else 0))
+                steps.backward(with_proximal(value) + (contrast.term(features, x) if contrast is not None else 0)
+                               + (joint.term(model, g) if joint is not None else 0))
                 for n, p in named:
                     if p.grad is not None:
                         grad_sums[n] += p.grad

@@ -269,6 +269,39 @@ def test_full_fine_tuning_adds_the_moon_term_to_its_loss_but_reports_the_task_lo
     assert pulled_metrics[names.M_LOSS] < 3 * plain_metrics[names.M_LOSS]  # not the 50 x log 2 of the term
 
 
+def test_a_joint_ssl_term_trains_its_head_and_the_encoder_on_unlabelled_images_and_reports_the_task_loss(data):
+    """train_supervised(joint=...) (S4L): the self-supervised term on images drawn from the
+    unlabelled pool trains the method's head beside the encoder and classifier and moves the
+    encoder elsewhere than the same seeded step without it; the reported loss of a one-step
+    round is the plain round's exactly (the term is drawn after the step's batch). MICLe's
+    pairs come from the lesions of the pool, not of the labelled images."""
+    labelled, unlabelled = slice(0, 16), slice(16, None)
+
+    def one_step(joint_task):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        before = snapshot(model)
+        joint = None if joint_task is None else training.Joint(
+            training.ssl_methods.build(joint_task, model, groups=data.train_groups[unlabelled]),
+            data.train_images[unlabelled], weight=1.0, batch_size=8)
+        metrics = training.train_supervised(model, data.train_images[labelled], data.train_labels[labelled], batch_size=16,
+                                            mode=names.FINETUNE_FULL, schedule=training.Schedule(lr=1e-3, steps=1), joint=joint)
+        changed = {k.split(".")[0] for k in before if not torch.equal(before[k], model.state_dict()[k])}
+        return model, metrics, changed
+
+    plain, plain_metrics, plain_changed = one_step(None)
+    assert plain_changed == {names.GROUP_ENCODER, names.GROUP_CLASSIFIER}
+    for task in (names.SSL_MICLE, names.SSL_ROTATION):
+        model, metrics, changed = one_step(task)
+        head = training.ssl_methods.METHODS[task].head
+        assert changed == {names.GROUP_ENCODER, names.GROUP_CLASSIFIER, head}, task
+        assert metrics[names.M_LOSS] == plain_metrics[names.M_LOSS], task
+        assert not all(torch.equal(a, b) for a, b in zip(plain.encoder.parameters(), model.encoder.parameters())), task
+    with pytest.raises(ConfigError, match="needs finetune-mode=full"):
+        training.train_supervised(FedSSLModel(num_classes=7), data.train_images[:8], data.train_labels[:8], mode=names.FINETUNE_LINEAR,
+                                  joint=training.Joint(training.ssl_methods.build(names.SSL_ROTATION, FedSSLModel()), data.train_images[:8]))
+
+
 def _perturb(module):
     if isinstance(module, torch.nn.Conv2d):
         with torch.no_grad():
