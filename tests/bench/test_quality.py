@@ -207,6 +207,8 @@ def test_quality_bench_aggregates_by_a_strategy_with_one_hospital_attacking(tmp_
     (["--strategy", "fedmedian", "--proximal-mu", "0.1"], "proximal-mu=0.1 acts with strategy=fedprox only, not strategy=fedmedian"),
     (["--moon-mu", "-1"], "--moon-mu must be >= 0 and --moon-temperature > 0 (got -1.0, 0.5)"),
     (["--moon-mu", "1", "--moon-temperature", "0"], "--moon-mu must be >= 0 and --moon-temperature > 0 (got 1.0, 0.0)"),
+    (["--joint-ssl-weight", "-1"], "--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got -1.0, 32)"),
+    (["--joint-ssl-weight", "1", "--joint-ssl-batch", "1"], "--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got 1.0, 1)"),
 ])
 def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham10000_dir, monkeypatch, args, message):
     from bench import quality
@@ -374,3 +376,37 @@ def test_shuffle_sites_deals_the_same_images_out_at_random_keeping_each_sites_si
     assert after == before  # the same (image, label, lesion) triples, none lost or doubled
     assert set(shuffled[1].train_labels.tolist()) == {0, 1}  # the one-class site is mixed now
     assert all(torch.equal(a.train_labels, b.train_labels) for a, b in zip(shuffled, quality.shuffle_sites(sites)))  # seeded
+
+
+def test_joint_ssl_draws_each_hospitals_term_from_all_its_images_while_fine_tuning_sees_its_labelled_ones(monkeypatch):
+    """--joint-ssl-weight (S4L): every fine-tuning round of every hospital gets a `training.Joint`
+    of its own SSL task (per site) over its whole training pool, while the supervised batches
+    come from its labelled images only; without the flag no term is passed."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local
+
+    sites, cfg = _two_tiny_sites()
+    labelled = [dataclasses.replace(s, train_images=s.train_images[:6], train_labels=s.train_labels[:6],
+                                    train_groups=s.train_groups[:6]) for s in sites]
+    seen = []  # (round, hospital, labelled images trained on, the joint term or None)
+    real_train_round = local.train_round
+
+    def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
+        joint = args[4] if len(args) > 4 else kwargs.get("joint")  # after optimizer_state, drift, proximal_mu, contrast
+        seen.append((rnd, data.hospital, len(data.train_images), joint))
+        return real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    tasks = {"": names.SSL_SIMCLR, "bright": names.SSL_ROTATION}
+    out = quality.federate(sites, labelled, pooled, pooled, cfg, tasks, joint=(0.5, 4))
+    assert [c["round"] for c in out["curve"]] == [1, 2]
+    assert [(r, h, n) for r, h, n, _ in seen] == [(1, "dark", 6), (1, "bright", 6), (2, "dark", 6), (2, "bright", 6)]
+    for _, hospital, _, joint in seen:
+        site = next(s for s in sites if s.hospital == hospital)
+        assert joint.weight == 0.5 and joint.batch_size == 4 and torch.equal(joint.images, site.train_images)
+        assert joint.method.task == (names.SSL_ROTATION if hospital == "bright" else names.SSL_SIMCLR)
+    seen.clear()
+    quality.federate(sites, labelled, pooled, pooled, cfg, tasks)
+    assert len(seen) == 4 and all(joint is None for *_, joint in seen)
