@@ -368,7 +368,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              cfg: RunConfig, task: str | dict[str, str], bn_diagnostic: bool = False, scaffold: bool = False, fedprox_mu: float = 0.0,
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
              tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
-             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5), joint: tuple[float, int] = (0.0, 32)) -> dict:
+             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
+             joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT)) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -402,7 +403,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     `moon` (mu, temperature), mu > 0: MOON (Li, He & Song 2021): from its second fine-tuning round
     on, a hospital adds the model-contrastive term `training.Contrast` (its features pulled toward
     the round's global encoder's, pushed from its own previous local encoder's) to its loss.
-    `joint` (weight, batch), weight > 0: S4L: every fine-tuning step also adds `weight` times the
+    `joint` (weight, batch, batchnorm), weight > 0: S4L: every fine-tuning step also adds `weight` times the
     hospital's SSL task's loss on `batch` of its training images, labelled or not
     (`training.Joint`: `ssl_sites`' images, every image, while `ft_sites` may keep a fraction of the labels)."""
     num_classes = len(test.class_names)
@@ -464,7 +465,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 everything = ssl_sites[i]
                 mixed = training.Joint(ssl_methods.build(site_task, model, colour_jitter=cfg.ssl_colour_jitter,
                                                          groups=everything.train_groups),
-                                       everything.train_images, weight=joint[0], batch_size=joint[1])
+                                       everything.train_images, weight=joint[0], batch_size=joint[1],
+                                       batchnorm=joint[2])
             m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
                                   contrast, mixed)
             if drift is not None and "gradients" in drift:
@@ -624,7 +626,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
-            ssl_task: dict[str, str] | None = None, joint: tuple[float, int] = (0.0, 32)) -> dict:
+            ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT)) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -661,7 +663,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         if moon[0]:
             out["moon"] = {"mu": moon[0], "temperature": moon[1]}
         if joint[0]:
-            out["joint_ssl"] = {"weight": joint[0], "batch": joint[1],
+            out["joint_ssl"] = {"weight": joint[0], "batch": joint[1], "batchnorm": joint[2],
                                 "task": {s.hospital: ssl_task.get(s.hospital, ssl_task[""]) for s in sites}}
         if fixed_head:
             out["fixed_head"] = True
@@ -760,7 +762,8 @@ def parse_seeds(text: str) -> list[int]:
 # written out, so a command keeps its recipe when a default changes). Flags appear when set.
 NOT_IN_COMMAND = ("data", "cache_dir", "out", "arms", "seeds")
 ONLY_WHEN_SET = ("label", "label_map", "class_names", "fedprox_mu", "moon_mu", "moon_temperature", "tail_average",
-                 "attack", "attacker", "exclude_site", "aggregation_weights", "joint_ssl_weight", "joint_ssl_batch")
+                 "attack", "attacker", "exclude_site", "aggregation_weights", "joint_ssl_weight", "joint_ssl_batch",
+                 "joint_ssl_batchnorm")
 
 
 def rerun_command(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: str, seed: int, folders: bool) -> str:
@@ -848,6 +851,9 @@ def main() -> None:
                     help="federated arms: S4L, every fine-tuning step also adds this weight times the --ssl-task loss on "
                          "--joint-ssl-batch of the hospital's training images, labelled or not (training.Joint)")
     ap.add_argument("--joint-ssl-batch", type=int, default=32, help="--joint-ssl-weight: images drawn per step")
+    ap.add_argument("--joint-ssl-batchnorm", default=names.SSL_BATCHNORM_ADAPT, choices=names.SSL_BATCHNORM,
+                    help="--joint-ssl-weight: whether the term's views move the encoder's BatchNorm running statistics "
+                         "(adapt) or leave them to the labelled batches (frozen: momentum 0 during the term)")
     ap.add_argument("--tail-average", type=int, default=0, metavar="K",
                     help="federated arms: score the uniform average of the last K fine-tuning rounds' global models "
                          "(BatchNorm running statistics averaged) instead of the last one (bench only; 0 or 1 = off)")
@@ -1016,7 +1022,7 @@ def main() -> None:
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
                         site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature),
-                        ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch))
+                        ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch, args.joint_ssl_batchnorm))
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

@@ -233,16 +233,31 @@ class Joint:
     hospital's training images, labelled or not (`images`, uint8), and adds `weight` times
     `method`'s loss on them (`ssl_methods.build`; its head trains beside the encoder and the
     classifier and stays at the hospital), so the unlabelled images shape the encoder while
-    the labelled ones train the classifier."""
+    the labelled ones train the classifier. `batchnorm`: `adapt` (the term's augmented views
+    move the encoder's BatchNorm running statistics like the labelled batches do) or `frozen`
+    (they normalise with their own batch statistics but leave the running ones, which the
+    served model uses, to the labelled batches: momentum 0 during the term's forward pass)."""
 
     method: ssl_methods.SSLMethod
     images: torch.Tensor
     weight: float = 1.0
     batch_size: int = 32
+    batchnorm: str = names.SSL_BATCHNORM_ADAPT
+
+    def __post_init__(self) -> None:
+        _check(self.batchnorm, names.SSL_BATCHNORM, "joint batchnorm")
 
     def term(self, model: FedSSLModel, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(self.images), (self.batch_size,), generator=g)
-        return self.weight * self.method.loss(model, self.method.batch(self.images, idx, g), g)
+        layers = list(encoder_batchnorms(model).values()) if self.batchnorm == names.SSL_BATCHNORM_FROZEN else []
+        momenta = [layer.momentum for layer in layers]
+        for layer in layers:
+            layer.momentum = 0.0
+        try:
+            return self.weight * self.method.loss(model, self.method.batch(self.images, idx, g), g)
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
 
 
 def encoder_batchnorms(model: FedSSLModel) -> dict[str, nn.modules.batchnorm._BatchNorm]:

@@ -400,12 +400,13 @@ def test_joint_ssl_draws_each_hospitals_term_from_all_its_images_while_fine_tuni
     monkeypatch.setattr(quality.local, "train_round", spy)
     pooled = quality.pooled_data(sites)
     tasks = {"": names.SSL_SIMCLR, "bright": names.SSL_ROTATION}
-    out = quality.federate(sites, labelled, pooled, pooled, cfg, tasks, joint=(0.5, 4))
+    out = quality.federate(sites, labelled, pooled, pooled, cfg, tasks, joint=(0.5, 4, names.SSL_BATCHNORM_FROZEN))
     assert [c["round"] for c in out["curve"]] == [1, 2]
     assert [(r, h, n) for r, h, n, _ in seen] == [(1, "dark", 6), (1, "bright", 6), (2, "dark", 6), (2, "bright", 6)]
     for _, hospital, _, joint in seen:
         site = next(s for s in sites if s.hospital == hospital)
-        assert joint.weight == 0.5 and joint.batch_size == 4 and torch.equal(joint.images, site.train_images)
+        assert (joint.weight, joint.batch_size, joint.batchnorm) == (0.5, 4, "frozen")
+        assert torch.equal(joint.images, site.train_images)
         assert joint.method.task == (names.SSL_ROTATION if hospital == "bright" else names.SSL_SIMCLR)
     seen.clear()
     quality.federate(sites, labelled, pooled, pooled, cfg, tasks)

@@ -297,6 +297,19 @@ def test_a_joint_ssl_term_trains_its_head_and_the_encoder_on_unlabelled_images_a
         assert changed == {names.GROUP_ENCODER, names.GROUP_CLASSIFIER, head}, task
         assert metrics[names.M_LOSS] == plain_metrics[names.M_LOSS], task
         assert not all(torch.equal(a, b) for a, b in zip(plain.encoder.parameters(), model.encoder.parameters())), task
+    # batchnorm=frozen: the term's views leave the encoder's running statistics to the labelled batch
+    torch.manual_seed(0)
+    model = FedSSLModel(num_classes=7)
+    stats = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running_" in k}
+    training.Joint(training.ssl_methods.build(names.SSL_SIMCLR, model), data.train_images[unlabelled], batch_size=8,
+                   batchnorm=names.SSL_BATCHNORM_FROZEN).term(model.train(), torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in stats.items())
+    assert all(m.momentum == 0.1 for m in training.encoder_batchnorms(model).values())  # put back
+    training.Joint(training.ssl_methods.build(names.SSL_SIMCLR, model), data.train_images[unlabelled],
+                   batch_size=8).term(model, torch.Generator().manual_seed(0))
+    assert not all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in stats.items())
+    with pytest.raises(ConfigError, match="unknown joint batchnorm 'off'"):
+        training.Joint(training.ssl_methods.build(names.SSL_SIMCLR, model), data.train_images[:8], batchnorm="off")
     with pytest.raises(ConfigError, match="needs finetune-mode=full"):
         training.train_supervised(FedSSLModel(num_classes=7), data.train_images[:8], data.train_labels[:8], mode=names.FINETUNE_LINEAR,
                                   joint=training.Joint(training.ssl_methods.build(names.SSL_ROTATION, FedSSLModel()), data.train_images[:8]))
