@@ -335,7 +335,7 @@ def test_moon_contrasts_each_hospital_with_its_own_previous_local_encoder_from_r
     real_train_round = local.train_round
 
     def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
-        contrast = args[-1] if args else kwargs.get("contrast")
+        contrast = args[3] if len(args) > 3 else kwargs.get("contrast")  # after optimizer_state, drift, proximal_mu
         seen.append((rnd, data.hospital, contrast, {k: v.clone() for k, v in model.encoder.state_dict().items()},
                      ended.get(data.hospital)))
         out = real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
