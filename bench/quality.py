@@ -468,7 +468,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                        everything.train_images, weight=joint[0], batch_size=joint[1],
                                        batchnorm=joint[2])
             m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
-                                  contrast, mixed)
+                                  contrast=contrast, joint=mixed)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -630,6 +630,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
+    site_tasks = {s.hospital: ssl_task.get(s.hospital, ssl_task[""]) for s in sites}
     cfg = dataclasses.replace(base, seed=seed)
     val = pooled_data(vals, "pooled-val")
     labelled = [keep_labels(s, fraction, seed) for s in sites]
@@ -652,7 +653,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     elif arm == "pooled":
         out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, ssl_task[""], cfg.local_steps * len(sites), tta)
     elif arm == "local":
-        per_site = {s.hospital: centralised(s, ls, test, val, cfg, ssl_task.get(s.hospital, ssl_task[""]), cfg.local_steps * len(sites))
+        per_site = {s.hospital: centralised(s, ls, test, val, cfg, site_tasks[s.hospital], cfg.local_steps * len(sites))
                     for s, ls in zip(sites, labelled)}
         out = {"sites": per_site,
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
@@ -664,7 +665,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out["moon"] = {"mu": moon[0], "temperature": moon[1]}
         if joint[0]:
             out["joint_ssl"] = {"weight": joint[0], "batch": joint[1], "batchnorm": joint[2],
-                                "task": {s.hospital: ssl_task.get(s.hospital, ssl_task[""]) for s in sites}}
+                                "task": site_tasks}
         if fixed_head:
             out["fixed_head"] = True
         if uniform_weights:
@@ -672,7 +673,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
     if cfg.ssl_rounds and arm not in ("probes",):
-        out["ssl_task"] = ssl_task[""] if arm == "pooled" else {s.hospital: ssl_task.get(s.hospital, ssl_task[""]) for s in sites}
+        out["ssl_task"] = ssl_task[""] if arm == "pooled" else site_tasks
     if arm in FEDERATED_ARMS + ("ssl-probe",):
         out["strategy"] = {"name": cfg.strategy, **aggregation.parameters(cfg)}
         if attack.active:

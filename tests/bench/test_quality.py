@@ -335,7 +335,7 @@ def test_moon_contrasts_each_hospital_with_its_own_previous_local_encoder_from_r
     real_train_round = local.train_round
 
     def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
-        contrast = args[3] if len(args) > 3 else kwargs.get("contrast")  # after optimizer_state, drift, proximal_mu
+        contrast = kwargs.get("contrast")
         seen.append((rnd, data.hospital, contrast, {k: v.clone() for k, v in model.encoder.state_dict().items()},
                      ended.get(data.hospital)))
         out = real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
@@ -393,7 +393,7 @@ def test_joint_ssl_draws_each_hospitals_term_from_all_its_images_while_fine_tuni
     real_train_round = local.train_round
 
     def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
-        joint = args[4] if len(args) > 4 else kwargs.get("joint")  # after optimizer_state, drift, proximal_mu, contrast
+        joint = kwargs.get("joint")
         seen.append((rnd, data.hospital, len(data.train_images), joint))
         return real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
 

@@ -11,7 +11,7 @@ from tests.support import processes as P
 
 pytestmark = pytest.mark.integration
 
-TASKS = (names.SSL_SIMCLR, names.SSL_ROTATION)  # a hospital each (a MICLe hospital: tests/flower/test_client_app.py)
+TASKS = P.FEDERATION_TASKS
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import httpx
 
+from fedssl_core import names
 from tests.conftest import REPO_ROOT, free_port
 
 VENV_BIN = Path(sys.executable).parent
+# The SSL tasks of the suite's two-hospital HAM10000 federations (tests/flower/test_integration.py,
+# tests/registry/test_dashboard.py), a hospital each. MICLe is SimCLR's head and chart code path;
+# a MICLe hospital runs in tests/flower/test_client_app.py.
+FEDERATION_TASKS = (names.SSL_SIMCLR, names.SSL_ROTATION)
 
 
 def base_env(**extra: str) -> dict[str, str]:
