@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 from fedssl_core import names
@@ -150,6 +151,42 @@ def run_until_accepted(cmd: list[str], retries: int | None, first: float = RETRY
         delay = min(delay * 2, longest)
 
 
+# Flower 1.41's SuperNode keeps its messages in memory (`ObjectStoreFactory()` with its default
+# database, `InMemoryNodeState`), but `flwr.supercore.object_store` imports its SQL store at module
+# level, and with it SQLAlchemy and alembic: ~30 MB of every hospital's SuperNode process, for
+# code a SuperNode never runs. `without_sql_object_store` puts a module in its place whose store
+# refuses, by name, to be built.
+SQL_OBJECT_STORE = "flwr.supercore.object_store.sql_object_store"
+
+
+class SqlObjectStoreNotLoaded:
+    """Stands in for flwr's `SqlObjectStore` in a SuperNode process (`without_sql_object_store`)."""
+
+    def __init__(self, database: str = "", *args, **kwargs) -> None:
+        raise RuntimeError(f"fedssl-supernode: Flower's SQL object store ({database!r}) is not loaded in this process: "
+                           f"a SuperNode keeps its objects in memory (flwr 1.41); run `flower-supernode` itself for "
+                           f"a SuperNode that needs the SQL store")
+
+
+def without_sql_object_store() -> None:
+    """Before Flower's SuperNode is imported: its SQL object store module (and so SQLAlchemy and
+    alembic) is replaced by one whose `SqlObjectStore` refuses to be built. No-op once loaded."""
+    if SQL_OBJECT_STORE in sys.modules:
+        return
+    module = types.ModuleType(SQL_OBJECT_STORE, "flwr's SQL object store, not loaded by fedssl-supernode")
+    module.SqlObjectStore = SqlObjectStoreNotLoaded
+    sys.modules[SQL_OBJECT_STORE] = module
+
+
+def run_flower_supernode(argv: list[str]) -> None:
+    """Flower's `flower-supernode` with `argv`, in this process, without the SQL object store."""
+    without_sql_object_store()
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
 def main() -> None:
     allocator.limit_malloc_arenas()
     argv = openssh_auth_key(sys.argv[1:], Path(os.environ.get("TMPDIR", "/tmp")))
@@ -169,13 +206,10 @@ def main() -> None:
         subprocess.Popen([sys.executable, "-m", "fedssl_flower.warm_exec", "--runtime-api-address", address, *tls,
                           "--parent-pid", str(os.getpid())], env=chosen.environ())
     if uses_node_auth(argv) and not helping:
-        cmd = [sys.executable, "-c", "import sys; from flwr.supernode.cli import flower_supernode; "
-               "sys.argv[0] = 'flower-supernode'; flower_supernode()", *argv]
+        cmd = [sys.executable, "-c", "import sys; from fedssl_flower.supernode import run_flower_supernode; "
+               "run_flower_supernode(sys.argv[1:])", *argv]
         raise SystemExit(run_until_accepted(cmd, max_retries(argv)))
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+    run_flower_supernode(argv)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,35 @@ def test_a_real_supernodes_warm_superexec_allocates_with_jemalloc_and_its_preloa
         assert "glibc" not in log  # no warning that it fell back
         frozen = re.search(r"\((\d+) objects frozen", log)
         assert frozen and int(frozen.group(1)) > 100_000  # torch, torchvision, timm and Flower's objects
+        # the SuperNode process itself runs Flower's SuperNode (gRPC's library is mapped) without SQLAlchemy's
+        maps = Path(f"/proc/{node.popen.pid}/maps").read_text()
+        assert "cygrpc" in maps and "sqlalchemy" not in maps
     finally:
         c.close()
+
+
+def test_the_supernode_process_keeps_its_objects_in_memory_without_loading_the_sql_store():
+    """fedssl-supernode replaces Flower's SQL object store module before the SuperNode is
+    imported: SQLAlchemy and alembic stay out of the process, the SuperNode's in-memory store
+    works, and building the SQL store fails naming why."""
+    script = """
+import sys
+from fedssl_flower import supernode
+supernode.without_sql_object_store()
+from flwr.supernode.cli import flower_supernode
+from flwr.supercore.object_store import ObjectStoreFactory
+print(sorted(m for m in ("sqlalchemy", "alembic") if m in sys.modules))
+print(type(ObjectStoreFactory().store()).__name__)
+try:
+    ObjectStoreFactory("state.db").store()
+except RuntimeError as exc:
+    print(exc)
+"""
+    out = subprocess.run([str(P.VENV_BIN / "python"), "-c", script], env=P.base_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded, store, refused = out.stdout.splitlines()
+    assert (loaded, store) == ("[]", "InMemoryObjectStore")
+    assert refused.startswith("fedssl-supernode: Flower's SQL object store ('state.db') is not loaded in this process")
 
 
 def test_a_real_supernode_asked_for_a_missing_jemalloc_stops_and_names_it(tmp_path):
