@@ -9,8 +9,9 @@ task a fork of it. Like Flower's own subprocess mode, the SuperExec watches the 
 process and stops with it.
 
 `--isolation` given explicitly (e.g. `process` with a SuperExec of your own in another
-container) runs `flower-supernode` unchanged. `FEDSSL_WARM_CLIENTAPP=false` does the same with
-Flower's default subprocess isolation.
+container) runs `flower-supernode` otherwise unchanged. `FEDSSL_WARM_CLIENTAPP=false` does the
+same with Flower's default subprocess isolation. In every case the SuperNode process leaves out
+Flower's SQL object store, which a SuperNode never uses (`without_sql_object_store`).
 
 The warm SuperExec and its tasks allocate with jemalloc where it is installed
 (`FEDSSL_CLIENTAPP_ALLOCATOR`, see fedssl_flower.allocator): a lower memory peak per round.
