@@ -369,7 +369,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
              tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
              fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
-             joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT)) -> dict:
+             joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
+             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN)) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -405,7 +406,11 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     the round's global encoder's, pushed from its own previous local encoder's) to its loss.
     `joint` (weight, batch, batchnorm), weight > 0: S4L: every fine-tuning step also adds `weight` times the
     hospital's SSL task's loss on `batch` of its training images, labelled or not
-    (`training.Joint`: `ssl_sites`' images, every image, while `ft_sites` may keep a fraction of the labels)."""
+    (`training.Joint`: `ssl_sites`' images, every image, while `ft_sites` may keep a fraction of the labels).
+    `pseudo` (weight, threshold, batch, batchnorm), weight > 0: FixMatch: every fine-tuning step also adds
+    `weight` times the pseudo-label term on `batch` of the hospital's training images, labelled or not
+    (`training.PseudoLabel`, same images as `joint`); each round's curve entry records the share of
+    drawn images confident enough to train on, per hospital."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -446,7 +451,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 stopped = f"{phase} round {rnd}: {exc}"
                 print(f"    privacy budget reached, stopped before {stopped}", flush=True)
                 break
-        updates, traffic, deltas, norms, arrived = [], {}, [], {}, {}
+        updates, traffic, deltas, norms, arrived, confident = [], {}, [], {}, {}, {}
         for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
             down, sent = wire(current, cfg.update_encoding)
             previous = copy.deepcopy(model.encoder) if moon[0] and phase == names.PHASE_FINETUNE and (phase, i) in trained_in else None
@@ -467,8 +472,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                                          groups=everything.train_groups),
                                        everything.train_images, weight=joint[0], batch_size=joint[1],
                                        batchnorm=joint[2])
+            elif pseudo[0] and phase == names.PHASE_FINETUNE:
+                mixed = training.PseudoLabel(ssl_sites[i].train_images, weight=pseudo[0], threshold=pseudo[1],
+                                             batch_size=pseudo[2], batchnorm=pseudo[3])
             m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
                                   contrast=contrast, joint=mixed)
+            if isinstance(mixed, training.PseudoLabel):
+                confident[site.hospital] = mixed.confident / max(mixed.drawn, 1)
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -510,6 +520,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             ssl_probe = probe(server, pooled_data(ft_sites), val, cfg)
         if phase == names.PHASE_FINETUNE:
             curve.append({"round": rnd, **headline(scores(server, test, tta=cfg.test_time_augmentation))})
+            if confident:
+                curve[-1]["pseudo_label_confident"] = confident
+                print("    pseudo-labels: confident share " + ", ".join(f"{h} {c:.2f}" for h, c in confident.items()), flush=True)
             if tail_average > 1:
                 tail = (tail + [copy.deepcopy(state)])[-tail_average:]
                 if len(tail) > 1:
@@ -626,7 +639,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             tail_average: int = 0, attack: Attack = Attack(), attacker: str = "", uniform_weights: bool = False,
             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
-            ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT)) -> dict:
+            ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
+            pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN)) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -660,12 +674,15 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint)
+                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo)
         if moon[0]:
             out["moon"] = {"mu": moon[0], "temperature": moon[1]}
         if joint[0]:
             out["joint_ssl"] = {"weight": joint[0], "batch": joint[1], "batchnorm": joint[2],
                                 "task": site_tasks}
+        if pseudo[0]:
+            out["pseudo_label"] = {"method": "FixMatch", "weight": pseudo[0], "threshold": pseudo[1], "batch": pseudo[2],
+                                   "batchnorm": pseudo[3]}
         if fixed_head:
             out["fixed_head"] = True
         if uniform_weights:
@@ -764,7 +781,8 @@ def parse_seeds(text: str) -> list[int]:
 NOT_IN_COMMAND = ("data", "cache_dir", "out", "arms", "seeds")
 ONLY_WHEN_SET = ("label", "label_map", "class_names", "fedprox_mu", "moon_mu", "moon_temperature", "tail_average",
                  "attack", "attacker", "exclude_site", "aggregation_weights", "joint_ssl_weight", "joint_ssl_batch",
-                 "joint_ssl_batchnorm")
+                 "joint_ssl_batchnorm", "pseudo_label_weight", "pseudo_label_threshold", "pseudo_label_batch",
+                 "pseudo_label_batchnorm")
 
 
 def rerun_command(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: str, seed: int, folders: bool) -> str:
@@ -855,6 +873,15 @@ def main() -> None:
     ap.add_argument("--joint-ssl-batchnorm", default=names.SSL_BATCHNORM_ADAPT, choices=names.SSL_BATCHNORM,
                     help="--joint-ssl-weight: whether the term's views move the encoder's BatchNorm running statistics "
                          "(adapt) or leave them to the labelled batches (frozen: momentum 0 during the term)")
+    ap.add_argument("--pseudo-label-weight", type=float, default=0.0,
+                    help="federated arms: FixMatch, every fine-tuning step also adds this weight times the cross-entropy "
+                         "of strongly augmented views of --pseudo-label-batch of the hospital's training images, labelled "
+                         "or not, toward the model's own confident predictions on weak views (training.PseudoLabel)")
+    ap.add_argument("--pseudo-label-threshold", type=float, default=0.95,
+                    help="--pseudo-label-weight: the probability a prediction needs to become a pseudo-label")
+    ap.add_argument("--pseudo-label-batch", type=int, default=32, help="--pseudo-label-weight: images drawn per step")
+    ap.add_argument("--pseudo-label-batchnorm", default=names.SSL_BATCHNORM_FROZEN, choices=names.SSL_BATCHNORM,
+                    help="--pseudo-label-weight: whether the strong views move the encoder's BatchNorm running statistics")
     ap.add_argument("--tail-average", type=int, default=0, metavar="K",
                     help="federated arms: score the uniform average of the last K fine-tuning rounds' global models "
                          "(BatchNorm running statistics averaged) instead of the last one (bench only; 0 or 1 = off)")
@@ -926,6 +953,11 @@ def main() -> None:
     if args.joint_ssl_weight < 0 or args.joint_ssl_batch < 2:
         raise SystemExit(f"--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got {args.joint_ssl_weight}, "
                          f"{args.joint_ssl_batch})")
+    if args.pseudo_label_weight < 0 or args.pseudo_label_batch < 1 or not 0 < args.pseudo_label_threshold <= 1:
+        raise SystemExit(f"--pseudo-label-weight must be >= 0, --pseudo-label-batch >= 1 and --pseudo-label-threshold in "
+                         f"(0, 1] (got {args.pseudo_label_weight}, {args.pseudo_label_batch}, {args.pseudo_label_threshold})")
+    if args.pseudo_label_weight and args.joint_ssl_weight:
+        raise SystemExit("--pseudo-label-weight and --joint-ssl-weight: one term on the unlabelled images at a time")
     if args.moon_mu < 0 or args.moon_temperature <= 0:
         raise SystemExit(f"--moon-mu must be >= 0 and --moon-temperature > 0 (got {args.moon_mu}, {args.moon_temperature})")
     try:
@@ -1023,7 +1055,9 @@ def main() -> None:
             r = run_arm(spec, seed, sites, vals, test, base, args.bn_diagnostic, args.scaffold, args.fedprox_mu, args.tail_average,
                         attack, args.attacker, args.aggregation_weights == "uniform", args.tta, args.head_diagnostic,
                         site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature),
-                        ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch, args.joint_ssl_batchnorm))
+                        ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch, args.joint_ssl_batchnorm),
+                        (args.pseudo_label_weight, args.pseudo_label_threshold, args.pseudo_label_batch,
+                         args.pseudo_label_batchnorm))
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

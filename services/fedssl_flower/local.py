@@ -37,14 +37,16 @@ def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> 
 
 def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1,
                 optimizer_state: dict | None = None, drift: dict | None = None, proximal_mu: float = 0.0,
-                contrast: training.Contrast | None = None, joint: training.Joint | None = None) -> dict:
+                contrast: training.Contrast | None = None,
+                joint: training.Joint | training.PseudoLabel | None = None) -> dict:
     """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning).
     `optimizer_state`: the hospital's optimizer moments, kept across rounds (fine-tuning's
     AdamW; in a generative round both networks' Adam, which only the benchmark keeps).
     `drift`: fine-tuning's SCAFFOLD control variates (`training.train_supervised`).
     `proximal_mu`: FedProx's proximal term toward the model as it is now (`training.proximal_term`).
     `contrast`: fine-tuning's MOON term (`training.Contrast`, benchmark only).
-    `joint`: fine-tuning's self-supervised term (`training.Joint`, benchmark only)."""
+    `joint`: fine-tuning's term on the hospital's images, labelled or not (`training.Joint`,
+    self-supervised, or `training.PseudoLabel`; benchmark only)."""
     n = len(data.train_images)
     if phase == names.PHASE_GENERATE:
         return generative.train_gan(model, data.train_images, data.train_labels, steps=cfg.gan_steps, batch_size=cfg.batch_size,

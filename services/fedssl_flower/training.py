@@ -247,17 +247,84 @@ class Joint:
     def __post_init__(self) -> None:
         _check(self.batchnorm, names.SSL_BATCHNORM, "joint batchnorm")
 
-    def term(self, model: FedSSLModel, g: torch.Generator) -> torch.Tensor:
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """Parameter groups the term trains besides the encoder and the classifier."""
+        return (self.method.head,)
+
+    def term(self, model: FedSSLModel, g: torch.Generator, adjust: torch.Tensor | None = None) -> torch.Tensor:
         idx = torch.randint(len(self.images), (self.batch_size,), generator=g)
-        layers = list(encoder_batchnorms(model).values()) if self.batchnorm == names.SSL_BATCHNORM_FROZEN else []
-        momenta = [layer.momentum for layer in layers]
-        for layer in layers:
-            layer.momentum = 0.0
-        try:
+        with _running_statistics(model, self.batchnorm):
             return self.weight * self.method.loss(model, self.method.batch(self.images, idx, g), g)
-        finally:
-            for layer, momentum in zip(layers, momenta):
-                layer.momentum = momentum
+
+
+class _running_statistics:
+    """`batchnorm` frozen: the encoder's BatchNorm layers leave their running statistics alone
+    inside (momentum 0: batches still normalise with their own statistics); adapt: no change."""
+
+    def __init__(self, model: FedSSLModel, batchnorm: str) -> None:
+        self.layers = list(encoder_batchnorms(model).values()) if batchnorm == names.SSL_BATCHNORM_FROZEN else []
+
+    def __enter__(self) -> None:
+        self.momenta = [layer.momentum for layer in self.layers]
+        for layer in self.layers:
+            layer.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        for layer, momentum in zip(self.layers, self.momenta):
+            layer.momentum = momentum
+
+
+@dataclass
+class PseudoLabel:
+    """FixMatch (Sohn et al., NeurIPS 2020) as a term in fine-tuning's loss, benchmark only: each
+    step also draws `batch_size` of the hospital's training images, labelled or not (`images`,
+    uint8), predicts each from a weakly augmented view (flips and 90-degree turns, the model in
+    eval mode, no gradient), and where the top class's probability reaches `threshold` trains
+    the model to predict that class from a strongly augmented view (`SimCLRTransform`'s crop and
+    colour jitter): `weight` times the cross-entropy summed over the confident images, divided
+    by `batch_size`. With a balanced-softmax objective (`adjust`, the log label prior) the
+    prediction and the term use the adjusted logits, as the labelled batches do. `batchnorm` as
+    in `Joint` (for the strong views). `drawn` and `confident` count the images, for reports."""
+
+    images: torch.Tensor
+    weight: float = 1.0
+    batch_size: int = 32
+    threshold: float = 0.95
+    batchnorm: str = names.SSL_BATCHNORM_FROZEN
+    drawn: int = 0
+    confident: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batchnorm, names.SSL_BATCHNORM, "pseudo-label batchnorm")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"pseudo-label threshold {self.threshold}: expected a probability in (0, 1]")
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return ()
+
+    def term(self, model: FedSSLModel, g: torch.Generator, adjust: torch.Tensor | None = None) -> torch.Tensor:
+        batch = self.images[torch.randint(len(self.images), (self.batch_size,), generator=g)]
+        shift = 0.0 if adjust is None else adjust
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                weak = normalize(_augment_supervised(batch, g), model.mean, model.std)
+                proba = torch.softmax(model(weak.contiguous(memory_format=torch.channels_last)) + shift, dim=1)
+            finally:
+                model.train(was_training)
+        confidence, target = proba.max(dim=1)
+        keep = confidence >= self.threshold
+        self.drawn += len(batch)
+        self.confident += int(keep.sum())
+        if not keep.any():
+            return torch.zeros(())
+        strong = SimCLRTransform(mean=model.mean, std=model.std).view(batch[keep], g)
+        with _running_statistics(model, self.batchnorm):
+            logits = model(strong.contiguous(memory_format=torch.channels_last))
+        return self.weight * F.cross_entropy(logits + shift, target[keep], reduction="sum") / self.batch_size
 
 
 def encoder_batchnorms(model: FedSSLModel) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -399,7 +466,7 @@ def train_supervised(
     augment: str = names.AUGMENT_FLIPS,
     contrast: Contrast | None = None,
     checkpointing: bool = False,
-    joint: Joint | None = None,
+    joint: Joint | PseudoLabel | None = None,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -417,16 +484,18 @@ def train_supervised(
     `contrast` (full mode): MOON's model-contrastive term (`Contrast.term`) is added to every
     batch's loss (the reported loss stays the task loss alone).
     `checkpointing` (full mode): activation checkpointing of the encoder (`_Checkpointing`).
-    `joint` (full mode): a self-supervised term added to every batch's loss (`Joint`; its head
-    trains too; the reported loss stays the task loss alone)."""
+    `joint` (full mode): a term on the hospital's images, labelled or not, added to every
+    batch's loss: self-supervised (`Joint`; its head trains too) or pseudo-labels
+    (`PseudoLabel`); the reported loss stays the task loss alone."""
     _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
     _check(augment, names.AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     if joint is not None:
         if mode != names.FINETUNE_FULL:
-            raise ConfigError("a self-supervised term in fine-tuning (joint) needs finetune-mode=full: it trains the encoder")
-        groups = (*groups, joint.method.head)
+            raise ConfigError("a term on the hospital's unlabelled images in fine-tuning (joint) needs finetune-mode=full: "
+                              "it trains the encoder")
+        groups = (*groups, *joint.heads)
     params = _prepare(model, groups)
     reference = proximal_reference(model, shared_groups(names.PHASE_FINETUNE, mode=mode), proximal_mu)
 
@@ -470,7 +539,7 @@ def train_supervised(
                 value = objective(model.classifier(features), labels[idx])
                 optimizer.zero_grad(set_to_none=True)
                 steps.backward(with_proximal(value) + (contrast.term(features, x) if contrast is not None else 0)
-                               + (joint.term(model, g) if joint is not None else 0))
+                               + (joint.term(model, g, adjust) if joint is not None else 0))
                 for n, p in named:
                     if p.grad is not None:
                         grad_sums[n] += p.grad

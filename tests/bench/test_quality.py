@@ -209,6 +209,10 @@ def test_quality_bench_aggregates_by_a_strategy_with_one_hospital_attacking(tmp_
     (["--moon-mu", "1", "--moon-temperature", "0"], "--moon-mu must be >= 0 and --moon-temperature > 0 (got 1.0, 0.0)"),
     (["--joint-ssl-weight", "-1"], "--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got -1.0, 32)"),
     (["--joint-ssl-weight", "1", "--joint-ssl-batch", "1"], "--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got 1.0, 1)"),
+    (["--pseudo-label-weight", "1", "--pseudo-label-threshold", "1.5"],
+     "--pseudo-label-weight must be >= 0, --pseudo-label-batch >= 1 and --pseudo-label-threshold in (0, 1] (got 1.0, 32, 1.5)"),
+    (["--pseudo-label-weight", "1", "--joint-ssl-weight", "1"],
+     "--pseudo-label-weight and --joint-ssl-weight: one term on the unlabelled images at a time"),
 ])
 def test_quality_bench_refuses_bad_attacks_and_strategy_parameters(tmp_path, ham10000_dir, monkeypatch, args, message):
     from bench import quality
@@ -411,3 +415,35 @@ def test_joint_ssl_draws_each_hospitals_term_from_all_its_images_while_fine_tuni
     seen.clear()
     quality.federate(sites, labelled, pooled, pooled, cfg, tasks)
     assert len(seen) == 4 and all(joint is None for *_, joint in seen)
+
+
+def test_pseudo_labels_draw_from_all_of_each_hospitals_images_and_the_curve_records_the_confident_share(monkeypatch):
+    """--pseudo-label-weight (FixMatch): every fine-tuning round of every hospital gets a
+    `training.PseudoLabel` over its whole training pool while its supervised batches come from
+    its labelled images, and each round's curve entry records the share of drawn images that
+    were confident enough, per hospital: what the term counted in that round."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local, training
+
+    sites, cfg = _two_tiny_sites()
+    labelled = [dataclasses.replace(s, train_images=s.train_images[:6], train_labels=s.train_labels[:6],
+                                    train_groups=s.train_groups[:6]) for s in sites]
+    seen = []  # (round, hospital, labelled images trained on, the term)
+    real_train_round = local.train_round
+
+    def spy(model, data, task, phase, cfg, seed, rnd=1, *args, **kwargs):
+        seen.append((rnd, data.hospital, len(data.train_images), kwargs.get("joint")))
+        return real_train_round(model, data, task, phase, cfg, seed, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    out = quality.federate(sites, labelled, pooled, pooled, cfg, names.SSL_SIMCLR, pseudo=(0.5, 0.2, 4, names.SSL_BATCHNORM_FROZEN))
+    assert [(r, h, n) for r, h, n, _ in seen] == [(1, "dark", 6), (1, "bright", 6), (2, "dark", 6), (2, "bright", 6)]
+    for rnd, hospital, _, term in seen:
+        site = next(s for s in sites if s.hospital == hospital)
+        assert isinstance(term, training.PseudoLabel)
+        assert (term.weight, term.threshold, term.batch_size, term.batchnorm) == (0.5, 0.2, 4, "frozen")
+        assert torch.equal(term.images, site.train_images)
+        assert term.drawn > 0 and term.drawn % 4 == 0
+        assert out["curve"][rnd - 1]["pseudo_label_confident"][hospital] == term.confident / term.drawn

@@ -315,6 +315,67 @@ def test_a_joint_ssl_term_trains_its_head_and_the_encoder_on_unlabelled_images_a
                                   joint=training.Joint(training.ssl_methods.build(names.SSL_ROTATION, FedSSLModel()), data.train_images[:8]))
 
 
+def test_pseudo_labels_train_strong_views_toward_the_models_confident_predictions_on_weak_ones(data):
+    """training.PseudoLabel (FixMatch): the term draws a batch, predicts each image from a weak
+    view in eval mode (the label prior added), and is `weight` times the cross-entropy of the
+    strong views of the images whose prediction reaches the threshold, toward that prediction,
+    summed and divided by the batch, recomputed here step by step from the same generator.
+    Frozen BatchNorm: the running statistics stay. No image confident: the term is zero."""
+    import torch.nn.functional as F
+    from fedssl_flower.ssl.transforms import SimCLRTransform, normalize
+
+    torch.manual_seed(0)
+    model = FedSSLModel(num_classes=7).train()
+    pool, adjust = data.train_images[16:48], torch.log(torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05]))
+    g = torch.Generator().manual_seed(3)
+    batch = pool[torch.randint(len(pool), (8,), generator=g)]
+    with torch.no_grad():
+        weak = normalize(training._augment_supervised(batch, g), model.mean, model.std)
+        confidence, target = torch.softmax(copy.deepcopy(model).eval()(weak) + adjust, dim=1).max(dim=1)
+    threshold = float(confidence.median())
+    keep = confidence >= threshold
+    assert 0 < int(keep.sum()) < 8
+    strong = SimCLRTransform(mean=model.mean, std=model.std).view(batch[keep], g)
+    expected = 2.0 * F.cross_entropy(copy.deepcopy(model)(strong) + adjust, target[keep], reduction="sum") / 8
+    stats = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running_" in k}
+
+    term = training.PseudoLabel(pool, weight=2.0, batch_size=8, threshold=threshold)
+    value = term.term(model, torch.Generator().manual_seed(3), adjust)
+    assert torch.allclose(value, expected, atol=1e-5), (float(value), float(expected))
+    assert (term.drawn, term.confident) == (8, int(keep.sum()))
+    assert model.training and all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in stats.items())
+    value.backward()
+    assert next(model.encoder.parameters()).grad.abs().sum() > 0 and model.classifier.weight.grad.abs().sum() > 0
+
+    nothing = training.PseudoLabel(pool, batch_size=8, threshold=1.0)
+    assert float(nothing.term(model, torch.Generator().manual_seed(3), adjust)) == 0.0
+    assert (nothing.drawn, nothing.confident) == (8, 0)
+    with pytest.raises(ConfigError, match=r"pseudo-label threshold 0.0: expected a probability in \(0, 1\]"):
+        training.PseudoLabel(pool, threshold=0.0)
+
+
+def test_a_pseudo_label_term_moves_a_fine_tuning_round_and_trains_no_extra_head(data):
+    """train_supervised(joint=PseudoLabel): a one-step round with every drawn image confident
+    ends elsewhere than the plain step, changes only the encoder and the classifier, and
+    reports the plain step's loss (the term is drawn after the step's batch)."""
+    def one_step(term):
+        torch.manual_seed(0)
+        model = FedSSLModel(num_classes=7)
+        before = snapshot(model)
+        metrics = training.train_supervised(model, data.train_images[:16], data.train_labels[:16], batch_size=16,
+                                            mode=names.FINETUNE_FULL, loss=names.LOSS_BALANCED_SOFTMAX,
+                                            schedule=training.Schedule(lr=1e-3, steps=1), joint=term)
+        return model, metrics, {k.split(".")[0] for k in before if not torch.equal(before[k], model.state_dict()[k])}
+
+    plain, plain_metrics, _ = one_step(None)
+    term = training.PseudoLabel(data.train_images[16:], weight=1.0, batch_size=8, threshold=1e-6)
+    model, metrics, changed = one_step(term)
+    assert term.confident == term.drawn == 8
+    assert changed == {names.GROUP_ENCODER, names.GROUP_CLASSIFIER}
+    assert metrics[names.M_LOSS] == plain_metrics[names.M_LOSS]
+    assert not all(torch.equal(a, b) for a, b in zip(plain.encoder.parameters(), model.encoder.parameters()))
+
+
 def _perturb(module):
     if isinstance(module, torch.nn.Conv2d):
         with torch.no_grad():
