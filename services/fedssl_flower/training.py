@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -258,20 +259,18 @@ class Joint:
             return self.weight * self.method.loss(model, self.method.batch(self.images, idx, g), g)
 
 
-class _running_statistics:
+@contextmanager
+def _running_statistics(model: FedSSLModel, batchnorm: str) -> Iterator[None]:
     """`batchnorm` frozen: the encoder's BatchNorm layers leave their running statistics alone
     inside (momentum 0: batches still normalise with their own statistics); adapt: no change."""
-
-    def __init__(self, model: FedSSLModel, batchnorm: str) -> None:
-        self.layers = list(encoder_batchnorms(model).values()) if batchnorm == names.SSL_BATCHNORM_FROZEN else []
-
-    def __enter__(self) -> None:
-        self.momenta = [layer.momentum for layer in self.layers]
-        for layer in self.layers:
-            layer.momentum = 0.0
-
-    def __exit__(self, *exc: object) -> None:
-        for layer, momentum in zip(self.layers, self.momenta):
+    layers = list(encoder_batchnorms(model).values()) if batchnorm == names.SSL_BATCHNORM_FROZEN else []
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        yield
+    finally:
+        for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
 
 
@@ -292,8 +291,8 @@ class PseudoLabel:
     batch_size: int = 32
     threshold: float = 0.95
     batchnorm: str = names.SSL_BATCHNORM_FROZEN
-    drawn: int = 0
-    confident: int = 0
+    drawn: int = field(default=0, init=False)
+    confident: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         _check(self.batchnorm, names.SSL_BATCHNORM, "pseudo-label batchnorm")
