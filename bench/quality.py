@@ -409,8 +409,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     (`training.Joint`: `ssl_sites`' images, every image, while `ft_sites` may keep a fraction of the labels).
     `pseudo` (weight, threshold, batch, batchnorm), weight > 0: FixMatch: every fine-tuning step also adds
     `weight` times the pseudo-label term on `batch` of the hospital's training images, labelled or not
-    (`training.PseudoLabel`, same images as `joint`); each round's curve entry records the share of
-    drawn images confident enough to train on, per hospital."""
+    (`training.PseudoLabel`, same images as `joint`); each round's curve entry records, per hospital,
+    the share of drawn images confident enough to train on, how many of those pseudo-labels were
+    right (the bench knows every image's label) and their classes."""
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -474,11 +475,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                        batchnorm=joint[2])
             elif pseudo[0] and phase == names.PHASE_FINETUNE:
                 mixed = training.PseudoLabel(ssl_sites[i].train_images, weight=pseudo[0], threshold=pseudo[1],
-                                             batch_size=pseudo[2], batchnorm=pseudo[3])
+                                             batch_size=pseudo[2], batchnorm=pseudo[3], truth=ssl_sites[i].train_labels)
             m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
                                   contrast=contrast, joint=mixed)
             if isinstance(mixed, training.PseudoLabel):
-                confident[site.hospital] = mixed.confident / max(mixed.drawn, 1)
+                confident[site.hospital] = {"share": mixed.confident / max(mixed.drawn, 1),
+                                            "accuracy": mixed.correct / mixed.confident if mixed.confident else None,
+                                            "classes": {test.class_names[c]: n for c, n in sorted(mixed.classes.items())}}
             if drift is not None and "gradients" in drift:
                 deltas.append({n: g - controls[i].get(n, 0) for n, g in drift["gradients"].items()})
                 controls[i] = drift["gradients"]
@@ -521,8 +524,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         if phase == names.PHASE_FINETUNE:
             curve.append({"round": rnd, **headline(scores(server, test, tta=cfg.test_time_augmentation))})
             if confident:
-                curve[-1]["pseudo_label_confident"] = confident
-                print("    pseudo-labels: confident share " + ", ".join(f"{h} {c:.2f}" for h, c in confident.items()), flush=True)
+                curve[-1]["pseudo_labels"] = confident
+                print("    pseudo-labels: confident share (their accuracy) " + ", ".join(
+                    f"{h} {c['share']:.2f} ({'-' if c['accuracy'] is None else format(c['accuracy'], '.2f')})"
+                    for h, c in confident.items()), flush=True)
             if tail_average > 1:
                 tail = (tail + [copy.deepcopy(state)])[-tail_average:]
                 if len(tail) > 1:

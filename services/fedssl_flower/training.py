@@ -284,15 +284,20 @@ class PseudoLabel:
     colour jitter): `weight` times the cross-entropy summed over the confident images, divided
     by `batch_size`. With a balanced-softmax objective (`adjust`, the log label prior) the
     prediction and the term use the adjusted logits, as the labelled batches do. `batchnorm` as
-    in `Joint` (for the strong views). `drawn` and `confident` count the images, for reports."""
+    in `Joint` (for the strong views). `drawn` and `confident` count the images, for reports;
+    `classes` the confident pseudo-labels by class. `truth` (the images' real labels, which
+    only a benchmark has) adds `correct`, the confident pseudo-labels that match them."""
 
     images: torch.Tensor
     weight: float = 1.0
     batch_size: int = 32
     threshold: float = 0.95
     batchnorm: str = names.SSL_BATCHNORM_FROZEN
+    truth: torch.Tensor | None = None
     drawn: int = field(default=0, init=False)
     confident: int = field(default=0, init=False)
+    correct: int = field(default=0, init=False)
+    classes: dict[int, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         _check(self.batchnorm, names.SSL_BATCHNORM, "pseudo-label batchnorm")
@@ -304,7 +309,8 @@ class PseudoLabel:
         return ()
 
     def term(self, model: FedSSLModel, g: torch.Generator, adjust: torch.Tensor | None = None) -> torch.Tensor:
-        batch = self.images[torch.randint(len(self.images), (self.batch_size,), generator=g)]
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=g)
+        batch = self.images[idx]
         shift = 0.0 if adjust is None else adjust
         with torch.no_grad():
             was_training = model.training
@@ -318,6 +324,10 @@ class PseudoLabel:
         keep = confidence >= self.threshold
         self.drawn += len(batch)
         self.confident += int(keep.sum())
+        for c in target[keep].tolist():
+            self.classes[c] = self.classes.get(c, 0) + 1
+        if self.truth is not None:
+            self.correct += int((target[keep] == self.truth[idx][keep]).sum())
         if not keep.any():
             return torch.zeros(())
         strong = SimCLRTransform(mean=model.mean, std=model.std).view(batch[keep], g)

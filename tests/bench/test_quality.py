@@ -420,8 +420,9 @@ def test_joint_ssl_draws_each_hospitals_term_from_all_its_images_while_fine_tuni
 def test_pseudo_labels_draw_from_all_of_each_hospitals_images_and_the_curve_records_the_confident_share(monkeypatch):
     """--pseudo-label-weight (FixMatch): every fine-tuning round of every hospital gets a
     `training.PseudoLabel` over its whole training pool while its supervised batches come from
-    its labelled images, and each round's curve entry records the share of drawn images that
-    were confident enough, per hospital: what the term counted in that round."""
+    its labelled images (the term knows every image's real label), and each round's curve entry
+    records, per hospital, what the term counted in that round: the share of drawn images that
+    were confident enough, how many of those pseudo-labels were right, and their classes."""
     from bench import quality
     from fedssl_core import names
     from fedssl_flower import local, training
@@ -444,6 +445,9 @@ def test_pseudo_labels_draw_from_all_of_each_hospitals_images_and_the_curve_reco
         site = next(s for s in sites if s.hospital == hospital)
         assert isinstance(term, training.PseudoLabel)
         assert (term.weight, term.threshold, term.batch_size, term.batchnorm) == (0.5, 0.2, 4, "frozen")
-        assert torch.equal(term.images, site.train_images)
-        assert term.drawn > 0 and term.drawn % 4 == 0
-        assert out["curve"][rnd - 1]["pseudo_label_confident"][hospital] == term.confident / term.drawn
+        assert torch.equal(term.images, site.train_images) and torch.equal(term.truth, site.train_labels)
+        assert term.drawn > 0 and term.drawn % 4 == 0 and term.confident > 0
+        record = out["curve"][rnd - 1]["pseudo_labels"][hospital]
+        assert record["share"] == term.confident / term.drawn
+        assert record["accuracy"] == term.correct / term.confident
+        assert record["classes"] == {pooled.class_names[c]: n for c, n in sorted(term.classes.items())}

@@ -320,15 +320,18 @@ def test_pseudo_labels_train_strong_views_toward_the_models_confident_prediction
     view in eval mode (the label prior added), and is `weight` times the cross-entropy of the
     strong views of the images whose prediction reaches the threshold, toward that prediction,
     summed and divided by the batch, recomputed here step by step from the same generator.
-    Frozen BatchNorm: the running statistics stay. No image confident: the term is zero."""
+    Frozen BatchNorm: the running statistics stay. It counts the confident pseudo-labels by
+    class and, given the images' real labels, the right ones. No image confident: zero."""
     import torch.nn.functional as F
     from fedssl_flower.ssl.transforms import SimCLRTransform, normalize
 
     torch.manual_seed(0)
     model = FedSSLModel(num_classes=7).train()
     pool, adjust = data.train_images[16:48], torch.log(torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05]))
+    truth = data.train_labels[16:48]
     g = torch.Generator().manual_seed(3)
-    batch = pool[torch.randint(len(pool), (8,), generator=g)]
+    idx = torch.randint(len(pool), (8,), generator=g)
+    batch = pool[idx]
     with torch.no_grad():
         weak = normalize(training._augment_supervised(batch, g), model.mean, model.std)
         confidence, target = torch.softmax(copy.deepcopy(model).eval()(weak) + adjust, dim=1).max(dim=1)
@@ -339,17 +342,19 @@ def test_pseudo_labels_train_strong_views_toward_the_models_confident_prediction
     expected = 2.0 * F.cross_entropy(copy.deepcopy(model)(strong) + adjust, target[keep], reduction="sum") / 8
     stats = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running_" in k}
 
-    term = training.PseudoLabel(pool, weight=2.0, batch_size=8, threshold=threshold)
+    term = training.PseudoLabel(pool, weight=2.0, batch_size=8, threshold=threshold, truth=truth)
     value = term.term(model, torch.Generator().manual_seed(3), adjust)
     assert torch.allclose(value, expected, atol=1e-5), (float(value), float(expected))
     assert (term.drawn, term.confident) == (8, int(keep.sum()))
+    assert term.classes == {c: int((target[keep] == c).sum()) for c in target[keep].unique().tolist()}
+    assert term.correct == int((target[keep] == truth[idx][keep]).sum())
     assert model.training and all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in stats.items())
     value.backward()
     assert next(model.encoder.parameters()).grad.abs().sum() > 0 and model.classifier.weight.grad.abs().sum() > 0
 
     nothing = training.PseudoLabel(pool, batch_size=8, threshold=1.0)
     assert float(nothing.term(model, torch.Generator().manual_seed(3), adjust)) == 0.0
-    assert (nothing.drawn, nothing.confident) == (8, 0)
+    assert (nothing.drawn, nothing.confident, nothing.correct, nothing.classes) == (8, 0, 0, {})
     with pytest.raises(ConfigError, match=r"pseudo-label threshold 0.0: expected a probability in \(0, 1\]"):
         training.PseudoLabel(pool, threshold=0.0)
 
