@@ -316,7 +316,7 @@ class PseudoLabel:
             was_training = model.training
             model.eval()
             try:
-                weak = normalize(_augment_supervised(batch, g), model.mean, model.std)
+                weak = supervised_view(batch, names.AUGMENT_FLIPS, g, model.mean, model.std)
                 proba = torch.softmax(model(weak.contiguous(memory_format=torch.channels_last)) + shift, dim=1)
             finally:
                 model.train(was_training)
