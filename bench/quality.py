@@ -96,7 +96,7 @@ from fedssl_flower.errors import FedSSLError
 from fedssl_flower.aggregation import Aggregation, PrivacyBudgetExhausted, update_norm
 from fedssl_flower.attack import EXPECTED as ATTACK_SPECS
 from fedssl_flower.attack import Attack, misbehave, parse_attack
-from fedssl_flower.strategy import ServerOptimizer, weighted_average
+from fedssl_flower.strategy import ServerOptimizer, relay_order, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
@@ -411,7 +411,16 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     `weight` times the pseudo-label term on `batch` of the hospital's training images, labelled or not
     (`training.PseudoLabel`, same images as `joint`); each round's curve entry records, per hospital,
     the share of drawn images confident enough to train on, how many of those pseudo-labels were
-    right (the bench knows every image's label) and their classes."""
+    right (the bench knows every image's label) and their classes.
+    strategy=cyclic (cyclic weight transfer, Chang et al. 2018): in each round the hospitals train
+    one after another, in the aggregator's order (`strategy.relay_order`), each from the model the
+    one before it returned; the round's model is `strategy.relay_model` of their replies in that
+    order (the aggregator's `Aggregation`). Same steps per hospital and round as FedAvg; in a
+    deployment the hospitals wait for each other, so a round takes as long as all their local
+    training together."""
+    cyclic = cfg.strategy == names.STRATEGY_CYCLIC
+    if cyclic and (scaffold or fedbn):
+        raise ValueError("strategy cyclic relays one model from hospital to hospital: no SCAFFOLD or FedBN")
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -453,8 +462,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                 print(f"    privacy budget reached, stopped before {stopped}", flush=True)
                 break
         updates, traffic, deltas, norms, arrived, confident = [], {}, [], {}, {}, {}
-        for i, (site, model, kept) in enumerate(zip(sites, hospitals, moments)):
-            down, sent = wire(current, cfg.update_encoding)
+        order = list(range(len(sites)))
+        if cyclic:  # as the aggregator relays: a fresh order every round, so no hospital is always the last
+            order = relay_order(order, cfg.seed, phase, rnd)
+        baton = current  # cyclic: the model the previous hospital returned
+        for i in order:
+            site, model, kept = sites[i], hospitals[i], moments[i]
+            down, sent = wire(baton if cyclic else current, cfg.update_encoding)
             previous = copy.deepcopy(model.encoder) if moon[0] and phase == names.PHASE_FINETUNE and (phase, i) in trained_in else None
             records.load_arrays(model, {k: v for k, v in down.items() if k not in bn_keys} if i in started else down)
             started.add(i)
@@ -493,6 +507,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if attack.active and site.hospital == attacker:
                 reply = misbehave(attack, reply, down)
             up, received = wire(reply, cfg.update_encoding)
+            if cyclic:
+                baton = up
             arrived[site.hospital] = update_norm(up, down)
             updates.append((up, 1 if uniform_weights else m[names.M_EXAMPLES]))
             traffic[site.hospital] = {"train_sent": sent, "train_received": received}

@@ -54,8 +54,12 @@ STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD = "fedadam", "fedyogi", 
 STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG = "fedmedian", "fedtrimmedavg"
 STRATEGY_KRUM, STRATEGY_MULTIKRUM = "krum", "multikrum"
 STRATEGY_MEDIAN_COSINE = "median-cosine"  # fedssl's own (aggregation.MedianCosine)
+# Cyclic weight transfer (Chang et al. 2018): the hospitals train one after another, each from the
+# model the one before it returned; nothing is averaged but BatchNorm statistics (strategy.relay_model).
+STRATEGY_CYCLIC = "cyclic"
 STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX,
-              STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG, STRATEGY_KRUM, STRATEGY_MULTIKRUM, STRATEGY_MEDIAN_COSINE)
+              STRATEGY_FEDMEDIAN, STRATEGY_FEDTRIMMEDAVG, STRATEGY_KRUM, STRATEGY_MULTIKRUM, STRATEGY_MEDIAN_COSINE,
+              STRATEGY_CYCLIC)
 # The strategies that need only the example-weighted average of the updates (secure-aggregation=true).
 SECURE_STRATEGIES = (STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD, STRATEGY_FEDPROX)
 FEDOPT_STRATEGIES = (STRATEGY_FEDADAM, STRATEGY_FEDYOGI, STRATEGY_FEDADAGRAD)  # server-eta, server-tau (and betas)

@@ -54,6 +54,12 @@ the aggregation is the strategy's own (any strategy: it is post-processing) and 
 only keeps the account, rounds released composed by basic composition, and refuses the round
 that would pass dp-max-epsilon with the same `PrivacyBudgetExhausted`.
 
+strategy=cyclic (cyclic weight transfer, Chang et al. 2018) is not aggregation: the aggregator
+sends the model to one hospital at a time and the next starts from the model the one before it
+returned (`server_app.Aggregator._relay`); `aggregate` then gets the accepted replies in the
+order they trained and returns the last one's trained parameters with every hospital's
+statistics averaged (`strategy.relay_model`).
+
 Before any of that, `check_update` refuses a reply whose update is not the global model's
 shared groups for the phase (missing or extra tensors, wrong shapes or dtypes, NaN or Inf).
 """
@@ -70,11 +76,11 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
 from fedssl_core.names import (DP_CENTRAL, DP_CENTRAL_ADAPTIVE, DP_LOCAL, STRATEGIES, STRATEGY_FEDADAGRAD,
-                               STRATEGY_FEDADAM, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
+                               STRATEGY_FEDADAM, STRATEGY_CYCLIC, STRATEGY_FEDAVG, STRATEGY_FEDAVGM, STRATEGY_FEDMEDIAN, STRATEGY_FEDPROX, STRATEGY_FEDTRIMMEDAVG,
                                STRATEGY_FEDYOGI, STRATEGY_KRUM, STRATEGY_MEDIAN_COSINE, STRATEGY_MULTIKRUM)
 
 from . import local_dp
-from .strategy import AggregationError, ServerOptimizer, is_trained, weighted_average
+from .strategy import AggregationError, ServerOptimizer, is_trained, relay_model, weighted_average
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -98,7 +104,10 @@ PARAMETERS: dict[str, dict[str, str]] = {
     STRATEGY_KRUM: {"num-malicious-nodes": "num_malicious_nodes"},
     STRATEGY_MULTIKRUM: {"num-malicious-nodes": "num_malicious_nodes", "num-nodes-to-select": "num_nodes_to_select"},
     STRATEGY_MEDIAN_COSINE: {"min-cosine": "min_cosine", "num-malicious-nodes": "num_malicious_nodes"},
+    STRATEGY_CYCLIC: {},
 }
+# The strategies computed by a Flower strategy object (cyclic weight transfer averages nothing).
+FLOWER_STRATEGIES = tuple(s for s in STRATEGIES if s != STRATEGY_CYCLIC)
 
 # Flower's default record keys: its strategies read the arrays, weights and config under these.
 ARRAYS, METRICS, CONFIG, EXAMPLES = "arrays", "metrics", "config", "num-examples"
@@ -113,7 +122,7 @@ def build_strategy(cfg: "RunConfig") -> flwr_strategy.FedAvg:
     are unused (the hospitals score the global model in the train exchange) and left at
     values Flower does not warn about."""
     if cfg.strategy not in _CLASSES:
-        raise AggregationError(f"strategy={cfg.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        raise AggregationError(f"strategy={cfg.strategy!r} is not a Flower strategy; expected one of {', '.join(FLOWER_STRATEGIES)}")
     config = cfg.as_dict()
     params = {flower: config[key] for key, flower in PARAMETERS[cfg.strategy].items()}
     return _CLASSES[cfg.strategy](fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
@@ -336,12 +345,15 @@ class Aggregation:
     the parameter groups of one phase, so a new phase gets a new strategy, as
     `ServerOptimizer`'s velocity restarts. None of it is checkpointed: a resumed run starts
     it afresh. Per round: `configure` before sending (returns what the strategy adds to the
-    train config, e.g. FedProx's `proximal-mu`), `aggregate` on the accepted replies."""
+    train config, e.g. FedProx's `proximal-mu`), `aggregate` on the accepted replies.
+    strategy=cyclic has no strategy object: the aggregator relays the model from hospital to
+    hospital (`server_app`), and `aggregate` takes the last one's (`strategy.relay_model`)."""
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
         self.phase: str | None = None
-        self.strategy: flwr_strategy.FedAvg = build_strategy(cfg)
+        self.relay = cfg.strategy == STRATEGY_CYCLIC  # cyclic weight transfer: no Flower strategy, nothing averaged
+        self.strategy: flwr_strategy.FedAvg | None = None if self.relay else build_strategy(cfg)
         # strategy=fedavg keeps fedssl's server step (server-lr, server-momentum) on the average.
         self.server_optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.sent: dict[int, Message] = {}  # node -> the strategy's train message of this round
@@ -365,7 +377,7 @@ class Aggregation:
 
     def _start_phase(self, phase: str) -> None:
         if phase != self.phase:
-            self.phase, self.strategy = phase, build_strategy(self.cfg)
+            self.phase, self.strategy = phase, None if self.relay else build_strategy(self.cfg)
             self.clipping_norm = self.cfg.dp_clipping_norm
 
     def configure(self, phase: str, rnd: int, current: Mapping[str, np.ndarray], node_ids: Sequence[int]) -> dict:
@@ -377,8 +389,8 @@ class Aggregation:
             return self._configure_private(rnd, current, node_ids)
         if self.local_dp:
             self._check_local_budget()
-        if self.cfg.strategy == STRATEGY_FEDAVG:
-            return {}  # FedAvg adds nothing to the train config; its average is weighted_average's
+        if self.cfg.strategy in (STRATEGY_FEDAVG, STRATEGY_CYCLIC):
+            return {}  # FedAvg adds nothing to the train config (its average is weighted_average's), nor does cyclic
         msgs = self._configure_strategy(rnd, current, node_ids)
         if not msgs:
             return {}
@@ -424,6 +436,9 @@ class Aggregation:
 
     def _aggregate_strategy(self, phase: str, rnd: int, current: Mapping[str, np.ndarray],
                             updates: Sequence[tuple[int, Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        if self.relay:  # `updates` in the order the hospitals trained: the last one's model, statistics averaged
+            self._start_phase(phase)
+            return relay_model([(arrays, n) for _, arrays, n in updates])
         if self.cfg.strategy == STRATEGY_FEDAVG:
             self._start_phase(phase)
             return self.server_optimizer.step(current, weighted_average([(arrays, n) for _, arrays, n in updates]), phase)

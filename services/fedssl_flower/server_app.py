@@ -14,7 +14,9 @@ split (with its local-only baseline) before it trains; the replies bring those s
 update (only the shared groups). So each round: finish the previous round's record →
 aggregate this round's updates. The last model is scored by one evaluate exchange at the end.
 Two exchanges per round would pay Flower's fixed cost (a ClientApp process per message, the
-model through the SuperLink) twice.
+model through the SuperLink) twice. strategy=cyclic (cyclic weight transfer) is the exception:
+a round is an evaluate exchange of the previous round's model with every hospital, then one
+train exchange per hospital in turn, each carrying the model the hospital before returned.
 
 Environment of the SuperLink (inherited by this process): FEDSSL_REGISTRY_URL,
 FEDSSL_REGISTRY_TOKEN, FEDSSL_RUNS_DIR.
@@ -42,6 +44,7 @@ from .hospitals import Hospitals
 from .messaging import Messenger
 from .registry_client import RegistryClient
 from .reporting import RunReport, Trained, progress, secure_summary
+from .strategy import relay_order
 
 log = logging.getLogger("fedssl.aggregator")
 # Strategies whose server step keeps state between rounds (not registered: a resumed run restarts it).
@@ -73,16 +76,17 @@ class Aggregator:
 
     # ---------------------------------------------------------------- rounds
     def _messages(self, nodes: list[int], message_type: str, config: dict, phases: tuple[str, ...],
-                  group_id: str) -> tuple[list[Message], int]:
+                  group_id: str, state: dict[str, torch.Tensor] | None = None) -> tuple[list[Message], int]:
         """One message per node with the global model's groups that `phases` share (the whole
-        model at first contact) and `config`; returns them and the bytes of their weights."""
+        model at first contact) and `config`; returns them and the bytes of their weights.
+        `state`: another model to send instead of the global one (strategy=cyclic's relay)."""
         groups = tuple(dict.fromkeys(g for p in phases for g in training.shared_groups(p, self.cfg.share, self.cfg.finetune_mode)))
         packed: dict[bool, ArrayRecord] = {}  # packed once per variant (shared groups, whole model), not per node
         msgs, sent = [], 0
         for n in nodes:
             known = n in self.hospitals.nodes_with_model
             if known not in packed:
-                arrays = records.state_arrays(self.state, groups if known else None)
+                arrays = records.state_arrays(self.state if state is None else state, groups if known else None)
                 packed[known] = records.to_array_record(arrays, self.cfg.update_encoding)
             content = RecordDict({records.WEIGHTS: packed[known], records.CONFIG: records.config_record(config)})
             sent += packed[known].count_bytes()
@@ -115,21 +119,29 @@ class Aggregator:
     def _round(self, phase: str, rnd: int, total: int, previous: Trained | None) -> Trained:
         """Train round `rnd`: one exchange whose messages carry the previous round's global
         model, which every hospital scores before it trains (so that round's record is
-        finished here), and whose replies are averaged into this round's global model."""
+        finished here), and whose replies are averaged into this round's global model.
+        strategy=cyclic: the hospitals score the previous model in an evaluate exchange of
+        their own, then train one after another (`_relay`)."""
         t0 = time.monotonic()
         nodes = self.hospitals.connected()
+        relay = self.cfg.strategy == names.STRATEGY_CYCLIC
         config: dict[str, Any] = {"phase": phase, "round": rnd}
         phases: tuple[str, ...] = (phase,)
-        if previous is not None:
+        if previous is not None and not relay:
             config |= {"evaluate-phase": previous.phase, "evaluate-round": previous.round}
             phases = (phase, previous.phase)
         expected = records.state_arrays(self.state, training.shared_groups(phase, self.cfg.share, self.cfg.finetune_mode))
         # What the strategy adds to the train config (FedProx: proximal-mu); it sees the current model.
         config |= self.aggregation.configure(phase, rnd, expected, nodes)
-        msgs, bytes_sent = self._messages(nodes, MessageType.TRAIN, config, phases, f"{phase}-{rnd}")
+        if relay and previous is not None:  # its time is the previous round's record's, not this round's
+            self._evaluate(previous, f"an evaluation before {phase} round {rnd}")
+            t0, nodes = time.monotonic(), self.hospitals.connected()
+        msgs, bytes_sent = ([], 0) if relay else self._messages(nodes, MessageType.TRAIN, config, phases, f"{phase}-{rnd}")
         t_send = time.monotonic()
-        secure = None
-        if self.cfg.secure_aggregation:  # four exchanges of Flower's SecAgg+; the collect stage's replies are the round's
+        secure, sent_to = None, {}
+        if relay:
+            replies, missing, bytes_sent, sent_to = self._relay(nodes, config, phase, rnd, expected)
+        elif self.cfg.secure_aggregation:  # four exchanges of Flower's SecAgg+; the collect stage's replies are the round's
             secure = self._secure_exchange(msgs, phase, rnd, expected)
             replies = secure.replies
             missing = [n for n in nodes if n not in replies]
@@ -137,12 +149,12 @@ class Aggregator:
         else:
             replies, missing = self.messenger.exchange(msgs)
         t_train = time.monotonic() - t_send
-        if previous is not None:
+        if previous is not None and not relay:
             self.report.finish(previous, *self._evaluations(replies, previous), evaluated_in=f"{phase} round {rnd}")
 
         updates, per_hospital, examples, failed, skipped, refused, norms = [], {}, {}, [], {}, {}, {}
         bytes_received = 0
-        for node, reply in sorted(replies.items()):
+        for node, reply in (replies.items() if relay else sorted(replies.items())):  # cyclic: in the order they trained
             name = self.hospitals[node].name
             if reply.has_error():
                 failed.append(name)
@@ -155,12 +167,13 @@ class Aggregator:
                 continue
             if secure is None:
                 bytes_received += reply.content[records.WEIGHTS].count_bytes()
-                arrays, why = self._accepted(reply, expected)
+                given = sent_to.get(node, expected)  # the model it trained from (cyclic: the previous hospital's)
+                arrays, why = self._accepted(reply, given)
                 if arrays is None:  # garbage never reaches the strategy; the round goes on with the others
                     refused[name] = str(why)
                     progress("%s round %d: hospital %s's update refused: %s", phase, rnd, name, why)
                     continue
-                norms[name] = update_norm(arrays, expected)
+                norms[name] = update_norm(arrays, given)
             m = records.from_metric_record(reply.content[records.METRICS], len(self.hospitals.class_names))
             n_ex = int(m.get(names.M_EXAMPLES, 0))
             updates.append((node, arrays if secure is None else {}, n_ex))
@@ -179,7 +192,8 @@ class Aggregator:
                 f"{'; '.join(f'{h}: {why}' for h, why in refused.items()) or 'none'}); min-hospitals is {self.cfg.min_hospitals}"
             )
         for name in failed:
-            progress("%s round %d: hospital %s did not answer; aggregating the %d others", phase, rnd, name, len(updates))
+            progress("%s round %d: hospital %s did not answer; %s the %d others", phase, rnd, name,
+                     "relayed the model past it to" if relay else "aggregating", len(updates))
         t_agg = time.monotonic()
         if secure is not None:
             bytes_received = sum(s["bytes_received"] for s in secure.stages)
@@ -195,6 +209,36 @@ class Aggregator:
                        refused, bytes_sent, bytes_received, t_train, t_agg, time.monotonic() - t0, self.aggregation.privacy_spent(),
                        {"hospitals": norms, "global": update_norm(new, expected), **facts},
                        None if secure is None else secure_summary(secure))
+
+    def _relay(self, nodes: list[int], config: dict[str, Any], phase: str, rnd: int,
+               expected: dict[str, Any]) -> tuple[dict[int, Message], list[int], int, dict[int, dict[str, Any]]]:
+        """strategy=cyclic (cyclic weight transfer, Chang et al. 2018): the round's train
+        messages one at a time, in `strategy.relay_order` of the hospitals' names. The first
+        hospital gets the global model (`expected`: the phase's shared groups); each next one
+        the model the one before it returned, once accepted; a hospital that fails, cannot
+        train or is refused passes on the model it was given. Returns the replies in the order
+        the hospitals trained, the nodes that never answered, the bytes sent, and the model
+        each hospital was sent (what its update is checked and measured against)."""
+        order = relay_order(sorted(nodes, key=lambda n: (self.hospitals[n].name, n)), self.cfg.seed, phase, rnd)
+        progress("%s round %d: cyclic, the model goes %s", phase, rnd, " -> ".join(self.hospitals[n].name for n in order))
+        baton, replies, missing, sent_to, sent = expected, {}, [], {}, 0
+        for i, node in enumerate(order, 1):
+            state = self.state | {k: torch.as_tensor(np.array(v)).to(self.state[k].dtype).reshape(self.state[k].shape)
+                                  for k, v in baton.items()}
+            msgs, size = self._messages([node], MessageType.TRAIN, config, (phase,), f"{phase}-{rnd}", state)
+            sent, sent_to[node] = sent + size, baton
+            got, lost = self.messenger.exchange(msgs)
+            replies |= got
+            missing += lost
+            reply = got.get(node)
+            if reply is None or reply.has_error() or records.WEIGHTS not in reply.content or (
+                    records.INFO in reply.content and records.SKIPPED in reply.content[records.INFO]):
+                continue  # reported with the round's replies; the model goes on as it came
+            arrays, _ = self._accepted(reply, baton)
+            if arrays is not None:
+                baton = arrays
+                progress("%s round %d: hospital %s trained (%d of %d)", phase, rnd, self.hospitals[node].name, i, len(order))
+        return replies, missing, sent, sent_to
 
     def _strategy_facts(self, phase: str, rnd: int) -> dict:
         """What the round's strategy decided about each update, by hospital (median-cosine: its
@@ -254,9 +298,14 @@ class Aggregator:
 
     def _final_evaluation(self, trained: Trained) -> None:
         """Score the run's last global model: an exchange of its own, as no round follows."""
+        self._evaluate(trained, "a final evaluation", final=True)
+
+    def _evaluate(self, trained: Trained, evaluated_in: str, final: bool = False) -> None:
+        """Score `trained`'s global model in an evaluate exchange and finish its record (the
+        final round's; with strategy=cyclic every round's, before the next one's relay)."""
         nodes = self.hospitals.connected()
         config = {"phase": trained.phase, "round": trained.round, "evaluate-phase": trained.phase, "evaluate-round": trained.round}
-        local = self.cfg.register_local_models and trained.phase == names.PHASE_FINETUNE and self.report.registry is not None
+        local = final and self.cfg.register_local_models and trained.phase == names.PHASE_FINETUNE and self.report.registry is not None
         if local:
             config["send-local-model"] = True
         msgs, sent = self._messages(nodes, MessageType.EVALUATE, config, (trained.phase,), f"{trained.phase}-{trained.round}-eval")
@@ -270,7 +319,7 @@ class Aggregator:
                 log.warning("hospital %s failed to evaluate %s round %d: %s", self.hospitals[node].name, trained.phase,
                             trained.round, reply.error.reason)
         trained.bytes_sent += sent
-        record = self.report.finish(trained, *self._evaluations(replies, trained), evaluated_in="a final evaluation",
+        record = self.report.finish(trained, *self._evaluations(replies, trained), evaluated_in=evaluated_in,
                                     evaluate_seconds=t_eval)
         if local:
             self.report.register_local_models(replies, record, self.state)

@@ -6,7 +6,9 @@ num_batches_tracked) take the maximum instead of a mean.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -50,6 +52,30 @@ def is_trained(key: str, array: np.ndarray) -> bool:
     """A trained float parameter (goes through the strategy), not a BatchNorm statistic, a
     spectral-norm power-iteration vector or an integer buffer (plain average / max)."""
     return np.issubdtype(array.dtype, np.floating) and not key.endswith(STATISTICS_SUFFIXES)
+
+
+_T = TypeVar("_T")
+
+
+def relay_order(hospitals: Sequence[_T], seed: int, phase: str, rnd: int) -> list[_T]:
+    """The order in which `hospitals` train in `phase` round `rnd` of cyclic weight transfer:
+    drawn afresh every round from the run's seed (the same for the same list), so that no
+    hospital is always the last, whose data the round's model has seen most recently."""
+    order = list(hospitals)
+    random.Random(f"{seed}/{phase}/{rnd}").shuffle(order)
+    return order
+
+
+def relay_model(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """Cyclic weight transfer's new global model from a round's `(arrays, examples)` in the
+    order the hospitals trained: the trained parameters of the last one (the model the chain
+    ends with, every hospital's training in it), the statistics (BatchNorm's running mean and
+    variance, power-iteration vectors, integer buffers) as FedAvg takes them over every
+    hospital's: each hospital's estimate of its own images' statistics, example-weighted, so
+    that the last hospital's alone do not serve everyone."""
+    average = weighted_average(updates)
+    last = next(arrays for arrays, n in reversed(updates) if n > 0)
+    return {k: np.asarray(v) if is_trained(k, np.asarray(v)) else average[k] for k, v in last.items()}
 
 
 class ServerOptimizer:

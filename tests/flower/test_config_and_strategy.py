@@ -5,7 +5,7 @@ import pytest
 
 from fedssl_flower.config import RunConfig
 from fedssl_flower.errors import ConfigError
-from fedssl_flower.strategy import AggregationError, ServerOptimizer, weighted_average
+from fedssl_flower.strategy import AggregationError, ServerOptimizer, relay_model, relay_order, weighted_average
 
 
 def test_run_config_defaults_come_from_pyproject(repo_root):
@@ -340,7 +340,7 @@ def test_bad_strategy_config_is_named_with_its_range(overrides, message):
         RunConfig.from_mapping(overrides)
 
 
-@pytest.mark.parametrize("name", aggregation.STRATEGIES)
+@pytest.mark.parametrize("name", aggregation.FLOWER_STRATEGIES)
 def test_every_strategy_is_a_flower_strategy_with_its_run_config(name):
     cfg = RunConfig.from_mapping({"strategy": name, "trim-beta": 0.3, "num-malicious-nodes": 2, "num-nodes-to-select": 3,
                                   "server-eta": 0.02, **({"proximal-mu": 0.5} if name == "fedprox" else {})})
@@ -419,3 +419,47 @@ def test_median_cosine_that_would_leave_nothing_out_is_refused():
     with pytest.raises(ConfigError, match=r"strategy=median-cosine with num-malicious-nodes=0 and min-cosine=-1 leaves no update out"):
         RunConfig.from_mapping({"strategy": "median-cosine"})
     assert RunConfig.from_mapping({"strategy": "median-cosine", "num-malicious-nodes": 1}).min_cosine == -1.0
+
+
+# ------------------------------------------------------------------ cyclic weight transfer
+def test_cyclic_takes_the_last_hospitals_model_and_averages_only_the_statistics():
+    """strategy=cyclic: the updates come in the order the hospitals trained; the new model's
+    trained parameters are the last one's, its BatchNorm statistics FedAvg's over all of them
+    (example-weighted mean, integer buffers the max), and no Flower strategy is involved."""
+    current = _model_arrays()
+    updates = _updates(current, n=3)
+    agg = Aggregation(RunConfig.from_mapping({"strategy": "cyclic"}))
+    assert agg.strategy is None
+    assert agg.configure("finetune", 1, current, NODES[:3]) == {}
+    new = agg.aggregate("finetune", 1, current, updates)
+    last = updates[-1][1]
+    for key in ("encoder.conv.weight", "encoder.bn.weight"):
+        assert new[key].tobytes() == last[key].tobytes(), key
+    average = weighted_average([(arrays, n) for _, arrays, n in updates])
+    for key in ("encoder.bn.running_mean", "encoder.bn.running_var"):
+        assert new[key].tobytes() == average[key].tobytes(), key
+        assert not np.allclose(new[key], last[key]), key  # the last hospital's alone would differ
+    assert int(new["encoder.bn.num_batches_tracked"]) == 7 + 2
+    # A hospital that trained on no examples neither serves its model nor weighs in the statistics.
+    idle = (NODES[3], {k: v + 1 if v.dtype == np.float32 else v for k, v in current.items()}, 0)
+    assert relay_model([(a, n) for _, a, n in [*updates, idle]])["encoder.conv.weight"].tobytes() == last["encoder.conv.weight"].tobytes()
+
+
+def test_the_relay_order_is_drawn_afresh_every_round_from_the_seed():
+    hospitals = ["a", "b", "c", "d"]
+    orders = [relay_order(hospitals, 0, "finetune", rnd) for rnd in range(1, 9)]
+    assert all(sorted(o) == hospitals for o in orders)
+    assert len({tuple(o) for o in orders}) > 1 and len({o[-1] for o in orders}) > 1  # not always the same last
+    assert orders == [relay_order(hospitals, 0, "finetune", rnd) for rnd in range(1, 9)]  # reproducible
+    assert [relay_order(hospitals, 1, "finetune", rnd) for rnd in range(1, 9)] != orders
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"strategy": "cyclic", "secure-aggregation": True},
+     "secure-aggregation=true needs a strategy that only averages"),
+    ({"strategy": "cyclic", "dp": "central-fixed"}, "dp=central-fixed needs strategy=fedavg"),
+    ({"strategy": "cyclic", "server-lr": 2.0}, "server-lr and server-momentum act with strategy=fedavg or fedavgm only, not strategy=cyclic"),
+])
+def test_cyclic_refuses_what_needs_an_average(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_mapping(overrides)

@@ -99,7 +99,7 @@ from fedssl_core import names  # noqa: E402
 from fedssl_flower import records  # noqa: E402
 from fedssl_flower.config import RunConfig  # noqa: E402
 from fedssl_flower.hospitals import Hospital  # noqa: E402
-from fedssl_flower.strategy import weighted_average  # noqa: E402
+from fedssl_flower.strategy import relay_order, weighted_average  # noqa: E402
 
 HOSPITALS = {1: ("a", 30), 2: ("b", 10), 3: ("garbage", 20)}
 
@@ -183,3 +183,38 @@ def test_the_default_round_is_fedavg_of_the_accepted_updates(tmp_path, monkeypat
     assert all(agg.state[k].numpy().tobytes() == expected[k].tobytes() for k in expected)
     assert agg.report.recipe()["strategy"] == "fedavg"
     assert agg.report.recipe()["strategy_parameters"] == {"server-lr": 1.0, "server-momentum": 0.0}
+
+
+def test_cyclic_relays_the_model_from_hospital_to_hospital(tmp_path, monkeypatch, capsys):
+    """strategy=cyclic: one train message at a time, in the relay order; each hospital trains
+    from the model the one before it returned, a refused update is not passed on, and the
+    round's model is the last accepted one's (each hospital moved it by its node number)."""
+    agg = _aggregator(tmp_path, monkeypatch, strategy="cyclic")
+    classifier = f"{names.GROUP_CLASSIFIER}."
+    before = {k: v.numpy().copy() for k, v in agg.state.items() if k.startswith(classifier)}
+    received, answer = [], agg.messenger.grid.answer
+
+    def recording(node, sent):
+        received.append((node, {k: v for k, v in sent.items() if k.startswith(classifier)}))
+        return answer(node, sent)
+
+    agg.messenger.grid.answer = recording
+    trained = agg._round(names.PHASE_FINETUNE, 1, 1, None)
+    order = relay_order(sorted(HOSPITALS, key=lambda n: HOSPITALS[n][0]), agg.cfg.seed, names.PHASE_FINETUNE, 1)
+    assert [node for node, _ in received] == order  # one at a time, in the relay order
+    moved = 0.0
+    for node, sent in received:
+        for k, v in before.items():
+            np.testing.assert_allclose(sent[k], v + moved, rtol=1e-6, err_msg=f"hospital {HOSPITALS[node][0]} got another model")
+        if HOSPITALS[node][0] != "garbage":  # refused: the next hospital gets the model the garbage hospital was sent
+            moved += node
+    for k, v in before.items():
+        np.testing.assert_allclose(agg.state[k].numpy(), v + 3, rtol=1e-6)  # a (+1) and b (+2) both in it
+    assert trained.refused == {"garbage": f"tensor {names.GROUP_CLASSIFIER}.bias holds NaN or infinite values"}
+    assert list(trained.examples) == [HOSPITALS[n][0] for n in order if HOSPITALS[n][0] != "garbage"]
+    size = np.sqrt(sum(v.size for v in before.values()))  # each update measured from the model it was sent
+    assert trained.update_norms["hospitals"] == {"a": pytest.approx(1 * size, rel=1e-5), "b": pytest.approx(2 * size, rel=1e-5)}
+    assert trained.update_norms["global"] == pytest.approx(3 * size, rel=1e-5)
+    out = capsys.readouterr().out
+    assert "finetune round 1: cyclic, the model goes " + " -> ".join(HOSPITALS[n][0] for n in order) in out
+    assert agg.report.recipe()["strategy"] == "cyclic" and agg.report.recipe()["strategy_parameters"] == {}
