@@ -21,8 +21,10 @@
 #     and the mapping printed; anything else needs --label-map 'folder=class,hospital:folder=class'
 #     (or JSON, or a file). --class-names fixes the class list and its order.
 #     --preset default: 3 hospitals, at most 600 images each (8 minutes on 2 CPU cores, 2026-12-04);
-#     --preset quality: HAM10000's 4 acquisition sites with all their images: the recipe of
-#                       docs/benchmarks.md section 1 through the real deployment.
+#     --preset quality: HAM10000's 4 acquisition sites with all their images, trained by cyclic weight
+#                       transfer (run config strategy=cyclic, 16 rounds of 6 local steps: the hospitals
+#                       train one after another, the recipe that scored best on the validation split in
+#                       docs/benchmarks.md section 1), through the real deployment.
 #     --preset generate: a generative run (run config task=generate): 3 hospitals with all their
 #                       images train a class-conditional GAN together at 32 px; the registry then
 #                       serves fedssl-generator (POST /v1/models/fedssl-generator:generate).
@@ -349,6 +351,10 @@ cmd_up() {
     [ -n "$rounds" ] && overrides+=(-c "generate-rounds=$rounds")
     gen_rounds="$rounds" gen_size="${image_size:-32}" rounds="" image_size=""
   fi
+  if [ "$preset" = quality ]; then  # the same run config as charts/fedssl/values-quality.yaml
+    overrides+=(-c 'strategy="cyclic"')
+    ft_rounds="${ft_rounds:-16}" local_steps="${local_steps:-6}"
+  fi
   [ -n "$rounds" ] && overrides+=(-c "ssl-rounds=$rounds")
   [ -n "$ft_rounds" ] && overrides+=(-c "finetune-rounds=$ft_rounds")
   [ -n "$image_size" ] && overrides+=(-c "image-size=$image_size")
@@ -363,7 +369,7 @@ print(c["ssl-rounds"], c["finetune-rounds"], c["image-size"], c["local-steps"], 
   if [ "$preset" = generate ]; then
     say "submitting the run (preset generate): a class-conditional GAN at $gen_size px, ${gen_rounds:-$d_gen} rounds of $d_gan steps on $hospitals hospitals ($source data, $held)"
   else
-    say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $held)"
+    say "submitting the run (preset $preset): ${rounds:-$d_rounds} SSL + ${ft_rounds:-$d_ft} fine-tune rounds of ${local_steps:-$d_steps} local steps at ${image_size:-$d_size} px on $hospitals hospitals ($source data, $held)$([ "$preset" = quality ] && echo ", cyclic weight transfer")"
   fi
   local rc=0
   fedssl-submit --superlink "127.0.0.1:$SUPERLINK_PORT" --app "$ROOT" --flwr-home "$FEDSSL_HOME/flwr-cli" \
