@@ -218,3 +218,12 @@ def test_cyclic_relays_the_model_from_hospital_to_hospital(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "finetune round 1: cyclic, the model goes " + " -> ".join(HOSPITALS[n][0] for n in order) in out
     assert agg.report.recipe()["strategy"] == "cyclic" and agg.report.recipe()["strategy_parameters"] == {}
+
+
+def test_cyclic_with_local_dp_accounts_one_release_per_round(tmp_path, monkeypatch):
+    """dp=local with strategy=cyclic: the hospitals noise their own updates (against the model
+    each was sent); the aggregator's account counts one release for the round's hospitals."""
+    agg = _aggregator(tmp_path, monkeypatch, strategy="cyclic", dp="local", **{"min-hospitals": 1})
+    trained = agg._round(names.PHASE_FINETUNE, 1, 1, None)
+    assert trained.privacy["mechanism"] == "local" and trained.privacy["releases"] == 1
+    assert trained.privacy["hospitals"] == 2  # the accepted updates (the garbage one is refused)
