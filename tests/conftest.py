@@ -31,7 +31,7 @@ LONGEST_MODULES = {
     "tests/flower/test_attack.py": 244, "tests/flower/test_faults.py": 199, "tests/flower/test_secure_aggregation.py": 146,
     "tests/flower/test_superlink_faults.py": 142, "tests/registry/test_dashboard.py": 107, "tests/test_deploy_local.py": 95,
     "tests/flower/test_integration.py": 85, "tests/test_deploy_local_folders.py": 80, "tests/bench/test_quality.py": 72,
-    "tests/flower/test_generate_run.py": 57, "tests/flower/test_superlink_proxy.py": 55, "tests/deploy/test_chart.py": 50,
+    "tests/flower/test_cyclic.py": 70, "tests/flower/test_generate_run.py": 57, "tests/flower/test_superlink_proxy.py": 55, "tests/deploy/test_chart.py": 50,
     "tests/bench/test_generative_bench.py": 38, "tests/registry/test_durability.py": 30, "tests/registry/test_api.py": 29,
 }
 
