@@ -48,6 +48,8 @@ from .strategy import relay_order
 
 log = logging.getLogger("fedssl.aggregator")
 # Strategies whose server step keeps state between rounds (not registered: a resumed run restarts it).
+# What a round makes of a hospital's train reply (`Aggregator._judge`).
+FAILED, SKIPPED, REFUSED, TRAINED = "failed", "skipped", "refused", "trained"
 STATEFUL_STRATEGIES = (names.STRATEGY_FEDAVGM, names.STRATEGY_FEDADAM, names.STRATEGY_FEDYOGI, names.STRATEGY_FEDADAGRAD)
 
 app = ServerApp()
@@ -138,9 +140,9 @@ class Aggregator:
             t0, nodes = time.monotonic(), self.hospitals.connected()
         msgs, bytes_sent = ([], 0) if relay else self._messages(nodes, MessageType.TRAIN, config, phases, f"{phase}-{rnd}")
         t_send = time.monotonic()
-        secure, sent_to = None, {}
+        secure, sent_to, judged = None, {}, {}
         if relay:
-            replies, missing, bytes_sent, sent_to = self._relay(nodes, config, phase, rnd, expected)
+            replies, missing, bytes_sent, sent_to, judged = self._relay(nodes, config, phase, rnd, expected)
         elif self.cfg.secure_aggregation:  # four exchanges of Flower's SecAgg+; the collect stage's replies are the round's
             secure = self._secure_exchange(msgs, phase, rnd, expected)
             replies = secure.replies
@@ -156,27 +158,27 @@ class Aggregator:
         bytes_received = 0
         for node, reply in (replies.items() if relay else sorted(replies.items())):  # cyclic: in the order they trained
             name = self.hospitals[node].name
-            if reply.has_error():
+            given = sent_to.get(node, expected)  # the model it trained from (cyclic: the previous hospital's)
+            verdict, arrays, why = judged[node] if node in judged else self._judge(reply, given, secure is not None)
+            if verdict == FAILED:
                 failed.append(name)
-                log.warning("hospital %s failed %s round %d: %s", name, phase, rnd, reply.error.reason)
+                log.warning("hospital %s failed %s round %d: %s", name, phase, rnd, why)
                 continue
-            info = reply.content[records.INFO] if records.INFO in reply.content else {}
-            if records.SKIPPED in info or (secure is None and records.WEIGHTS not in reply.content):  # could not train: says why
-                skipped[name] = str(info.get(records.SKIPPED, "its reply carried no weights"))
-                progress("%s round %d: hospital %s left out: %s", phase, rnd, name, skipped[name])
+            if verdict == SKIPPED:  # could not train: says why
+                skipped[name] = why
+                progress("%s round %d: hospital %s left out: %s", phase, rnd, name, why)
                 continue
             if secure is None:
                 bytes_received += reply.content[records.WEIGHTS].count_bytes()
-                given = sent_to.get(node, expected)  # the model it trained from (cyclic: the previous hospital's)
-                arrays, why = self._accepted(reply, given)
-                if arrays is None:  # garbage never reaches the strategy; the round goes on with the others
-                    refused[name] = str(why)
-                    progress("%s round %d: hospital %s's update refused: %s", phase, rnd, name, why)
-                    continue
+            if verdict == REFUSED:  # garbage never reaches the strategy; the round goes on with the others
+                refused[name] = why
+                progress("%s round %d: hospital %s's update refused: %s", phase, rnd, name, why)
+                continue
+            if secure is None:
                 norms[name] = update_norm(arrays, given)
             m = records.from_metric_record(reply.content[records.METRICS], len(self.hospitals.class_names))
             n_ex = int(m.get(names.M_EXAMPLES, 0))
-            updates.append((node, arrays if secure is None else {}, n_ex))
+            updates.append((node, arrays, n_ex))
             examples[name] = n_ex
             per_hospital[name] = m
             if records.LOCAL_METRICS in reply.content:
@@ -210,18 +212,19 @@ class Aggregator:
                        {"hospitals": norms, "global": update_norm(new, expected), **facts},
                        None if secure is None else secure_summary(secure))
 
-    def _relay(self, nodes: list[int], config: dict[str, Any], phase: str, rnd: int,
-               expected: dict[str, Any]) -> tuple[dict[int, Message], list[int], int, dict[int, dict[str, Any]]]:
+    def _relay(self, nodes: list[int], config: dict[str, Any], phase: str, rnd: int, expected: dict[str, Any]
+               ) -> tuple[dict[int, Message], list[int], int, dict[int, dict[str, Any]], dict[int, tuple[str, Any, str | None]]]:
         """strategy=cyclic (cyclic weight transfer, Chang et al. 2018): the round's train
         messages one at a time, in `strategy.relay_order` of the hospitals' names. The first
         hospital gets the global model (`expected`: the phase's shared groups); each next one
         the model the one before it returned, once accepted; a hospital that fails, cannot
         train or is refused passes on the model it was given. Returns the replies in the order
-        the hospitals trained, the nodes that never answered, the bytes sent, and the model
-        each hospital was sent (what its update is checked and measured against)."""
+        the hospitals trained, the nodes that never answered, the bytes sent, the model each
+        hospital was sent (what its update is checked and measured against) and `_judge`'s
+        verdict on each reply (so the round's loop does not unpack an update twice)."""
         order = relay_order(sorted(nodes, key=lambda n: (self.hospitals[n].name, n)), self.cfg.seed, phase, rnd)
         progress("%s round %d: cyclic, the model goes %s", phase, rnd, " -> ".join(self.hospitals[n].name for n in order))
-        baton, replies, missing, sent_to, sent = expected, {}, [], {}, 0
+        baton, replies, missing, sent_to, judged, sent = expected, {}, [], {}, {}, 0
         for i, node in enumerate(order, 1):
             state = self.state | {k: torch.as_tensor(np.array(v)).to(self.state[k].dtype).reshape(self.state[k].shape)
                                   for k, v in baton.items()}
@@ -230,15 +233,13 @@ class Aggregator:
             got, lost = self.messenger.exchange(msgs)
             replies |= got
             missing += lost
-            reply = got.get(node)
-            if reply is None or reply.has_error() or records.WEIGHTS not in reply.content or (
-                    records.INFO in reply.content and records.SKIPPED in reply.content[records.INFO]):
+            if node not in got:
                 continue  # reported with the round's replies; the model goes on as it came
-            arrays, _ = self._accepted(reply, baton)
-            if arrays is not None:
-                baton = arrays
+            judged[node] = self._judge(got[node], baton, secure=False)
+            if judged[node][0] == TRAINED:
+                baton = judged[node][1]
                 progress("%s round %d: hospital %s trained (%d of %d)", phase, rnd, self.hospitals[node].name, i, len(order))
-        return replies, missing, sent, sent_to
+        return replies, missing, sent, sent_to, judged
 
     def _strategy_facts(self, phase: str, rnd: int) -> dict:
         """What the round's strategy decided about each update, by hospital (median-cosine: its
@@ -281,6 +282,21 @@ class Aggregator:
             new = np.rint(delta) + ref if np.issubdtype(ref.dtype, np.integer) else ref.astype(np.float64) + delta
             out[key] = np.asarray(new, dtype=ref.dtype).reshape(ref.shape)  # a 0-d sum is a numpy scalar
         return out
+
+    def _judge(self, reply: Message, given: dict[str, Any], secure: bool) -> tuple[str, Any, str | None]:
+        """What a round makes of one hospital's train reply, as (verdict, update, why):
+        FAILED (an error reply), SKIPPED (it could not train, and says why), REFUSED
+        (`_accepted` turned its update down) or TRAINED with its unpacked update (an empty
+        dict under secure aggregation, whose updates are only ever summed masked)."""
+        if reply.has_error():
+            return FAILED, None, reply.error.reason
+        info = reply.content[records.INFO] if records.INFO in reply.content else {}
+        if records.SKIPPED in info or (not secure and records.WEIGHTS not in reply.content):
+            return SKIPPED, None, str(info.get(records.SKIPPED, "its reply carried no weights"))
+        if secure:
+            return TRAINED, {}, None
+        arrays, why = self._accepted(reply, given)
+        return (REFUSED, None, str(why)) if arrays is None else (TRAINED, arrays, None)
 
     def _accepted(self, reply: Message, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """The update in `reply`, unpacked, or None and why it is refused: weights that cannot
