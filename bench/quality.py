@@ -370,7 +370,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
              fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
              joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
-             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN)) -> dict:
+             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
+             steps_by_examples: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -417,8 +418,16 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     one before it returned; the round's model is `strategy.relay_model` of their replies in that
     order (the aggregator's `Aggregation`). Same steps per hospital and round as FedAvg; in a
     deployment the hospitals wait for each other, so a round takes as long as all their local
-    training together."""
+    training together.
+    `relay_moments` (strategy=cyclic, keep-optimizer-state): the AdamW moments travel with the
+    model, so each hospital continues the previous one's optimizer as pooled training would
+    (one optimizer across all steps) instead of its own moments from its last visit.
+    `steps_by_examples`: the round's local steps of all hospitals together (local-steps x
+    hospitals) are shared out in proportion to their training images (at least one each), so
+    every image is drawn about as often as in pooled training, instead of local-steps each."""
     cyclic = cfg.strategy == names.STRATEGY_CYCLIC
+    if relay_moments and not (cyclic and cfg.keep_optimizer_state):
+        raise ValueError("--relay-moments needs --strategy cyclic and --keep-optimizer-state true")
     if cyclic and (scaffold or fedbn):
         raise ValueError("strategy cyclic relays one model from hospital to hospital: no SCAFFOLD or FedBN")
     num_classes = len(test.class_names)
@@ -466,8 +475,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         if cyclic:  # as the aggregator relays: a fresh order every round, so no hospital is always the last
             order = relay_order(order, cfg.seed, phase, rnd)
         baton = current  # cyclic: the model the previous hospital returned
+        steps = site_steps(sites, cfg.local_steps) if steps_by_examples else [cfg.local_steps] * len(sites)
         for i in order:
-            site, model, kept = sites[i], hospitals[i], moments[i]
+            site, model, kept = sites[i], hospitals[i], moments[0 if relay_moments else i]
             down, sent = wire(baton if cyclic else current, cfg.update_encoding)
             previous = copy.deepcopy(model.encoder) if moon[0] and phase == names.PHASE_FINETUNE and (phase, i) in trained_in else None
             records.load_arrays(model, {k: v for k, v in down.items() if k not in bn_keys} if i in started else down)
@@ -490,7 +500,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             elif pseudo[0] and phase == names.PHASE_FINETUNE:
                 mixed = training.PseudoLabel(ssl_sites[i].train_images, weight=pseudo[0], threshold=pseudo[1],
                                              batch_size=pseudo[2], batchnorm=pseudo[3], truth=ssl_sites[i].train_labels)
-            m = local.train_round(model, site, site_task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
+            m = local.train_round(model, site, site_task, phase, dataclasses.replace(cfg, local_steps=steps[i]),
+                                  local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
                                   contrast=contrast, joint=mixed)
             if isinstance(mixed, training.PseudoLabel):
                 confident[site.hospital] = {"share": mixed.confident / max(mixed.drawn, 1),
@@ -585,6 +596,13 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
 
 
+def site_steps(sites: list[HospitalData], local_steps: int) -> list[int]:
+    """`local_steps` x len(sites) steps shared out in proportion to each site's training images
+    (at least one each): `--steps-by-examples`."""
+    sizes = [len(s.train_images) for s in sites]
+    return [max(1, round(local_steps * len(sites) * n / sum(sizes))) for n in sizes]
+
+
 def bn_recomputed_scores(model: FedSSLModel, images: torch.Tensor, test: HospitalData, cfg: RunConfig) -> dict:
     """Headline metrics of a copy of `model` with its BatchNorm statistics recomputed over `images`
     (what a statistics-only round would give); `model` itself is left as it is."""
@@ -661,7 +679,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             tta: bool = False, head_check: bool = False, fedbn: list[HospitalData] | None = None,
             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
             ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
-            pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN)) -> dict:
+            pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
+            steps_by_examples: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -695,7 +714,12 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                "note": "test = mean over sites of each site-alone model on the pooled test"}
     else:
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
-                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo)
+                       attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
+                       relay_moments=relay_moments, steps_by_examples=steps_by_examples)
+        if relay_moments:
+            out["relay_moments"] = True
+        if steps_by_examples:
+            out["local_steps_by_site"] = dict(zip((s.hospital for s in sites), site_steps(labelled, cfg.local_steps)))
         if moon[0]:
             out["moon"] = {"mu": moon[0], "temperature": moon[1]}
         if joint[0]:
@@ -949,6 +973,13 @@ def main() -> None:
                          "the global model (BatchNorm averaged) is scored as usual, next to the personalised models")
     ap.add_argument("--fixed-head", action="store_true",
                     help="federated arms: FedBABU, the classifier stays at its random start; only the encoder is trained")
+    ap.add_argument("--relay-moments", action="store_true",
+                    help="federated arms with --strategy cyclic: the AdamW moments travel with the model from hospital to "
+                         "hospital (one optimizer, as in pooled training) instead of each hospital keeping its own")
+    ap.add_argument("--steps-by-examples", action="store_true",
+                    help="federated arms: the round's local steps of all hospitals together are shared out in proportion "
+                         "to their training images (at least one each), as pooled training draws them, instead of "
+                         "--local-steps each")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     try:
@@ -1078,7 +1109,8 @@ def main() -> None:
                         site_splits if args.fedbn else None, args.fixed_head, (args.moon_mu, args.moon_temperature),
                         ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch, args.joint_ssl_batchnorm),
                         (args.pseudo_label_weight, args.pseudo_label_threshold, args.pseudo_label_batch,
-                         args.pseudo_label_batchnorm))
+                         args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
+                        steps_by_examples=args.steps_by_examples)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

@@ -451,3 +451,61 @@ def test_pseudo_labels_draw_from_all_of_each_hospitals_images_and_the_curve_reco
         assert record["share"] == term.confident / term.drawn
         assert record["accuracy"] == term.correct / term.confident
         assert record["classes"] == {pooled.class_names[c]: n for c, n in sorted(term.classes.items())}
+
+
+def _train_round_calls(monkeypatch, quality) -> list[tuple]:
+    """(round, hospital, local steps, AdamW step count and optimizer-state dict at entry) of every
+    `local.train_round` bench.quality makes, in order."""
+    from fedssl_flower import local
+
+    calls, real_train_round = [], local.train_round
+
+    def spy(model, data, task, phase, cfg, seed, rnd=1, optimizer_state=None, *args, **kwargs):
+        moments = (optimizer_state or {}).get("adamw", {})
+        steps = {int(v) for k, v in moments.items() if k.endswith(".step")}
+        calls.append((rnd, data.hospital, cfg.local_steps, steps, optimizer_state))
+        return real_train_round(model, data, task, phase, cfg, seed, rnd, optimizer_state, *args, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    return calls
+
+
+def test_relay_moments_hands_one_adamw_from_hospital_to_hospital_in_the_relay(monkeypatch):
+    """--relay-moments (cyclic): every hospital continues the AdamW the one before it left, so its
+    step count runs on across hospitals and rounds; without it each hospital keeps its own."""
+    from bench import quality
+    from fedssl_core import names
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, strategy=names.STRATEGY_CYCLIC, keep_optimizer_state=True)
+    pooled = quality.pooled_data(sites)
+    calls = _train_round_calls(monkeypatch, quality)
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, relay_moments=True)
+    assert [steps for *_, steps, _ in calls] == [set(), {1}, {2}, {3}]  # one step per visit, one optimizer
+    assert len({id(state) for *_, state in calls}) == 1
+    calls.clear()
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
+    assert sorted((rnd, steps) for rnd, _, _, steps, _ in calls) == [(1, set()), (1, set()), (2, {1}), (2, {1})]
+    assert len({id(state) for *_, state in calls}) == 2
+    with pytest.raises(ValueError, match="--relay-moments needs --strategy cyclic"):
+        quality.federate(sites, sites, pooled, pooled, dataclasses.replace(cfg, strategy=names.STRATEGY_FEDAVG),
+                         names.SSL_SIMCLR, relay_moments=True)
+
+
+def test_steps_by_examples_shares_the_rounds_steps_out_by_training_images(monkeypatch):
+    """--steps-by-examples: local-steps x hospitals steps a round, each hospital's share in
+    proportion to its training images, at least one."""
+    from bench import quality
+    from fedssl_core import names
+
+    dark, bright = _two_tiny_sites()[0]
+    big = dataclasses.replace(bright, train_images=bright.train_images.repeat(3, 1, 1, 1),
+                              train_labels=bright.train_labels.repeat(3), train_groups=bright.train_groups * 3)
+    _, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, local_steps=2)
+    assert quality.site_steps([dark, big], 2) == [1, 3]  # 4 steps, 12 : 36 images
+    assert quality.site_steps([dark, dataclasses.replace(big, train_images=big.train_images.repeat(20, 1, 1, 1))], 1) == [1, 2]
+    pooled = quality.pooled_data([dark, big])
+    calls = _train_round_calls(monkeypatch, quality)
+    quality.federate([dark, big], [dark, big], pooled, pooled, cfg, names.SSL_SIMCLR, steps_by_examples=True)
+    assert [(rnd, h, steps) for rnd, h, steps, *_ in calls] == [(1, "dark", 1), (1, "bright", 3), (2, "dark", 1), (2, "bright", 3)]
