@@ -99,7 +99,7 @@ from fedssl_flower.attack import Attack, misbehave, parse_attack
 from fedssl_flower.strategy import ServerOptimizer, relay_order, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8")
+ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8", "site-batches")
 DEFAULT_ARMS = "federated,pooled,no-ssl,random,probes"
 SEEDED_ARMS = ("federated",)  # run for every seed; the others for the first seed only
 FEDERATED_ARMS = ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8")  # scored after federated fine-tuning
@@ -371,7 +371,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
              joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
              pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
-             steps_by_examples: bool = False) -> dict:
+             steps_by_examples: bool = False, federation_prior: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -424,7 +424,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     (one optimizer across all steps) instead of its own moments from its last visit.
     `steps_by_examples`: the round's local steps of all hospitals together (local-steps x
     hospitals) are shared out in proportion to their training images (at least one each), so
-    every image is drawn about as often as in pooled training, instead of local-steps each."""
+    every image is drawn about as often as in pooled training, instead of local-steps each.
+    `federation_prior`: fine-tuning's balanced softmax uses the label prior of all hospitals'
+    labelled images together (`federation_counts`) instead of each hospital's own."""
     cyclic = cfg.strategy == names.STRATEGY_CYCLIC
     if relay_moments and not (cyclic and cfg.keep_optimizer_state):
         raise ValueError("--relay-moments needs --strategy cyclic and --keep-optimizer-state true")
@@ -502,7 +504,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                              batch_size=pseudo[2], batchnorm=pseudo[3], truth=ssl_sites[i].train_labels)
             m = local.train_round(model, site, site_task, phase, dataclasses.replace(cfg, local_steps=steps[i]),
                                   local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
-                                  contrast=contrast, joint=mixed)
+                                  contrast=contrast, joint=mixed, class_counts=federation_counts(ft_sites) if federation_prior else None)
             if isinstance(mixed, training.PseudoLabel):
                 confident[site.hospital] = {"share": mixed.confident / max(mixed.drawn, 1),
                                             "accuracy": mixed.correct / mixed.confident if mixed.confident else None,
@@ -596,6 +598,11 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
 
 
+def federation_counts(sites: list[HospitalData]) -> torch.Tensor:
+    """Every site's labelled training images counted by class: `--balanced-prior federation`."""
+    return sum(torch.bincount(s.train_labels, minlength=len(s.class_names)) for s in sites)
+
+
 def site_steps(sites: list[HospitalData], local_steps: int) -> list[int]:
     """`local_steps` x len(sites) steps shared out in proportion to each site's training images
     (at least one each): `--steps-by-examples`."""
@@ -658,6 +665,39 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
     return out
 
 
+def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalData, cfg: RunConfig, task: str,
+                 tta: bool = False, federation_prior: bool = False) -> dict:
+    """Fine-tuning only, as pooled training with the same steps and one AdamW, except that every
+    batch comes from one site: each step draws a site with probability proportional to its
+    training images and takes one step on its images, its own class prior in the balanced
+    softmax (what a hospital's step computes). The limit of cyclic weight transfer with one-step
+    visits and the optimizer travelling with the model, so it splits the gap between cyclic and
+    pooled training into what site-pure batches cost and what runs of steps at one site cost.
+    Scored once per `local_steps` x sites steps (a pooled round). `federation_prior`: the balanced
+    softmax uses every site's labels' prior (`federation_counts`), as pooled training does."""
+    per_round = cfg.local_steps * len(sites)
+    total = per_round * cfg.finetune_rounds
+    step_cfg = dataclasses.replace(cfg, local_steps=1, ssl_rounds=0, finetune_rounds=total)
+    model = fresh_model(cfg, len(test.class_names))
+    moments = {} if cfg.keep_optimizer_state else None
+    g = torch.Generator().manual_seed(cfg.seed)
+    sizes = torch.tensor([float(len(s.train_images)) for s in sites])
+    curve, drawn = [], [0] * len(sites)
+    for step in range(1, total + 1):
+        i = int(torch.multinomial(sizes, 1, generator=g))
+        drawn[i] += 1
+        local.train_round(model, sites[i], task, names.PHASE_FINETUNE, step_cfg, local.round_seed(cfg.seed, names.PHASE_FINETUNE, step),
+                          step, moments, class_counts=federation_counts(sites) if federation_prior else None)
+        if step % per_round == 0:
+            curve.append({"round": step // per_round, **headline(scores(model, test, tta=cfg.test_time_augmentation))})
+            print(f"    site batches, {step} steps: balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    out = {"test": scores(model, test, val, cfg.test_time_augmentation), "curve": curve,
+           "steps_by_site": {s.hospital: n for s, n in zip(sites, drawn)}}
+    if tta:
+        out["tta_test"] = tta_scores(model, test)
+    return out
+
+
 def ssl_task_spec(text: str) -> dict[str, str]:
     """`--ssl-task`: "TASK[,SITE=TASK...]" as {"": TASK, SITE: TASK}."""
     first, *rest = [part.strip() for part in text.split(",")]
@@ -680,7 +720,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
             ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
-            steps_by_examples: bool = False) -> dict:
+            steps_by_examples: bool = False, federation_prior: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -706,6 +746,12 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         out["test"] = out["probe_start"]["test"]
     elif arm == "pooled":
         out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, ssl_task[""], cfg.local_steps * len(sites), tta)
+    elif arm == "site-batches":
+        if cfg.ssl_rounds:
+            raise ValueError("arm site-batches fine-tunes only: it needs --ssl-rounds 0")
+        out = site_batches(labelled, test, val, cfg, ssl_task[""], tta, federation_prior)
+        if federation_prior:
+            out["balanced_prior"] = "federation"
     elif arm == "local":
         per_site = {s.hospital: centralised(s, ls, test, val, cfg, site_tasks[s.hospital], cfg.local_steps * len(sites))
                     for s, ls in zip(sites, labelled)}
@@ -715,9 +761,11 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     else:
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
-                       relay_moments=relay_moments, steps_by_examples=steps_by_examples)
+                       relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior)
         if relay_moments:
             out["relay_moments"] = True
+        if federation_prior:
+            out["balanced_prior"] = "federation"
         if steps_by_examples:
             out["local_steps_by_site"] = dict(zip((s.hospital for s in sites), site_steps(labelled, cfg.local_steps)))
         if moon[0]:
@@ -980,6 +1028,9 @@ def main() -> None:
                     help="federated arms: the round's local steps of all hospitals together are shared out in proportion "
                          "to their training images (at least one each), as pooled training draws them, instead of "
                          "--local-steps each")
+    ap.add_argument("--balanced-prior", default="site", choices=("site", "federation"),
+                    help="federated and site-batches arms, --finetune-loss balanced-softmax: the label prior each step "
+                         "adjusts by: the hospital's own labels' (as the product trains) or every hospital's together")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     try:
@@ -1110,7 +1161,7 @@ def main() -> None:
                         ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch, args.joint_ssl_batchnorm),
                         (args.pseudo_label_weight, args.pseudo_label_threshold, args.pseudo_label_batch,
                          args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
-                        steps_by_examples=args.steps_by_examples)
+                        steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation")
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

@@ -38,7 +38,7 @@ def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> 
 def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1,
                 optimizer_state: dict | None = None, drift: dict | None = None, proximal_mu: float = 0.0,
                 contrast: training.Contrast | None = None,
-                joint: training.Joint | training.PseudoLabel | None = None) -> dict:
+                joint: training.Joint | training.PseudoLabel | None = None, class_counts: torch.Tensor | None = None) -> dict:
     """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning).
     `optimizer_state`: the hospital's optimizer moments, kept across rounds (fine-tuning's
     AdamW; in a generative round both networks' Adam, which only the benchmark keeps).
@@ -46,7 +46,9 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
     `proximal_mu`: FedProx's proximal term toward the model as it is now (`training.proximal_term`).
     `contrast`: fine-tuning's MOON term (`training.Contrast`, benchmark only).
     `joint`: fine-tuning's term on the hospital's images, labelled or not (`training.Joint`,
-    self-supervised, or `training.PseudoLabel`; benchmark only)."""
+    self-supervised, or `training.PseudoLabel`; benchmark only).
+    `class_counts`: the balanced softmax's label counts instead of the hospital's own
+    (`training.train_supervised`; benchmark only)."""
     n = len(data.train_images)
     if phase == names.PHASE_GENERATE:
         return generative.train_gan(model, data.train_images, data.train_labels, steps=cfg.gan_steps, batch_size=cfg.batch_size,
@@ -71,7 +73,7 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
         model, data.train_images, data.train_labels, batch_size=cfg.batch_size, mode=cfg.finetune_mode, seed=seed,
         loss=cfg.finetune_loss, schedule=schedule(cfg, phase, rnd, n, lr), weight_decay=cfg.weight_decay,
         optimizer_state=optimizer_state, drift=drift, proximal_mu=proximal_mu, augment=cfg.augment, contrast=contrast,
-        checkpointing=cfg.activation_checkpointing, joint=joint,
+        checkpointing=cfg.activation_checkpointing, joint=joint, class_counts=class_counts,
     )
 
 

@@ -476,6 +476,7 @@ def train_supervised(
     contrast: Contrast | None = None,
     checkpointing: bool = False,
     joint: Joint | PseudoLabel | None = None,
+    class_counts: torch.Tensor | None = None,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -495,7 +496,9 @@ def train_supervised(
     `checkpointing` (full mode): activation checkpointing of the encoder (`_Checkpointing`).
     `joint` (full mode): a term on the hospital's images, labelled or not, added to every
     batch's loss: self-supervised (`Joint`; its head trains too) or pseudo-labels
-    (`PseudoLabel`); the reported loss stays the task loss alone."""
+    (`PseudoLabel`); the reported loss stays the task loss alone.
+    `class_counts`: the label counts whose prior the balanced softmax uses (e.g. the whole
+    federation's, benchmark only); by default those of `labels`."""
     _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
     _check(augment, names.AUGMENTS, "augment")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
@@ -514,7 +517,7 @@ def train_supervised(
     if optimizer_state is not None and optimizer_state.get("adamw"):
         load_optimizer_moments(optimizer, optimizer_state["adamw"])
     g = torch.Generator().manual_seed(seed)
-    counts = torch.bincount(labels, minlength=model.num_classes).float()
+    counts = torch.bincount(labels, minlength=model.num_classes).float() if class_counts is None else class_counts.float()
     if loss == names.LOSS_BALANCED_SOFTMAX:
         # log prior; an absent class gets the prior of half an example, so its logit is not pushed down
         adjust, weight = torch.log(counts.clamp(min=0.5) / counts.sum().clamp(min=1)), None

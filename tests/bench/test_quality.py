@@ -509,3 +509,48 @@ def test_steps_by_examples_shares_the_rounds_steps_out_by_training_images(monkey
     calls = _train_round_calls(monkeypatch, quality)
     quality.federate([dark, big], [dark, big], pooled, pooled, cfg, names.SSL_SIMCLR, steps_by_examples=True)
     assert [(rnd, h, steps) for rnd, h, steps, *_ in calls] == [(1, "dark", 1), (1, "bright", 3), (2, "dark", 1), (2, "bright", 3)]
+
+
+def test_site_batches_takes_pooled_trainings_steps_one_site_at_a_time_with_one_optimizer(monkeypatch):
+    """arm site-batches: as many one-step visits as pooled training has steps, each to a site
+    drawn by its share of the images, one AdamW throughout, scored once per pooled round."""
+    from bench import quality
+    from fedssl_core import names
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, local_steps=3, keep_optimizer_state=True)  # a pooled round: 3 x 2 sites = 6 steps
+    pooled = quality.pooled_data(sites)
+    calls = _train_round_calls(monkeypatch, quality)
+    out = quality.site_batches(sites, pooled, pooled, cfg, names.SSL_SIMCLR)
+    assert [c["round"] for c in out["curve"]] == [1, 2]
+    assert [rnd for rnd, *_ in calls] == list(range(1, 13)) and {steps for _, _, steps, *_ in calls} == {1}
+    assert [adam for *_, adam, _ in calls] == [set()] + [{n} for n in range(1, 12)]
+    assert out["steps_by_site"] == {h: sum(1 for _, site, *_ in calls if site == h) for h in ("dark", "bright")}
+    assert sum(out["steps_by_site"].values()) == 12 and min(out["steps_by_site"].values()) > 0
+
+
+def test_balanced_prior_federation_gives_every_hospital_the_label_counts_of_all_of_them(monkeypatch):
+    """--balanced-prior federation: each hospital's balanced softmax adjusts by every hospital's
+    labelled images counted together (site-batches' steps too); by default by its own."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local
+
+    sites, cfg = _two_tiny_sites()
+    sites[1] = dataclasses.replace(sites[1], train_labels=torch.zeros(12, dtype=torch.long))  # all class a
+    seen, real_train_round = [], local.train_round
+
+    def spy(*args, class_counts=None, **kwargs):
+        seen.append(None if class_counts is None else class_counts.tolist())
+        return real_train_round(*args, class_counts=class_counts, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, federation_prior=True)
+    assert seen == [[16, 4, 4]] * 4
+    seen.clear()
+    quality.site_batches(sites, pooled, pooled, dataclasses.replace(cfg, finetune_rounds=1), names.SSL_SIMCLR, federation_prior=True)
+    assert seen == [[16, 4, 4]] * 2
+    seen.clear()
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
+    assert seen == [None] * 4

@@ -149,6 +149,14 @@ def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
         gap[loss] = float(logits[0] - logits[1])
     assert abs(gap[names.LOSS_WEIGHTED_CE] - math.log(9)) < 0.3
     assert abs(gap[names.LOSS_BALANCED_SOFTMAX]) < 0.3
+    # Adjusted by a prior other than its labels' (`class_counts`: the benchmark's federation-wide
+    # prior): a uniform one adjusts nothing, so the hospital's own prior is learnt again.
+    model = FedSSLModel(num_classes=2)
+    training.train_supervised(model, images, labels, mode="linear", loss=names.LOSS_BALANCED_SOFTMAX,
+                              schedule=training.Schedule(lr=0.05, epochs=40), batch_size=50, class_counts=torch.tensor([5, 5]))
+    with torch.no_grad():
+        logits = model.eval()(training.normalize(images[:1], model.mean, model.std))[0]
+    assert abs(float(logits[0] - logits[1]) - math.log(9)) < 0.3
     with pytest.raises(ConfigError, match="finetune-loss"):
         training.train_supervised(FedSSLModel(num_classes=2), images, labels, loss="focal")
 
