@@ -47,9 +47,9 @@ from .reporting import RunReport, Trained, progress, secure_summary
 from .strategy import relay_order
 
 log = logging.getLogger("fedssl.aggregator")
-# Strategies whose server step keeps state between rounds (not registered: a resumed run restarts it).
 # What a round makes of a hospital's train reply (`Aggregator._judge`).
 FAILED, SKIPPED, REFUSED, TRAINED = "failed", "skipped", "refused", "trained"
+# Strategies whose server step keeps state between rounds (not registered: a resumed run restarts it).
 STATEFUL_STRATEGIES = (names.STRATEGY_FEDAVGM, names.STRATEGY_FEDADAM, names.STRATEGY_FEDYOGI, names.STRATEGY_FEDADAGRAD)
 
 app = ServerApp()
