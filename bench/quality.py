@@ -30,6 +30,7 @@ fraction F of the training labels (by lesion, stratified; SSL still sees every i
   probes      linear probe and kNN of frozen encoders: random, start weights (no training)
   ssl-probe   the federated SSL rounds only, then a linear probe and kNN of the encoder
   fp16, int8  `federated` with compressed updates, both directions (bytes on the wire counted)
+  site-batches  pooled fine-tuning's steps, each batch from one site drawn by its size (`site_batches`; a diagnostic)
 SSL rounds run SimCLR at every site unless `--ssl-task` says otherwise (`micle`, or
 `micle,vidir_molemax=simclr` for a site of its own: MICLe needs lesions with several images,
 which vidir_molemax lacks), and take the run config's SSL options: `--lr`,
