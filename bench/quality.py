@@ -372,7 +372,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
              joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
              pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
-             steps_by_examples: bool = False, federation_prior: bool = False) -> dict:
+             steps_by_examples: bool = False, federation_prior: bool = False,
+             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -427,7 +428,10 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     hospitals) are shared out in proportion to their training images (at least one each), so
     every image is drawn about as often as in pooled training, instead of local-steps each.
     `federation_prior`: fine-tuning's balanced softmax uses the label prior of all hospitals'
-    labelled images together (`federation_counts`) instead of each hospital's own."""
+    labelled images together (`federation_counts`) instead of each hospital's own.
+    `finetune_batchnorm` frozen: fine-tuning steps normalise with the encoder's running
+    BatchNorm statistics as the hospital received them, not each batch's own
+    (`training.train_supervised`)."""
     cyclic = cfg.strategy == names.STRATEGY_CYCLIC
     if relay_moments and not (cyclic and cfg.keep_optimizer_state):
         raise ValueError("--relay-moments needs --strategy cyclic and --keep-optimizer-state true")
@@ -505,7 +509,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                              batch_size=pseudo[2], batchnorm=pseudo[3], truth=ssl_sites[i].train_labels)
             m = local.train_round(model, site, site_task, phase, dataclasses.replace(cfg, local_steps=steps[i]),
                                   local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
-                                  contrast=contrast, joint=mixed, class_counts=federation_counts(ft_sites) if federation_prior else None)
+                                  contrast=contrast, joint=mixed, class_counts=federation_counts(ft_sites) if federation_prior else None,
+                                  batchnorm=finetune_batchnorm if phase == names.PHASE_FINETUNE else names.SSL_BATCHNORM_ADAPT)
             if isinstance(mixed, training.PseudoLabel):
                 confident[site.hospital] = {"share": mixed.confident / max(mixed.drawn, 1),
                                             "accuracy": mixed.correct / mixed.confident if mixed.confident else None,
@@ -645,16 +650,19 @@ def averaged_model(server: FedSSLModel, states: list[dict[str, torch.Tensor]]) -
 
 
 def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalData, val: HospitalData,
-                cfg: RunConfig, task: str, steps_per_round: int, tta: bool = False) -> dict:
+                cfg: RunConfig, task: str, steps_per_round: int, tta: bool = False,
+                finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
     """One model on one data set: the federation's rounds with `steps_per_round` steps each.
-    `tta`: the final model is also scored with test-time augmentation (`tta_scores`)."""
+    `tta`: the final model is also scored with test-time augmentation (`tta_scores`).
+    `finetune_batchnorm`: fine-tuning's BatchNorm mode (`training.train_supervised`)."""
     cfg = dataclasses.replace(cfg, local_steps=steps_per_round)
     model = fresh_model(cfg, len(test.class_names))
     curve, ssl_probe = [], None
     moments = {} if cfg.keep_optimizer_state else None
     for phase, rnd in schedule(cfg):
         data = ssl_data if phase == names.PHASE_SSL else ft_data
-        local.train_round(model, data, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, moments)
+        local.train_round(model, data, task, phase, cfg, local.round_seed(cfg.seed, phase, rnd), rnd, moments,
+                          batchnorm=finetune_batchnorm if phase == names.PHASE_FINETUNE else names.SSL_BATCHNORM_ADAPT)
         if phase == names.PHASE_SSL and rnd == cfg.ssl_rounds:
             ssl_probe = probe(model, ft_data, val, cfg)
         if phase == names.PHASE_FINETUNE:
@@ -667,7 +675,7 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 
 def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalData, cfg: RunConfig, task: str,
-                 tta: bool = False, federation_prior: bool = False) -> dict:
+                 tta: bool = False, federation_prior: bool = False, finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
     """Fine-tuning only, as pooled training with the same steps and one AdamW, except that every
     batch comes from one site: each step draws a site with probability proportional to its
     training images and takes one step on its images, its own class prior in the balanced
@@ -675,7 +683,8 @@ def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalDat
     visits and the optimizer travelling with the model, so it splits the gap between cyclic and
     pooled training into what site-pure batches cost and what runs of steps at one site cost.
     Scored once per `local_steps` x sites steps (a pooled round). `federation_prior`: the balanced
-    softmax uses every site's labels' prior (`federation_counts`), as pooled training does."""
+    softmax uses every site's labels' prior (`federation_counts`), as pooled training does.
+    `finetune_batchnorm`: the steps' BatchNorm mode (`training.train_supervised`)."""
     per_round = cfg.local_steps * len(sites)
     total = per_round * cfg.finetune_rounds
     step_cfg = dataclasses.replace(cfg, local_steps=1, ssl_rounds=0, finetune_rounds=total)
@@ -688,7 +697,8 @@ def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalDat
         i = int(torch.multinomial(sizes, 1, generator=g))
         drawn[i] += 1
         local.train_round(model, sites[i], task, names.PHASE_FINETUNE, step_cfg, local.round_seed(cfg.seed, names.PHASE_FINETUNE, step),
-                          step, moments, class_counts=federation_counts(sites) if federation_prior else None)
+                          step, moments, class_counts=federation_counts(sites) if federation_prior else None,
+                          batchnorm=finetune_batchnorm)
         if step % per_round == 0:
             curve.append({"round": step // per_round, **headline(scores(model, test, tta=cfg.test_time_augmentation))})
             print(f"    site batches, {step} steps: balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
@@ -721,7 +731,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             fixed_head: bool = False, moon: tuple[float, float] = (0.0, 0.5),
             ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
-            steps_by_examples: bool = False, federation_prior: bool = False) -> dict:
+            steps_by_examples: bool = False, federation_prior: bool = False,
+            finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -746,11 +757,12 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out[f"probe_{name}"] = {"val": probe(model, pooled, val, cfg), "test": probe(model, pooled, test, cfg)}
         out["test"] = out["probe_start"]["test"]
     elif arm == "pooled":
-        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, ssl_task[""], cfg.local_steps * len(sites), tta)
+        out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, ssl_task[""], cfg.local_steps * len(sites), tta,
+                          finetune_batchnorm)
     elif arm == "site-batches":
         if cfg.ssl_rounds:
             raise ValueError("arm site-batches fine-tunes only: it needs --ssl-rounds 0")
-        out = site_batches(labelled, test, val, cfg, ssl_task[""], tta, federation_prior)
+        out = site_batches(labelled, test, val, cfg, ssl_task[""], tta, federation_prior, finetune_batchnorm)
         if federation_prior:
             out["balanced_prior"] = "federation"
     elif arm == "local":
@@ -762,7 +774,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
     else:
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
-                       relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior)
+                       relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior,
+                       finetune_batchnorm=finetune_batchnorm)
         if relay_moments:
             out["relay_moments"] = True
         if federation_prior:
@@ -781,6 +794,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out["fixed_head"] = True
         if uniform_weights:
             out["aggregation_weights"] = "uniform"
+    if finetune_batchnorm != names.SSL_BATCHNORM_ADAPT and arm in (*FEDERATED_ARMS, "pooled", "site-batches"):
+        out["finetune_batchnorm"] = finetune_batchnorm
     if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
     if cfg.ssl_rounds and arm not in ("probes",):
@@ -1032,6 +1047,10 @@ def main() -> None:
     ap.add_argument("--balanced-prior", default="site", choices=("site", "federation"),
                     help="federated and site-batches arms, --finetune-loss balanced-softmax: the label prior each step "
                          "adjusts by: the hospital's own labels' (as the product trains) or every hospital's together")
+    ap.add_argument("--finetune-batchnorm", default=names.SSL_BATCHNORM_ADAPT, choices=names.SSL_BATCHNORM,
+                    help="federated, pooled and site-batches arms: fine-tuning's BatchNorm layers normalise each batch by its "
+                         "own statistics (adapt, as the product trains) or by the running statistics the model came with, "
+                         "which stay as they are (frozen: every site's batches normalised alike)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     try:
@@ -1162,7 +1181,8 @@ def main() -> None:
                         ssl_tasks, (args.joint_ssl_weight, args.joint_ssl_batch, args.joint_ssl_batchnorm),
                         (args.pseudo_label_weight, args.pseudo_label_threshold, args.pseudo_label_batch,
                          args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
-                        steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation")
+                        steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation",
+                        finetune_batchnorm=args.finetune_batchnorm)
             r["eval"], r["label"] = args.eval, args.label
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site

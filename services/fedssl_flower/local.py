@@ -38,7 +38,8 @@ def schedule(cfg: RunConfig, phase: str, rnd: int, examples: int, lr: float) -> 
 def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, cfg: RunConfig, seed: int, rnd: int = 1,
                 optimizer_state: dict | None = None, drift: dict | None = None, proximal_mu: float = 0.0,
                 contrast: training.Contrast | None = None,
-                joint: training.Joint | training.PseudoLabel | None = None, class_counts: torch.Tensor | None = None) -> dict:
+                joint: training.Joint | training.PseudoLabel | None = None, class_counts: torch.Tensor | None = None,
+                batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
     """Round `rnd` of local training in `phase` (SSL with `task`, or fine-tuning).
     `optimizer_state`: the hospital's optimizer moments, kept across rounds (fine-tuning's
     AdamW; in a generative round both networks' Adam, which only the benchmark keeps).
@@ -48,7 +49,8 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
     `joint`: fine-tuning's term on the hospital's images, labelled or not (`training.Joint`,
     self-supervised, or `training.PseudoLabel`; benchmark only).
     `class_counts`: the balanced softmax's label counts instead of the hospital's own
-    (`training.train_supervised`; benchmark only)."""
+    (`training.train_supervised`; benchmark only).
+    `batchnorm`: fine-tuning's BatchNorm mode (`training.train_supervised`; benchmark only)."""
     n = len(data.train_images)
     if phase == names.PHASE_GENERATE:
         return generative.train_gan(model, data.train_images, data.train_labels, steps=cfg.gan_steps, batch_size=cfg.batch_size,
@@ -74,6 +76,7 @@ def train_round(model: FedSSLModel, data: HospitalData, task: str, phase: str, c
         loss=cfg.finetune_loss, schedule=schedule(cfg, phase, rnd, n, lr), weight_decay=cfg.weight_decay,
         optimizer_state=optimizer_state, drift=drift, proximal_mu=proximal_mu, augment=cfg.augment, contrast=contrast,
         checkpointing=cfg.activation_checkpointing, joint=joint, class_counts=class_counts,
+        batchnorm=batchnorm,
     )
 
 

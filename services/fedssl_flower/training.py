@@ -477,6 +477,7 @@ def train_supervised(
     checkpointing: bool = False,
     joint: Joint | PseudoLabel | None = None,
     class_counts: torch.Tensor | None = None,
+    batchnorm: str = names.SSL_BATCHNORM_ADAPT,
 ) -> dict:
     """Train the classifier (linear probe) or encoder + classifier (full) on labelled images.
     `loss`: class-weighted cross-entropy (unweighted if not `class_weighted`) or balanced
@@ -498,9 +499,17 @@ def train_supervised(
     batch's loss: self-supervised (`Joint`; its head trains too) or pseudo-labels
     (`PseudoLabel`); the reported loss stays the task loss alone.
     `class_counts`: the label counts whose prior the balanced softmax uses (e.g. the whole
-    federation's, benchmark only); by default those of `labels`."""
+    federation's, benchmark only); by default those of `labels`.
+    `batchnorm` (full mode): `adapt`, as usual (each batch normalised by its own statistics,
+    which the running ones follow), or `frozen`: the encoder's BatchNorm layers run in eval
+    mode, so every batch is normalised with the running statistics the model came with, which
+    stay as they are, while their affine weights still learn (benchmark only)."""
     _check(loss, names.FINETUNE_LOSSES, "finetune-loss")
     _check(augment, names.AUGMENTS, "augment")
+    _check(batchnorm, names.SSL_BATCHNORM, "fine-tuning batchnorm")
+    if batchnorm == names.SSL_BATCHNORM_FROZEN and joint is not None:
+        raise ConfigError("fine-tuning with frozen BatchNorm statistics takes no term on unlabelled images (joint): "
+                          "its scoring passes reset the layers' mode")
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_FINETUNE, None, mode=mode)
     if joint is not None:
@@ -509,6 +518,9 @@ def train_supervised(
                               "it trains the encoder")
         groups = (*groups, *joint.heads)
     params = _prepare(model, groups)
+    if batchnorm == names.SSL_BATCHNORM_FROZEN:
+        for layer in encoder_batchnorms(model).values():
+            layer.eval()
     reference = proximal_reference(model, shared_groups(names.PHASE_FINETUNE, mode=mode), proximal_mu)
 
     def with_proximal(value: torch.Tensor) -> torch.Tensor:

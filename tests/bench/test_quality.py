@@ -554,3 +554,28 @@ def test_balanced_prior_federation_gives_every_hospital_the_label_counts_of_all_
     seen.clear()
     quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
     assert seen == [None] * 4
+
+
+def test_finetune_batchnorm_reaches_every_fine_tuning_step_of_federated_pooled_and_site_batch_training(monkeypatch):
+    """--finetune-batchnorm frozen: every fine-tuning round of the federated, pooled and
+    site-batches arms trains with the encoder's BatchNorm statistics frozen; the default adapts."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local
+
+    sites, cfg = _two_tiny_sites()
+    seen, real_train_round = [], local.train_round
+
+    def spy(*args, batchnorm=names.SSL_BATCHNORM_ADAPT, **kwargs):
+        seen.append(batchnorm)
+        return real_train_round(*args, batchnorm=batchnorm, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, finetune_batchnorm="frozen")
+    quality.centralised(pooled, pooled, pooled, pooled, cfg, names.SSL_SIMCLR, 1, finetune_batchnorm="frozen")
+    quality.site_batches(sites, pooled, pooled, dataclasses.replace(cfg, finetune_rounds=1), names.SSL_SIMCLR, finetune_batchnorm="frozen")
+    assert seen == ["frozen"] * (4 + 2 + 2)
+    seen.clear()
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
+    assert seen == ["adapt"] * 4

@@ -132,6 +132,24 @@ def test_ssl_batchnorm_frozen_keeps_the_encoders_statistics_while_its_weights_le
     assert all(torch.equal(before[k], after[k]) for k in stats) == (batchnorm == "frozen")
 
 
+@pytest.mark.parametrize("batchnorm", ["adapt", "frozen"])
+def test_fine_tuning_with_frozen_batchnorm_normalises_by_the_statistics_it_came_with(data, batchnorm):
+    """train_supervised(batchnorm=frozen) (a benchmark lever): the encoder's running statistics
+    stay as they came while its weights and BatchNorm affine parameters learn; adapt updates them."""
+    torch.manual_seed(0)
+    model = FedSSLModel(num_classes=7)
+    before = snapshot(model.encoder)
+    training.train_supervised(model, data.train_images[:32], data.train_labels[:32], mode=names.FINETUNE_FULL, batch_size=16,
+                              loss=names.LOSS_BALANCED_SOFTMAX, schedule=training.Schedule(lr=1e-3, steps=2), batchnorm=batchnorm)
+    after = model.encoder.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    affine = [k[: -len("running_mean")] + "weight" for k in stats if k.endswith("running_mean")]
+    assert stats and any(not torch.equal(before[k], after[k]) for k in affine)
+    assert all(torch.equal(before[k], after[k]) for k in stats) == (batchnorm == "frozen")
+    with pytest.raises(ConfigError, match="fine-tuning batchnorm"):
+        training.train_supervised(model, data.train_images[:4], data.train_labels[:4], mode=names.FINETUNE_FULL, batchnorm="off")
+
+
 def test_balanced_softmax_learns_balanced_logits_from_a_skewed_hospital():
     """A hospital that is 90 % one class, with nothing in the images to tell the classes apart:
     plain cross-entropy learns the prior (logit gap log 9), balanced softmax (logit adjustment
