@@ -464,6 +464,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     started: set[int] = set()  # --fedbn: hospitals that have trained once (and keep their BatchNorm layers from then on)
     bn_images = None  # --bn-diagnostic: the pooled training images, built at the first fine-tuning round
     trained_in: set[tuple[str, int]] = set()  # (phase, hospital): --moon-mu needs a previous local model of the phase
+    prior_counts = federation_counts(ft_sites) if federation_prior else None  # --balanced-prior federation
     for phase, rnd in schedule(cfg):
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
@@ -509,7 +510,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                              batch_size=pseudo[2], batchnorm=pseudo[3], truth=ssl_sites[i].train_labels)
             m = local.train_round(model, site, site_task, phase, dataclasses.replace(cfg, local_steps=steps[i]),
                                   local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
-                                  contrast=contrast, joint=mixed, class_counts=federation_counts(ft_sites) if federation_prior else None,
+                                  contrast=contrast, joint=mixed, class_counts=prior_counts,
                                   batchnorm=finetune_batchnorm if phase == names.PHASE_FINETUNE else names.SSL_BATCHNORM_ADAPT)
             if isinstance(mixed, training.PseudoLabel):
                 confident[site.hospital] = {"share": mixed.confident / max(mixed.drawn, 1),
@@ -693,11 +694,12 @@ def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalDat
     g = torch.Generator().manual_seed(cfg.seed)
     sizes = torch.tensor([float(len(s.train_images)) for s in sites])
     curve, drawn = [], [0] * len(sites)
+    prior_counts = federation_counts(sites) if federation_prior else None
     for step in range(1, total + 1):
         i = int(torch.multinomial(sizes, 1, generator=g))
         drawn[i] += 1
         local.train_round(model, sites[i], task, names.PHASE_FINETUNE, step_cfg, local.round_seed(cfg.seed, names.PHASE_FINETUNE, step),
-                          step, moments, class_counts=federation_counts(sites) if federation_prior else None,
+                          step, moments, class_counts=prior_counts,
                           batchnorm=finetune_batchnorm)
         if step % per_round == 0:
             curve.append({"round": step // per_round, **headline(scores(model, test, tta=cfg.test_time_augmentation))})

@@ -370,6 +370,15 @@ class _Checkpointing:
             buffer.copy_(value)
 
 
+def _hold_batchnorm_statistics(model: FedSSLModel, batchnorm: str) -> None:
+    """`batchnorm` frozen: the encoder's BatchNorm layers run in eval mode for the rest of a
+    training loop (batches normalised with the running statistics, which stay as they are);
+    adapt: they stay in the mode `_prepare` set."""
+    if batchnorm == names.SSL_BATCHNORM_FROZEN:
+        for layer in encoder_batchnorms(model).values():
+            layer.eval()
+
+
 def _channels_last(model: nn.Module, on: bool) -> None:
     """Convolutions run ~1.4x faster on CPU in channels-last layout; state dicts leave in the
     default layout so serialisation sees ordinary contiguous tensors."""
@@ -409,9 +418,7 @@ def train_ssl(
     schedule = schedule or Schedule(lr=lr, epochs=epochs)
     groups = trainable_groups(names.PHASE_SSL, task, share)
     params = _prepare(model, groups)
-    if batchnorm == names.SSL_BATCHNORM_FROZEN:
-        for layer in encoder_batchnorms(model).values():
-            layer.eval()
+    _hold_batchnorm_statistics(model, batchnorm)
     reference = proximal_reference(model, shared_groups(names.PHASE_SSL, share), proximal_mu)
     optimizer = _optimizer(params, schedule, weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -518,9 +525,7 @@ def train_supervised(
                               "it trains the encoder")
         groups = (*groups, *joint.heads)
     params = _prepare(model, groups)
-    if batchnorm == names.SSL_BATCHNORM_FROZEN:
-        for layer in encoder_batchnorms(model).values():
-            layer.eval()
+    _hold_batchnorm_statistics(model, batchnorm)
     reference = proximal_reference(model, shared_groups(names.PHASE_FINETUNE, mode=mode), proximal_mu)
 
     def with_proximal(value: torch.Tensor) -> torch.Tensor:
