@@ -379,7 +379,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
     over every site's training images (what a statistics-only round would give).
     `scaffold`: fine-tuning corrects each hospital's gradients by SCAFFOLD control variates
-    (server minus hospital; a hospital's variate is its mean gradient of its last round).
+    (server minus hospital; a hospital's variate is its mean gradient of its last round; the
+    server's is their mean). With strategy=cyclic too: each visit's one-site gradients are
+    corrected toward the mean over the sites, the variates travelling with the relay.
     `fedprox_mu` > 0: fine-tuning adds FedProx's proximal term mu/2 ||w - w_global||^2.
     `tail_average` K > 1: the final model is the uniform average of the last K fine-tuning
     rounds' global models (`average_states`: BatchNorm running statistics averaged too) instead
@@ -435,8 +437,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     cyclic = cfg.strategy == names.STRATEGY_CYCLIC
     if relay_moments and not (cyclic and cfg.keep_optimizer_state):
         raise ValueError("--relay-moments needs --strategy cyclic and --keep-optimizer-state true")
-    if cyclic and (scaffold or fedbn):
-        raise ValueError("strategy cyclic relays one model from hospital to hospital: no SCAFFOLD or FedBN")
+    if cyclic and fedbn:
+        raise ValueError("strategy cyclic relays one model from hospital to hospital: no FedBN")
     num_classes = len(test.class_names)
     server = fresh_model(cfg, num_classes)
     state = copy.deepcopy(server.state_dict())
@@ -780,6 +782,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                        finetune_batchnorm=finetune_batchnorm)
         if relay_moments:
             out["relay_moments"] = True
+        if scaffold:
+            out["scaffold"] = True
         if federation_prior:
             out["balanced_prior"] = "federation"
         if steps_by_examples:

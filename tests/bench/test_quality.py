@@ -492,6 +492,35 @@ def test_relay_moments_hands_one_adamw_from_hospital_to_hospital_in_the_relay(mo
                          names.SSL_SIMCLR, relay_moments=True)
 
 
+def test_scaffold_in_the_relay_corrects_each_visit_toward_the_mean_of_the_sites_gradients(monkeypatch):
+    """--scaffold with strategy cyclic: no correction in the first round (no variates yet); from
+    the second on, each hospital's correction is the server's variate (the hospitals' mean)
+    minus its own, so with two hospitals the two corrections cancel, and neither is zero."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, strategy=names.STRATEGY_CYCLIC, finetune_rounds=3)
+    seen, real_train_round = [], local.train_round
+
+    def spy(model, data, task, phase, cfg, seed, rnd, optimizer_state, drift, *args, **kwargs):
+        seen.append((rnd, data.hospital, {n: t.clone() for n, t in drift["correction"].items()}))
+        return real_train_round(model, data, task, phase, cfg, seed, rnd, optimizer_state, drift, *args, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    out = quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, scaffold=True)
+    assert len(out["curve"]) == 3
+    assert sorted((rnd, h) for rnd, h, _ in seen) == [(r, h) for r in (1, 2, 3) for h in ("bright", "dark")]
+    assert all(not c for rnd, _, c in seen if rnd == 1)
+    for rnd in (2, 3):
+        first, second = (c for r, _, c in seen if r == rnd)
+        assert first.keys() == second.keys() and "classifier.weight" in first
+        assert all(torch.allclose(first[n], -second[n], atol=1e-6 * max(1.0, float(first[n].abs().max()))) for n in first)
+        assert any(float(first[n].abs().max()) > 0 for n in first)
+
+
 def test_steps_by_examples_shares_the_rounds_steps_out_by_training_images(monkeypatch):
     """--steps-by-examples: local-steps x hospitals steps a round, each hospital's share in
     proportion to its training images, at least one."""
