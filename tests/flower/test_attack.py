@@ -87,21 +87,18 @@ def test_a_bad_attack_value_fails_the_hospital_at_start_up_with_its_name(tmp_pat
         client_app.app(describe, ctx)
 
 
-# Each strategy that can hold against one hospital runs against the x100 one, with the run
-# config it needs: coordinate-wise statistics (fedmedian; fedtrimmedavg cutting one of three
-# from each tail), fedssl's own (median-cosine), selections (krum; multikrum averaging the two
-# it keeps) and server optimisers at a tiny server-eta, so their bound is per coordinate
-# (fedyogi, fedadagrad; fedadam, the same code, runs in test_secure_aggregation.py).
-# tests/flower/test_config_and_strategy.py also holds every strategy to Flower's own result or
-# to the same bound, in process (a run here costs ~35 s).
+# Strategies that hold against one hospital run against the x100 one end to end, with the run
+# config each needs: coordinate-wise statistics (fedmedian; fedtrimmedavg cutting one of three
+# from each tail), fedssl's own (median-cosine) and a selection (krum). A run here costs ~50 s on
+# one core, so the others are held to the same bound in process only, against Flower's own
+# classes (tests/flower/test_config_and_strategy.py: multikrum beside krum, and fedadam,
+# fedyogi, fedadagrad stepping as Flower's do; fedadam also runs for real in
+# test_secure_aggregation.py).
 ROBUST_RUNS = {
     "fedmedian": [],
     "fedtrimmedavg": ["trim-beta=0.34"],  # int(0.34 * 3) = 1 cut from each tail: the middle value
     "median-cosine": ["num-malicious-nodes=1"],  # the lowest cosine left out, the others clipped to the median norm
     "krum": ["num-malicious-nodes=1"],
-    "multikrum": ["num-malicious-nodes=1", "num-nodes-to-select=2"],
-    "fedyogi": ["server-eta=1e-6"],
-    "fedadagrad": ["server-eta=1e-6"],
 }
 
 
@@ -116,9 +113,7 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
     inequality). Why each holds: a coordinate-wise median of three, or a mean trimmed of one
     value at each end, lies between two honest values (fedmedian, fedtrimmedavg); median-cosine
     clips every update to the median norm, an honest one's; Krum picks one update, an honest one
-    (the global step is exactly that hospital's), and MultiKrum keeping two keeps both honest
-    ones (its step is their average, no longer than the longer); FedYogi and FedAdagrad step no
-    coordinate further than server-eta."""
+    (the global step is exactly that hospital's)."""
     hospitals = {"honest-a": None, "honest-b": None, "mallory": "scale:100"}
     runs = {}
     with P.cluster(tmp_path) as c:
@@ -137,7 +132,6 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
     torch.manual_seed(0)  # the aggregator's initial model (seed 0), which round 1 sent
     start = records.state_arrays(FedSSLModel("efficientnet_lite0", num_classes=len(names.HAM10000_CLASSES)).state_dict(),
                                  training.shared_groups(names.PHASE_SSL, "encoder", "linear"))
-    trained = [k for k in start if is_trained(k, start[k])]
     for strategy, (run_id, stdout) in runs.items():
         run_dir = tmp_path / "runs" / run_id
         (record,) = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
@@ -155,10 +149,6 @@ def test_a_supernode_scaling_its_update_x100_reaches_the_aggregator_and_each_rob
         assert fedavg_at_least > 10 * step, (strategy, norms, examples, step)
         if strategy == "krum":
             assert any(step == pytest.approx(h, rel=1e-4) for h in honest), (step, honest)  # one honest hospital's update
-        if strategy == "multikrum":
-            assert step <= max(honest) * (1 + 1e-5), (step, honest)
-        if strategy in ("fedyogi", "fedadagrad"):
-            assert max(float(np.abs(saved[k].astype(np.float64) - start[k]).max()) for k in trained) <= 1.0001e-6, strategy
         if strategy == "median-cosine":  # each update's cosine with the others' median, in the record and the log
             assert sorted(record["update_norms"]["cosines"]) == sorted(hospitals)
             assert all(-1 <= c <= 1 for c in record["update_norms"]["cosines"].values())
