@@ -13,16 +13,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (scripts/test.sh runs two workers), each worker and every process it
+    """Under pytest-xdist (scripts/test.sh: two workers per CPU, at most four), each worker and every process it
     starts (SuperLinks, SuperNodes, registries, benchmarks) runs on its own share of the CPUs:
     worker i of n gets cores i, i+n, ... Without it two workers' torch processes each size their
     thread pools for every core and thrash the other's; fedssl sizes torch's threads by the
-    process's affinity (`fedssl_core.models.set_torch_threads`), and OpenMP reads it too."""
+    process's affinity (`fedssl_core.models.set_torch_threads`), and OpenMP reads it too.
+    With more workers than cores, worker i gets core i mod cores: a real federation's processes
+    leave their core idle about half the time (waiting on each other), which a second worker on
+    that core fills."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker.startswith("gw") and count > 1 and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) >= count:
-            os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
+        cores, i = sorted(os.sched_getaffinity(0)), int(worker[2:])
+        # More workers than cores: worker i shares core i mod cores with the others dealt it.
+        os.sched_setaffinity(0, cores[i % count::count] if len(cores) >= count else [cores[i % len(cores)]])
 
 
 # Seconds each of the longest test modules takes on the 2-core machine (setup + call, summed
