@@ -153,6 +153,11 @@ MALFORMED = [  # (request JSON, bytes after it as binary tensor data or None, th
      "binary_data_size of input 'image' must be an integer, got 'abc'"),
     ({"inputs": [{**PIXELS, "parameters": {"binary_data_size": 5}}]}, b"12345",
      "input 'image' has 5 bytes; shape [1, 3, 32, 32] of UINT8 needs 3072"),
+    ({"inputs": [{**PIXELS, "parameters": {"binary_data_size": 3072}}]}, bytes(3080),
+     "input 'image' takes 3072 bytes after the JSON header (its binary_data_size), but 3080 follow it"),
+    ({"inputs": [{**PIXELS, "data": [0] * 3072}]}, b"xyz",
+     "input 'image' has its values in 'data', but 3 bytes follow the JSON header: send them as its binary data "
+     "(parameters.binary_data_size) or leave them out"),
     ({"inputs": [{**PIXELS, "data": [0] * 3072, "parameters": "binary_data_size"}]}, None,
      "'parameters' of input 'image' must be an object, got str"),
     ({"inputs": [{**PIXELS, "data": [0] * 3072}], "parameters": [1]}, None,

@@ -174,10 +174,12 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
     if shape[0] > max_batch:  # before its data becomes an array
         raise PayloadTooLarge(f"input {name!r} has {shape[0]} images; at most {max_batch} per request "
                               "(parameters.max_batch_size in the model's metadata): send them in several requests")
-    size = _parameters(inp, f"input {name!r}").get("binary_data_size")
-    if type(size) is int and size != len(binary):  # the one input takes every byte after the header
-        raise InvalidInput(f"binary_data_size {size} does not match the {len(binary)} bytes after the JSON header")
-    x, _ = _tensor(inp, name, dtype, shape, binary, 0)
+    x, used = _tensor(inp, name, dtype, shape, binary, 0)
+    if used != len(binary):  # the one input takes every byte after the header, or none with its values in 'data'
+        raise InvalidInput(f"input {name!r} takes {used} bytes after the JSON header (its binary_data_size), but "
+                           f"{len(binary)} follow it" if used else
+                           f"input {name!r} has its values in 'data', but {len(binary)} bytes follow the JSON header: "
+                           "send them as its binary data (parameters.binary_data_size) or leave them out")
     # numpy only: this runs on the event loop, and torch work belongs to the torch thread.
     if dtype == "UINT8":
         x = normalize(x, mean, std)  # numpy in, numpy out: the same values as the hospitals' torch call
