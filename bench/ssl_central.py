@@ -37,7 +37,7 @@ from fedssl_flower import training  # noqa: E402
 from fedssl_flower.config import RunConfig  # noqa: E402
 from fedssl_flower.data import HospitalData  # noqa: E402
 from fedssl_flower.ssl.losses import NTXentLoss  # noqa: E402
-from fedssl_flower.ssl.micle import group_partners  # noqa: E402
+from fedssl_flower.ssl.micle import draw_partners, group_partners  # noqa: E402
 from fedssl_flower.ssl.transforms import SimCLRTransform  # noqa: E402
 
 
@@ -95,10 +95,6 @@ class DCLLoss(torch.nn.Module):
         mask[torch.arange(2 * n), partner] = True
         negatives = torch.logsumexp(sim.masked_fill(mask, float("-inf")), dim=1)
         return (negatives - positive).mean()
-
-
-def pick(partners: list[int], i: int, g: torch.Generator) -> int:
-    return partners[int(torch.randint(0, len(partners), (1,), generator=g))] if partners else i
 
 
 def main() -> None:
@@ -179,7 +175,7 @@ def main() -> None:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         idx = torch.randint(0, len(train.train_images), (64,), generator=g)
         if args.positives == "lesion":
-            other = torch.tensor([pick(partners[i], i, g) for i in idx.tolist()])
+            other = draw_partners(partners, idx, g)
             v1, _ = transform(train.train_images[idx], g)
             _, v2 = transform(train.train_images[other], g)
         else:

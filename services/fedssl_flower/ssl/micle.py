@@ -26,6 +26,13 @@ def group_partners(groups: Sequence[str]) -> list[list[int]]:
     return [[j for j in members[group] if j != i] for i, group in enumerate(groups)]
 
 
+def draw_partners(partners: Sequence[Sequence[int]], idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For each image index in `idx`, one of its group's other images drawn at random from `g`
+    (`partners` as `group_partners` gives them), or itself when its group has no other."""
+    return torch.tensor([p[int(torch.randint(0, len(p), (1,), generator=g))] if p else i
+                         for i, p in ((i, partners[i]) for i in idx.tolist())], dtype=torch.long)
+
+
 def require_pairs(groups: Sequence[str], who: str = "this hospital") -> list[list[int]]:
     """`group_partners(groups)`, or a ConfigError when no image has a partner."""
     partners = group_partners(groups)
@@ -49,9 +56,7 @@ class MICLe(SimCLR):
         drawn at random (itself when its lesion has one image)."""
         if len(self.partners) != len(images):
             raise ValueError(f"MICLe was given groups for {len(self.partners)} images and asked to pair among {len(images)}")
-        other = [p[int(torch.randint(0, len(p), (1,), generator=g))] if p else i
-                 for i, p in ((i, self.partners[i]) for i in idx.tolist())]
-        return torch.stack([images[idx], images[torch.tensor(other, dtype=torch.long)]])
+        return torch.stack([images[idx], images[draw_partners(self.partners, idx, g)]])
 
     def loss(self, model: FedSSLModel, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """NT-Xent between a view of each image and a view of its partner."""
