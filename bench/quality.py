@@ -349,9 +349,53 @@ def head_diagnostic(model: FedSSLModel, sites: list[HospitalData], test: Hospita
 
 
 # ---------------------------------------------------------------------------- training
-def fresh_model(cfg: RunConfig, num_classes: int) -> FedSSLModel:
+def fresh_model(cfg: RunConfig, num_classes: int, feature_noise: float = 0.0) -> FedSSLModel:
+    """The model every arm starts from. `feature_noise` > 0: `FeatureStatisticsNoise` in its
+    encoder (copies of the model, the hospitals', keep it)."""
     torch.manual_seed(cfg.seed)  # what the aggregator starts from
-    return FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained)
+    model = FedSSLModel(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained)
+    if feature_noise:
+        FeatureStatisticsNoise.attach(model, feature_noise)
+    return model
+
+
+class FeatureStatisticsNoise:
+    """DSU (Li et al., ICLR 2022, "Uncertainty modeling for out-of-distribution generalization"),
+    a forward hook on an encoder stage: in a training step, with probability `p`, each image's
+    per-channel feature mean and standard deviation are redrawn from a Gaussian around them whose
+    spread is the batch's spread of those statistics, and the features renormalised to the drawn
+    ones. A one-site batch then trains on features whose style varies more than its site's do,
+    the variation a pooled batch's other sites would bring. Eval mode is untouched. The draws
+    come from torch's global generator, which activation checkpointing restores for its
+    recomputation, so the backward pass sees the forward pass's noise."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    @staticmethod
+    def points(model: FedSSLModel) -> list[str]:
+        """Where it acts: after the stem and after every encoder stage but the last (DSU's
+        placement in a ResNet; the last stage feeds the pooled features). In timm's EfficientNet
+        on a stage's last block: its activation checkpointing calls the blocks, not the stages."""
+        enc = model.encoder
+        if hasattr(enc, "blocks"):  # timm EfficientNet
+            return ["bn1", *(f"blocks.{i}.{len(enc.blocks[i]) - 1}" for i in range(len(enc.blocks) - 1))]
+        return ["maxpool", "layer1", "layer2", "layer3"]  # torchvision ResNet
+
+    @classmethod
+    def attach(cls, model: FedSSLModel, p: float) -> None:
+        modules = dict(model.encoder.named_modules())
+        for name in cls.points(model):
+            modules[name].register_forward_hook(cls(p))
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, x: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or x.shape[2] * x.shape[3] == 1 or float(torch.rand(())) >= self.p:
+            return None  # a 1 x 1 map has no spatial statistics to redraw
+        mu = x.mean((2, 3), keepdim=True)
+        sigma = (x.var((2, 3), keepdim=True, correction=0) + 1e-6).sqrt()
+        beta = mu + torch.randn_like(mu) * (mu.var(0, keepdim=True, correction=0) + 1e-6).sqrt()
+        gamma = sigma + torch.randn_like(sigma) * (sigma.var(0, keepdim=True, correction=0) + 1e-6).sqrt()
+        return (x - mu) / sigma * gamma + beta
 
 
 def schedule(cfg: RunConfig) -> list[tuple[str, int]]:
@@ -373,7 +417,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
              pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
              steps_by_examples: bool = False, federation_prior: bool = False,
-             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
+             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -433,14 +477,16 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     labelled images together (`federation_counts`) instead of each hospital's own.
     `finetune_batchnorm` frozen: fine-tuning steps normalise with the encoder's running
     BatchNorm statistics as the hospital received them, not each batch's own
-    (`training.train_supervised`)."""
+    (`training.train_supervised`).
+    `feature_noise` > 0: `FeatureStatisticsNoise` in every hospital's training steps (the
+    server's model only scores, in eval mode, where it does nothing)."""
     cyclic = cfg.strategy == names.STRATEGY_CYCLIC
     if relay_moments and not (cyclic and cfg.keep_optimizer_state):
         raise ValueError("--relay-moments needs --strategy cyclic and --keep-optimizer-state true")
     if cyclic and fedbn:
         raise ValueError("strategy cyclic relays one model from hospital to hospital: no FedBN")
     num_classes = len(test.class_names)
-    server = fresh_model(cfg, num_classes)
+    server = fresh_model(cfg, num_classes, feature_noise)  # the hospitals' copies keep its hooks
     state = copy.deepcopy(server.state_dict())
     hospitals = [copy.deepcopy(server) for _ in ssl_sites]
     if fixed_head:  # --fixed-head: no gradient ever reaches a hospital's classifier
@@ -654,12 +700,13 @@ def averaged_model(server: FedSSLModel, states: list[dict[str, torch.Tensor]]) -
 
 def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalData, val: HospitalData,
                 cfg: RunConfig, task: str, steps_per_round: int, tta: bool = False,
-                finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
+                finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0) -> dict:
     """One model on one data set: the federation's rounds with `steps_per_round` steps each.
     `tta`: the final model is also scored with test-time augmentation (`tta_scores`).
-    `finetune_batchnorm`: fine-tuning's BatchNorm mode (`training.train_supervised`)."""
+    `finetune_batchnorm`: fine-tuning's BatchNorm mode (`training.train_supervised`).
+    `feature_noise`: `FeatureStatisticsNoise` in its training steps."""
     cfg = dataclasses.replace(cfg, local_steps=steps_per_round)
-    model = fresh_model(cfg, len(test.class_names))
+    model = fresh_model(cfg, len(test.class_names), feature_noise)
     curve, ssl_probe = [], None
     moments = {} if cfg.keep_optimizer_state else None
     for phase, rnd in schedule(cfg):
@@ -678,7 +725,8 @@ def centralised(ssl_data: HospitalData, ft_data: HospitalData, test: HospitalDat
 
 
 def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalData, cfg: RunConfig, task: str,
-                 tta: bool = False, federation_prior: bool = False, finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
+                 tta: bool = False, federation_prior: bool = False, finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT,
+                 feature_noise: float = 0.0) -> dict:
     """Fine-tuning only, as pooled training with the same steps and one AdamW, except that every
     batch comes from one site: each step draws a site with probability proportional to its
     training images and takes one step on its images, its own class prior in the balanced
@@ -687,11 +735,12 @@ def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalDat
     pooled training into what site-pure batches cost and what runs of steps at one site cost.
     Scored once per `local_steps` x sites steps (a pooled round). `federation_prior`: the balanced
     softmax uses every site's labels' prior (`federation_counts`), as pooled training does.
-    `finetune_batchnorm`: the steps' BatchNorm mode (`training.train_supervised`)."""
+    `finetune_batchnorm`: the steps' BatchNorm mode (`training.train_supervised`).
+    `feature_noise`: `FeatureStatisticsNoise` in its steps."""
     per_round = cfg.local_steps * len(sites)
     total = per_round * cfg.finetune_rounds
     step_cfg = dataclasses.replace(cfg, local_steps=1, ssl_rounds=0, finetune_rounds=total)
-    model = fresh_model(cfg, len(test.class_names))
+    model = fresh_model(cfg, len(test.class_names), feature_noise)
     moments = {} if cfg.keep_optimizer_state else None
     g = torch.Generator().manual_seed(cfg.seed)
     sizes = torch.tensor([float(len(s.train_images)) for s in sites])
@@ -736,7 +785,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
             steps_by_examples: bool = False, federation_prior: bool = False,
-            finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
+            finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -762,11 +811,11 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         out["test"] = out["probe_start"]["test"]
     elif arm == "pooled":
         out = centralised(pooled_data(sites), pooled_data(labelled), test, val, cfg, ssl_task[""], cfg.local_steps * len(sites), tta,
-                          finetune_batchnorm)
+                          finetune_batchnorm, feature_noise)
     elif arm == "site-batches":
         if cfg.ssl_rounds:
             raise ValueError("arm site-batches fine-tunes only: it needs --ssl-rounds 0")
-        out = site_batches(labelled, test, val, cfg, ssl_task[""], tta, federation_prior, finetune_batchnorm)
+        out = site_batches(labelled, test, val, cfg, ssl_task[""], tta, federation_prior, finetune_batchnorm, feature_noise)
         if federation_prior:
             out["balanced_prior"] = "federation"
     elif arm == "local":
@@ -779,7 +828,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
                        relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior,
-                       finetune_batchnorm=finetune_batchnorm)
+                       finetune_batchnorm=finetune_batchnorm, feature_noise=feature_noise)
         if relay_moments:
             out["relay_moments"] = True
         if scaffold:
@@ -897,7 +946,7 @@ NOT_IN_COMMAND = ("data", "cache_dir", "out", "arms", "seeds")
 ONLY_WHEN_SET = ("label", "label_map", "class_names", "fedprox_mu", "moon_mu", "moon_temperature", "tail_average",
                  "attack", "attacker", "exclude_site", "aggregation_weights", "joint_ssl_weight", "joint_ssl_batch",
                  "joint_ssl_batchnorm", "pseudo_label_weight", "pseudo_label_threshold", "pseudo_label_batch",
-                 "pseudo_label_batchnorm")
+                 "pseudo_label_batchnorm", "feature_noise")
 
 
 def rerun_command(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: str, seed: int, folders: bool) -> str:
@@ -1057,6 +1106,9 @@ def main() -> None:
                     help="federated, pooled and site-batches arms: fine-tuning's BatchNorm layers normalise each batch by its "
                          "own statistics (adapt, as the product trains) or by the running statistics the model came with, "
                          "which stay as they are (frozen: every site's batches normalised alike)")
+    ap.add_argument("--feature-noise", type=float, default=0.0, metavar="P",
+                    help="federated, pooled and site-batches arms: DSU feature-statistics noise after the encoder's stem and "
+                         "stages with probability P per stage and training step, SSL steps too (FeatureStatisticsNoise; 0 = off)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     try:
@@ -1079,6 +1131,8 @@ def main() -> None:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
         raise SystemExit("--fedprox-mu must be >= 0")
+    if not 0 <= args.feature_noise <= 1:
+        raise SystemExit(f"--feature-noise is a probability per stage and step: expected 0 to 1, got {args.feature_noise}")
     if args.joint_ssl_weight < 0 or args.joint_ssl_batch < 2:
         raise SystemExit(f"--joint-ssl-weight must be >= 0 and --joint-ssl-batch >= 2 (got {args.joint_ssl_weight}, "
                          f"{args.joint_ssl_batch})")
@@ -1188,8 +1242,10 @@ def main() -> None:
                         (args.pseudo_label_weight, args.pseudo_label_threshold, args.pseudo_label_batch,
                          args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
                         steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation",
-                        finetune_batchnorm=args.finetune_batchnorm)
+                        finetune_batchnorm=args.finetune_batchnorm, feature_noise=args.feature_noise)
             r["eval"], r["label"] = args.eval, args.label
+            if args.feature_noise:
+                r["feature_noise"] = {"method": "DSU", "p": args.feature_noise}
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             if args.shuffle_sites:

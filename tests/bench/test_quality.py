@@ -3,6 +3,7 @@ scores them on the pooled test, keeps fewer labels when asked, counts the bytes 
 encoding puts on the wire, and appends to its JSON so a long benchmark can run in pieces."""
 
 import argparse
+import copy
 import dataclasses
 import json
 import re
@@ -608,3 +609,62 @@ def test_finetune_batchnorm_reaches_every_fine_tuning_step_of_federated_pooled_a
     seen.clear()
     quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
     assert seen == ["adapt"] * 4
+
+
+def _noise_hooks(model) -> int:
+    from bench import quality
+    return sum(isinstance(h, quality.FeatureStatisticsNoise) for m in model.encoder.modules() for h in m._forward_hooks.values())
+
+
+def test_feature_noise_redraws_feature_statistics_in_training_only_and_checkpointing_replays_the_same_draws():
+    """--feature-noise (DSU): hooks after the stem and every stage but the last change a training
+    forward pass, leave eval untouched, and the backward pass under activation checkpointing
+    recomputes with the same draws (the gradients of a checkpointed step are the plain step's)."""
+    from bench import quality
+    from fedssl_core.models import set_activation_checkpointing
+
+    _, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, image_size=64)
+    plain, noisy = quality.fresh_model(cfg, 3), quality.fresh_model(cfg, 3, feature_noise=1.0)
+    assert (_noise_hooks(plain), _noise_hooks(noisy)) == (0, len(quality.FeatureStatisticsNoise.points(noisy))) and _noise_hooks(noisy) == 7
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    plain.eval(), noisy.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.encoder(x), noisy.encoder(x))
+    twin = copy.deepcopy(noisy)
+    plain.train(), noisy.train(), twin.train()
+    with torch.no_grad():
+        assert not torch.allclose(plain.encoder(x), noisy.encoder(x), atol=1e-3)
+    grads = []
+    for model, checkpointed in ((noisy, True), (twin, False)):
+        set_activation_checkpointing(model.encoder, checkpointed)
+        torch.manual_seed(7)
+        model.zero_grad()
+        model.encoder(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.encoder.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads))
+
+
+def test_feature_noise_reaches_the_models_of_federated_pooled_and_site_batch_training(monkeypatch):
+    """feature_noise > 0: every model a hospital, pooled or site-batches training trains carries the
+    hooks; by default none does."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local
+
+    sites, cfg = _two_tiny_sites()
+    seen, real_train_round = [], local.train_round
+
+    def spy(model, *args, **kwargs):
+        seen.append(_noise_hooks(model))
+        return real_train_round(model, *args, **kwargs)
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    pooled = quality.pooled_data(sites)
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, feature_noise=0.5)
+    quality.centralised(pooled, pooled, pooled, pooled, cfg, names.SSL_SIMCLR, 1, feature_noise=0.5)
+    quality.site_batches(sites, pooled, pooled, dataclasses.replace(cfg, finetune_rounds=1), names.SSL_SIMCLR, feature_noise=0.5)
+    assert seen == [7] * (4 + 2 + 2)
+    seen.clear()
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
+    assert seen == [0] * 4
