@@ -361,7 +361,7 @@ def fresh_model(cfg: RunConfig, num_classes: int, feature_noise: float = 0.0) ->
 
 class FeatureStatisticsNoise:
     """DSU (Li et al., ICLR 2022, "Uncertainty modeling for out-of-distribution generalization"),
-    a forward hook on an encoder stage: in a training step, with probability `p`, each image's
+    a forward hook at the end of an encoder stage (`points`): in a training step, with probability `p`, each image's
     per-channel feature mean and standard deviation are redrawn from a Gaussian around them whose
     spread is the batch's spread of those statistics, and the features renormalised to the drawn
     ones. A one-site batch then trains on features whose style varies more than its site's do,
