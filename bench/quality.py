@@ -819,7 +819,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         if federation_prior:
             out["balanced_prior"] = "federation"
     elif arm == "local":
-        per_site = {s.hospital: centralised(s, ls, test, val, cfg, site_tasks[s.hospital], cfg.local_steps * len(sites))
+        per_site = {s.hospital: centralised(s, ls, test, val, cfg, site_tasks[s.hospital], cfg.local_steps * len(sites),
+                                            feature_noise=feature_noise)
                     for s, ls in zip(sites, labelled)}
         out = {"sites": per_site,
                "test": {k: statistics.mean(r["test"][k] for r in per_site.values()) for k in (*HEADLINE, "ece")},
@@ -1107,8 +1108,8 @@ def main() -> None:
                          "own statistics (adapt, as the product trains) or by the running statistics the model came with, "
                          "which stay as they are (frozen: every site's batches normalised alike)")
     ap.add_argument("--feature-noise", type=float, default=0.0, metavar="P",
-                    help="federated, pooled and site-batches arms: DSU feature-statistics noise after the encoder's stem and "
-                         "stages with probability P per stage and training step, SSL steps too (FeatureStatisticsNoise; 0 = off)")
+                    help="every arm that trains an encoder (all but probes): DSU feature-statistics noise after the encoder's "
+                         "stem and stages with probability P per stage and training step, SSL steps too (FeatureStatisticsNoise; 0 = off)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     try:

@@ -645,9 +645,9 @@ def test_feature_noise_redraws_feature_statistics_in_training_only_and_checkpoin
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads))
 
 
-def test_feature_noise_reaches_the_models_of_federated_pooled_and_site_batch_training(monkeypatch):
-    """feature_noise > 0: every model a hospital, pooled or site-batches training trains carries the
-    hooks; by default none does."""
+def test_feature_noise_reaches_the_models_of_federated_pooled_site_batch_and_local_training(monkeypatch):
+    """feature_noise > 0: every model a hospital, pooled, site-batches or site-alone (arm local)
+    training trains carries the hooks; by default none does."""
     from bench import quality
     from fedssl_core import names
     from fedssl_flower import local
@@ -665,6 +665,9 @@ def test_feature_noise_reaches_the_models_of_federated_pooled_and_site_batch_tra
     quality.centralised(pooled, pooled, pooled, pooled, cfg, names.SSL_SIMCLR, 1, feature_noise=0.5)
     quality.site_batches(sites, pooled, pooled, dataclasses.replace(cfg, finetune_rounds=1), names.SSL_SIMCLR, feature_noise=0.5)
     assert seen == [7] * (4 + 2 + 2)
+    seen.clear()
+    quality.run_arm("local", 0, sites, sites, pooled, cfg, feature_noise=0.5)
+    assert seen == [7] * (2 + 2)
     seen.clear()
     quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
     assert seen == [0] * 4
