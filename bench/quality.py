@@ -31,6 +31,7 @@ fraction F of the training labels (by lesion, stratified; SSL still sees every i
   ssl-probe   the federated SSL rounds only, then a linear probe and kNN of the encoder
   fp16, int8  `federated` with compressed updates, both directions (bytes on the wire counted)
   site-batches  pooled fine-tuning's steps, each batch from one site drawn by its size (`site_batches`; a diagnostic)
+  site-mixed  pooled fine-tuning's steps, each batch an equal sub-batch from every site: FedSGD's step (`site_mixed`; a diagnostic)
 SSL rounds run SimCLR at every site unless `--ssl-task` says otherwise (`micle`, or
 `micle,vidir_molemax=simclr` for a site of its own: MICLe needs lesions with several images,
 which vidir_molemax lacks), and take the run config's SSL options: `--lr`,
@@ -100,7 +101,8 @@ from fedssl_flower.attack import Attack, misbehave, parse_attack
 from fedssl_flower.strategy import ServerOptimizer, relay_order, weighted_average
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8", "site-batches")
+ARMS = ("federated", "pooled", "no-ssl", "random", "random-ssl", "local", "probes", "ssl-probe", "fp16", "int8", "site-batches",
+        "site-mixed")
 DEFAULT_ARMS = "federated,pooled,no-ssl,random,probes"
 SEEDED_ARMS = ("federated",)  # run for every seed; the others for the first seed only
 FEDERATED_ARMS = ("federated", "no-ssl", "random", "random-ssl", "fp16", "int8")  # scored after federated fine-tuning
@@ -762,6 +764,89 @@ def site_batches(sites: list[HospitalData], test: HospitalData, val: HospitalDat
     return out
 
 
+def site_mixed(sites: list[HospitalData], test: HospitalData, val: HospitalData, cfg: RunConfig,
+               tta: bool = False, feature_noise: float = 0.0, federation_prior: bool = False,
+               weights: str = "uniform", batchnorm: str = "site",
+               finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT) -> dict:
+    """Fine-tuning only, as pooled training with the same steps of `--batch-size` images and one
+    AdamW, except that every batch is one equal sub-batch from each site (`batch-size` / sites
+    images), each normalised by its own BatchNorm statistics and scored with its own site's
+    prior in the balanced softmax, and the step follows the mean of the sites' losses. That is
+    the computation of FedSGD (McMahan et al. 2017) with an AdamW step at the aggregator: every
+    round each hospital computes one gradient on its own images from the same model and the
+    aggregator applies their mean. So it says what a federation that mixes the sites within
+    every step reaches, against pooled training (mixed batches) and `site_batches` (one site a
+    step); its price in a deployment would be one exchange per step. The encoder's BatchNorm
+    running statistics follow the sub-batches in turn (momentum 0.1 each), where FedSGD would
+    average the hospitals'. Scored once per `local_steps` x sites steps (a pooled round).
+    `weights`: the sites' losses count equally (`uniform`) or by their training images
+    (`examples`, FedSGD's weighting: the step's gradient is then pooled training's expected
+    gradient). `federation_prior`: every sub-batch's balanced softmax uses the prior of all
+    sites' labels (`federation_counts`), as pooled training's does. `batchnorm`: each site's
+    sub-batch normalised by its own statistics (`site`, what a federation computes) or the
+    sub-batches concatenated into one forward pass normalised by their joint statistics
+    (`joint`: pooled training with the batch stratified by site; no federation computes it,
+    so it isolates what per-site normalisation costs). `finetune_batchnorm` frozen: the
+    encoder's BatchNorm layers run in eval mode instead (`training.train_supervised`), every
+    sub-batch normalised by the running statistics the model came with: FedSGD with every
+    site's images normalised alike, which a federation can compute."""
+    if weights not in ("uniform", "examples"):
+        raise ValueError(f"site-mixed weights must be uniform or examples, got {weights!r}")
+    if batchnorm not in ("site", "joint"):
+        raise ValueError(f"site-mixed batchnorm must be site or joint, got {batchnorm!r}")
+    if cfg.finetune_loss != names.LOSS_BALANCED_SOFTMAX or cfg.finetune_mode != names.FINETUNE_FULL:
+        raise ValueError(f"arm site-mixed trains with --finetune-loss {names.LOSS_BALANCED_SOFTMAX} and --finetune-mode "
+                         f"{names.FINETUNE_FULL} only (got {cfg.finetune_loss}, {cfg.finetune_mode})")
+    sub = cfg.batch_size // len(sites)
+    if sub < 2:
+        raise ValueError(f"arm site-mixed needs --batch-size of at least 2 images per site ({len(sites)} sites), "
+                         f"got {cfg.batch_size}: a sub-batch of one cannot be normalised by its own statistics")
+    per_round = cfg.local_steps * len(sites)
+    total = per_round * cfg.finetune_rounds
+    model = fresh_model(cfg, len(test.class_names), feature_noise)
+    plan = training.Schedule(lr=cfg.finetune_lr or cfg.lr, steps=total, kind=cfg.lr_schedule, total=total)
+    params = training._prepare(model, training.trainable_groups(names.PHASE_FINETUNE, None, mode=cfg.finetune_mode))
+    optimizer = training._optimizer(params, plan, cfg.weight_decay)
+    g = torch.Generator().manual_seed(local.round_seed(cfg.seed, names.PHASE_FINETUNE, 1))
+    draws = [plan.batches(len(s.train_images), sub, g, min_size=2) for s in sites]
+    counts = [federation_counts(sites) if federation_prior else torch.bincount(s.train_labels, minlength=model.num_classes)
+              for s in sites]
+    adjust = [torch.log(c.float().clamp(min=0.5) / c.float().sum()) for c in counts]
+    sizes = [float(len(s.train_images)) for s in sites]
+    share = [1 / len(sites)] * len(sites) if weights == "uniform" else [n / sum(sizes) for n in sizes]
+    curve, step = [], 0
+    for rnd in range(1, cfg.finetune_rounds + 1):
+        training._prepare(model, training.trainable_groups(names.PHASE_FINETUNE, None, mode=cfg.finetune_mode))
+        training._hold_batchnorm_statistics(model, finetune_batchnorm)
+        training._channels_last(model, True)
+        with training._Checkpointing(model, cfg.activation_checkpointing) as steps:
+            for _ in range(per_round):
+                training._set_lr(optimizer, plan.lr_at(step))
+                optimizer.zero_grad(set_to_none=True)
+                picked, xs = [], []
+                for site, draw in zip(sites, draws):  # each site's draw, then its view: one generator, in turn
+                    picked.append(next(draw))
+                    xs.append(training.supervised_view(site.train_images[picked[-1]], cfg.augment, g, model.mean, model.std))
+                if batchnorm == "joint":
+                    joint = model.classifier(model.encoder(torch.cat(xs).contiguous(memory_format=torch.channels_last)))
+                    steps.backward(sum(F.cross_entropy(logits + adj, site.train_labels[idx]) * w for logits, site, idx, adj, w
+                                       in zip(joint.split([len(idx) for idx in picked]), sites, picked, adjust, share)))
+                else:
+                    for site, idx, x, adj, w in zip(sites, picked, xs, adjust, share):
+                        logits = model.classifier(model.encoder(x.contiguous(memory_format=torch.channels_last)))
+                        steps.backward(F.cross_entropy(logits + adj, site.train_labels[idx]) * w)
+                optimizer.step()
+                step += 1
+        training._channels_last(model, False)
+        curve.append({"round": rnd, **headline(scores(model, test, tta=cfg.test_time_augmentation))})
+        print(f"    site-mixed, {step} steps: balanced accuracy {curve[-1][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    out = {"test": scores(model, test, val, cfg.test_time_augmentation), "curve": curve,
+           "images_per_site_per_step": sub, "site_weights": {s.hospital: w for s, w in zip(sites, share)}}
+    if tta:
+        out["tta_test"] = tta_scores(model, test)
+    return out
+
+
 def ssl_task_spec(text: str) -> dict[str, str]:
     """`--ssl-task`: "TASK[,SITE=TASK...]" as {"": TASK, SITE: TASK}."""
     first, *rest = [part.strip() for part in text.split(",")]
@@ -785,7 +870,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             ssl_task: dict[str, str] | None = None, joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
             steps_by_examples: bool = False, federation_prior: bool = False,
-            finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0) -> dict:
+            finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
+            site_mixed_batchnorm: str = "site") -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -816,6 +902,14 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         if cfg.ssl_rounds:
             raise ValueError("arm site-batches fine-tunes only: it needs --ssl-rounds 0")
         out = site_batches(labelled, test, val, cfg, ssl_task[""], tta, federation_prior, finetune_batchnorm, feature_noise)
+        if federation_prior:
+            out["balanced_prior"] = "federation"
+    elif arm == "site-mixed":
+        if cfg.ssl_rounds:
+            raise ValueError("arm site-mixed fine-tunes only: it needs --ssl-rounds 0")
+        out = site_mixed(labelled, test, val, cfg, tta, feature_noise, federation_prior,
+                         "uniform" if not steps_by_examples else "examples", site_mixed_batchnorm, finetune_batchnorm)
+        out["site_mixed_batchnorm"] = site_mixed_batchnorm
         if federation_prior:
             out["balanced_prior"] = "federation"
     elif arm == "local":
@@ -850,7 +944,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             out["fixed_head"] = True
         if uniform_weights:
             out["aggregation_weights"] = "uniform"
-    if finetune_batchnorm != names.SSL_BATCHNORM_ADAPT and arm in (*FEDERATED_ARMS, "pooled", "site-batches"):
+    if finetune_batchnorm != names.SSL_BATCHNORM_ADAPT and arm in (*FEDERATED_ARMS, "pooled", "site-batches", "site-mixed"):
         out["finetune_batchnorm"] = finetune_batchnorm
     if fedprox_mu and arm in FEDERATED_ARMS:
         out["fedprox_mu"] = fedprox_mu
@@ -1099,12 +1193,17 @@ def main() -> None:
     ap.add_argument("--steps-by-examples", action="store_true",
                     help="federated arms: the round's local steps of all hospitals together are shared out in proportion "
                          "to their training images (at least one each), as pooled training draws them, instead of "
-                         "--local-steps each")
+                         "--local-steps each; arm site-mixed: each site's loss weighs by its training images (FedSGD's "
+                         "weighting) instead of equally")
+    ap.add_argument("--site-mixed-batchnorm", default="site", choices=("site", "joint"),
+                    help="arm site-mixed: each site's sub-batch normalised by its own BatchNorm statistics (site, as a "
+                         "federation computes) or all sub-batches in one forward pass by their joint ones (joint: a "
+                         "diagnostic no federation computes)")
     ap.add_argument("--balanced-prior", default="site", choices=("site", "federation"),
-                    help="federated and site-batches arms, --finetune-loss balanced-softmax: the label prior each step "
+                    help="federated, site-batches and site-mixed arms, --finetune-loss balanced-softmax: the label prior each step "
                          "adjusts by: the hospital's own labels' (as the product trains) or every hospital's together")
     ap.add_argument("--finetune-batchnorm", default=names.SSL_BATCHNORM_ADAPT, choices=names.SSL_BATCHNORM,
-                    help="federated, pooled and site-batches arms: fine-tuning's BatchNorm layers normalise each batch by its "
+                    help="federated, pooled, site-batches and site-mixed arms: fine-tuning's BatchNorm layers normalise each batch by its "
                          "own statistics (adapt, as the product trains) or by the running statistics the model came with, "
                          "which stay as they are (frozen: every site's batches normalised alike)")
     ap.add_argument("--feature-noise", type=float, default=0.0, metavar="P",
@@ -1243,7 +1342,8 @@ def main() -> None:
                         (args.pseudo_label_weight, args.pseudo_label_threshold, args.pseudo_label_batch,
                          args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
                         steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation",
-                        finetune_batchnorm=args.finetune_batchnorm, feature_noise=args.feature_noise)
+                        finetune_batchnorm=args.finetune_batchnorm, feature_noise=args.feature_noise,
+                        site_mixed_batchnorm=args.site_mixed_batchnorm)
             r["eval"], r["label"] = args.eval, args.label
             if args.feature_noise:
                 r["feature_noise"] = {"method": "DSU", "p": args.feature_noise}

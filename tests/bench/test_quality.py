@@ -559,6 +559,123 @@ def test_site_batches_takes_pooled_trainings_steps_one_site_at_a_time_with_one_o
     assert sum(out["steps_by_site"].values()) == 12 and min(out["steps_by_site"].values()) > 0
 
 
+@pytest.mark.parametrize("weights, federation_prior, batchnorm",
+                         [("uniform", False, "site"), ("examples", True, "site"), ("examples", True, "joint")])
+def test_site_mixed_steps_on_the_mean_of_every_sites_sub_batch_loss_with_one_optimizer(monkeypatch, weights, federation_prior,
+                                                                                       batchnorm):
+    """arm site-mixed (FedSGD's step): every step takes batch-size / sites images from each site
+    and moves along the mean of the sites' gradients, equally weighted or by training images,
+    each with its own prior in the balanced softmax or the federation's, each sub-batch
+    normalised by its own BatchNorm statistics or all of them in one forward pass (joint); one
+    optimizer throughout, scored once per pooled round."""
+    import torch.nn.functional as F
+    from bench import quality
+    from fedssl_flower import training
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, finetune_loss="balanced-softmax", local_steps=1, finetune_rounds=2, batch_size=8,
+                              weight_decay=0.0)
+    sites[1] = dataclasses.replace(sites[1], train_labels=torch.tensor([0] * 8 + [1] * 4))  # a prior of its own
+    big = sites[1].train_images.repeat(2, 1, 1, 1)
+    sites[1] = dataclasses.replace(sites[1], train_images=big, train_labels=sites[1].train_labels.repeat(2),
+                                  train_groups=sites[1].train_groups * 2)  # 24 images against 12: weights 1/3, 2/3
+    pooled = quality.pooled_data(sites)
+    views, start, after_step, real_view, real_fresh = [], [], [], training.supervised_view, quality.fresh_model
+
+    def spy_view(batch, *args, **kwargs):
+        out = real_view(batch, *args, **kwargs)
+        views.append((batch, out.clone()))
+        return out
+
+    class Recording(torch.optim.SGD):  # plain SGD at lr 1: a step is minus the gradient it followed
+        def step(self, closure=None):
+            out = super().step(closure)
+            after_step.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+            return out
+
+    def keep_start(*args, **kwargs):
+        model = real_fresh(*args, **kwargs)
+        start.append(copy.deepcopy(model))
+        return model
+
+    monkeypatch.setattr(training, "supervised_view", spy_view)
+    monkeypatch.setattr(training, "_optimizer", lambda params, plan, weight_decay: Recording(params, lr=1.0))
+    monkeypatch.setattr(training.Schedule, "lr_at", lambda self, step: 1.0)
+    monkeypatch.setattr(quality, "fresh_model", keep_start)
+    out = quality.site_mixed(sites, pooled, pooled, cfg, federation_prior=federation_prior, weights=weights, batchnorm=batchnorm)
+    share = [0.5, 0.5] if weights == "uniform" else [1 / 3, 2 / 3]
+    assert out["site_weights"] == pytest.approx(dict(zip(("dark", "bright"), share)))
+    # a pooled round = local-steps x sites = 2 steps, 2 rounds; each step a sub-batch of 4 from each site in turn
+    assert [c["round"] for c in out["curve"]] == [1, 2] and out["images_per_site_per_step"] == 4
+    assert len(after_step) == 4 and len(views) == 8 and {len(b) for b, _ in views} == {4}
+    owner = [next(i for i, s in enumerate(sites) if any(torch.equal(b[0], t) for t in s.train_images)) for b, _ in views]
+    assert owner == [0, 1] * 4
+
+    # the first step by hand: the mean over both sites of their balanced-softmax losses' gradients
+    model = start[0]
+    params = training._prepare(model, training.trainable_groups("finetune", None, mode=cfg.finetune_mode))
+    training._channels_last(model, True)  # as the arm computes: a random 16 px network amplifies layout rounding
+    loss = 0
+    first_views = [view.contiguous(memory_format=torch.channels_last) for _, view in views[:2]]
+    if batchnorm == "joint":  # one forward pass over both sub-batches: BatchNorm sees them together
+        logits_by_site = model.classifier(model.encoder(torch.cat(first_views))).split([4, 4])
+    else:
+        logits_by_site = [model.classifier(model.encoder(view)) for view in first_views]
+    for (batch, _), logits, site, w in zip(views[:2], logits_by_site, sites, share):
+        idx = [next(j for j, t in enumerate(site.train_images) if torch.equal(t, img)) for img in batch]
+        labels = torch.cat([s.train_labels for s in sites]) if federation_prior else site.train_labels
+        counts = torch.bincount(labels, minlength=3).float()
+        loss = loss + F.cross_entropy(logits + torch.log(counts.clamp(min=0.5) / counts.sum()), site.train_labels[idx]) * w
+    loss.backward()
+    expected = [(p.detach() - p.grad) if p.grad is not None else p.detach() for p in params]
+    assert len(expected) == len(after_step[0])
+    assert all(torch.allclose(got, want, rtol=1e-4, atol=1e-5) for got, want in zip(after_step[0], expected))
+    assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in params)
+
+
+def test_site_mixed_with_frozen_batchnorm_keeps_the_running_statistics_it_came_with():
+    """--finetune-batchnorm frozen reaches arm site-mixed: its steps normalise with the running
+    statistics the model came with, which stay as they are, while the weights learn."""
+    from bench import quality
+    from fedssl_flower import training
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, finetune_loss="balanced-softmax", batch_size=8, finetune_rounds=1)
+    pooled = quality.pooled_data(sites)
+    trained = {}
+    real_scores = quality.scores
+
+    def keep(model, *args, **kwargs):
+        trained.setdefault("state", {k: v.clone() for k, v in model.state_dict().items()})
+        return real_scores(model, *args, **kwargs)
+
+    start = quality.fresh_model(cfg, 3).state_dict()
+    stats = list(training.encoder_batchnorms(quality.fresh_model(cfg, 3)))
+    for mode, moved in (("frozen", False), ("adapt", True)):
+        trained.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quality, "scores", keep)
+            quality.site_mixed(sites, pooled, pooled, cfg, finetune_batchnorm=mode)
+        state = trained["state"]
+        assert any(not torch.equal(state[f"{n}.running_mean"], start[f"{n}.running_mean"]) for n in stats) == moved
+        assert any(not torch.equal(state[k], start[k]) for k in start if k.endswith(".weight"))
+
+
+def test_site_mixed_refuses_what_it_cannot_train():
+    from bench import quality
+
+    sites, cfg = _two_tiny_sites()
+    pooled = quality.pooled_data(sites)
+    with pytest.raises(ValueError, match="balanced-softmax"):
+        quality.site_mixed(sites, pooled, pooled, dataclasses.replace(cfg, finetune_loss="weighted-ce"))
+    with pytest.raises(ValueError, match="at least 2 images per site"):
+        quality.site_mixed(sites, pooled, pooled, dataclasses.replace(cfg, finetune_loss="balanced-softmax", batch_size=3))
+    with pytest.raises(ValueError, match="uniform or examples"):
+        quality.site_mixed(sites, pooled, pooled, dataclasses.replace(cfg, finetune_loss="balanced-softmax"), weights="size")
+    with pytest.raises(ValueError, match="site or joint"):
+        quality.site_mixed(sites, pooled, pooled, dataclasses.replace(cfg, finetune_loss="balanced-softmax"), batchnorm="pooled")
+
+
 def test_balanced_prior_federation_gives_every_hospital_the_label_counts_of_all_of_them(monkeypatch):
     """--balanced-prior federation: each hospital's balanced softmax adjusts by every hospital's
     labelled images counted together (site-batches' steps too); by default by its own."""
