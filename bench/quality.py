@@ -419,7 +419,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              joint: tuple = (0.0, 32, names.SSL_BATCHNORM_ADAPT),
              pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
              steps_by_examples: bool = False, federation_prior: bool = False,
-             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0) -> dict:
+             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
+             site_prior: list[HospitalData] | None = None) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -633,6 +634,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         extra["tta_test"] = tta_scores(server, test)
     if head_check and cfg.finetune_rounds:
         extra["head_diagnostic"] = head_diagnostic(server, ft_sites, test, cfg)
+    if site_prior and cfg.finetune_rounds:
+        extra["site_prior"] = site_prior_scores(server, site_prior, ft_sites)
     if fedbn and cfg.finetune_rounds:
         extra["fedbn"] = {"batchnorm_keys": len(bn_keys), "personalised": curve[-1]["personalised"],
                           "bn_recomputed": bn_recomputed_scores(server, pooled_data(ft_sites).train_images, test, cfg),
@@ -653,6 +656,37 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
                                  "bn_recomputed_test": bn_recomputed_scores(final, pooled_data(ft_sites).train_images, test, cfg)},
                 **extra}
     return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
+
+
+def site_prior_scores(model: FedSSLModel, splits: list[HospitalData], train_sites: list[HospitalData]) -> dict:
+    """The pooled held-out split scored with each image's probabilities adjusted to its own
+    site's label mix (`--site-prior`, a diagnostic): the softmax (averaged over the views with
+    test-time augmentation) times the site's training label prior over the federation's,
+    renormalised (the prior correction for label shift of Saerens et al. 2002). Balanced softmax
+    with each hospital's own prior trains logits whose softmax is the site's posterior divided
+    by the site's prior, so the site's label mix is left out; this puts it back for a caller
+    whose site is known, scored by the federation's prior as balanced accuracy asks. Pooled
+    training's model reads the site from the images' look instead. `splits[i]` is the held-out
+    split of `train_sites[i]`'s hospital; priors come from the labelled training images."""
+    from fedssl_flower.metrics import classification_metrics
+
+    if [s.hospital for s in splits] != [s.hospital for s in train_sites]:
+        raise ValueError("site-prior scoring needs each training site's own held-out split, in the same order")
+    federation = federation_counts(train_sites).float().clamp(min=0.5)
+    out = {}
+    for tta in (names.TTA_NONE, names.TTA_DIHEDRAL):
+        probas, labels = [], []
+        for split, site in zip(splits, train_sites):
+            counts = torch.bincount(site.train_labels, minlength=model.num_classes).float().clamp(min=0.5)
+            ratio = (counts / counts.sum()) / (federation / federation.sum())
+            p = training.view_log_proba(training.predict_view_logits(model, split.test_images, tta)).exp() * ratio
+            probas.append(p / p.sum(dim=1, keepdim=True))
+            labels.append(split.test_labels)
+        m = classification_metrics(torch.cat(labels).numpy(), torch.cat(probas).numpy(), train_sites[0].class_names)
+        out["tta_test" if tta == names.TTA_DIHEDRAL else "test"] = headline(m)
+    print(f"    site prior: balanced accuracy {out['test'][names.M_BALANCED_ACCURACY]:.3f}, "
+          f"with test-time augmentation {out['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    return out
 
 
 def federation_counts(sites: list[HospitalData]) -> torch.Tensor:
@@ -871,7 +905,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
             steps_by_examples: bool = False, federation_prior: bool = False,
             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
-            site_mixed_batchnorm: str = "site") -> dict:
+            site_mixed_batchnorm: str = "site", site_prior: list[HospitalData] | None = None) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -923,7 +957,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
                        relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior,
-                       finetune_batchnorm=finetune_batchnorm, feature_noise=feature_noise)
+                       finetune_batchnorm=finetune_batchnorm, feature_noise=feature_noise, site_prior=site_prior)
         if relay_moments:
             out["relay_moments"] = True
         if scaffold:
@@ -1199,6 +1233,10 @@ def main() -> None:
                     help="arm site-mixed: each site's sub-batch normalised by its own BatchNorm statistics (site, as a "
                          "federation computes) or all sub-batches in one forward pass by their joint ones (joint: a "
                          "diagnostic no federation computes)")
+    ap.add_argument("--site-prior", action="store_true",
+                    help="federated arms: also score the final model with each held-out image's probabilities adjusted to "
+                         "its own site's training label prior over the federation's (a caller whose hospital is known; "
+                         "`site_prior_scores`)")
     ap.add_argument("--balanced-prior", default="site", choices=("site", "federation"),
                     help="federated, site-batches and site-mixed arms, --finetune-loss balanced-softmax: the label prior each step "
                          "adjusts by: the hospital's own labels' (as the product trains) or every hospital's together")
@@ -1343,7 +1381,7 @@ def main() -> None:
                          args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
                         steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation",
                         finetune_batchnorm=args.finetune_batchnorm, feature_noise=args.feature_noise,
-                        site_mixed_batchnorm=args.site_mixed_batchnorm)
+                        site_mixed_batchnorm=args.site_mixed_batchnorm, site_prior=site_splits if args.site_prior else None)
             r["eval"], r["label"] = args.eval, args.label
             if args.feature_noise:
                 r["feature_noise"] = {"method": "DSU", "p": args.feature_noise}

@@ -661,6 +661,28 @@ def test_site_mixed_with_frozen_batchnorm_keeps_the_running_statistics_it_came_w
         assert any(not torch.equal(state[k], start[k]) for k in start if k.endswith(".weight"))
 
 
+def test_site_prior_scores_put_each_sites_label_mix_back_for_a_caller_whose_site_is_known():
+    """--site-prior: a model whose softmax says nothing (all logits equal) scores at chance on the
+    pooled split, but with each image's probabilities times its own site's prior over the
+    federation's it gets every image right when each site saw one class; sites are matched to
+    their own held-out split, in order."""
+    from bench import quality
+
+    sites, cfg = _two_tiny_sites()
+    sites = [dataclasses.replace(site, train_labels=torch.full((12,), i), test_labels=torch.full((6,), i))
+             for i, site in enumerate(sites)]  # dark saw only class a, bright only class b
+    model = quality.fresh_model(cfg, 3)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    out = quality.site_prior_scores(model, sites, sites)
+    assert out["test"]["balanced_accuracy"] == pytest.approx(1.0) and out["tta_test"]["balanced_accuracy"] == pytest.approx(1.0)
+    plain = quality.scores(model, quality.pooled_data(sites))
+    assert plain["balanced_accuracy"] == pytest.approx(0.5)  # every image called class a
+    with pytest.raises(ValueError, match="same order"):
+        quality.site_prior_scores(model, sites[::-1], sites)
+
+
 def test_site_mixed_refuses_what_it_cannot_train():
     from bench import quality
 
