@@ -87,7 +87,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fedssl_core import names
+from fedssl_core import label_shift, names
 from fedssl_core.models import FedSSLModel, set_torch_threads
 from fedssl_flower import aggregation, local, local_dp, records, training
 from fedssl_flower import ssl as ssl_methods
@@ -667,22 +667,22 @@ def site_prior_scores(model: FedSSLModel, splits: list[HospitalData], train_site
     by the site's prior, so the site's label mix is left out; this puts it back for a caller
     whose site is known, scored by the federation's prior as balanced accuracy asks. Pooled
     training's model reads the site from the images' look instead. `splits[i]` is the held-out
-    split of `train_sites[i]`'s hospital; priors come from the labelled training images."""
+    split of `train_sites[i]`'s hospital; priors come from the labelled training images. The
+    adjustment is the served one (`fedssl_core.label_shift`, `:predict?hospital=`)."""
     from fedssl_flower.metrics import classification_metrics
 
     if [s.hospital for s in splits] != [s.hospital for s in train_sites]:
         raise ValueError("site-prior scoring needs each training site's own held-out split, in the same order")
-    federation = federation_counts(train_sites).float().clamp(min=0.5)
+    ratios = label_shift.ratios({s.hospital: torch.bincount(s.train_labels, minlength=model.num_classes).tolist()
+                                 for s in train_sites}, model.num_classes)  # what `:predict?hospital=` serves with
     out = {}
     for tta in (names.TTA_NONE, names.TTA_DIHEDRAL):
         probas, labels = [], []
         for split, site in zip(splits, train_sites):
-            counts = torch.bincount(site.train_labels, minlength=model.num_classes).float().clamp(min=0.5)
-            ratio = (counts / counts.sum()) / (federation / federation.sum())
-            p = training.view_log_proba(training.predict_view_logits(model, split.test_images, tta)).exp() * ratio
-            probas.append(p / p.sum(dim=1, keepdim=True))
-            labels.append(split.test_labels)
-        m = classification_metrics(torch.cat(labels).numpy(), torch.cat(probas).numpy(), train_sites[0].class_names)
+            p = training.view_log_proba(training.predict_view_logits(model, split.test_images, tta)).exp().numpy()
+            probas.append(label_shift.adjust(p, ratios[site.hospital]))
+            labels.append(split.test_labels.numpy())
+        m = classification_metrics(np.concatenate(labels), np.concatenate(probas), train_sites[0].class_names)
         out["tta_test" if tta == names.TTA_DIHEDRAL else "test"] = headline(m)
     print(f"    site prior: balanced accuracy {out['test'][names.M_BALANCED_ACCURACY]:.3f}, "
           f"with test-time augmentation {out['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from flwr.app import Message
 
-from fedssl_core import generative, names, weights
+from fedssl_core import generative, label_shift, names, weights
 from fedssl_core.models import TASK_GROUPS, select_groups
 
 from . import aggregation, local_models, records
@@ -323,6 +323,22 @@ class RunReport:
                 "class_names": self.hospitals.class_names} | (
             {"test_time_augmentation": self.cfg.test_time_augmentation} if task == names.TASK_CLASSIFICATION else {})
 
+    def label_counts(self) -> dict[str, list[int]]:
+        """Each hospital's training images per class (its start-up audit, in the federation's
+        class order), which a classifier version carries so that `:predict` can serve a
+        hospital its own label mix (`fedssl_core.label_shift`). Only for balanced softmax,
+        whose logits leave each hospital's own prior out; empty otherwise, or when a
+        hospital reported no counts."""
+        if self.cfg.finetune_loss != names.LOSS_BALANCED_SOFTMAX:
+            return {}
+        out = {}
+        for h in {h.name: h for h in self.hospitals.values()}.values():
+            train = h.audit.get("class_counts", {}).get("train")
+            if not train:
+                return {}
+            out[h.name] = [int(train.get(c, 0)) for c in self.hospitals.class_names]
+        return out
+
     def _weights_meta(self, task: str, phase: str, rnd: int) -> dict[str, str]:
         """The safetensors metadata of a registered version's weights."""
         return {"fedssl.arch": self.cfg.arch, "fedssl.task": task, "fedssl.num_classes": str(len(self.hospitals.class_names)),
@@ -356,6 +372,9 @@ class RunReport:
                 served, calibration = temperature_scaled(served, aggregated)
                 if calibration:
                     meta["fedssl.temperature"] = str(calibration["temperature"])
+                counts = self.label_counts()
+                if counts:
+                    meta[label_shift.META_KEY] = label_shift.encode(counts)
             blob = weights.to_bytes(served, meta)
             tags = {"phase": phase, "round": str(rnd), "ssl_tasks": ",".join(sorted({h.ssl_task for h in self.hospitals.values()}))}
             if self.warnings:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedssl_core import generative, names, weights
+from fedssl_core import generative, label_shift, names, weights
 from fedssl_core import models as core_models
 from fedssl_core.errors import ConfigError, FedSSLError, WeightsError
 from fedssl_core.preprocessing import normalize
@@ -72,7 +72,8 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
     Raises a FedSSLError saying why unless the weights can answer patients: the tensors pass
     `_check_tensors`, and a forward pass of a probe image (mid-grey, the spec's size,
     normalised with its mean/std) gives finite outputs: probabilities for a classifier, an
-    embedding otherwise.
+    embedding otherwise; and a classifier's hospitals' label counts, if it carries them
+    (`fedssl_core.label_shift`), give each hospital a prior.
     """
     if model["task"] == names.TASK_GENERATION:
         return servable_generator(model, state, metadata or {})
@@ -81,6 +82,8 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
     module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None,
                                                spec.get("test_time_augmentation") or names.TTA_NONE)
     _check_tensors(module, state)
+    if classification and label_shift.META_KEY in (metadata or {}):  # what `:predict?hospital=` serves with
+        label_shift.decode(metadata[label_shift.META_KEY], len(spec.get("class_names", [])))
     module.eval()
     size = int(spec["image_size"])
     try:

@@ -38,6 +38,9 @@ def finished_run(tmp_path_factory, ham10000_dir):
             image = next((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))
             state["prediction"] = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict",
                                             files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
+            state["prediction_for_hospital"] = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict",
+                                                         params={"hospital": "hospital-simclr"},
+                                                         files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
             state["rounds_csv"] = http.get(f"/v1/runs/{state['runs'][0]['run_id']}/rounds.csv").text
         state["messages_received"] = [node.text().count("Received successfully") for node in nodes]
         yield result, work, state
@@ -142,6 +145,26 @@ def test_registry_tracked_the_run_and_serves_the_classifier(finished_run):
     assert pred["model"] == names.CLASSIFIER_MODEL and pred["version"] == 1
     assert pred["label"] in names.HAM10000_CLASSES
     assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_classifier_serves_a_named_hospital_its_own_label_mix(finished_run):
+    """The registered classifier carries each hospital's training label counts (balanced
+    softmax, the default), so `:predict?hospital=` answers the plain probabilities times that
+    hospital's prior over the federation's, as its start-up audit counted its labels."""
+    import numpy as np
+
+    from fedssl_core import label_shift
+
+    _, _, state = finished_run
+    (run,) = state["runs"]
+    counts = {h: [run["hospitals"][h]["class_counts"][c] for c in names.HAM10000_CLASSES] for h in run["hospitals"]}
+    ratio = label_shift.ratios(counts, len(names.HAM10000_CLASSES))["hospital-simclr"]
+    plain = np.array([[state["prediction"]["probabilities"][c] for c in names.HAM10000_CLASSES]])
+    pred = state["prediction_for_hospital"]
+    assert pred["hospital"] == "hospital-simclr" and pred["version"] == 1
+    got = np.array([pred["probabilities"][c] for c in names.HAM10000_CLASSES])
+    np.testing.assert_allclose(got, label_shift.adjust(plain, ratio)[0], atol=1e-6)
+    assert not np.allclose(got, plain[0], atol=1e-4)  # the two hospitals' label mixes differ
 
 
 def test_a_hospital_without_its_dataset_fails_the_run_with_its_error(tmp_path):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fedssl_core import names, weights
+from fedssl_core import label_shift, names, weights
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, select_groups
 from tests.support import processes as P
 
@@ -11,10 +11,14 @@ CLASSES = ["akiec", "bcc", "bkl"]
 IMAGE_SIZE = 32
 
 
-def classifier_bytes(seed: int = 0, num_classes: int = len(CLASSES)) -> bytes:
+def classifier_bytes(seed: int = 0, num_classes: int = len(CLASSES), **metadata: str) -> bytes:
     torch.manual_seed(seed)
     state = select_groups(FedSSLModel(num_classes=num_classes).state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
-    return weights.to_bytes(state, {"fedssl.task": "classification"})
+    return weights.to_bytes(state, {"fedssl.task": "classification", **metadata})
+
+
+# what an aggregator records on a classifier trained with balanced softmax (fedssl_core.label_shift)
+HOSPITAL_COUNTS = {"dermaclinic": [30, 5, 5], "skinlab": [2, 20, 10]}
 
 
 def model_body(name="clf", task="classification", **spec):
@@ -56,4 +60,8 @@ def shared_registry(tmp_path_factory, weights_blob):
             # the same weights served with test-time augmentation (the 8 flips and 90-degree turns)
             assert http.post("/v1/models", json=model_body("clf-tta", test_time_augmentation="dihedral")).status_code == 201
             assert upload(http, "clf-tta", weights_blob).status_code == 201
+            # the same weights carrying two hospitals' training label counts
+            assert http.post("/v1/models", json=model_body("clf-sites")).status_code == 201
+            assert upload(http, "clf-sites", classifier_bytes(**{label_shift.META_KEY: label_shift.encode(HOSPITAL_COUNTS)})
+                          ).status_code == 201
         yield reg

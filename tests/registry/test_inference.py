@@ -10,12 +10,12 @@ import torch
 import tritonclient.http as triton
 from PIL import Image
 
-from fedssl_core import names, weights
+from fedssl_core import label_shift, names, weights
 from fedssl_core.models import build_inference_model
 from fedssl_core.preprocessing import normalize
 from fedssl_flower.data.decode import decode_one
 
-from .conftest import CLASSES, IMAGE_SIZE, model_body
+from .conftest import CLASSES, HOSPITAL_COUNTS, IMAGE_SIZE, classifier_bytes, model_body, upload
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +132,61 @@ def test_a_model_registered_with_test_time_augmentation_serves_the_mean_over_the
     np.testing.assert_allclose(v2, expected, atol=1e-5)
     np.testing.assert_allclose(v2_turned, expected, atol=1e-5)
     assert np.abs(reference(weights_blob, x)[0] - expected).max() > 1e-3  # the views do change the answer
+
+
+def test_a_named_hospital_is_served_its_own_label_mix_by_predict_and_v2(shared_registry, weights_blob, ham10000_dir):
+    """A classifier that carries its hospitals' label counts: `:predict?hospital=` and v2's
+    `parameters.hospital` answer the plain probabilities times that hospital's prior over the
+    federation's (`fedssl_core.label_shift`), and say which hospital they served."""
+    path = sorted((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))[3]
+    x = decode_one(path, IMAGE_SIZE)[None]
+    plain = reference(weights_blob, x)
+    ratios = label_shift.ratios(HOSPITAL_COUNTS, len(CLASSES))
+    with shared_registry.client() as http:
+        as_is = http.post("/v1/models/clf-sites:predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+        served = {h: http.post("/v1/models/clf-sites:predict", params={"hospital": h},
+                               files={"file": (path.name, path.read_bytes(), "image/jpeg")}) for h in HOSPITAL_COUNTS}
+        v2 = http.post("/v2/models/clf-sites/infer", json={"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                                                       "data": x.reshape(-1).tolist()}],
+                                                           "parameters": {"hospital": "skinlab"}})
+    assert as_is.status_code == 200 and "hospital" not in as_is.json()
+    np.testing.assert_allclose([as_is.json()["probabilities"][c] for c in CLASSES], plain[0], atol=1e-5)
+    for h, r in served.items():
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["hospital"] == h and body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+        np.testing.assert_allclose([body["probabilities"][c] for c in CLASSES], label_shift.adjust(plain, ratios[h])[0], atol=1e-5)
+    assert served["dermaclinic"].json()["probabilities"] != served["skinlab"].json()["probabilities"]
+    assert v2.status_code == 200, v2.text
+    out = {o["name"]: o for o in v2.json()["outputs"]}
+    assert v2.json()["parameters"] == {"hospital": "skinlab"}
+    np.testing.assert_allclose(out["probabilities"]["data"], label_shift.adjust(plain, ratios["skinlab"])[0], atol=1e-5)
+    assert out["label"]["data"] == [served["skinlab"].json()["label"]]
+
+
+@pytest.mark.parametrize(("model", "hospital", "error"), [
+    ("clf-sites", "nowhere", "unknown hospital 'nowhere'; model 'clf-sites' version 1 was trained by dermaclinic, skinlab"),
+    ("clf", "dermaclinic", "model 'clf' version 1 records no hospitals' label counts"),
+    ("clf-sites", 3, "parameters.hospital must be a string"),
+])
+def test_a_hospital_the_model_cannot_serve_is_a_400_naming_why(shared_registry, model, hospital, error):
+    x = pixels(1)
+    with shared_registry.client() as http:
+        v2 = http.post(f"/v2/models/{model}/infer", json={"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                                                      "data": x.reshape(-1).tolist()}],
+                                                      "parameters": {"hospital": hospital}})
+        predict = (http.post(f"/v1/models/{model}:predict", params={"hospital": hospital}, files={"file": ("a.png", png(8, 8), "image/png")})
+                   if isinstance(hospital, str) else None)
+    assert v2.status_code == 400 and error in v2.text, v2.text
+    if predict is not None:
+        assert predict.status_code == 400 and error in predict.text, predict.text
+
+
+def test_a_classifier_with_bad_label_counts_is_refused_at_upload_naming_the_hospital(registry):
+    with registry.client() as http:
+        assert http.post("/v1/models", json=model_body("clf-bad-counts")).status_code == 201
+        r = upload(http, "clf-bad-counts", classifier_bytes(**{label_shift.META_KEY: '{"dermaclinic": [1, 2]}'}))
+    assert r.status_code == 400 and "hospital 'dermaclinic': expected 3 non-negative training image counts" in r.text, r.text
 
 
 def test_an_unknown_test_time_augmentation_is_refused_naming_the_field(shared_registry):

@@ -27,12 +27,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fedssl_core import generative, names, weights
+from fedssl_core import generative, label_shift, names, weights
 from fedssl_core import models as core_models
 from fedssl_core.errors import FedSSLError
 from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
@@ -72,6 +72,23 @@ class LoadedModel:
     spec: dict
     module: torch.nn.Module
     batcher: DynamicBatcher | None  # None for a generator: see `ModelRepository.generate`
+    label_ratios: dict[str, np.ndarray] = field(default_factory=dict)  # hospital -> its prior over the federation's
+
+    def label_ratio(self, hospital: str | None) -> np.ndarray | None:
+        """The prior ratio that serves `hospital` its own label mix (`fedssl_core.label_shift`),
+        or None when the request names no hospital. InvalidInput when this version cannot."""
+        if hospital is None:
+            return None
+        if self.task != names.TASK_CLASSIFICATION:
+            raise InvalidInput(f"'hospital' adjusts a classifier's probabilities to a hospital's label mix; model "
+                               f"{self.name!r} is a {self.task} model: leave it out")
+        if not self.label_ratios:
+            raise InvalidInput(f"model {self.name!r} version {self.version} records no hospitals' label counts (trained "
+                               "without balanced softmax, or registered before versions carried them): leave 'hospital' out")
+        if hospital not in self.label_ratios:
+            raise InvalidInput(f"unknown hospital {hospital!r}; model {self.name!r} version {self.version} was trained by "
+                               f"{', '.join(sorted(self.label_ratios))} (a caller from outside the federation names none)")
+        return self.label_ratios[hospital]
 
     @property
     def image_size(self) -> int:
@@ -232,10 +249,13 @@ class ModelRepository:
         path = self.registry.weights_path(name, number)
         try:  # the upload checks again: a version stored before they existed may not pass them
             data = path.read_bytes()
-            module = servable_module(model, weights.from_bytes(data), weights.read_metadata(data))
+            meta = weights.read_metadata(data)
+            module = servable_module(model, weights.from_bytes(data), meta)
+            ratios = ({} if model["task"] != names.TASK_CLASSIFICATION or label_shift.META_KEY not in meta
+                      else label_shift.decode(meta[label_shift.META_KEY], len(model["input_spec"].get("class_names", []))))
         except FedSSLError as exc:
             raise ModelNotReady(f"model {name!r} version {number} cannot be loaded: {exc}") from exc
-        loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None)
+        loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None, ratios)
         if model["task"] == names.TASK_GENERATION:
             return loaded
         on_batch = (lambda n, s: self.metrics.observe_batch(name, n, s)) if self.metrics else None

@@ -6,7 +6,9 @@ with S the model's image size:
   `image`  UINT8, RGB pixels as `fedssl_core.preprocessing.load_image` gives them (normalised
            here with `normalize` and the model's mean/std, exactly as `:predict` and training do).
 Outputs: classification → `probabilities` FP32 [N, K] and `label` BYTES [N];
-embedding → `embedding` FP32 [N, D].
+embedding → `embedding` FP32 [N, D]. A classification request's `parameters.hospital` names
+the asking hospital: the probabilities are then adjusted to its own label mix
+(`fedssl_core.label_shift`) and the response's `parameters.hospital` says so.
 Generation models (`parse_generate_request`): inputs `class` INT64 [N] (class indices), and
 `seed` INT64 [1] (default 0) or `latent` FP32 [N, z_dim], not both; output `images` UINT8
 [N, S, S, 3] (RGB, channels last as in an image file): `fedssl_core.generative.sample`, the
@@ -93,6 +95,7 @@ class InferRequest:
     array: np.ndarray  # normalised float32 (N, 3, S, S)
     outputs: list[dict] | None
     binary_output: bool
+    hospital: str | None = None  # parameters.hospital: serve that hospital its own label mix
 
 
 @dataclass
@@ -187,7 +190,10 @@ def parse_request(body: bytes, header_length: str | None, image_size: int, mean,
     if not np.isfinite(x).all():
         raise InvalidInput(f"input {name!r} contains NaN or infinite values")
     outputs, binary_output = _outputs(req)
-    return InferRequest(req.get("id"), x, outputs, binary_output)
+    hospital = _parameters(req, "the request").get("hospital")
+    if hospital is not None and not isinstance(hospital, str):
+        raise InvalidInput(f"parameters.hospital must be a string, the asking hospital's name; got {type(hospital).__name__}")
+    return InferRequest(req.get("id"), x, outputs, binary_output, hospital)
 
 
 def parse_generate_request(body: bytes, header_length: str | None, model: str, class_names: list[str], z_dim: int,
@@ -339,6 +345,8 @@ def build_response(model_name: str, version: int, task: str, class_names: list[s
     head = {"model_name": model_name, "model_version": str(version), "outputs": outputs}
     if req.id is not None:
         head["id"] = req.id
+    if getattr(req, "hospital", None) is not None:
+        head["parameters"] = {"hospital": req.hospital}
     header = json.dumps(head, allow_nan=False).encode()  # strict JSON: the caller checked `out` is finite
     if blobs:
         return header + b"".join(blobs), {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}

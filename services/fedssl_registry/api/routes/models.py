@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 
-from fedssl_core import names
+from fedssl_core import label_shift, names
 from fedssl_core.preprocessing import ImageDecodeError
 
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_responses
@@ -123,8 +123,11 @@ def delete_alias(name: str, alias: str, registry: RegistryDep) -> None:
 
 @router.post("/{name}:predict", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503))
 async def predict(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep,
-                  file: UploadFile = File(...), version: VersionQuery = None, alias: str | None = None) -> dict:
-    """Classify (or embed) one uploaded JPEG/PNG image."""
+                  file: UploadFile = File(...), version: VersionQuery = None, alias: str | None = None,
+                  hospital: str | None = None) -> dict:
+    """Classify (or embed) one uploaded JPEG/PNG image. `hospital`: the asking hospital, one of
+    those that trained the classifier; its probabilities are then adjusted to that hospital's
+    own label mix (`fedssl_core.label_shift`)."""
     _require_multipart(request)
     if (file.content_type or "").lower() not in IMAGE_TYPES:
         raise UnsupportedMediaType(f"expected a JPEG or PNG image (image/jpeg, image/png), got {file.content_type or 'no content type'}")
@@ -132,16 +135,19 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
     model = await repository.get(name, version, alias, tasks=IMAGE_TASKS, call=":predict")
+    ratio = model.label_ratio(hospital)  # before any work: an unknown hospital is a 400
     try:
         x = await repository.decoder.run(model.preprocess, data, settings.max_image_pixels)
     except ImageDecodeError as exc:
         raise InvalidInput(str(exc)) from None
     out = model.check_finite((await model.batcher.submit(x))[0])
     if model.task == names.TASK_CLASSIFICATION:
+        if ratio is not None:
+            out = label_shift.adjust(out[None], ratio)[0]
         probs = out.tolist()
         best = int(out.argmax())
         return {"model": model.name, "version": model.version, "label": model.class_names[best],
-                "probabilities": dict(zip(model.class_names, probs))}
+                "probabilities": dict(zip(model.class_names, probs)), **({"hospital": hospital} if ratio is not None else {})}
     return {"model": model.name, "version": model.version, "embedding": out.tolist()}
 
 
