@@ -845,7 +845,7 @@ def site_mixed(sites: list[HospitalData], test: HospitalData, val: HospitalData,
     draws = [plan.batches(len(s.train_images), sub, g, min_size=2) for s in sites]
     counts = [federation_counts(sites) if federation_prior else torch.bincount(s.train_labels, minlength=model.num_classes)
               for s in sites]
-    adjust = [torch.log(c.float().clamp(min=0.5) / c.float().sum()) for c in counts]
+    adjust = [training.balanced_log_prior(c) for c in counts]
     sizes = [float(len(s.train_images)) for s in sites]
     share = [1 / len(sites)] * len(sites) if weights == "uniform" else [n / sum(sizes) for n in sizes]
     curve, step = [], 0

@@ -462,6 +462,13 @@ def supervised_view(batch: torch.Tensor, augment: str, g: torch.Generator, mean,
     return normalize(_augment_supervised(batch, g), mean, std)
 
 
+def balanced_log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """The log label prior that balanced softmax adds to the logits, from per-class counts: an
+    absent class gets the prior of half an example, so its logit is not pushed down."""
+    counts = counts.float()
+    return torch.log(counts.clamp(min=0.5) / counts.sum().clamp(min=1))
+
+
 def train_supervised(
     model: FedSSLModel,
     images: torch.Tensor,
@@ -536,8 +543,7 @@ def train_supervised(
     g = torch.Generator().manual_seed(seed)
     counts = torch.bincount(labels, minlength=model.num_classes).float() if class_counts is None else class_counts.float()
     if loss == names.LOSS_BALANCED_SOFTMAX:
-        # log prior; an absent class gets the prior of half an example, so its logit is not pushed down
-        adjust, weight = torch.log(counts.clamp(min=0.5) / counts.sum().clamp(min=1)), None
+        adjust, weight = balanced_log_prior(counts), None
     else:
         adjust, weight = None, (_class_weights(labels, model.num_classes) if class_weighted else None)
 
