@@ -367,7 +367,7 @@ class RunReport:
                     {"num_classes": len(self.hospitals.class_names), "image_size": self.cfg.image_size,
                      "z_dim": self.cfg.gan_z_dim, "width": self.cfg.gan_width})
             served = select_groups(state, TASK_GROUPS[task])
-            calibration = None
+            calibration, counts = None, {}
             if task == names.TASK_CLASSIFICATION:
                 served, calibration = temperature_scaled(served, aggregated)
                 if calibration:
@@ -384,6 +384,9 @@ class RunReport:
                 "lineage": {"run_id": self.run_id, "round": rnd, "phase": phase, "hospitals": hospitals, "metrics": scalars,
                             "recipe": self.recipe(), "budget": self._budget(phase),
                             **({"calibration": calibration} if calibration else {}),
+                            # the hospitals `:predict?hospital=` can serve their own label mix (the
+                            # weights' fedssl.label_counts, which the registry serves from)
+                            **({"label_counts": counts} if counts else {}),
                             # dp: the privacy this model cost, all rounds up to it (epsilon at delta)
                             **({"privacy": privacy} if privacy else {})},
                 "data_source": source,

@@ -404,6 +404,44 @@ def test_try_it_predicts_an_uploaded_image_with_production_and_another_version(f
     shoot(tab, fed, "try.png")
 
 
+def test_try_it_asks_as_a_hospital_of_the_federation_and_gets_its_label_mix(federation, tab):
+    """The run fine-tuned with balanced softmax, so its classifier versions carry their hospitals'
+    label counts (lineage.label_counts, as the start-up audits counted them): the Try page offers those
+    hospitals, and asking as one answers as `:predict?hospital=` does, which is not what the
+    federation's label mix gives."""
+    fed = federation
+    with fed.registry.client() as http:
+        versions = http.get(f"/v1/models/{names.CLASSIFIER_MODEL}/versions").json()["versions"]
+    audited = {h: [fed.run["hospitals"][h]["class_counts"].get(c, 0) for c in CLASSES] for h in HOSPITALS}
+    assert [v["lineage"]["label_counts"] for v in versions] == [audited] * len(versions)
+    asking = HOSPITALS[-1]
+    open_page(tab, fed, f"/dashboard/try?model={names.CLASSIFIER_MODEL}&hospital={asking}", "document.getElementById('hospital-select')")
+    assert tab.eval("[...document.querySelectorAll('#hospital-select option')].map(o => o.value)") == ["", *HOSPITALS]
+    assert tab.eval("document.getElementById('hospital-select').value") == asking
+    tab.set_files("#image-input", [fed.image])
+    tab.wait_for("!document.getElementById('predict').disabled && document.querySelector('.preview img')")
+    tab.click("#predict")
+    tab.wait_for("document.querySelector('.results').dataset.done === '1'", timeout=60)
+    card = tab.eval("""(() => { const a = document.querySelector('.results article.result'); return {
+        version: Number(a.dataset.version), hospital: a.querySelector('.result-hospital')?.dataset.hospital,
+        probs: Object.fromEntries([...a.querySelectorAll('g.prob')].map(g => [g.dataset.class, Number(g.dataset.p)]))}; })()""")
+    with fed.registry.client() as http:
+        files = {"file": (fed.image.name, fed.image.read_bytes(), "image/jpeg")}
+        as_hospital = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict?version={card['version']}&hospital={asking}", files=files).json()
+        federation_mix = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict?version={card['version']}", files=files).json()
+    assert card["hospital"] == as_hospital["hospital"] == asking
+    assert card["probs"] == pytest.approx(as_hospital["probabilities"], abs=1e-6)
+    assert card["probs"] != pytest.approx(federation_mix["probabilities"], abs=1e-3)
+
+    # back to none: the same page answers with the federation's label mix
+    tab.eval("(() => { const s = document.getElementById('hospital-select'); s.value = ''; s.dispatchEvent(new Event('change')); })()")
+    tab.click("#predict")
+    tab.wait_for("document.querySelector('.results').dataset.done === '1'", timeout=60)
+    assert tab.count(".result-hospital") == 0
+    probs = tab.eval("Object.fromEntries([...document.querySelectorAll('.results g.prob')].map(g => [g.dataset.class, Number(g.dataset.p)]))")
+    assert probs == pytest.approx(federation_mix["probabilities"], abs=1e-6)
+
+
 def test_with_read_auth_the_dashboard_shows_the_401_and_no_data_until_the_token_is_given(federation, browser):
     fed = federation
     secured = P.start_registry(fed.cluster, fed.registry.data_dir, token=fed.registry.token, read_auth="true")

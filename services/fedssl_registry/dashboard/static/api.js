@@ -51,10 +51,14 @@ export const api = {
   models: async () => (await (await request("/v1/models")).json()).models,
   model: async (name) => (await request(`/v1/models/${enc(name)}`)).json(),
   versions: async (name) => (await (await request(`/v1/models/${enc(name)}/versions`)).json()).versions,
-  predict: async (name, version, file) => {
+  /** `hospital`: the asking hospital, served its own label mix (`:predict?hospital=`). */
+  predict: async (name, version, file, hospital) => {
     const form = new FormData();
     form.append("file", file, file.name || "image");
-    const query = version ? `?version=${enc(version)}` : "";
+    const params = new URLSearchParams();
+    if (version) params.set("version", version);
+    if (hospital) params.set("hospital", hospital);
+    const query = params.size ? `?${params}` : "";
     return (await request(`/v1/models/${enc(name)}:predict${query}`, { method: "POST", body: form })).json();
   },
   /** `count` images of class `cls` (a name or an index) from a generation model's version. */

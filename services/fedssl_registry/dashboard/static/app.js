@@ -25,7 +25,7 @@ function route() {
   if (path === "" || path === "/runs" || path === "/models") return { page: overview, nav: "runs", args: {} };
   if ((m = path.match(/^\/runs\/([^/]+)$/))) return { page: run, nav: "runs", args: { runId: m[1] } };
   if ((m = path.match(/^\/models\/([^/]+)$/))) return { page: model, nav: "runs", args: { name: m[1], version: params.get("version") } };
-  if (path === "/try") return { page: tryit, nav: "try", args: { model: params.get("model"), versions: params.getAll("version"), run: params.get("run") } };
+  if (path === "/try") return { page: tryit, nav: "try", args: { model: params.get("model"), versions: params.getAll("version"), run: params.get("run"), hospital: params.get("hospital") } };
   return { page: null, nav: "", args: {} };
 }
 

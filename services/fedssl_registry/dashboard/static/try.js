@@ -2,7 +2,9 @@
 // predictions of other chosen versions (of any registered classifier) on the same image. When
 // the run behind the chosen global version registered its hospitals' local-only classifiers
 // (register-local-models), those are ticked too: one image, the global model and every
-// hospital's own model.
+// hospital's own model. A hospital of the federation can ask as itself: the global versions
+// that carry their hospitals' label counts (lineage.label_counts) then answer with that
+// hospital's own label mix (`:predict?hospital=`).
 
 import { api } from "./api.js";
 import { clear, empty, h, s, section } from "./dom.js";
@@ -18,6 +20,8 @@ export function poll() {
 /** A hospital's local-only classifier version (register-local-models): its lineage says so. */
 const isLocal = (v) => v?.lineage?.local_only === true;
 const hospitalOf = (v) => v.lineage?.hospital || v.tags?.hospital || "?";
+/** The hospitals a global classifier version can serve their own label mix (lineage.label_counts). */
+const servedHospitals = (v) => (isLocal(v) ? [] : Object.keys(v?.lineage?.label_counts || {}));
 
 export async function load() {
   const models = (await api.models()).filter((m) => m.task === "classification");
@@ -86,7 +90,7 @@ function probabilityBars(probabilities, label) {
   return root;
 }
 
-function resultCard(model, version, result, error) {
+function resultCard(model, version, result, error, asking) {
   const local = isLocal(version);
   const card = h("article", { class: ["result", error && "result-error", local && "result-local"], "data-model": model.name, "data-version": version.version,
     "data-kind": local ? "local" : "global", "data-hospital": local ? hospitalOf(version) : null },
@@ -98,6 +102,8 @@ function resultCard(model, version, result, error) {
     return card;
   }
   const top = result.probabilities[result.label];
+  if (result.hospital) card.append(h("p", { class: "small result-hospital", "data-hospital": result.hospital, text: `with ${result.hospital}'s own label mix` }));
+  else if (asking && !local) card.append(h("p", { class: "small muted result-hospital", text: `this version carries no label counts for ${asking}: the federation's label mix` }));
   card.append(
     h("div", { class: "prediction" }, h("span", { class: "muted", text: "predicted " }),
       h("span", { class: "pred-label", "data-label": result.label, text: result.label }),
@@ -121,6 +127,10 @@ export function render({ models }, args) {
     empty("Choose an image and press Predict: each ticked version answers side by side."));
   const status = h("p", { class: "muted small try-status" });
   const button = h("button", { type: "button", class: "btn btn-primary", id: "predict", disabled: true, text: "Predict" });
+  const hospitalSelect = h("select", { id: "hospital-select" });
+  const hospitalHint = h("span", { class: "small muted" });
+  let asking = args.hospital || "";
+  hospitalSelect.addEventListener("change", () => { asking = hospitalSelect.value; });
 
   const setFile = (f) => {
     if (!f) return;
@@ -145,8 +155,22 @@ export function render({ models }, args) {
       return h("label", { class: "pick-row" }, box, h("span", { text: versionLabel(v) }), v.synthetic_data ? h("span", { class: "badge badge-synthetic", text: "SYNTHETIC" }) : null);
     })));
 
+  /** The select offers the hospitals any ticked global version can serve; a choice no ticked
+   * version serves any more falls back to none. */
+  function refreshHospitals() {
+    const offered = new Set();
+    for (const m of models) for (const v of m.versionList) if (chosen.has(`${m.name}@${v.version}`)) servedHospitals(v).forEach((x) => offered.add(x));
+    if (!offered.has(asking)) asking = "";
+    clear(hospitalSelect).append(h("option", { value: "", text: "none: the federation's label mix" }),
+      ...[...offered].sort().map((x) => h("option", { value: x, text: x, selected: x === asking })));
+    hospitalSelect.value = asking;
+    hospitalSelect.disabled = !offered.size;
+    hospitalHint.textContent = offered.size ? "" : "No ticked version carries its hospitals' label counts (they come with balanced-softmax fine-tuning).";
+  }
+
   function refresh() {
     button.disabled = !file || !chosen.size;
+    refreshHospitals();
   }
 
   button.addEventListener("click", async () => {
@@ -154,6 +178,7 @@ export function render({ models }, args) {
     button.disabled = true;
     status.textContent = `Asking ${chosen.size} model version${chosen.size === 1 ? "" : "s"}…`;
     clear(results);
+    delete results.dataset.done; // set again when every answer is in
     const targets = [];
     for (const m of models) for (const v of m.versionList.slice().reverse()) if (chosen.has(`${m.name}@${v.version}`)) targets.push([m, v]);
     // Global models first, production first among them (what the service answers without a
@@ -161,9 +186,10 @@ export function render({ models }, args) {
     const rank = ([, v]) => (isLocal(v) ? 2 : v.aliases.includes("production") ? 0 : 1);
     targets.sort((a, b) => rank(a) - rank(b) || (isLocal(a[1]) ? hospitalOf(a[1]).localeCompare(hospitalOf(b[1])) : 0));
     const outcomes = await Promise.all(targets.map(async ([m, v]) => {
-      try { return [m, v, await api.predict(m.name, v.version, file), null]; } catch (err) { return [m, v, null, err]; }
+      const as = asking && servedHospitals(v).includes(asking) ? asking : undefined;
+      try { return [m, v, await api.predict(m.name, v.version, file, as), null]; } catch (err) { return [m, v, null, err]; }
     }));
-    for (const [m, v, res, err] of outcomes) results.append(resultCard(m, v, res, err));
+    for (const [m, v, res, err] of outcomes) results.append(resultCard(m, v, res, err, asking));
     const labels = new Set(outcomes.filter((o) => o[2]).map((o) => o[2].label));
     const failed = outcomes.filter((o) => o[3]).length;
     const globalAnswer = outcomes.find((o) => o[2] && !isLocal(o[1]));
@@ -178,6 +204,7 @@ export function render({ models }, args) {
     refresh();
   });
 
+  refreshHospitals();
   return h("div", { class: "try-page" },
     h("div", { class: "page-head" }, h("h1", { text: "Try it" }),
       h("p", { class: "muted", text: "Upload an image of the kind the model was trained on; the registry's classifier versions predict its class. Research use only: not a diagnosis." })),
@@ -186,6 +213,7 @@ export function render({ models }, args) {
       h("section", { class: "card" }, h("h2", { text: "2. Model versions" }),
         h("p", { class: "small muted", text: "Production is ticked, with each hospital's own (local-only) model when its run registered them "
           + "(register-local-models; off by default, they are the hospitals' property). Tick other versions to compare them on the same image." }), picks,
+        h("label", { class: "hospital-pick", for: "hospital-select" }, h("span", { text: "Asking as hospital " }), hospitalSelect, hospitalHint),
         h("div", { class: "actions" }, button), status)),
     section("Predictions", { id: "predictions" }, results));
 }
