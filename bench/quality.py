@@ -420,7 +420,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
              steps_by_examples: bool = False, federation_prior: bool = False,
              finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
-             site_prior: list[HospitalData] | None = None) -> dict:
+             site_prior: list[HospitalData] | None = None, site_batchnorm: bool = False) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -635,7 +635,7 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     if head_check and cfg.finetune_rounds:
         extra["head_diagnostic"] = head_diagnostic(server, ft_sites, test, cfg)
     if site_prior and cfg.finetune_rounds:
-        extra["site_prior"] = site_prior_scores(server, site_prior, ft_sites)
+        extra["site_prior"] = site_prior_scores(server, site_prior, ft_sites, site_batchnorm, cfg.batch_size)
     if fedbn and cfg.finetune_rounds:
         extra["fedbn"] = {"batchnorm_keys": len(bn_keys), "personalised": curve[-1]["personalised"],
                           "bn_recomputed": bn_recomputed_scores(server, pooled_data(ft_sites).train_images, test, cfg),
@@ -658,7 +658,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     return {"test": scores(server, test, val, cfg.test_time_augmentation), "ssl_probe_val": ssl_probe, "curve": curve, "communication": comm, **extra}
 
 
-def site_prior_scores(model: FedSSLModel, splits: list[HospitalData], train_sites: list[HospitalData]) -> dict:
+def site_prior_scores(model: FedSSLModel, splits: list[HospitalData], train_sites: list[HospitalData],
+                      site_batchnorm: bool = False, batch_size: int = 64) -> dict:
     """The pooled held-out split scored with each image's probabilities adjusted to its own
     site's label mix (`--site-prior`, a diagnostic): the softmax (averaged over the views with
     test-time augmentation) times the site's training label prior over the federation's,
@@ -686,6 +687,35 @@ def site_prior_scores(model: FedSSLModel, splits: list[HospitalData], train_site
         out["tta_test" if tta == names.TTA_DIHEDRAL else "test"] = headline(m)
     print(f"    site prior: balanced accuracy {out['test'][names.M_BALANCED_ACCURACY]:.3f}, "
           f"with test-time augmentation {out['tta_test'][names.M_BALANCED_ACCURACY]:.3f}", flush=True)
+    if site_batchnorm:
+        out["site_batchnorm"] = site_batchnorm_scores(model, splits, train_sites, ratios, batch_size)
+    return out
+
+
+def site_batchnorm_scores(model: FedSSLModel, splits: list[HospitalData], train_sites: list[HospitalData],
+                          ratios: dict[str, np.ndarray], batch_size: int) -> dict:
+    """`--site-batchnorm` (with `--site-prior`, a diagnostic): each held-out image scored by a copy
+    of `model` whose encoder BatchNorm statistics are recomputed over its own site's training
+    images in batches of `batch_size` (SiloBN's inference, Andreux et al. 2020: a hospital's
+    images normalised at serving as its own batches normalised them in training), as trained
+    and with the site's label prior (`ratios`), with and without test-time augmentation."""
+    from fedssl_flower.metrics import classification_metrics
+
+    views: dict[str, list[np.ndarray]] = {names.TTA_NONE: [], names.TTA_DIHEDRAL: []}
+    for split, site in zip(splits, train_sites):
+        local = copy.deepcopy(model)
+        training.recompute_batchnorm(local, site.train_images, batch_size=batch_size)
+        for tta in views:
+            views[tta].append(training.view_log_proba(training.predict_view_logits(local, split.test_images, tta)).exp().numpy())
+    labels = np.concatenate([s.test_labels.numpy() for s in splits])
+    out = {}
+    for tta, probas in views.items():
+        key = "tta_test" if tta == names.TTA_DIHEDRAL else "test"
+        out[key] = headline(classification_metrics(labels, np.concatenate(probas), train_sites[0].class_names))
+        adjusted = [label_shift.adjust(p, ratios[s.hospital]) for p, s in zip(probas, train_sites)]
+        out["prior_" + key] = headline(classification_metrics(labels, np.concatenate(adjusted), train_sites[0].class_names))
+    print("    site BatchNorm statistics: balanced accuracy " + ", ".join(
+        f"{k} {v[names.M_BALANCED_ACCURACY]:.3f}" for k, v in out.items()), flush=True)
     return out
 
 
@@ -905,7 +935,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
             steps_by_examples: bool = False, federation_prior: bool = False,
             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
-            site_mixed_batchnorm: str = "site", site_prior: list[HospitalData] | None = None) -> dict:
+            site_mixed_batchnorm: str = "site", site_prior: list[HospitalData] | None = None,
+            site_batchnorm: bool = False) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -957,7 +988,8 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
         out = federate(sites, labelled, test, val, cfg, ssl_task, bn_diagnostic, scaffold, fedprox_mu, tail_average,
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
                        relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior,
-                       finetune_batchnorm=finetune_batchnorm, feature_noise=feature_noise, site_prior=site_prior)
+                       finetune_batchnorm=finetune_batchnorm, feature_noise=feature_noise, site_prior=site_prior,
+                       site_batchnorm=site_batchnorm)
         if relay_moments:
             out["relay_moments"] = True
         if scaffold:
@@ -1237,6 +1269,10 @@ def main() -> None:
                     help="federated arms: also score the final model with each held-out image's probabilities adjusted to "
                          "its own site's training label prior over the federation's (a caller whose hospital is known; "
                          "`site_prior_scores`)")
+    ap.add_argument("--site-batchnorm", action="store_true",
+                    help="with --site-prior: also score each held-out image by the final model with its encoder BatchNorm "
+                         "statistics recomputed over its own site's training images (SiloBN's inference; "
+                         "`site_batchnorm_scores`)")
     ap.add_argument("--balanced-prior", default="site", choices=("site", "federation"),
                     help="federated, site-batches and site-mixed arms, --finetune-loss balanced-softmax: the label prior each step "
                          "adjusts by: the hospital's own labels' (as the product trains) or every hospital's together")
@@ -1269,6 +1305,8 @@ def main() -> None:
         raise SystemExit("--tail-average must be >= 0")
     if args.fedprox_mu < 0:
         raise SystemExit("--fedprox-mu must be >= 0")
+    if args.site_batchnorm and not args.site_prior:
+        raise SystemExit("--site-batchnorm scores beside --site-prior's adjustment: give --site-prior too")
     if not 0 <= args.feature_noise <= 1:
         raise SystemExit(f"--feature-noise is a probability per stage and step: expected 0 to 1, got {args.feature_noise}")
     if args.joint_ssl_weight < 0 or args.joint_ssl_batch < 2:
@@ -1381,7 +1419,8 @@ def main() -> None:
                          args.pseudo_label_batchnorm), relay_moments=args.relay_moments,
                         steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation",
                         finetune_batchnorm=args.finetune_batchnorm, feature_noise=args.feature_noise,
-                        site_mixed_batchnorm=args.site_mixed_batchnorm, site_prior=site_splits if args.site_prior else None)
+                        site_mixed_batchnorm=args.site_mixed_batchnorm, site_prior=site_splits if args.site_prior else None,
+                        site_batchnorm=args.site_batchnorm)
             r["eval"], r["label"] = args.eval, args.label
             if args.feature_noise:
                 r["feature_noise"] = {"method": "DSU", "p": args.feature_noise}

@@ -683,6 +683,46 @@ def test_site_prior_scores_put_each_sites_label_mix_back_for_a_caller_whose_site
         quality.site_prior_scores(model, sites[::-1], sites)
 
 
+def test_site_batchnorm_scores_normalise_each_sites_images_by_its_own_statistics():
+    """--site-batchnorm: every site's held-out images go through a copy of the model whose encoder
+    BatchNorm statistics are recomputed over that site's training images (SiloBN's inference);
+    the model itself keeps its statistics, and the site's prior applies on top as --site-prior's."""
+    from bench import quality
+    from fedssl_flower import training
+    from fedssl_flower.metrics import classification_metrics
+
+    sites, cfg = _two_tiny_sites()
+    model = quality.fresh_model(cfg, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = quality.site_prior_scores(model, sites, sites, site_batchnorm=True, batch_size=4)["site_batchnorm"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert set(out) == {"test", "tta_test", "prior_test", "prior_tta_test"}
+
+    probas = []
+    for site in sites:  # by hand: each site's own statistics, as its batches of 4 computed them in training
+        local = quality.fresh_model(cfg, 3)
+        local.load_state_dict(before)
+        stats = training.recompute_batchnorm(local, site.train_images, batch_size=4)
+        assert any(not torch.equal(mean, before[f"{n}.running_mean"]) for n, (mean, _) in stats.items())
+        probas.append(training.view_log_proba(training.predict_view_logits(local, site.test_images)).exp().numpy())
+    labels = np.concatenate([s.test_labels.numpy() for s in sites])
+    want = classification_metrics(labels, np.concatenate(probas), sites[0].class_names)
+    assert out["test"]["balanced_accuracy"] == pytest.approx(want["balanced_accuracy"])
+    assert out["test"]["macro_auc"] == pytest.approx(want["macro_auc"])
+    shared = quality.scores(model, quality.pooled_data(sites))  # the one set of statistics: other probabilities
+    assert shared["macro_auc"] != pytest.approx(want["macro_auc"])
+
+    # a softmax that says nothing: the site's own prior alone gets every image right when each site saw one class
+    sites = [dataclasses.replace(site, train_labels=torch.full((12,), i), test_labels=torch.full((6,), i))
+             for i, site in enumerate(sites)]
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    out = quality.site_prior_scores(model, sites, sites, site_batchnorm=True, batch_size=4)["site_batchnorm"]
+    assert out["test"]["balanced_accuracy"] == pytest.approx(0.5)
+    assert out["prior_test"]["balanced_accuracy"] == pytest.approx(1.0) and out["prior_tta_test"]["balanced_accuracy"] == pytest.approx(1.0)
+
+
 def test_site_mixed_refuses_what_it_cannot_train():
     from bench import quality
 
