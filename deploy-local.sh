@@ -24,7 +24,8 @@
 #     --preset quality: HAM10000's 4 acquisition sites with all their images, trained by cyclic weight
 #                       transfer (run config strategy=cyclic, 16 rounds of 6 local steps: the hospitals
 #                       train one after another, the recipe that scored best on the validation split in
-#                       docs/benchmarks.md section 1), through the real deployment.
+#                       docs/benchmarks.md section 1), through the real deployment; the classifier
+#                       carries each hospital's BatchNorm statistics (hospital-batchnorm=true).
 #     --preset generate: a generative run (run config task=generate): 3 hospitals with all their
 #                       images train a class-conditional GAN together at 32 px; the registry then
 #                       serves fedssl-generator (POST /v1/models/fedssl-generator:generate).
@@ -352,7 +353,7 @@ cmd_up() {
     gen_rounds="$rounds" gen_size="${image_size:-32}" rounds="" image_size=""
   fi
   if [ "$preset" = quality ]; then  # the same run config as charts/fedssl/values-quality.yaml
-    overrides+=(-c 'strategy="cyclic"')
+    overrides+=(-c 'strategy="cyclic"' -c "hospital-batchnorm=true")
     ft_rounds="${ft_rounds:-16}" local_steps="${local_steps:-6}"
   fi
   [ -n "$rounds" ] && overrides+=(-c "ssl-rounds=$rounds")

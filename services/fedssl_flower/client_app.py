@@ -23,6 +23,7 @@ a warning every round.
 from __future__ import annotations
 
 import io
+import copy
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedssl_core import names, weights
+from fedssl_core import hospital_batchnorm, names, weights
 from fedssl_core.generative import ConditionalGAN
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
@@ -278,7 +279,28 @@ def evaluate(msg: Message, context: Context) -> Message:
         local_model = _local_model(context, cfg, data, name)
         if local_model is not None:
             content[records.LOCAL_WEIGHTS] = local_model
+    if "send-batchnorm-statistics" in instr and bool(instr["send-batchnorm-statistics"]) and cfg.hospital_batchnorm:
+        stats = _batchnorm_statistics(model, cfg, data, name)
+        if stats is not None:
+            content[records.HOSPITAL_BATCHNORM] = stats
     return Message(content, reply_to=msg)
+
+
+def _batchnorm_statistics(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str) -> ArrayRecord | None:
+    """The global model's encoder BatchNorm statistics recomputed over this hospital's training
+    images in batches of `batch-size`, as its training batches normalised them (a mean and a
+    variance per channel and layer; no image leaves), for `:predict?hospital=` to normalise
+    this hospital's images with (`hospital-batchnorm`; `fedssl_core.hospital_batchnorm`)."""
+    if len(data.train_images) < 2:  # the aggregator records that none came
+        log.warning("hospital %s has %d training image(s): no BatchNorm statistics to send (they need at least 2)",
+                    name, len(data.train_images))
+        return None
+    t0 = time.perf_counter()
+    stats = training.recompute_batchnorm(copy.deepcopy(model), data.train_images, batch_size=cfg.batch_size)
+    arrays = {f"{layer}.{s}": t.numpy() for layer, pair in stats.items() for s, t in zip(hospital_batchnorm.STATISTICS, pair)}
+    log.info("hospital %s sends its BatchNorm statistics over %d training images (%d layers, %.1fs; hospital-batchnorm)",
+             name, len(data.train_images), len(stats), time.perf_counter() - t0)
+    return records.to_array_record(arrays)
 
 
 def _local_model(context: Context, cfg: RunConfig, data: HospitalData, name: str) -> ArrayRecord | None:

@@ -105,6 +105,11 @@ class RunConfig:
     # registered beside the global one (fedssl-local-<hospital>). Off by default: a hospital's
     # own model is its property, and sending it is a choice the federation makes explicitly.
     register_local_models: bool = False
+    # After the last fine-tune round each hospital also sends the final encoder's BatchNorm
+    # statistics over its own training images (a mean and a variance per channel), and the
+    # classifier version carries them: `:predict?hospital=` then normalises that hospital's
+    # images as its own training batches were (SiloBN's inference; fedssl_core.hospital_batchnorm).
+    hospital_batchnorm: bool = False
     # How the aggregator combines the hospitals' trained parameters, computed by Flower's own
     # strategy class of that name (services/fedssl_flower/aggregation.py): fedavg | fedavgm |
     # fedadam | fedyogi | fedadagrad | fedprox | fedmedian | fedtrimmedavg | krum | multikrum, and
@@ -289,6 +294,23 @@ class RunConfig:
              "register-local-models=true needs local-baseline=true: without it hospitals train no local-only model to register")
         need(not self.register_local_models or self.finetune_rounds > 0,
              "register-local-models=true needs finetune-rounds >= 1: local-only classifiers exist only after fine-tuning")
+        if self.hospital_batchnorm:
+            need(self.task != names.RUN_GENERATE, "hospital-batchnorm=true serves a classifier, which task=generate does not "
+                 "train; set it false")
+            need(self.finetune_rounds > 0,
+                 "hospital-batchnorm=true needs finetune-rounds >= 1: the statistics are the final classifier's")
+            need(self.finetune_loss == names.LOSS_BALANCED_SOFTMAX,
+                 f"hospital-batchnorm=true needs finetune-loss={names.LOSS_BALANCED_SOFTMAX} (got {self.finetune_loss}): a hospital "
+                 "is served its own statistics with its own label mix, which only balanced-softmax classifiers carry")
+            need(self.finetune_mode == names.FINETUNE_FULL,
+                 f"hospital-batchnorm=true needs finetune-mode=full (got {self.finetune_mode}): a frozen encoder's statistics "
+                 "never saw the hospitals' batches")
+            need(self.dp == names.DP_OFF,
+                 f"dp={self.dp} with hospital-batchnorm=true would send each hospital's feature statistics un-noised to the "
+                 "aggregator, outside the privacy guarantee; set hospital-batchnorm=false")
+            need(not self.secure_aggregation,
+                 "secure-aggregation=true with hospital-batchnorm=true would send each hospital's feature statistics unmasked "
+                 "to the aggregator; set hospital-batchnorm=false")
 
     def _validate_generate(self, need) -> None:
         from fedssl_core.generative import IMAGE_SIZES

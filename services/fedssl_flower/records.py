@@ -28,6 +28,7 @@ LOCAL_METRICS = "local_only_metrics"  # MetricRecord: the hospital's local-only 
 EVAL_METRICS = "eval_metrics"  # MetricRecord: the received global model scored on held-out data
 LOCAL_WEIGHTS = "local_only_weights"  # ArrayRecord: the local-only classifier, sent once when register-local-models asks
 LOCAL_EVAL_METRICS = "local_only_eval_metrics"  # MetricRecord: the local-only model scored likewise
+HOSPITAL_BATCHNORM = "hospital_batchnorm"  # ArrayRecord: the final encoder's BatchNorm statistics over the hospital's images
 INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
 PROXIMAL_MU = "proximal-mu"  # CONFIG key: FedProx's mu, put in the train config by Flower's FedProx (strategy=fedprox)
 SKIPPED = "skipped"  # INFO key: why a hospital could not train this round (its reply then has no WEIGHTS)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from flwr.app import Message
 
-from fedssl_core import generative, label_shift, names, weights
+from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
 from fedssl_core.models import TASK_GROUPS, select_groups
 
 from . import aggregation, local_models, records
@@ -232,9 +232,11 @@ class RunReport:
 
     # ---------------------------------------------------------------- rounds
     def finish(self, t: Trained, scores: dict[str, dict], test_examples: dict[str, int], *, evaluated_in: str,
-               evaluate_seconds: float = 0.0) -> dict:
+               evaluate_seconds: float = 0.0, hospital_stats: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
         """Round `t`'s record, now that its global model is scored: the run folder, the
-        registry's round metrics and model versions, the progress line."""
+        registry's round metrics and model versions, the progress line. `hospital_stats`:
+        every hospital's BatchNorm statistics, which the classifier version then carries
+        (hospital-batchnorm; `fedssl_core.hospital_batchnorm`)."""
         class_names = self.hospitals.class_names
         per_hospital = {h: dict(m) for h, m in t.per_hospital.items()}
         for h, m in scores.items():
@@ -275,7 +277,7 @@ class RunReport:
                                                                               "skipped_hospitals", "refused_hospitals",
                                                                               "duration_seconds", "bytes_sent",
                                                                               "bytes_received", "privacy") if k in record})
-            self._register(t.state, phase, rnd, aggregated, sorted(t.examples), t.privacy)
+            self._register(t.state, phase, rnd, aggregated, sorted(t.examples), t.privacy, hospital_stats)
         finally:  # the round is on disk even when the registry is unreachable
             record["timing"]["register_seconds"] = time.monotonic() - t_reg
             self.folder.append_round(record)
@@ -346,7 +348,7 @@ class RunReport:
                 "fedssl.round": str(rnd), "fedssl.phase": phase}
 
     def _register(self, state: dict[str, torch.Tensor], phase: str, rnd: int, aggregated: dict, hospitals: list[str],
-                  privacy: dict | None = None) -> None:
+                  privacy: dict | None = None, hospital_stats: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         if self.registry is None:
             return
         source, synthetic = self.hospitals.data_facts()
@@ -375,6 +377,15 @@ class RunReport:
                 counts = self.label_counts()
                 if counts:
                     meta[label_shift.META_KEY] = label_shift.encode(counts)
+                if hospital_stats and set(hospital_stats) != set(counts):  # served together: the same hospitals or neither
+                    warning = (f"hospital-batchnorm: statistics from {', '.join(sorted(hospital_stats))} but label counts from "
+                               f"{', '.join(sorted(counts)) or 'no hospital'}; the classifier carries no statistics")
+                    self.warnings.append(warning)
+                    progress("run %s: %s", self.run_id, warning)
+                    hospital_stats = None
+                if hospital_stats:
+                    tensors, stats_meta = hospital_batchnorm.pack(hospital_stats)
+                    served, meta = {**served, **tensors}, meta | stats_meta
             blob = weights.to_bytes(served, meta)
             tags = {"phase": phase, "round": str(rnd), "ssl_tasks": ",".join(sorted({h.ssl_task for h in self.hospitals.values()}))}
             if self.warnings:
@@ -387,6 +398,8 @@ class RunReport:
                             # the hospitals `:predict?hospital=` can serve their own label mix (the
                             # weights' fedssl.label_counts, which the registry serves from)
                             **({"label_counts": counts} if counts else {}),
+                            # the hospitals whose images `:predict?hospital=` normalises with their own statistics
+                            **({"hospital_batchnorm": sorted(hospital_stats)} if task == names.TASK_CLASSIFICATION and hospital_stats else {}),
                             # dp: the privacy this model cost, all rounds up to it (epsilon at delta)
                             **({"privacy": privacy} if privacy else {})},
                 "data_source": source,

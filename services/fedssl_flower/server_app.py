@@ -34,7 +34,8 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
-from fedssl_core import names, weights
+from fedssl_core import hospital_batchnorm, names, weights
+from fedssl_core.errors import WeightsError
 
 from . import local, records, secure_aggregation, training
 from .aggregation import Aggregation, PrivacyBudgetExhausted, check_update, update_norm
@@ -324,6 +325,9 @@ class Aggregator:
         local = final and self.cfg.register_local_models and trained.phase == names.PHASE_FINETUNE and self.report.registry is not None
         if local:
             config["send-local-model"] = True
+        statistics = final and self.cfg.hospital_batchnorm and trained.phase == names.PHASE_FINETUNE
+        if statistics:
+            config["send-batchnorm-statistics"] = True
         msgs, sent = self._messages(nodes, MessageType.EVALUATE, config, (trained.phase,), f"{trained.phase}-{trained.round}-eval")
         t_eval = time.monotonic()
         replies, missing = self.messenger.exchange(msgs)
@@ -336,9 +340,46 @@ class Aggregator:
                             trained.round, reply.error.reason)
         trained.bytes_sent += sent
         record = self.report.finish(trained, *self._evaluations(replies, trained), evaluated_in=evaluated_in,
-                                    evaluate_seconds=t_eval)
+                                    evaluate_seconds=t_eval,
+                                    hospital_stats=self._hospital_statistics(replies) if statistics else None)
         if local:
             self.report.register_local_models(replies, record, self.state)
+
+    def _hospital_statistics(self, replies: dict[int, Message]) -> dict[str, hospital_batchnorm.Statistics] | None:
+        """Every hospital's BatchNorm statistics from the final evaluation's `replies`
+        (hospital-batchnorm), each checked against the global model's layers; None, with a run
+        warning naming the hospitals and why, unless every hospital sent them: a classifier
+        serves each hospital its own statistics or none at all."""
+        expected = {k: v for k, v in self.state.items()
+                    if k.startswith("encoder.") and k.endswith(tuple(f".{s}" for s in hospital_batchnorm.STATISTICS))}
+        nodes: dict[str, list[int]] = {}  # a hospital that reconnected has had more than one node
+        for node, h in self.hospitals.items():
+            nodes.setdefault(h.name, []).append(node)
+        stats, problems = {}, []
+        for name, own in sorted(nodes.items()):
+            answered = [replies[n] for n in own if n in replies]
+            reply = next((r for r in answered if not r.has_error() and records.HOSPITAL_BATCHNORM in r.content), None)
+            if reply is None:
+                failed = next((r for r in answered if r.has_error()), None)
+                problems.append(f"{name}: " + (f"its reply failed ({failed.error.reason})" if failed is not None
+                                               else "its reply carried none" if answered else "no reply"))
+                continue
+            try:
+                got = {k: torch.from_numpy(np.array(v)) for k, v in records.from_array_record(reply.content[records.HOSPITAL_BATCHNORM]).items()}
+                hospital_batchnorm.check(expected, {name: got})
+            except (ValueError, WeightsError) as exc:
+                problems.append(f"{name}: refused ({exc})")
+                continue
+            stats[name] = got
+        if problems:
+            warning = ("hospital-batchnorm: the classifier carries no hospital's BatchNorm statistics, as not every hospital "
+                       "sent valid ones (" + "; ".join(problems) + "); :predict?hospital= serves the shared statistics")
+            self.report.warnings.append(warning)
+            progress("run %s: %s", self.run_id, warning)
+            return None
+        progress("run %s: every hospital's BatchNorm statistics received (%s); the classifier serves each its own",
+                 self.run_id, ", ".join(sorted(stats)))
+        return stats
 
     # ---------------------------------------------------------------- resume
     def _resume_point(self) -> tuple[str, int] | None:

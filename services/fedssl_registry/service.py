@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedssl_core import generative, label_shift, names, weights
+from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
 from fedssl_core import models as core_models
 from fedssl_core.errors import ConfigError, FedSSLError, WeightsError
 from fedssl_core.preprocessing import normalize
@@ -73,7 +73,9 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
     `_check_tensors`, and a forward pass of a probe image (mid-grey, the spec's size,
     normalised with its mean/std) gives finite outputs: probabilities for a classifier, an
     embedding otherwise; and a classifier's hospitals' label counts, if it carries them
-    (`fedssl_core.label_shift`), give each hospital a prior.
+    (`fedssl_core.label_shift`), give each hospital a prior, and its hospitals' BatchNorm
+    statistics, if it carries them (`fedssl_core.hospital_batchnorm`), fit its layers and name
+    the same hospitals.
     """
     if model["task"] == names.TASK_GENERATION:
         return servable_generator(model, state, metadata or {})
@@ -81,9 +83,20 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
     classification = model["task"] == names.TASK_CLASSIFICATION
     module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None,
                                                spec.get("test_time_augmentation") or names.TTA_NONE)
+    state, hospital_stats = hospital_batchnorm.split(state, metadata)
+    if hospital_stats and not classification:
+        raise WeightsError(f"{hospital_batchnorm.META_KEY}: hospitals' BatchNorm statistics serve `:predict?hospital=`, "
+                           f"a classifier's; this is a {model['task']} model")
     _check_tensors(module, state)
+    counts = {}
     if classification and label_shift.META_KEY in (metadata or {}):  # what `:predict?hospital=` serves with
-        label_shift.decode(metadata[label_shift.META_KEY], len(spec.get("class_names", [])))
+        counts = label_shift.decode(metadata[label_shift.META_KEY], len(spec.get("class_names", [])))
+    if hospital_stats:
+        hospital_batchnorm.check(hospital_batchnorm.statistics_of(module), hospital_stats)
+        if set(hospital_stats) != set(counts):
+            raise WeightsError(f"{hospital_batchnorm.META_KEY} names hospitals {sorted(hospital_stats)}, but the label counts "
+                               f"({label_shift.META_KEY}) name {sorted(counts) or 'none'}: a hospital is served its own "
+                               "statistics with its own label mix, so both must name the same hospitals")
     module.eval()
     size = int(spec["image_size"])
     try:

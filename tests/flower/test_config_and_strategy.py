@@ -463,3 +463,19 @@ def test_the_relay_order_is_drawn_afresh_every_round_from_the_seed():
 def test_cyclic_refuses_what_needs_an_average(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_mapping(overrides)
+
+
+def test_hospital_batchnorm_is_off_by_default_and_refused_where_no_classifier_could_serve_it():
+    """hospital-batchnorm: each hospital's statistics are served with its own label mix, so the
+    run must fine-tune a balanced-softmax classifier whose encoder trained on the hospitals' batches."""
+    assert RunConfig.from_mapping({}).hospital_batchnorm is False
+    assert RunConfig.from_mapping({"hospital-batchnorm": True}).hospital_batchnorm is True
+    for overrides, message in [
+        ({"finetune-loss": "weighted-ce"}, "hospital-batchnorm=true needs finetune-loss=balanced-softmax (got weighted-ce)"),
+        ({"finetune-mode": "linear"}, "hospital-batchnorm=true needs finetune-mode=full (got linear)"),
+        ({"finetune-rounds": 0, "ssl-rounds": 1}, "hospital-batchnorm=true needs finetune-rounds >= 1"),
+        ({"task": "generate", "image-size": 32}, "hospital-batchnorm=true serves a classifier, which task=generate does not train"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_mapping({"hospital-batchnorm": True, **overrides})
+        assert message in str(err.value), (overrides, str(err.value))

@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory, ham10000_dir):
                 hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
                                                 "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")})))
         result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5", "local-steps=2",
-                          "batch-size=32", "share=encoder-and-heads")
+                          "batch-size=32", "share=encoder-and-heads", "hospital-batchnorm=true")
         assert result.returncode == 0, result.stdout + result.stderr + c.logs()
         with registry.client() as http:
             state = {
@@ -41,6 +41,8 @@ def finished_run(tmp_path_factory, ham10000_dir):
             state["prediction_for_hospital"] = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict",
                                                          params={"hospital": "hospital-simclr"},
                                                          files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
+            state["classifier_weights"] = http.get(f"/v1/models/{names.CLASSIFIER_MODEL}/versions/1/weights").content
+            state["image"] = image
             state["rounds_csv"] = http.get(f"/v1/runs/{state['runs'][0]['run_id']}/rounds.csv").text
         state["messages_received"] = [node.text().count("Received successfully") for node in nodes]
         yield result, work, state
@@ -147,24 +149,47 @@ def test_registry_tracked_the_run_and_serves_the_classifier(finished_run):
     assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_the_classifier_serves_a_named_hospital_its_own_label_mix(finished_run):
+def test_the_classifier_serves_a_named_hospital_its_own_statistics_and_label_mix(finished_run):
     """The registered classifier carries each hospital's training label counts (balanced
-    softmax, the default), so `:predict?hospital=` answers the plain probabilities times that
-    hospital's prior over the federation's, as its start-up audit counted its labels."""
+    softmax, the default), as its start-up audit counted them, and, with hospital-batchnorm,
+    each hospital's BatchNorm statistics of the final encoder over its own images: so
+    `:predict?hospital=` answers the softmax of the model normalising with that hospital's
+    statistics, times its prior over the federation's."""
     import numpy as np
+    import torch
 
-    from fedssl_core import label_shift
+    from fedssl_core import hospital_batchnorm, label_shift, weights
+    from fedssl_core.models import build_inference_model
+    from fedssl_core.preprocessing import load_image, normalize
 
     _, _, state = finished_run
     (run,) = state["runs"]
+    (clf,) = state["classifier_versions"]
     counts = {h: [run["hospitals"][h]["class_counts"][c] for c in names.HAM10000_CLASSES] for h in run["hospitals"]}
-    ratio = label_shift.ratios(counts, len(names.HAM10000_CLASSES))["hospital-simclr"]
-    plain = np.array([[state["prediction"]["probabilities"][c] for c in names.HAM10000_CLASSES]])
+    assert clf["lineage"]["label_counts"] == counts and clf["lineage"]["hospital_batchnorm"] == sorted(counts)
+    blob = state["classifier_weights"]
+    own, stats = hospital_batchnorm.split(weights.from_bytes(blob), weights.read_metadata(blob))
+    assert sorted(stats) == sorted(counts)
+    shared = hospital_batchnorm.statistics_of(build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_EFFICIENTNET_LITE0, 7))
+    assert set(stats["hospital-simclr"]) == set(shared)
+    # each hospital's statistics are its own: they differ from the other's and from the shared model's
+    means = [k for k in shared if k.endswith("running_mean")]
+    assert any(not torch.allclose(stats["hospital-simclr"][k], stats["hospital-rotation"][k]) for k in means)
+    assert any(not torch.allclose(stats["hospital-simclr"][k], own[k]) for k in means)
+
+    model = build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_EFFICIENTNET_LITE0, 7, clf["lineage"]["recipe"]["test-time-augmentation"])
+    weights.load_into(model, {**own, **stats["hospital-simclr"]})
+    x = normalize(load_image(state["image"].read_bytes(), 32)[None], *names.NORMALIZATION[names.ARCH_EFFICIENTNET_LITE0])
+    with torch.inference_mode():
+        expected = label_shift.adjust(torch.softmax(model(torch.from_numpy(x)), 1).numpy(),
+                                      label_shift.ratios(counts, len(names.HAM10000_CLASSES))["hospital-simclr"])[0]
     pred = state["prediction_for_hospital"]
     assert pred["hospital"] == "hospital-simclr" and pred["version"] == 1
     got = np.array([pred["probabilities"][c] for c in names.HAM10000_CLASSES])
-    np.testing.assert_allclose(got, label_shift.adjust(plain, ratio)[0], atol=1e-6)
-    assert not np.allclose(got, plain[0], atol=1e-4)  # the two hospitals' label mixes differ
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    plain = np.array([[state["prediction"]["probabilities"][c] for c in names.HAM10000_CLASSES]])
+    assert not np.allclose(got, plain[0], atol=1e-4)
+    assert "every hospital's BatchNorm statistics received (hospital-rotation, hospital-simclr)" in finished_run[0].stdout
 
 
 def test_a_hospital_without_its_dataset_fails_the_run_with_its_error(tmp_path):

@@ -338,6 +338,8 @@ def test_a_hospital_under_local_dp_sends_a_noised_update_and_the_global_statisti
     ({**DP, "strategy": "fedmedian"}, "dp=central-fixed needs strategy=fedavg with server-lr=1 and server-momentum=0"),
     ({**DP, "server-momentum": 0.9}, "Flower accounts the privacy spent only for a strategy whose aggregate_train is FedAvg's"),
     ({**DP, "register-local-models": True}, "would send each hospital's own model un-noised"),
+    ({**DP, "hospital-batchnorm": True}, "dp=central-fixed with hospital-batchnorm=true would send each hospital's feature "
+                                         "statistics un-noised"),
     ({**DP, "resume-from-registry": True}, "the privacy already spent is not restored"),
     ({**DP, "dp-max-epsilon": 1.0}, "dp-max-epsilon=1.0 is below the epsilon of a single round (4.729 at dp-delta=1e-05"),
 ])

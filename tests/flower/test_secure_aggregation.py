@@ -220,6 +220,7 @@ def test_update_values_beyond_the_clipping_range_are_counted_and_reported():
      "not strategy=fedmedian"),
     ({"secure-aggregation": True, "dp": "central-fixed"}, "secure-aggregation=true needs dp=off or dp=local, not dp=central-fixed"),
     ({"secure-aggregation": True, "register-local-models": True}, "would send each hospital's own model unmasked"),
+    ({"secure-aggregation": True, "hospital-batchnorm": True}, "would send each hospital's feature statistics unmasked"),
     ({"secure-aggregation": True, "min-hospitals": 1}, "secure-aggregation=true needs min-hospitals >= 2"),
     ({"secure-aggregation": True, "secagg-num-shares": 2.0}, "secagg-num-shares must be a fraction of the round's hospitals "
                                                              "in (0, 1] or a whole count >= 3, got 2"),

@@ -227,3 +227,41 @@ def test_cyclic_with_local_dp_accounts_one_release_per_round(tmp_path, monkeypat
     trained = agg._round(names.PHASE_FINETUNE, 1, 1, None)
     assert trained.privacy["mechanism"] == "local" and trained.privacy["releases"] == 1
     assert trained.privacy["hospitals"] == 2  # the accepted updates (the garbage one is refused)
+
+
+def test_hospital_batchnorm_statistics_are_taken_only_when_every_hospital_sent_valid_ones(tmp_path, monkeypatch, capsys):
+    """hospital-batchnorm: the final evaluation's replies carry each hospital's BatchNorm
+    statistics of the global encoder; checked against its layers, they go to the classifier
+    only when every hospital sent valid ones, else none do and a run warning names each
+    hospital and why (a classifier serves each hospital its own statistics or none at all)."""
+    import torch
+    from flwr.app import MessageType
+
+    from fedssl_core import hospital_batchnorm
+
+    agg = _aggregator(tmp_path, monkeypatch)
+    own = {k: v.numpy() for k, v in agg.state.items() if k.startswith("encoder.") and k.endswith(("running_mean", "running_var"))}
+    assert own
+
+    def reply(node: int, stats: dict | None = None) -> Message:
+        asked = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        content = RecordDict({records.HOSPITAL_BATCHNORM: records.to_array_record(stats)} if stats is not None else {})
+        return Message(content, reply_to=asked)
+
+    good = {n: {k: v + n for k, v in own.items()} for n in HOSPITALS}
+    got = agg._hospital_statistics({n: reply(n, s) for n, s in good.items()})
+    assert sorted(got) == ["a", "b", "garbage"] and not agg.report.warnings
+    assert all(np.array_equal(got[HOSPITALS[n][0]][k].numpy(), good[n][k]) for n in HOSPITALS for k in own)
+    hospital_batchnorm.check({k: torch.from_numpy(v) for k, v in own.items()}, got)
+    assert "every hospital's BatchNorm statistics received (a, b, garbage)" in capsys.readouterr().out
+
+    var = next(k for k in own if k.endswith("running_var"))
+    bad = {**good[3], var: -good[3][var]}
+    assert agg._hospital_statistics({1: reply(1, good[1]), 2: reply(2), 3: reply(3, bad)}) is None
+    (warning,) = agg.report.warnings
+    assert warning.startswith("hospital-batchnorm: the classifier carries no hospital's BatchNorm statistics")
+    assert "b: its reply carried none" in warning and f"garbage: refused (hospital 'garbage''s {var} has negative variances)" in warning
+    assert "a:" not in warning
+    agg.report.warnings.clear()
+    assert agg._hospital_statistics({1: reply(1, good[1]), 2: reply(2, good[2])}) is None
+    assert "garbage: no reply" in agg.report.warnings[0]

@@ -21,6 +21,31 @@ def classifier_bytes(seed: int = 0, num_classes: int = len(CLASSES), **metadata:
 HOSPITAL_COUNTS = {"dermaclinic": [30, 5, 5], "skinlab": [2, 20, 10]}
 
 
+def hospital_statistics(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Each of HOSPITAL_COUNTS' hospitals' BatchNorm statistics for `classifier_bytes`' model,
+    as hospital-batchnorm sends them (fedssl_core.hospital_batchnorm): the model's own,
+    shifted and scaled differently per hospital."""
+    from fedssl_core import hospital_batchnorm
+
+    own = hospital_batchnorm.statistics_of(FedSSLModel(num_classes=len(CLASSES)).encoder)
+    own = {f"encoder.{k}": v for k, v in own.items()}
+    g = torch.Generator().manual_seed(seed)
+    return {h: {k: (v + torch.randn(v.shape, generator=g) * 0.5 if k.endswith("running_mean")
+                    else v * torch.empty(v.shape).uniform_(0.3, 3.0, generator=g)) for k, v in own.items()}
+            for h in HOSPITAL_COUNTS}  # statistics_of: the encoder's layers (the served classifier has no others)
+
+
+def classifier_with_statistics_bytes(stats: dict[str, dict[str, torch.Tensor]] | None = None, **metadata: str) -> bytes:
+    """`classifier_bytes()`'s weights carrying HOSPITAL_COUNTS and every hospital's BatchNorm
+    statistics (`stats`, default `hospital_statistics()`), as the aggregator registers them."""
+    from fedssl_core import hospital_batchnorm
+
+    blob = classifier_bytes()
+    tensors, meta = hospital_batchnorm.pack(hospital_statistics() if stats is None else stats)
+    return weights.to_bytes({**weights.from_bytes(blob), **tensors},
+                            {**weights.read_metadata(blob), label_shift.META_KEY: label_shift.encode(HOSPITAL_COUNTS), **meta, **metadata})
+
+
 def model_body(name="clf", task="classification", **spec):
     return {"name": name, "task": task, "architecture": "resnet18", "description": "test model",
             "input_spec": {"image_size": IMAGE_SIZE, "class_names": CLASSES if task == "classification" else [], **spec}}
@@ -64,4 +89,7 @@ def shared_registry(tmp_path_factory, weights_blob):
             assert http.post("/v1/models", json=model_body("clf-sites")).status_code == 201
             assert upload(http, "clf-sites", classifier_bytes(**{label_shift.META_KEY: label_shift.encode(HOSPITAL_COUNTS)})
                           ).status_code == 201
+            # ... and each hospital's own BatchNorm statistics (hospital-batchnorm)
+            assert http.post("/v1/models", json=model_body("clf-site-bn")).status_code == 201
+            assert upload(http, "clf-site-bn", classifier_with_statistics_bytes()).status_code == 201
         yield reg

@@ -10,12 +10,13 @@ import torch
 import tritonclient.http as triton
 from PIL import Image
 
-from fedssl_core import label_shift, names, weights
+from fedssl_core import hospital_batchnorm, label_shift, names, weights
 from fedssl_core.models import build_inference_model
 from fedssl_core.preprocessing import normalize
 from fedssl_flower.data.decode import decode_one
 
-from .conftest import CLASSES, HOSPITAL_COUNTS, IMAGE_SIZE, classifier_bytes, model_body, upload
+from .conftest import (CLASSES, HOSPITAL_COUNTS, IMAGE_SIZE, classifier_bytes, classifier_with_statistics_bytes,
+                       hospital_statistics, model_body, upload)
 
 pytestmark = pytest.mark.integration
 
@@ -162,6 +163,68 @@ def test_a_named_hospital_is_served_its_own_label_mix_by_predict_and_v2(shared_r
     assert v2.json()["parameters"] == {"hospital": "skinlab"}
     np.testing.assert_allclose(out["probabilities"]["data"], label_shift.adjust(plain, ratios["skinlab"])[0], atol=1e-5)
     assert out["label"]["data"] == [served["skinlab"].json()["label"]]
+
+
+def test_a_named_hospital_is_served_with_its_own_batchnorm_statistics_and_label_mix(shared_registry, weights_blob, ham10000_dir):
+    """A classifier that also carries its hospitals' BatchNorm statistics (hospital-batchnorm):
+    `:predict?hospital=` and v2's `parameters.hospital` answer the softmax of the model holding
+    that hospital's statistics, times its prior over the federation's; a caller naming no
+    hospital gets the shared model as it is."""
+    path = sorted((ham10000_dir / "HAM10000_images_part_1").glob("*.jpg"))[4]
+    x = decode_one(path, IMAGE_SIZE)[None]
+    ratios = label_shift.ratios(HOSPITAL_COUNTS, len(CLASSES))
+    stats = hospital_statistics()
+
+    def with_statistics(h: str) -> np.ndarray:  # the plain model, its encoder's BatchNorm buffers replaced by hand
+        state = {**weights.from_bytes(weights_blob), **stats[h]}
+        return reference(weights.to_bytes(state), x)
+
+    with shared_registry.client() as http:
+        as_is = http.post("/v1/models/clf-site-bn:predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+        served = {h: http.post("/v1/models/clf-site-bn:predict", params={"hospital": h},
+                               files={"file": (path.name, path.read_bytes(), "image/jpeg")}) for h in HOSPITAL_COUNTS}
+        v2 = http.post("/v2/models/clf-site-bn/infer", json={"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                                                         "data": x.reshape(-1).tolist()}],
+                                                             "parameters": {"hospital": "skinlab"}})
+    assert as_is.status_code == 200, as_is.text
+    np.testing.assert_allclose([as_is.json()["probabilities"][c] for c in CLASSES], reference(weights_blob, x)[0], atol=1e-5)
+    for h, r in served.items():
+        assert r.status_code == 200, r.text
+        got = [r.json()["probabilities"][c] for c in CLASSES]
+        np.testing.assert_allclose(got, label_shift.adjust(with_statistics(h), ratios[h])[0], atol=1e-5)
+        label_mix_only = label_shift.adjust(reference(weights_blob, x), ratios[h])[0]
+        assert np.abs(np.array(got) - label_mix_only).max() > 1e-3  # the statistics do change the answer
+    assert v2.status_code == 200 and v2.json()["parameters"] == {"hospital": "skinlab"}, v2.text
+    out = {o["name"]: o for o in v2.json()["outputs"]}
+    np.testing.assert_allclose(out["probabilities"]["data"], label_shift.adjust(with_statistics("skinlab"), ratios["skinlab"])[0], atol=1e-5)
+
+
+def test_hospitals_batchnorm_statistics_that_do_not_fit_are_refused_at_upload_naming_why(registry):
+    good = hospital_statistics()
+    key = next(k for k in good["skinlab"] if k.endswith("running_var"))
+    cases = [
+        (classifier_with_statistics_bytes({"skinlab": good["skinlab"]}),
+         "names hospitals ['skinlab'], but the label counts (fedssl.label_counts) name ['dermaclinic', 'skinlab']"),
+        (classifier_with_statistics_bytes({**good, "skinlab": {**good["skinlab"], key: -good["skinlab"][key]}}),
+         f"hospital 'skinlab''s {key} has negative variances"),
+        (classifier_with_statistics_bytes({**good, "skinlab": {**good["skinlab"], key: good["skinlab"][key][:-1]}}),
+         f"hospital 'skinlab''s {key} has shape"),
+        (classifier_with_statistics_bytes({**good, "skinlab": {k: v for k, v in good["skinlab"].items() if k != key}}),
+         f"hospital 'skinlab''s BatchNorm statistics do not fit the model: missing {key}"),
+        (classifier_with_statistics_bytes(**{hospital_batchnorm.META_KEY: "skinlab"}), "fedssl.hospital_batchnorm is not JSON"),
+        (classifier_with_statistics_bytes(**{hospital_batchnorm.META_KEY: '["skinlab"]'}),
+         "names no hospital of fedssl.hospital_batchnorm"),
+    ]
+    blob = classifier_with_statistics_bytes()
+    cases.append((weights.to_bytes(weights.from_bytes(blob), {k: v for k, v in weights.read_metadata(blob).items()
+                                                              if k != hospital_batchnorm.META_KEY}),
+                  "but no fedssl.hospital_batchnorm metadata naming their hospitals"))
+    with registry.client() as http:
+        assert http.post("/v1/models", json=model_body("clf-bad-bn")).status_code == 201
+        for blob, error in cases:
+            r = upload(http, "clf-bad-bn", blob)
+            assert r.status_code == 400 and error in r.text, (error, r.text)
+        assert http.get("/v1/models/clf-bad-bn/versions").json()["versions"] == []
 
 
 @pytest.mark.parametrize(("model", "hospital", "error"), [

@@ -21,6 +21,7 @@ demand (KServe's ModelMesh, Triton's model control):
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import time
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedssl_core import generative, label_shift, names, weights
+from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
 from fedssl_core import models as core_models
 from fedssl_core.errors import FedSSLError
 from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
@@ -73,6 +74,16 @@ class LoadedModel:
     module: torch.nn.Module
     batcher: DynamicBatcher | None  # None for a generator: see `ModelRepository.generate`
     label_ratios: dict[str, np.ndarray] = field(default_factory=dict)  # hospital -> its prior over the federation's
+    # hospital -> the batcher of the model with that hospital's BatchNorm statistics (fedssl_core.hospital_batchnorm)
+    hospital_batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
+
+    def for_hospital(self, hospital: str | None) -> tuple[DynamicBatcher, np.ndarray | None]:
+        """The batcher and prior ratio that serve `hospital` (`label_ratio`): its own BatchNorm
+        statistics' model where this version carries them, else the shared model; the shared
+        model and no ratio when the request names no hospital."""
+        ratio = self.label_ratio(hospital)
+        assert self.batcher is not None
+        return (self.hospital_batchers.get(hospital, self.batcher) if hospital is not None else self.batcher), ratio
 
     def label_ratio(self, hospital: str | None) -> np.ndarray | None:
         """The prior ratio that serves `hospital` its own label mix (`fedssl_core.label_shift`),
@@ -99,8 +110,9 @@ class LoadedModel:
         return list(self.spec.get("class_names", []))
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        for b in (self.batcher, *self.hospital_batchers.values()):
+            if b is not None:
+                b.close()
 
     def generate(self, labels: np.ndarray, seed: int, latent: np.ndarray | None = None) -> np.ndarray:
         """A generator's uint8 (N, S, S, 3) RGB images of class indices `labels` (N,), from
@@ -112,10 +124,11 @@ class LoadedModel:
         images = generative.sample(self.module, torch.tensor(labels, dtype=torch.long), seed, z=z)
         return np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Normalised float32 (N, 3, S, S) → probabilities (classification) or embeddings."""
+    def forward(self, x: np.ndarray, module: torch.nn.Module | None = None) -> np.ndarray:
+        """Normalised float32 (N, 3, S, S) → probabilities (classification) or embeddings, by
+        `module` (a hospital's statistics, `hospital_batchers`) or this version's own."""
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(x))
+            out = (module or self.module)(torch.from_numpy(x))
             out = torch.softmax(out, dim=1) if self.task == names.TASK_CLASSIFICATION else out
             return out.numpy().astype(np.float32, copy=False)
 
@@ -250,17 +263,26 @@ class ModelRepository:
         try:  # the upload checks again: a version stored before they existed may not pass them
             data = path.read_bytes()
             meta = weights.read_metadata(data)
-            module = servable_module(model, weights.from_bytes(data), meta)
+            state = weights.from_bytes(data)
+            module = servable_module(model, state, meta)
             ratios = ({} if model["task"] != names.TASK_CLASSIFICATION or label_shift.META_KEY not in meta
                       else label_shift.decode(meta[label_shift.META_KEY], len(model["input_spec"].get("class_names", []))))
+            hospital_modules = ({h: hospital_batchnorm.with_statistics(module, s)
+                                 for h, s in hospital_batchnorm.split(state, meta)[1].items()}
+                                if model["task"] == names.TASK_CLASSIFICATION else {})
         except FedSSLError as exc:
             raise ModelNotReady(f"model {name!r} version {number} cannot be loaded: {exc}") from exc
         loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None, ratios)
         if model["task"] == names.TASK_GENERATION:
             return loaded
         on_batch = (lambda n, s: self.metrics.observe_batch(name, n, s)) if self.metrics else None
-        loaded.batcher = DynamicBatcher(loaded.forward, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
-                                        executor=self.executor, on_batch=on_batch)
+
+        def batcher(forward) -> DynamicBatcher:
+            return DynamicBatcher(forward, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+                                  executor=self.executor, on_batch=on_batch)
+
+        loaded.batcher = batcher(loaded.forward)
+        loaded.hospital_batchers = {h: batcher(functools.partial(loaded.forward, module=m)) for h, m in hospital_modules.items()}
         return loaded
 
     async def get(self, name: str, version: int | None = None, alias: str | None = None, *,

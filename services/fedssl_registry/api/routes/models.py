@@ -127,7 +127,8 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
                   hospital: str | None = None) -> dict:
     """Classify (or embed) one uploaded JPEG/PNG image. `hospital`: the asking hospital, one of
     those that trained the classifier; its probabilities are then adjusted to that hospital's
-    own label mix (`fedssl_core.label_shift`)."""
+    own label mix (`fedssl_core.label_shift`), and its image normalised by that hospital's own
+    BatchNorm statistics where the version carries them (`fedssl_core.hospital_batchnorm`)."""
     _require_multipart(request)
     if (file.content_type or "").lower() not in IMAGE_TYPES:
         raise UnsupportedMediaType(f"expected a JPEG or PNG image (image/jpeg, image/png), got {file.content_type or 'no content type'}")
@@ -135,12 +136,12 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
     model = await repository.get(name, version, alias, tasks=IMAGE_TASKS, call=":predict")
-    ratio = model.label_ratio(hospital)  # before any work: an unknown hospital is a 400
+    batcher, ratio = model.for_hospital(hospital)  # before any work: an unknown hospital is a 400
     try:
         x = await repository.decoder.run(model.preprocess, data, settings.max_image_pixels)
     except ImageDecodeError as exc:
         raise InvalidInput(str(exc)) from None
-    out = model.check_finite((await model.batcher.submit(x))[0])
+    out = model.check_finite((await batcher.submit(x))[0])
     if model.task == names.TASK_CLASSIFICATION:
         if ratio is not None:
             out = label_shift.adjust(out[None], ratio)[0]

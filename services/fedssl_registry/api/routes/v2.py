@@ -112,8 +112,8 @@ class _InferEndpoint:
         with model.batcher.incoming():
             req = await _parse(state, headers, await read_body(receive), protocol.parse_request,
                                model.image_size, model.mean, model.std, state.settings.max_infer_batch)
-        ratio = model.label_ratio(req.hospital)  # before the forward pass: an unknown hospital is a 400
-        out = model.check_finite(await model.batcher.submit(req.array))
+        batcher, ratio = model.for_hospital(req.hospital)  # before the forward pass: an unknown hospital is a 400
+        out = model.check_finite(await batcher.submit(req.array))
         if ratio is not None:
             out = label_shift.adjust(out, ratio)
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)

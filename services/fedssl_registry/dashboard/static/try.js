@@ -102,7 +102,11 @@ function resultCard(model, version, result, error, asking) {
     return card;
   }
   const top = result.probabilities[result.label];
-  if (result.hospital) card.append(h("p", { class: "small result-hospital", "data-hospital": result.hospital, text: `with ${result.hospital}'s own label mix` }));
+  if (result.hospital) {
+    const ownStats = (version.lineage?.hospital_batchnorm || []).includes(result.hospital);
+    card.append(h("p", { class: "small result-hospital", "data-hospital": result.hospital,
+      text: `with ${result.hospital}'s own label mix${ownStats ? " and BatchNorm statistics" : ""}` }));
+  }
   else if (asking && !local) card.append(h("p", { class: "small muted result-hospital", text: `this version carries no label counts for ${asking}: the federation's label mix` }));
   card.append(
     h("div", { class: "prediction" }, h("span", { class: "muted", text: "predicted " }),
