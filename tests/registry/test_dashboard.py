@@ -99,7 +99,7 @@ def _watch(browser: cdp.Browser, registry: P.Registry, running) -> dict | None:
 # One SSL and two fine-tune rounds: two classifier versions to compare on "Try it". The
 # round timeout bounds a lost hospital reply (see _federate) to minutes instead of 30.
 RUN_CONFIG = ("ssl-rounds=1", "finetune-rounds=2", "image-size=32", "probe-epochs=2", "round-timeout=240", "local-steps=2",
-              "batch-size=32", "arch=\"resnet18\"", "pretrained=false")
+              "batch-size=32", "arch=\"resnet18\"", "pretrained=false", "hospital-batchnorm=true")
 ATTEMPTS = 2
 
 
@@ -424,12 +424,16 @@ def test_try_it_asks_as_a_hospital_of_the_federation_and_gets_its_label_mix(fede
     tab.wait_for("document.querySelector('.results').dataset.done === '1'", timeout=60)
     card = tab.eval("""(() => { const a = document.querySelector('.results article.result'); return {
         version: Number(a.dataset.version), hospital: a.querySelector('.result-hospital')?.dataset.hospital,
+        says: a.querySelector('.result-hospital')?.textContent,
         probs: Object.fromEntries([...a.querySelectorAll('g.prob')].map(g => [g.dataset.class, Number(g.dataset.p)]))}; })()""")
     with fed.registry.client() as http:
         files = {"file": (fed.image.name, fed.image.read_bytes(), "image/jpeg")}
         as_hospital = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict?version={card['version']}&hospital={asking}", files=files).json()
         federation_mix = http.post(f"/v1/models/{names.CLASSIFIER_MODEL}:predict?version={card['version']}", files=files).json()
     assert card["hospital"] == as_hospital["hospital"] == asking
+    # the production version is the final round's, which carries every hospital's BatchNorm statistics (hospital-batchnorm)
+    assert versions[-1]["lineage"]["hospital_batchnorm"] == HOSPITALS and "hospital_batchnorm" not in versions[0]["lineage"]
+    assert card["says"] == f"with {asking}'s own label mix and BatchNorm statistics"
     assert card["probs"] == pytest.approx(as_hospital["probabilities"], abs=1e-6)
     assert card["probs"] != pytest.approx(federation_mix["probabilities"], abs=1e-3)
 
