@@ -22,8 +22,8 @@ a warning every round.
 
 from __future__ import annotations
 
-import io
 import copy
+import io
 import json
 import logging
 import os
