@@ -106,8 +106,9 @@ function resultCard(model, version, result, error, asking) {
     const ownStats = (version.lineage?.hospital_batchnorm || []).includes(result.hospital);
     card.append(h("p", { class: "small result-hospital", "data-hospital": result.hospital,
       text: `with ${result.hospital}'s own label mix${ownStats ? " and BatchNorm statistics" : ""}` }));
+  } else if (asking && !local) {
+    card.append(h("p", { class: "small muted result-hospital", text: `this version carries no label counts for ${asking}: the federation's label mix` }));
   }
-  else if (asking && !local) card.append(h("p", { class: "small muted result-hospital", text: `this version carries no label counts for ${asking}: the federation's label mix` }));
   card.append(
     h("div", { class: "prediction" }, h("span", { class: "muted", text: "predicted " }),
       h("span", { class: "pred-label", "data-label": result.label, text: result.label }),
