@@ -9,6 +9,7 @@ import csv
 import io
 import logging
 import threading
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -64,9 +65,21 @@ def _check_tensors(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -
     weights.load_into(module, state)
 
 
-def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> torch.nn.Module:
+@dataclass
+class Servable:
+    """What a version's weights file serves with (`servable`)."""
+
+    module: torch.nn.Module  # in eval mode
+    # a classifier's hospital -> its label prior over the federation's (`fedssl_core.label_shift`); {} without counts
+    label_ratios: dict[str, np.ndarray] = field(default_factory=dict)
+    # a classifier's hospital -> its encoder BatchNorm statistics (`fedssl_core.hospital_batchnorm`); {} without
+    hospital_stats: dict[str, hospital_batchnorm.Statistics] = field(default_factory=dict)
+
+
+def servable(model: dict, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Servable:
     """The serving module of registered `model` (a `Registry.model_dict`) holding `state`,
-    in eval mode. Torch: run it on the torch thread. `metadata` is the safetensors file's
+    in eval mode, with what its `metadata` and extra tensors carry for `:predict?hospital=`,
+    decoded once. Torch: run it on the torch thread. `metadata` is the safetensors file's
     (`weights.read_metadata`): a generator's shape is read from it (`servable_generator`).
 
     Raises a FedSSLError saying why unless the weights can answer patients: the tensors pass
@@ -78,7 +91,7 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
     the same hospitals.
     """
     if model["task"] == names.TASK_GENERATION:
-        return servable_generator(model, state, metadata or {})
+        return Servable(servable_generator(model, state, metadata or {}))
     spec = model["input_spec"]
     classification = model["task"] == names.TASK_CLASSIFICATION
     module = core_models.build_inference_model(model["task"], model["architecture"], len(spec.get("class_names", [])) or None,
@@ -88,14 +101,14 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
         raise WeightsError(f"{hospital_batchnorm.META_KEY}: hospitals' BatchNorm statistics serve `:predict?hospital=`, "
                            f"a classifier's; this is a {model['task']} model")
     _check_tensors(module, state)
-    counts = {}
+    ratios = {}
     if classification and label_shift.META_KEY in (metadata or {}):  # what `:predict?hospital=` serves with
-        counts = label_shift.decode(metadata[label_shift.META_KEY], len(spec.get("class_names", [])))
+        ratios = label_shift.decode(metadata[label_shift.META_KEY], len(spec.get("class_names", [])))
     if hospital_stats:
         hospital_batchnorm.check(hospital_batchnorm.statistics_of(module), hospital_stats)
-        if set(hospital_stats) != set(counts):
+        if set(hospital_stats) != set(ratios):
             raise WeightsError(f"{hospital_batchnorm.META_KEY} names hospitals {sorted(hospital_stats)}, but the label counts "
-                               f"({label_shift.META_KEY}) name {sorted(counts) or 'none'}: a hospital is served its own "
+                               f"({label_shift.META_KEY}) name {sorted(ratios) or 'none'}: a hospital is served its own "
                                "statistics with its own label mix, so both must name the same hospitals")
     module.eval()
     size = int(spec["image_size"])
@@ -110,7 +123,7 @@ def servable_module(model: dict, state: Mapping[str, torch.Tensor], metadata: Ma
     if not bool(torch.isfinite(out).all()):
         what = "probabilities" if classification else "embedding"
         raise WeightsError(f"on a probe image (mid-grey, {size}x{size}) the model's {what} are not finite (NaN or infinity)")
-    return module
+    return Servable(module, ratios, hospital_stats)
 
 
 def servable_generator(model: dict, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> generative.Generator:
@@ -266,7 +279,7 @@ class Registry:
     def _validate_weights(self, m: dict, path: Path) -> None:
         try:
             data = path.read_bytes()
-            servable_module(m, weights.from_bytes(data), weights.read_metadata(data))
+            servable(m, weights.from_bytes(data), weights.read_metadata(data))
         except FedSSLError as exc:
             raise InvalidInput(f"weights rejected for {m['name']!r} ({m['task']}, {m['architecture']}): {exc}") from exc
 

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
+from fedssl_core import generative, hospital_batchnorm, names, weights
 from fedssl_core import models as core_models
 from fedssl_core.errors import FedSSLError
 from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
 
 from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady, TooManyLoads, WrongTask
-from ..service import Registry, servable_module
+from ..service import Registry, servable
 from .batcher import DynamicBatcher
 from .decode import DecodePool
 
@@ -262,17 +262,11 @@ class ModelRepository:
         path = self.registry.weights_path(name, number)
         try:  # the upload checks again: a version stored before they existed may not pass them
             data = path.read_bytes()
-            meta = weights.read_metadata(data)
-            state = weights.from_bytes(data)
-            module = servable_module(model, state, meta)
-            ratios = ({} if model["task"] != names.TASK_CLASSIFICATION or label_shift.META_KEY not in meta
-                      else label_shift.decode(meta[label_shift.META_KEY], len(model["input_spec"].get("class_names", []))))
-            hospital_modules = ({h: hospital_batchnorm.with_statistics(module, s)
-                                 for h, s in hospital_batchnorm.split(state, meta)[1].items()}
-                                if model["task"] == names.TASK_CLASSIFICATION else {})
+            served = servable(model, weights.from_bytes(data), weights.read_metadata(data))
         except FedSSLError as exc:
             raise ModelNotReady(f"model {name!r} version {number} cannot be loaded: {exc}") from exc
-        loaded = LoadedModel(name, number, model["task"], model["input_spec"], module, None, ratios)
+        hospital_modules = {h: hospital_batchnorm.with_statistics(served.module, s) for h, s in served.hospital_stats.items()}
+        loaded = LoadedModel(name, number, model["task"], model["input_spec"], served.module, None, served.label_ratios)
         if model["task"] == names.TASK_GENERATION:
             return loaded
         on_batch = (lambda n, s: self.metrics.observe_batch(name, n, s)) if self.metrics else None
