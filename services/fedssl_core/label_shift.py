@@ -62,8 +62,24 @@ def ratios(counts: Mapping[str, Sequence[int]], num_classes: int) -> dict[str, n
                                    f"with at least one image, got {str(row)[:80]}")
         arrays[hospital] = arr
     federation = sum(arrays.values())
+    return {h: ratio(a, federation) for h, a in arrays.items()}
+
+
+def ratio(own: Sequence[float], federation: Sequence[float]) -> np.ndarray:
+    """(K,) float64 a hospital's label prior over the federation's, from its training images
+    per class (`own`) and the federation's (every hospital's summed, `own` included). A class
+    with no image counts as half an image, as the balanced softmax does. A hospital computes
+    its own with this at the final evaluation, to score the model as `:predict?hospital=`
+    serves it; the registry's `ratios` is the same function."""
+    own, federation = np.asarray(own, dtype=np.float64), np.asarray(federation, dtype=np.float64)
+    if own.shape != federation.shape or own.ndim != 1:
+        raise LabelCountsError(f"a hospital's and the federation's label counts must be two equal-length lists, "
+                               f"got shapes {own.shape} and {federation.shape}")
+    if (own < 0).any() or (federation < own).any() or not np.isfinite(federation).all() or own.sum() <= 0:
+        raise LabelCountsError(f"the federation's label counts {federation.tolist()} must be finite and at least "
+                               f"the hospital's own {own.tolist()}, which must count at least one image")
     federation = np.maximum(federation, 0.5) / np.maximum(federation, 0.5).sum()
-    return {h: (np.maximum(a, 0.5) / np.maximum(a, 0.5).sum()) / federation for h, a in arrays.items()}
+    return (np.maximum(own, 0.5) / np.maximum(own, 0.5).sum()) / federation
 
 
 def adjust(probabilities: np.ndarray, ratio: np.ndarray) -> np.ndarray:

@@ -148,6 +148,15 @@ M_EXAMPLES = "examples"  # number of training examples used this round
 M_TEST_EXAMPLES = "test_examples"
 M_ECE = "ece"  # expected calibration error of the top-class probability (15 bins)
 M_NLL_BY_TEMPERATURE = "nll_by_temperature"  # list: held-out NLL at each of TEMPERATURE_GRID
+# The final classifier as `:predict?hospital=` serves each hospital (hospital-batchnorm: its own
+# BatchNorm statistics and label prior), scored by each hospital at every grid temperature (the
+# hospital's reply) and then at the temperature the classifier is served at (the round's record).
+M_SERVED_CONFUSION_BY_TEMPERATURE = "served_confusion_matrix_by_temperature"  # (T, K, K), flattened on the wire
+M_SERVED_MACRO_AUC_BY_TEMPERATURE = "served_macro_auc_by_temperature"
+M_SERVED_ACCURACY = "served_accuracy"
+M_SERVED_BALANCED_ACCURACY = "served_balanced_accuracy"
+M_SERVED_MACRO_AUC = "served_macro_auc"
+M_SERVED_CONFUSION_MATRIX = "served_confusion_matrix"
 M_TEMPERATURE = "temperature"  # the grid temperature with the lowest NLL over all hospitals
 # Temperatures hospitals score their held-out NLL at (log-spaced 0.5 .. 4): the aggregator sums
 # the curves and serves the classifier at the best one (temperature scaling, Guo et al. 2017).

@@ -35,7 +35,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedssl_core import hospital_batchnorm, names, weights
+from fedssl_core import hospital_batchnorm, label_shift, names, weights
 from fedssl_core.generative import ConditionalGAN
 from fedssl_core.models import TASK_GROUPS, FedSSLModel, set_torch_threads
 
@@ -280,27 +280,55 @@ def evaluate(msg: Message, context: Context) -> Message:
         if local_model is not None:
             content[records.LOCAL_WEIGHTS] = local_model
     if "send-batchnorm-statistics" in instr and bool(instr["send-batchnorm-statistics"]) and cfg.hospital_batchnorm:
-        stats = _batchnorm_statistics(model, cfg, data, name)
-        if stats is not None:
+        own = _batchnorm_statistics(model, cfg, data, name)
+        if own is not None:
+            stats, served_model = own
             content[records.HOSPITAL_BATCHNORM] = stats
+            if records.FEDERATION_LABEL_COUNTS in instr and len(data.test_images):
+                content[records.SERVED_EVAL_METRICS] = _served_scores(served_model, cfg, data, name,
+                                                                      str(instr[records.FEDERATION_LABEL_COUNTS]))
     return Message(content, reply_to=msg)
 
 
-def _batchnorm_statistics(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str) -> ArrayRecord | None:
+def _batchnorm_statistics(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str) -> tuple[ArrayRecord, FedSSLModel] | None:
     """The global model's encoder BatchNorm statistics recomputed over this hospital's training
     images in batches of `batch-size`, as its training batches normalised them (a mean and a
     variance per channel and layer; no image leaves), for `:predict?hospital=` to normalise
-    this hospital's images with (`hospital-batchnorm`; `fedssl_core.hospital_batchnorm`)."""
+    this hospital's images with (`hospital-batchnorm`; `fedssl_core.hospital_batchnorm`), and
+    the model that holds them (what that route serves this hospital, before its label prior)."""
     if len(data.train_images) < 2:  # the aggregator records that none came
         log.warning("hospital %s has %d training image(s): no BatchNorm statistics to send (they need at least 2)",
                     name, len(data.train_images))
         return None
     t0 = time.perf_counter()
-    stats = training.recompute_batchnorm(copy.deepcopy(model), data.train_images, batch_size=cfg.batch_size)
+    served = copy.deepcopy(model)
+    stats = training.recompute_batchnorm(served, data.train_images, batch_size=cfg.batch_size)
     arrays = {f"{layer}.{s}": t.numpy() for layer, pair in stats.items() for s, t in zip(hospital_batchnorm.STATISTICS, pair)}
     log.info("hospital %s sends its BatchNorm statistics over %d training images (%d layers, %.1fs; hospital-batchnorm)",
              name, len(data.train_images), len(stats), time.perf_counter() - t0)
-    return records.to_array_record(arrays)
+    return records.to_array_record(arrays), served
+
+
+def _served_scores(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str, federation_counts: str):
+    """The final classifier scored on the held-out split as `:predict?hospital=` will serve this
+    hospital (`local.score_as_served`): `model` with the hospital's own statistics, its label
+    prior over the federation's (`federation_counts`, the aggregator's sum of every hospital's
+    audited training counts), at every grid temperature."""
+    t0 = time.perf_counter()
+    own = np.bincount(data.train_labels.numpy(), minlength=len(data.class_names))
+    try:
+        federation = json.loads(federation_counts)
+        ratio = label_shift.ratio(own, federation)
+    except (ValueError, TypeError) as exc:  # LabelCountsError is a ValueError
+        raise ConfigError(f"the aggregator's {records.FEDERATION_LABEL_COUNTS} {federation_counts[:80]!r} cannot give "
+                          f"hospital {name}'s label prior ({exc})") from None
+    scores = local.score_as_served(model, data, ratio, cfg)
+    confusion = scores.pop(names.M_SERVED_CONFUSION_BY_TEMPERATURE)
+    record = records.to_metric_record(scores)
+    record[names.M_SERVED_CONFUSION_BY_TEMPERATURE] = [int(x) for x in confusion.reshape(-1)]
+    log.info("hospital %s scored the final classifier as :predict?hospital= serves it (own statistics and label prior) "
+             "in %.1fs", name, time.perf_counter() - t0)
+    return record
 
 
 def _local_model(context: Context, cfg: RunConfig, data: HospitalData, name: str) -> ArrayRecord | None:

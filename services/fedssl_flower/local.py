@@ -10,13 +10,15 @@ import copy
 import functools
 import math
 
+import numpy as np
 import torch
 
 from fedssl_core import generative as gan_models
-from fedssl_core import names
+from fedssl_core import label_shift, names
 from fedssl_core.models import FedSSLModel
 
 from . import generative, training
+from .metrics import macro_auc
 from .config import RunConfig
 from .data import HospitalData
 
@@ -96,6 +98,31 @@ def score(model: FedSSLModel, data: HospitalData, phase: str, cfg: RunConfig, fe
             batch_size=cfg.batch_size, lr=cfg.probe_lr, mode=names.FINETUNE_LINEAR, seed=cfg.seed,
         )
     return training.evaluate(model, data.test_images, data.test_labels, data.class_names, tta=cfg.test_time_augmentation)
+
+
+def score_as_served(model: FedSSLModel, data: HospitalData, ratio: np.ndarray, cfg: RunConfig) -> dict:
+    """The classifier scored on the held-out split as `:predict?hospital=` serves this hospital:
+    `model` holds the hospital's own BatchNorm statistics (hospital-batchnorm), and its
+    probabilities (test-time augmentation `cfg`'s) are multiplied by the hospital's label
+    prior over the federation's (`ratio`, `fedssl_core.label_shift`). The aggregator picks the
+    temperature it serves at only after every hospital has scored, and that temperature changes
+    which class wins once the prior is applied, so the scores come at each of
+    `names.TEMPERATURE_GRID`: (T, K, K) confusion matrices (`M_SERVED_CONFUSION_BY_TEMPERATURE`)
+    and T macro AUCs (`M_SERVED_MACRO_AUC_BY_TEMPERATURE`, left out where fewer than two
+    classes are held out)."""
+    k, labels = len(data.class_names), data.test_labels.numpy()
+    view_logits = training.predict_view_logits(model, data.test_images, cfg.test_time_augmentation)
+    confusions, aucs = [], []
+    for t in names.TEMPERATURE_GRID:
+        proba = label_shift.adjust(training.view_log_proba(view_logits, t).exp().numpy(), ratio)
+        cm = np.zeros((k, k), dtype=np.int64)
+        np.add.at(cm, (labels, proba.argmax(axis=1)), 1)
+        confusions.append(cm)
+        aucs.append(macro_auc(labels, proba))
+    out = {names.M_SERVED_CONFUSION_BY_TEMPERATURE: np.stack(confusions)}
+    if all(a is not None for a in aucs):
+        out[names.M_SERVED_MACRO_AUC_BY_TEMPERATURE] = [float(a) for a in aucs]
+    return out
 
 
 def new_model(cfg: RunConfig, num_classes: int, pretrained: bool | None = None) -> FedSSLModel | gan_models.ConditionalGAN:

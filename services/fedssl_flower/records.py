@@ -29,6 +29,8 @@ EVAL_METRICS = "eval_metrics"  # MetricRecord: the received global model scored 
 LOCAL_WEIGHTS = "local_only_weights"  # ArrayRecord: the local-only classifier, sent once when register-local-models asks
 LOCAL_EVAL_METRICS = "local_only_eval_metrics"  # MetricRecord: the local-only model scored likewise
 HOSPITAL_BATCHNORM = "hospital_batchnorm"  # ArrayRecord: the final encoder's BatchNorm statistics over the hospital's images
+SERVED_EVAL_METRICS = "served_eval_metrics"  # MetricRecord: the final classifier scored as :predict?hospital= serves the hospital
+FEDERATION_LABEL_COUNTS = "federation-label-counts"  # CONFIG key (JSON list): every hospital's training images per class, summed
 INFO = "info"  # ConfigRecord: hospital facts (name, ssl task, audit JSON)
 PROXIMAL_MU = "proximal-mu"  # CONFIG key: FedProx's mu, put in the train config by Flower's FedProx (strategy=fedprox)
 SKIPPED = "skipped"  # INFO key: why a hospital could not train this round (its reply then has no WEIGHTS)

@@ -26,7 +26,7 @@ from fedssl_core.models import TASK_GROUPS, select_groups
 
 from . import aggregation, local_models, records
 from .config import RunConfig
-from .metrics import aggregate_metrics
+from .metrics import aggregate_metrics, from_confusion
 from .outputs import RunFolder
 from .registry_client import RegistryClient
 
@@ -90,17 +90,28 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
 
 
+def served_temperature(aggregated: dict) -> float | None:
+    """The temperature the classifier is served at (`temperature_scaled`): the grid temperature
+    with the lowest held-out NLL over all hospitals where it lowers the NLL, else 1; None when
+    the hospitals sent no NLL curve."""
+    curve, t = aggregated.get(names.M_NLL_BY_TEMPERATURE), aggregated.get(names.M_TEMPERATURE)
+    if not isinstance(curve, list) or not t or len(curve) != len(names.TEMPERATURE_GRID):
+        return None
+    return 1.0 if min(curve) >= curve[names.TEMPERATURE_GRID.index(1.0)] else float(t)
+
+
 def temperature_scaled(state: dict[str, torch.Tensor], aggregated: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The classifier served at the temperature with the lowest held-out NLL over all hospitals:
     dividing the last layer's weight and bias by T is softmax(logits / T) exactly, so the
     registry serves calibrated probabilities with no change (argmax, and so every accuracy,
     stays the same). Applied only when it lowers the NLL; returns what was done."""
-    curve, t = aggregated.get(names.M_NLL_BY_TEMPERATURE), aggregated.get(names.M_TEMPERATURE)
-    if not isinstance(curve, list) or not t or len(curve) != len(names.TEMPERATURE_GRID):
+    t = served_temperature(aggregated)
+    if t is None:
         return state, None
+    curve = aggregated[names.M_NLL_BY_TEMPERATURE]
     nll_at_1 = curve[names.TEMPERATURE_GRID.index(1.0)]
     best = min(curve)
-    if best >= nll_at_1 or t == 1.0:
+    if t == 1.0:
         return state, {"temperature": 1.0, "nll": nll_at_1, "applied": False}
     scaled = dict(state)
     for key in (f"{names.GROUP_CLASSIFIER}.weight", f"{names.GROUP_CLASSIFIER}.bias"):
@@ -232,11 +243,14 @@ class RunReport:
 
     # ---------------------------------------------------------------- rounds
     def finish(self, t: Trained, scores: dict[str, dict], test_examples: dict[str, int], *, evaluated_in: str,
-               evaluate_seconds: float = 0.0, hospital_stats: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+               evaluate_seconds: float = 0.0, hospital_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+               served: dict[str, dict] | None = None) -> dict:
         """Round `t`'s record, now that its global model is scored: the run folder, the
         registry's round metrics and model versions, the progress line. `hospital_stats`:
         every hospital's BatchNorm statistics, which the classifier version then carries
-        (hospital-batchnorm; `fedssl_core.hospital_batchnorm`)."""
+        (hospital-batchnorm; `fedssl_core.hospital_batchnorm`). `served`: each hospital's
+        scores of the classifier as `:predict?hospital=` serves it, at every grid
+        temperature (`local.score_as_served`), recorded at the temperature it is served at."""
         class_names = self.hospitals.class_names
         per_hospital = {h: dict(m) for h, m in t.per_hospital.items()}
         for h, m in scores.items():
@@ -252,6 +266,9 @@ class RunReport:
             if vals and sum(w for _, w in vals):
                 aggregated[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
 
+        served_line = None
+        if served and hospital_stats and set(hospital_stats) == set(self.label_counts()):
+            served_line = self._served_metrics(served, per_hospital, aggregated, test_examples)
         phase, rnd = t.phase, t.round
         aggregated = _finite(aggregated)
         record = {
@@ -289,6 +306,8 @@ class RunReport:
         progress("phase=%s round=%d/%d hospitals=%d loss=%s balanced_accuracy=%s macro_auc=%s (%.1fs)",
                  phase, rnd, t.total, len(t.examples), _fmt(loss), _fmt(aggregated.get(names.M_BALANCED_ACCURACY)),
                  _fmt(aggregated.get(names.M_MACRO_AUC)), t.seconds + evaluate_seconds)
+        if served_line:
+            progress("phase=%s round=%d %s", phase, rnd, served_line)
         if t.privacy:
             p = t.privacy
             progress("phase=%s round=%d privacy: epsilon=%.4f spent in total (+%.4f this round) at delta=%g after %d release(s); "
@@ -297,6 +316,37 @@ class RunReport:
                      (f" (next round's {p['next_clipping_norm']:.4g})" if "next_clipping_norm" in p else "")
                      + (f", budget {p['max_epsilon']:g}" if p.get("max_epsilon") else ""))
         return record
+
+    def _served_metrics(self, served: dict[str, dict], per_hospital: dict[str, dict], aggregated: dict,
+                        test_examples: dict[str, int]) -> str:
+        """Adds the scores as served to each hospital (`served`, at every grid temperature) at the
+        temperature the classifier is served at: `served_*` per hospital and over all of them
+        (confusion matrices summed, as for the plain scores; macro AUC weighted by held-out
+        images). Returns the progress line's text."""
+        t = served_temperature(aggregated) or 1.0
+        i = names.TEMPERATURE_GRID.index(min(names.TEMPERATURE_GRID, key=lambda g: abs(g - t)))
+        matrices, aucs = {}, {}
+        for h, m in sorted(served.items()):
+            cm = m[names.M_SERVED_CONFUSION_BY_TEMPERATURE][i]
+            one = from_confusion(cm)
+            matrices[h] = cm
+            row = {names.M_SERVED_ACCURACY: one[names.M_ACCURACY], names.M_SERVED_BALANCED_ACCURACY: one[names.M_BALANCED_ACCURACY],
+                   names.M_SERVED_CONFUSION_MATRIX: one[names.M_CONFUSION_MATRIX]}
+            if m.get(names.M_SERVED_MACRO_AUC_BY_TEMPERATURE):
+                row[names.M_SERVED_MACRO_AUC] = aucs[h] = m[names.M_SERVED_MACRO_AUC_BY_TEMPERATURE][i]
+            per_hospital.setdefault(h, {}).update(row)
+        total = from_confusion(sum(matrices.values()))
+        aggregated[names.M_SERVED_ACCURACY] = total[names.M_ACCURACY]
+        aggregated[names.M_SERVED_BALANCED_ACCURACY] = total[names.M_BALANCED_ACCURACY]
+        aggregated[names.M_SERVED_CONFUSION_MATRIX] = total[names.M_CONFUSION_MATRIX]
+        weights_ = {h: test_examples.get(h, 0) for h in aucs}
+        if aucs and sum(weights_.values()) > 0:
+            aggregated[names.M_SERVED_MACRO_AUC] = sum(aucs[h] * w for h, w in weights_.items()) / sum(weights_.values())
+        return ("as served to each hospital naming itself (:predict?hospital=: its own BatchNorm statistics and label mix, "
+                f"temperature {_fmt(t)}): served_balanced_accuracy={_fmt(aggregated[names.M_SERVED_BALANCED_ACCURACY])} "
+                f"served_macro_auc={_fmt(aggregated.get(names.M_SERVED_MACRO_AUC))} over "
+                f"{int(sum(cm.sum() for cm in matrices.values()))} held-out images; by hospital: "
+                + ", ".join(f"{h} {per_hospital[h][names.M_SERVED_BALANCED_ACCURACY]:.4f}" for h in sorted(matrices)))
 
     def _generate_progress(self, t: Trained, aggregated: dict, evaluate_seconds: float) -> None:
         """A generative round's progress line; a warning when hospitals found generated images

@@ -24,6 +24,7 @@ FEDSSL_REGISTRY_TOKEN, FEDSSL_RUNS_DIR.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -328,6 +329,9 @@ class Aggregator:
         statistics = final and self.cfg.hospital_batchnorm and trained.phase == names.PHASE_FINETUNE
         if statistics:
             config["send-batchnorm-statistics"] = True
+            counts = self.report.label_counts()
+            if counts:  # each hospital also scores the classifier as :predict?hospital= will serve it
+                config[records.FEDERATION_LABEL_COUNTS] = json.dumps([int(sum(c)) for c in zip(*counts.values())])
         msgs, sent = self._messages(nodes, MessageType.EVALUATE, config, (trained.phase,), f"{trained.phase}-{trained.round}-eval")
         t_eval = time.monotonic()
         replies, missing = self.messenger.exchange(msgs)
@@ -341,7 +345,8 @@ class Aggregator:
         trained.bytes_sent += sent
         record = self.report.finish(trained, *self._evaluations(replies, trained), evaluated_in=evaluated_in,
                                     evaluate_seconds=t_eval,
-                                    hospital_stats=self._hospital_statistics(replies) if statistics else None)
+                                    hospital_stats=self._hospital_statistics(replies) if statistics else None,
+                                    served=self._served_scores(replies) if statistics else None)
         if local:
             self.report.register_local_models(replies, record, self.state)
 
@@ -380,6 +385,29 @@ class Aggregator:
         progress("run %s: every hospital's BatchNorm statistics received (%s); the classifier serves each its own",
                  self.run_id, ", ".join(sorted(stats)))
         return stats
+
+    def _served_scores(self, replies: dict[int, Message]) -> dict[str, dict]:
+        """Each hospital's scores of the final classifier as `:predict?hospital=` serves it
+        (its own statistics and label prior, at every grid temperature; `local.score_as_served`)
+        from the final evaluation's `replies`, by hospital. A malformed one is left out with a
+        warning naming the hospital."""
+        k, grid = len(self.hospitals.class_names), len(names.TEMPERATURE_GRID)
+        out = {}
+        for node, reply in sorted(replies.items()):
+            if reply.has_error() or records.SERVED_EVAL_METRICS not in reply.content:
+                continue
+            name = self.hospitals[node].name
+            m = reply.content[records.SERVED_EVAL_METRICS]
+            confusion = np.asarray(m.get(names.M_SERVED_CONFUSION_BY_TEMPERATURE, []), dtype=np.float64)
+            auc = m.get(names.M_SERVED_MACRO_AUC_BY_TEMPERATURE)
+            if (confusion.size != grid * k * k or (confusion < 0).any() or confusion.sum() == 0
+                    or (auc is not None and len(auc) != grid)):
+                log.warning("hospital %s: its scores as served are malformed (expected %d confusion matrices of %d x %d "
+                            "and %d macro AUCs); left out", name, grid, k, k, grid)
+                continue
+            out[name] = {names.M_SERVED_CONFUSION_BY_TEMPERATURE: confusion.reshape(grid, k, k).astype(np.int64),
+                         names.M_SERVED_MACRO_AUC_BY_TEMPERATURE: None if auc is None else [float(a) for a in auc]}
+        return out
 
     # ---------------------------------------------------------------- resume
     def _resume_point(self) -> tuple[str, int] | None:

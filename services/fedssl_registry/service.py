@@ -37,6 +37,8 @@ ROUND_CSV_SCALARS = (
     "examples", "loss", *(names.ssl_loss_key(task) for task in names.SSL_TASKS), "finetune_loss", "test_loss", "accuracy",
     "balanced_accuracy", "macro_auc", "test_examples", "local_only_loss", "local_only_accuracy",
     "local_only_balanced_accuracy", "local_only_macro_auc",
+    # the final classifier as :predict?hospital= serves each hospital (hospital-batchnorm)
+    names.M_SERVED_ACCURACY, names.M_SERVED_BALANCED_ACCURACY, names.M_SERVED_MACRO_AUC,
     # a generative run's rounds: the GAN's losses and the hospitals' scores of its generators
     names.M_GENERATOR_LOSS, names.M_DISCRIMINATOR_LOSS, *names.GENERATIVE_SCORES, names.LOCAL_ONLY_PREFIX + names.M_FID,
 )

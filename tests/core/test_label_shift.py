@@ -42,3 +42,21 @@ def test_counts_round_trip_through_the_weights_metadata_value():
 def test_bad_counts_are_refused_naming_what_is_wrong(text, error):
     with pytest.raises(label_shift.LabelCountsError, match=error):
         label_shift.decode(text, 3)
+
+
+def test_a_hospital_computes_its_own_ratio_from_its_counts_and_the_federations_sum_as_the_registry_does():
+    counts = {"a": [30, 10, 0], "b": [10, 30, 0], "c": [5, 5, 7]}
+    federation = [sum(c) for c in zip(*counts.values())]
+    for h, expected in label_shift.ratios(counts, 3).items():
+        assert label_shift.ratio(counts[h], federation).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("own,federation,error", [
+    ([1, 2], [1, 2, 3], "two equal-length lists"),
+    ([5, 1, 0], [4, 10, 10], "at least the hospital's own"),
+    ([0, 0, 0], [4, 10, 10], "at least one image"),
+    ([1, -1, 0], [4, 10, 10], "at least the hospital's own"),
+])
+def test_a_ratio_from_counts_that_cannot_be_is_refused_naming_why(own, federation, error):
+    with pytest.raises(label_shift.LabelCountsError, match=error):
+        label_shift.ratio(own, federation)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fedssl_core import names
+from fedssl_flower.data import load_hospital_data
 from tests.support import processes as P
 
 pytestmark = pytest.mark.integration
@@ -20,11 +21,12 @@ def finished_run(tmp_path_factory, ham10000_dir):
     with P.cluster(work) as c:
         registry = P.start_registry(c, work / "registry")
         _, port = P.start_superlink(c, registry=registry)
-        nodes = []
+        nodes, configs = [], {}
         for i, task in enumerate(TASKS):
-            nodes.append(P.start_supernode(c, port, f"node-{task}", P.node_config(
-                hospital=f"hospital-{task}", **{"ssl-task": task, "data-path": str(ham10000_dir), "partition-id": i,
-                                                "num-partitions": 2, "max-images": 150, "cache-dir": str(work / "cache")})))
+            configs[f"hospital-{task}"] = {"hospital": f"hospital-{task}", "ssl-task": task, "data-path": str(ham10000_dir),
+                                           "partition-id": i, "num-partitions": 2, "max-images": 150,
+                                           "cache-dir": str(work / "cache")}
+            nodes.append(P.start_supernode(c, port, f"node-{task}", P.node_config(**configs[f"hospital-{task}"])))
         result = P.submit(port, work, "ssl-rounds=1", "finetune-rounds=1", "image-size=32", "probe-epochs=5", "local-steps=2",
                           "batch-size=32", "share=encoder-and-heads", "hospital-batchnorm=true")
         assert result.returncode == 0, result.stdout + result.stderr + c.logs()
@@ -44,6 +46,17 @@ def finished_run(tmp_path_factory, ham10000_dir):
             state["classifier_weights"] = http.get(f"/v1/models/{names.CLASSIFIER_MODEL}/versions/1/weights").content
             state["image"] = image
             state["rounds_csv"] = http.get(f"/v1/runs/{state['runs'][0]['run_id']}/rounds.csv").text
+            state["rounds"] = http.get(f"/v1/runs/{state['runs'][0]['run_id']}/rounds").json()["rounds"]
+            state["served_to"] = {}  # each hospital's held-out split, as v2 answers it when the hospital names itself
+            for hospital, config in configs.items():
+                data = load_hospital_data(config, 32)
+                x = data.test_images.numpy()
+                r = http.post(f"/v2/models/{names.CLASSIFIER_MODEL}/infer", json={
+                    "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
+                    "parameters": {"hospital": hospital}})
+                assert r.status_code == 200, r.text
+                state["served_to"][hospital] = (data.test_labels.tolist(), next(o["data"] for o in r.json()["outputs"]
+                                                                                if o["name"] == "label"))
         state["messages_received"] = [node.text().count("Received successfully") for node in nodes]
         yield result, work, state
 
@@ -190,6 +203,32 @@ def test_the_classifier_serves_a_named_hospital_its_own_statistics_and_label_mix
     plain = np.array([[state["prediction"]["probabilities"][c] for c in names.HAM10000_CLASSES]])
     assert not np.allclose(got, plain[0], atol=1e-4)
     assert "every hospital's BatchNorm statistics received (hospital-rotation, hospital-simclr)" in finished_run[0].stdout
+
+
+def test_the_run_records_the_classifier_scored_as_served_to_each_hospital_that_names_itself(finished_run):
+    """hospital-batchnorm: at the final evaluation each hospital scores the classifier as
+    `:predict?hospital=` serves it (its own statistics and label mix, at the temperature it is
+    served at). Those recorded scores are what the registry's answers to each hospital's own
+    held-out images give; the classifier version's lineage carries them too."""
+    import numpy as np
+
+    result, _, state = finished_run
+    final = [r for r in state["rounds"] if r["phase"] == names.PHASE_FINETUNE][-1]
+    (clf,) = state["classifier_versions"]
+    totals = np.zeros((7, 7), dtype=np.int64)
+    for hospital, (labels, answered) in state["served_to"].items():
+        answered = [names.HAM10000_CLASSES.index(label) for label in answered]
+        expected = np.zeros((7, 7), dtype=np.int64)
+        np.add.at(expected, (labels, answered), 1)
+        assert final["hospitals"][hospital][names.M_SERVED_CONFUSION_MATRIX] == expected.tolist(), hospital
+        totals += expected
+    assert final["aggregated"][names.M_SERVED_CONFUSION_MATRIX] == totals.tolist()
+    recall = np.diag(totals)[totals.sum(1) > 0] / totals.sum(1)[totals.sum(1) > 0]
+    assert final["aggregated"][names.M_SERVED_BALANCED_ACCURACY] == pytest.approx(recall.mean())
+    assert clf["lineage"]["metrics"][names.M_SERVED_BALANCED_ACCURACY] == pytest.approx(recall.mean())
+    assert names.M_SERVED_MACRO_AUC in clf["lineage"]["metrics"]
+    assert "phase=finetune round=1 as served to each hospital naming itself" in result.stdout
+    assert "served_balanced_accuracy" in state["rounds_csv"].splitlines()[0]
 
 
 def test_a_hospital_without_its_dataset_fails_the_run_with_its_error(tmp_path):

@@ -5,6 +5,7 @@ through httpx, as Flower's Grid does."""
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import httpx
@@ -265,3 +266,56 @@ def test_hospital_batchnorm_statistics_are_taken_only_when_every_hospital_sent_v
     agg.report.warnings.clear()
     assert agg._hospital_statistics({1: reply(1, good[1]), 2: reply(2, good[2])}) is None
     assert "garbage: no reply" in agg.report.warnings[0]
+
+
+def test_scores_as_served_to_each_hospital_are_recorded_at_the_temperature_the_classifier_is_served_at(tmp_path, monkeypatch,
+                                                                                                         caplog):
+    """hospital-batchnorm with label counts: each hospital's final evaluation reply carries its
+    confusion matrix and macro AUC as `:predict?hospital=` serves it at every grid temperature;
+    the round records them (per hospital and summed) at the temperature the classifier is
+    served at, and a malformed reply is left out, named."""
+    from flwr.app import MessageType, MetricRecord
+
+    from fedssl_flower.reporting import served_temperature
+
+    agg = _aggregator(tmp_path, monkeypatch)
+    grid = len(names.TEMPERATURE_GRID)
+
+    def reply(node: int, confusion: list[int], auc: list[float]) -> Message:
+        asked = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        return Message(RecordDict({records.SERVED_EVAL_METRICS: MetricRecord({
+            names.M_SERVED_CONFUSION_BY_TEMPERATURE: confusion, names.M_SERVED_MACRO_AUC_BY_TEMPERATURE: auc})}), reply_to=asked)
+
+    def matrices(node: int) -> list[int]:  # at grid temperature i: [[node + i, 1], [2, 3]]
+        return [x for i in range(grid) for x in (node + i, 1, 2, 3)]
+
+    replies = {1: reply(1, matrices(1), [0.5 + i / 100 for i in range(grid)]),
+               2: reply(2, matrices(2), [0.6 + i / 100 for i in range(grid)]),
+               3: reply(3, [1, 2, 3], [0.5] * grid)}  # malformed: one matrix's worth of numbers
+    with caplog.at_level(logging.WARNING, logger="fedssl.aggregator"):
+        served = agg._served_scores(replies)
+    assert sorted(served) == ["a", "b"]
+    assert "hospital garbage: its scores as served are malformed (expected 25 confusion matrices of 2 x 2" in caplog.text
+    assert served["a"][names.M_SERVED_CONFUSION_BY_TEMPERATURE].shape == (grid, 2, 2)
+
+    best = 5  # the NLL curve's minimum, below its value at temperature 1: the classifier is served at grid[5]
+    curve = [1.0] * grid
+    curve[best] = 0.5
+    aggregated = {names.M_NLL_BY_TEMPERATURE: curve, names.M_TEMPERATURE: names.TEMPERATURE_GRID[best]}
+    assert served_temperature(aggregated) == names.TEMPERATURE_GRID[best]
+    per_hospital: dict = {"a": {}, "b": {}}
+    line = agg.report._served_metrics(served, per_hospital, aggregated, {"a": 30, "b": 10})
+    # a at grid[5]: [[6, 1], [2, 3]] → recalls 6/7 and 3/5; b: [[7, 1], [2, 3]]; summed [[13, 2], [4, 6]]
+    assert per_hospital["a"][names.M_SERVED_BALANCED_ACCURACY] == pytest.approx((6 / 7 + 3 / 5) / 2)
+    assert per_hospital["b"][names.M_SERVED_CONFUSION_MATRIX] == [[7, 1], [2, 3]]
+    assert per_hospital["b"][names.M_SERVED_MACRO_AUC] == pytest.approx(0.65)
+    assert aggregated[names.M_SERVED_BALANCED_ACCURACY] == pytest.approx((13 / 15 + 6 / 10) / 2)
+    assert aggregated[names.M_SERVED_ACCURACY] == pytest.approx(19 / 25)
+    assert aggregated[names.M_SERVED_MACRO_AUC] == pytest.approx((0.55 * 30 + 0.65 * 10) / 40)
+    assert f"temperature {names.TEMPERATURE_GRID[best]:.4f}" in line and "by hospital: a 0.7286, b 0.7375" in line
+
+    # No NLL curve lowered by scaling: served at temperature 1, the grid's own index
+    flat = {names.M_NLL_BY_TEMPERATURE: [1.0] * grid, names.M_TEMPERATURE: names.TEMPERATURE_GRID[0]}
+    agg.report._served_metrics(served, per_hospital, flat, {"a": 30, "b": 10})
+    one = list(names.TEMPERATURE_GRID).index(1.0)
+    assert per_hospital["a"][names.M_SERVED_CONFUSION_MATRIX] == [[1 + one, 1], [2, 3]]

@@ -479,6 +479,51 @@ def test_hospitals_score_a_classifier_as_it_is_served_with_test_time_augmentatio
     assert plain[names.M_BALANCED_ACCURACY] != out[names.M_BALANCED_ACCURACY] or plain[names.M_LOSS] != pytest.approx(out[names.M_LOSS])
 
 
+def test_a_hospital_scores_the_classifier_as_predict_serves_it_by_name_at_every_temperature():
+    """`local.score_as_served`: at each grid temperature, the confusion matrix and macro AUC of
+    what `:predict?hospital=` answers, the registry's module (test-time augmentation, the
+    temperature baked into the classifier) with the hospital's statistics, its softmax times
+    the hospital's prior ratio (`label_shift.adjust`)."""
+    import numpy as np
+
+    from fedssl_core import label_shift, weights
+    from fedssl_core.models import TASK_GROUPS, build_inference_model, select_groups
+    from fedssl_core.preprocessing import normalize
+    from fedssl_flower import local
+    from fedssl_flower.config import RunConfig
+    from fedssl_flower.data import HospitalData
+    from fedssl_flower.metrics import macro_auc
+
+    torch.manual_seed(1)
+    model = FedSSLModel(num_classes=3)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2] * 4)
+    training.recompute_batchnorm(model, torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), batch_size=4)
+    data = HospitalData("h", ["a", "b", "c"], images[:0], labels[:0], images, labels)
+    ratio = label_shift.ratio([40, 5, 5], [60, 60, 60])
+    out = local.score_as_served(model, data, ratio, RunConfig(test_time_augmentation=names.TTA_DIHEDRAL))
+    grid = list(names.TEMPERATURE_GRID)
+    confusion = out[names.M_SERVED_CONFUSION_BY_TEMPERATURE]
+    assert confusion.shape == (len(grid), 3, 3) and (confusion.sum(axis=(1, 2)) == 12).all()
+    assert len(out[names.M_SERVED_MACRO_AUC_BY_TEMPERATURE]) == len(grid)
+
+    served = build_inference_model(names.TASK_CLASSIFICATION, names.ARCH_RESNET18, 3, tta=names.TTA_DIHEDRAL)
+    state = select_groups(model.state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
+    for i in (grid.index(1.0), 3, len(grid) - 1):
+        t = grid[i]
+        weights.load_into(served, {**state, "classifier.weight": state["classifier.weight"] / t,
+                                   "classifier.bias": state["classifier.bias"] / t})
+        with torch.no_grad():
+            answer = label_shift.adjust(torch.softmax(served(normalize(images)), 1).numpy(), ratio)
+        expected = np.zeros((3, 3), dtype=np.int64)
+        np.add.at(expected, (labels.numpy(), answer.argmax(1)), 1)
+        assert (confusion[i] == expected).all(), t
+        assert out[names.M_SERVED_MACRO_AUC_BY_TEMPERATURE][i] == pytest.approx(macro_auc(labels.numpy(), answer), abs=1e-6)
+    # the prior moves the decisions: without it (a ratio of ones) the served answers differ
+    plain = local.score_as_served(model, data, np.ones(3), RunConfig(test_time_augmentation=names.TTA_DIHEDRAL))
+    assert (plain[names.M_SERVED_CONFUSION_BY_TEMPERATURE] != confusion).any()
+
+
 def _block_calls(model):
     """Counts runs of the forward pass of the encoder's first checkpointed block (timm's first
     block, a ResNet's layer1.0), recomputations included (module hooks do not see those)."""

@@ -375,6 +375,12 @@ def test_model_page_shows_versions_per_class_scores_and_the_confusion_heat_map(f
         cells = tab.eval("""[...document.querySelectorAll('svg.heatmap-svg rect.cell')].map(c => [Number(c.dataset.row), Number(c.dataset.col), Number(c.dataset.value)])""")
         assert len(cells) == len(CLASSES) ** 2
         assert cells == [[i, j, agg["confusion_matrix"][i][j]] for i in range(len(CLASSES)) for j in range(len(CLASSES))]
+        # the final classifier was also scored as served to each hospital naming itself (hospital-batchnorm)
+        served = '[data-fact="served_balanced_accuracy"] .fact-value'
+        if version == 2:
+            assert tab.text(served) == f"{agg['served_balanced_accuracy'] * 100:.1f}% · AUC {agg['served_macro_auc']:.3f}"
+        else:
+            assert tab.count(served) == 0 and "served_balanced_accuracy" not in agg
         if version == 2:
             shoot(tab, fed, "model.png")
 

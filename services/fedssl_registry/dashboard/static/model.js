@@ -103,7 +103,13 @@ function versionDetail(model, v, scores) {
   const summary = h("div", { class: "facts" },
     ["balanced_accuracy", "macro_auc", "accuracy"].map((k) => h("div", { class: "fact", "data-fact": k },
       h("div", { class: "fact-label", text: k.replace("_", " ") }), h("div", { class: "fact-value", text: k === "macro_auc" ? num(m[k]) : pct(m[k]) }))),
-    h("div", { class: "fact" }, h("div", { class: "fact-label", text: "test images" }), h("div", { class: "fact-value", text: int(m.test_examples) })));
+    h("div", { class: "fact" }, h("div", { class: "fact-label", text: "test images" }), h("div", { class: "fact-value", text: int(m.test_examples) })),
+    // hospital-batchnorm: each hospital scored it as :predict?hospital= serves it (its own statistics and label mix)
+    isNum(m.served_balanced_accuracy) ? h("div", { class: "fact", "data-fact": "served_balanced_accuracy",
+      title: "Each hospital scored this classifier on its held-out images as :predict?hospital= serves it: with its own "
+        + "BatchNorm statistics and label mix. A caller that names no hospital gets the balanced accuracy beside it." },
+    h("div", { class: "fact-label", text: "balanced accuracy, hospital named" }),
+    h("div", { class: "fact-value", text: `${pct(m.served_balanced_accuracy)} · AUC ${num(m.served_macro_auc)}` })) : null);
   const info = versionInfo(v);
   const hasCm = Array.isArray(m.confusion_matrix) && m.confusion_matrix.length === classes.length && classes.length > 0;
   const what = model.task === "classification" ? "this classifier"
