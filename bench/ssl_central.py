@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ham10000")
     ap.add_argument("--cache-dir", type=Path, default=REPO / ".fedssl" / "cache")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--arch", default=names.ARCH_EFFICIENTNET_LITE0, choices=(names.ARCH_EFFICIENTNET_LITE0, names.ARCH_RESNET18),
+                    help="the encoder (run config arch)")
     ap.add_argument("--steps", type=int, default=600, help="SimCLR steps of 64 images (cosine learning rate over them)")
     ap.add_argument("--every", type=int, default=150, help="probe every this many steps")
     ap.add_argument("--jitter", type=float, default=0.4, help="colour jitter strength (run config ssl-colour-jitter)")
@@ -128,7 +130,7 @@ def main() -> None:
                                             cache_dir=args.cache_dir, label_map="", class_names=""))
     carved = [Q.carve_validation(s, 0.15) for s in sites]
     train, val = Q.pooled_data([c[0] for c in carved]), Q.pooled_data([c[1] for c in carved], "val")
-    cfg = RunConfig(arch=names.ARCH_EFFICIENTNET_LITE0, pretrained=args.pretrained == "true", image_size=args.image_size,
+    cfg = RunConfig(arch=args.arch, pretrained=args.pretrained == "true", image_size=args.image_size,
                     finetune_mode="full")
     model = Q.fresh_model(cfg, len(val.class_names))
     result = {"command": "python -m bench.ssl_central " + " ".join(sys.argv[1:]),
