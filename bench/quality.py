@@ -702,9 +702,11 @@ def site_batchnorm_scores(model: FedSSLModel, splits: list[HospitalData], train_
     from fedssl_flower.metrics import classification_metrics
 
     views: dict[str, list[np.ndarray]] = {names.TTA_NONE: [], names.TTA_DIHEDRAL: []}
+    locals_ = []
     for split, site in zip(splits, train_sites):
         local = copy.deepcopy(model)
         training.recompute_batchnorm(local, site.train_images, batch_size=batch_size)
+        locals_.append(local)
         for tta in views:
             views[tta].append(training.view_log_proba(training.predict_view_logits(local, split.test_images, tta)).exp().numpy())
     labels = np.concatenate([s.test_labels.numpy() for s in splits])
@@ -714,9 +716,55 @@ def site_batchnorm_scores(model: FedSSLModel, splits: list[HospitalData], train_
         out[key] = headline(classification_metrics(labels, np.concatenate(probas), train_sites[0].class_names))
         adjusted = [label_shift.adjust(p, ratios[s.hospital]) for p, s in zip(probas, train_sites)]
         out["prior_" + key] = headline(classification_metrics(labels, np.concatenate(adjusted), train_sites[0].class_names))
+    # A caller that names no hospital, routed to the hospital whose statistics its image fits best:
+    # the KL divergence from the image's own per-channel mean and variance at the encoder's first
+    # BatchNorm layer (its input comes before any BatchNorm, so it is the same whatever the
+    # statistics) to each hospital's statistics of that layer; then served as that hospital.
+    images = torch.cat([s.test_images for s in splits])
+    truth = np.concatenate([np.full(len(s.test_images), i) for i, s in enumerate(splits)])
+    route = stem_route(model, images, [next(iter(training.encoder_batchnorms(m).values())) for m in locals_])
+    out["route_accuracy"] = float((route == truth).mean())
+    out["route_confusion"] = [[int(((truth == i) & (route == j)).sum()) for j in range(len(splits))] for i in range(len(splits))]
+    for tta in views:
+        key = "tta_test" if tta == names.TTA_DIHEDRAL else "test"
+        proba = np.zeros((len(images), len(train_sites[0].class_names)), dtype=np.float32)
+        for i, (local, site) in enumerate(zip(locals_, train_sites)):
+            chosen = np.flatnonzero(route == i)
+            if len(chosen):
+                p = training.view_log_proba(training.predict_view_logits(local, images[chosen], tta)).exp().numpy()
+                proba[chosen] = label_shift.adjust(p, ratios[site.hospital])
+        out["routed_prior_" + key] = headline(classification_metrics(labels, proba, train_sites[0].class_names))
     print("    site BatchNorm statistics: balanced accuracy " + ", ".join(
-        f"{k} {v[names.M_BALANCED_ACCURACY]:.3f}" for k, v in out.items()), flush=True)
+        f"{k} {v[names.M_BALANCED_ACCURACY]:.3f}" for k, v in out.items() if isinstance(v, dict))
+        + f"; routed to the right site: {out['route_accuracy']:.3f}", flush=True)
     return out
+
+
+@torch.no_grad()
+def stem_route(model: FedSSLModel, images: torch.Tensor, layers: list[torch.nn.Module], batch_size: int = 256) -> np.ndarray:
+    """Each image's index into `layers` (each hospital's copy of the encoder's first BatchNorm
+    layer): the one whose running statistics are nearest the image's own per-channel mean and
+    variance at that layer's input, by the KL divergence between the two diagonal Gaussians."""
+    first = next(iter(training.encoder_batchnorms(model).values()))
+    captured = []
+    hook = first.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    model.eval()
+    try:
+        choice = []
+        for i in range(0, len(images), batch_size):
+            captured.clear()
+            model.encoder(training.normalize(images[i : i + batch_size], model.mean, model.std))
+            x = captured[0]
+            mu, var = x.mean((2, 3)), x.var((2, 3))
+            # both variances with the layer's eps, as BatchNorm divides by them: a channel that is
+            # nearly constant everywhere then says nothing instead of everything
+            kl = torch.stack([0.5 * (torch.log((m.running_var + m.eps) / (var + m.eps))
+                                     + (var + m.eps + (mu - m.running_mean) ** 2) / (m.running_var + m.eps) - 1).sum(1)
+                              for m in layers], 1)
+            choice.append(kl.argmin(1))
+    finally:
+        hook.remove()
+    return torch.cat(choice).numpy()
 
 
 def federation_counts(sites: list[HospitalData]) -> torch.Tensor:

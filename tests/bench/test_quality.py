@@ -696,7 +696,11 @@ def test_site_batchnorm_scores_normalise_each_sites_images_by_its_own_statistics
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = quality.site_prior_scores(model, sites, sites, site_batchnorm=True, batch_size=4)["site_batchnorm"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert set(out) == {"test", "tta_test", "prior_test", "prior_tta_test"}
+    assert set(out) == {"test", "tta_test", "prior_test", "prior_tta_test", "routed_prior_test", "routed_prior_tta_test",
+                        "route_accuracy", "route_confusion"}
+    # a dark and a bright site: each held-out image's first-layer statistics are nearest its own site's
+    assert out["route_accuracy"] == 1.0 and out["route_confusion"] == [[6, 0], [0, 6]]
+    assert out["routed_prior_test"] == out["prior_test"]  # routed right, so served as its own site
 
     probas = []
     for site in sites:  # by hand: each site's own statistics, as its batches of 4 computed them in training
@@ -721,6 +725,7 @@ def test_site_batchnorm_scores_normalise_each_sites_images_by_its_own_statistics
     out = quality.site_prior_scores(model, sites, sites, site_batchnorm=True, batch_size=4)["site_batchnorm"]
     assert out["test"]["balanced_accuracy"] == pytest.approx(0.5)
     assert out["prior_test"]["balanced_accuracy"] == pytest.approx(1.0) and out["prior_tta_test"]["balanced_accuracy"] == pytest.approx(1.0)
+    assert out["routed_prior_test"]["balanced_accuracy"] == pytest.approx(1.0)  # no site named, each routed to its own
 
 
 def test_site_mixed_refuses_what_it_cannot_train():
