@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl_core import hospital_batchnorm, label_shift, names, weights
@@ -290,7 +290,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _batchnorm_statistics(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str) -> tuple[ArrayRecord, FedSSLModel] | None:
+def _batchnorm_statistics(model: FedSSLModel, cfg: RunConfig, data: HospitalData,
+                          name: str) -> tuple[ArrayRecord, FedSSLModel] | None:
     """The global model's encoder BatchNorm statistics recomputed over this hospital's training
     images in batches of `batch-size`, as its training batches normalised them (a mean and a
     variance per channel and layer; no image leaves), for `:predict?hospital=` to normalise
@@ -309,7 +310,8 @@ def _batchnorm_statistics(model: FedSSLModel, cfg: RunConfig, data: HospitalData
     return records.to_array_record(arrays), served
 
 
-def _served_scores(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str, federation_counts: str):
+def _served_scores(model: FedSSLModel, cfg: RunConfig, data: HospitalData, name: str,
+                   federation_counts: str) -> MetricRecord:
     """The final classifier scored on the held-out split as `:predict?hospital=` will serve this
     hospital (`local.score_as_served`): `model` with the hospital's own statistics, its label
     prior over the federation's (`federation_counts`, the aggregator's sum of every hospital's
