@@ -53,6 +53,10 @@ class Metrics:
         self.fl_loss = Gauge("fedssl_federated_round_loss", "Latest aggregated training loss per run and phase.", ["run_id", "phase"], registry=r)
         self.fl_bacc = Gauge("fedssl_federated_round_balanced_accuracy", "Latest aggregated balanced accuracy per run and phase.",
                              ["run_id", "phase"], registry=r)
+        self.fl_served_bacc = Gauge("fedssl_federated_round_served_balanced_accuracy",
+                                    "Balanced accuracy of a run's final classifier as served to each hospital naming itself "
+                                    "(hospital-batchnorm: its own statistics and label mix; confusion matrices summed).",
+                                    ["run_id", "phase"], registry=r)
         self.fl_duration = Gauge("fedssl_federated_round_duration_seconds", "Duration of the latest round per run and phase.",
                                  ["run_id", "phase"], registry=r)
         self.fl_examples = Gauge("fedssl_federated_hospital_examples", "Training examples per hospital in the latest round.",
@@ -81,6 +85,8 @@ class Metrics:
                 self.fl_loss.labels(run, phase).set(loss)
             if isinstance(agg.get(names.M_BALANCED_ACCURACY), (int, float)):
                 self.fl_bacc.labels(run, phase).set(agg[names.M_BALANCED_ACCURACY])
+            if isinstance(agg.get(names.M_SERVED_BALANCED_ACCURACY), (int, float)):
+                self.fl_served_bacc.labels(run, phase).set(agg[names.M_SERVED_BALANCED_ACCURACY])
             if payload.get("duration_seconds") is not None:
                 self.fl_duration.labels(run, phase).set(payload["duration_seconds"])
             for hospital, n in (payload.get("examples") or {}).items():
