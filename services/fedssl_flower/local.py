@@ -18,7 +18,7 @@ from fedssl_core import label_shift, names
 from fedssl_core.models import FedSSLModel
 
 from . import generative, training
-from .metrics import macro_auc
+from .metrics import confusion_matrix, macro_auc
 from .config import RunConfig
 from .data import HospitalData
 
@@ -115,9 +115,7 @@ def score_as_served(model: FedSSLModel, data: HospitalData, ratio: np.ndarray, c
     confusions, aucs = [], []
     for t in names.TEMPERATURE_GRID:
         proba = label_shift.adjust(training.view_log_proba(view_logits, t).exp().numpy(), ratio)
-        cm = np.zeros((k, k), dtype=np.int64)
-        np.add.at(cm, (labels, proba.argmax(axis=1)), 1)
-        confusions.append(cm)
+        confusions.append(confusion_matrix(labels, proba.argmax(axis=1), k))
         aucs.append(macro_auc(labels, proba))
     out = {names.M_SERVED_CONFUSION_BY_TEMPERATURE: np.stack(confusions)}
     if all(a is not None for a in aucs):

@@ -64,6 +64,13 @@ def from_confusion(cm: np.ndarray) -> dict:
     }
 
 
+def confusion_matrix(y_true: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts, one row per true class and one column per predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return cm
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
     """All metrics of predicted class probabilities `proba` (N, K) against labels `y_true` (N,)."""
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -71,9 +78,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: l
     k = len(class_names)
     if proba.ndim != 2 or proba.shape != (len(y_true), k):
         raise ValueError(f"proba must be ({len(y_true)}, {k}), got {proba.shape}")
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (y_true, proba.argmax(axis=1)), 1)
-    out = from_confusion(cm)
+    out = from_confusion(confusion_matrix(y_true, proba.argmax(axis=1), k))
     out[names.M_MACRO_AUC] = macro_auc(y_true, proba)
     return out
 
