@@ -324,7 +324,7 @@ class RunReport:
         (confusion matrices summed, as for the plain scores; macro AUC weighted by held-out
         images). Returns the progress line's text."""
         t = served_temperature(aggregated) or 1.0
-        i = names.TEMPERATURE_GRID.index(min(names.TEMPERATURE_GRID, key=lambda g: abs(g - t)))
+        i = names.TEMPERATURE_GRID.index(t)  # a grid temperature: the NLL curve's argmin, or 1
         matrices, aucs = {}, {}
         for h, m in sorted(served.items()):
             cm = m[names.M_SERVED_CONFUSION_BY_TEMPERATURE][i]
