@@ -74,6 +74,7 @@ eval split: a rerun replaces its own entry); `bench/report.py` makes the plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -400,6 +401,113 @@ class FeatureStatisticsNoise:
         return (x - mu) / sigma * gamma + beta
 
 
+CALIBRATION_IMAGES, CALIBRATION_PASSES = 256, 8  # --batch-renorm: the federation's first statistics
+
+
+class FederationBatchNorm:
+    """Batch Renormalization (Ioffe 2017) against the federation's BatchNorm statistics.
+
+    Per-site batch statistics are what separates a federation's training from pooled
+    training (the FedSGD rows of docs/benchmarks.md: the same sub-batches normalised jointly
+    close the gap). Here every training batch of a hospital is normalised, in the forward
+    pass, by the statistics of all hospitals' images together, held in the encoder's running
+    statistics: `y = gamma * ((x - mu_B) / sigma_B * r + d) + beta` with `r = sigma_B / sigma`
+    and `d = (mu_B - mu) / sigma` treated as constants (clipped to `[1/rmax, rmax]` and
+    `[-dmax, dmax]`), so the output is `(x - mu) / sigma` while the gradient still flows
+    through the batch's own statistics, as in BatchNorm. Running statistics are not updated
+    by training steps; instead each training batch's per-channel mean and mean square at
+    every encoder BatchNorm layer are averaged over the visit (`moments`), what a hospital
+    would send beside its model, and `combine` turns every hospital's latest moments into the
+    federation's mean and variance (the law of total variance: the sites' own spread plus the
+    spread of their means), which the next visits and the served model use. Eval mode is
+    untouched: the served model normalises with the same statistics it trained against."""
+
+    def __init__(self, model: FedSSLModel, rmax: float, dmax: float) -> None:
+        self.layers = training.encoder_batchnorms(model)
+        self.rmax, self.dmax = rmax, dmax
+        self.sums: dict[str, list] = {}
+
+    def __enter__(self) -> "FederationBatchNorm":
+        import types
+        self.sums = {}
+        for name, layer in self.layers.items():
+            layer.forward = types.MethodType(self._forward(name), layer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers.values():
+            del layer.forward  # back to the class's
+
+    def _forward(self, name: str):
+        outer = self
+
+        def forward(layer: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+            if not layer.training:
+                return type(layer).forward(layer, x)
+            with torch.no_grad():
+                var, mu = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+                sigma = (var + layer.eps).sqrt()
+                ref = (layer.running_var + layer.eps).sqrt()
+                r = (sigma / ref).clamp(1 / outer.rmax, outer.rmax)
+                d = ((mu - layer.running_mean) / ref).clamp(-outer.dmax, outer.dmax)
+                acc = outer.sums.setdefault(name, [torch.zeros_like(mu), torch.zeros_like(mu), 0])
+                acc[0] += mu
+                acc[1] += var + mu * mu
+                acc[2] += 1
+            y = F.batch_norm(x, None, None, layer.weight * r, layer.bias + layer.weight * d, True, 0.0, layer.eps)
+            if hasattr(layer, "act"):  # timm's BatchNormAct2d: BatchNorm, dropout, activation
+                y = layer.act(layer.drop(y))
+            return y
+        return forward
+
+    def moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (state-dict prefix): the visit's mean over batches of each channel's mean
+        and mean square."""
+        return {k: (s[0] / s[2], s[1] / s[2]) for k, s in self.sums.items() if s[2]}
+
+    @staticmethod
+    @torch.no_grad()
+    def calibrate(model: FedSSLModel, images: torch.Tensor, batch_size: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A hospital's moments of its clean `images` at every encoder BatchNorm layer's input
+        with the model in eval mode (every layer normalising by the running statistics): what
+        it sends before the first round so that the federation's statistics exist."""
+        layers = training.encoder_batchnorms(model)
+        sums: dict[str, list] = {}
+        hooks = []
+        for name, layer in layers.items():
+            def hook(module, inputs, name=name):
+                x = inputs[0]
+                var, mu = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+                acc = sums.setdefault(name, [torch.zeros_like(mu), torch.zeros_like(mu), 0])
+                acc[0] += mu * len(x)
+                acc[1] += (var + mu * mu) * len(x)
+                acc[2] += len(x)
+            hooks.append(layer.register_forward_pre_hook(hook))
+        was = model.training
+        model.eval()
+        try:
+            for i in range(0, len(images), batch_size):
+                model.encoder(training.normalize(images[i:i + batch_size], model.mean, model.std))
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was)
+        return {k: (s[0] / s[2], s[1] / s[2]) for k, s in sums.items()}
+
+    @staticmethod
+    def combine(moments: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]]) -> dict[str, np.ndarray]:
+        """The federation's running statistics (state-dict keys) from every hospital's latest
+        `(moments, images)`: image-weighted mean and mean square, variance = mean square - mean^2."""
+        total = sum(n for _, n in moments)
+        out = {}
+        for name in moments[0][0]:
+            mean = sum(m[name][0] * n for m, n in moments) / total
+            square = sum(m[name][1] * n for m, n in moments) / total
+            out[f"{name}.running_mean"] = mean.numpy().astype(np.float32)
+            out[f"{name}.running_var"] = (square - mean * mean).clamp_min(0).numpy().astype(np.float32)
+        return out
+
+
 def schedule(cfg: RunConfig) -> list[tuple[str, int]]:
     return ([(names.PHASE_SSL, r) for r in range(1, cfg.ssl_rounds + 1)]
             + [(names.PHASE_FINETUNE, r) for r in range(1, cfg.finetune_rounds + 1)])
@@ -420,7 +528,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
              pseudo: tuple = (0.0, 0.95, 32, names.SSL_BATCHNORM_FROZEN), relay_moments: bool = False,
              steps_by_examples: bool = False, federation_prior: bool = False,
              finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
-             site_prior: list[HospitalData] | None = None, site_batchnorm: bool = False) -> dict:
+             site_prior: list[HospitalData] | None = None, site_batchnorm: bool = False,
+             batch_renorm: tuple[float, float, float] | None = None) -> dict:
     """The aggregator's round loop with every hospital in this process: hospitals start each
     round from the global shared groups (through the wire encoding) and keep their private heads.
     `bn_diagnostic`: also score each round's model with its BatchNorm statistics recomputed
@@ -482,7 +591,15 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     BatchNorm statistics as the hospital received them, not each batch's own
     (`training.train_supervised`).
     `feature_noise` > 0: `FeatureStatisticsNoise` in every hospital's training steps (the
-    server's model only scores, in eval mode, where it does nothing)."""
+    server's model only scores, in eval mode, where it does nothing).
+    `batch_renorm` (rmax, dmax, step): fine-tuning normalises every hospital's batches by the
+    federation's statistics (`FederationBatchNorm`): before the first fine-tuning round the
+    hospitals send the moments of `CALIBRATION_IMAGES` clean images under the current
+    statistics, `CALIBRATION_PASSES` times (each pass fixes the statistics one layer deeper);
+    after every visit (cyclic: before the next hospital gets the model) and every round the
+    model's running statistics move `step` of the way to the combination of every hospital's
+    latest moments (1: all the way; a fixed-point iteration through 49 layers that diverges
+    undamped, as measured)."""
     cyclic = cfg.strategy == names.STRATEGY_CYCLIC
     if relay_moments and not (cyclic and cfg.keep_optimizer_state):
         raise ValueError("--relay-moments needs --strategy cyclic and --keep-optimizer-state true")
@@ -516,7 +633,25 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
     bn_images = None  # --bn-diagnostic: the pooled training images, built at the first fine-tuning round
     trained_in: set[tuple[str, int]] = set()  # (phase, hospital): --moon-mu needs a previous local model of the phase
     prior_counts = federation_counts(ft_sites) if federation_prior else None  # --balanced-prior federation
+    fed_moments: dict[int, tuple[dict, int]] = {}  # --batch-renorm: each hospital's latest moments and its images
+    fed_stats: dict[str, np.ndarray] = {}  # --batch-renorm: the federation's statistics, as the next visit gets them
+
+    def renorm_step() -> None:  # the federation's statistics a step toward what the latest moments say
+        step = batch_renorm[2]
+        for k, v in FederationBatchNorm.combine(list(fed_moments.values())).items():
+            fed_stats[k] = v if k not in fed_stats else (1 - step) * fed_stats[k] + step * v
     for phase, rnd in schedule(cfg):
+        if batch_renorm and phase == names.PHASE_FINETUNE and not fed_moments:
+            for _ in range(CALIBRATION_PASSES):
+                server.load_state_dict(state)
+                for i, site in enumerate(ft_sites):
+                    fed_moments[i] = (FederationBatchNorm.calibrate(server, site.train_images[:CALIBRATION_IMAGES]),
+                                      len(site.train_images))
+                if not fed_stats:  # the model's own statistics are where the steps start
+                    fed_stats.update({k: state[k].numpy().copy() for k in FederationBatchNorm.combine(list(fed_moments.values()))})
+                renorm_step()
+                for k, v in fed_stats.items():
+                    state[k] = torch.from_numpy(np.asarray(v, dtype=np.float32)).to(state[k].dtype)
         shared = training.shared_groups(phase, cfg.share, cfg.finetune_mode)
         sites = ssl_sites if phase == names.PHASE_SSL else ft_sites
         current = records.state_arrays(state, shared)  # the round's global model, as every hospital gets it
@@ -559,10 +694,15 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             elif pseudo[0] and phase == names.PHASE_FINETUNE:
                 mixed = training.PseudoLabel(ssl_sites[i].train_images, weight=pseudo[0], threshold=pseudo[1],
                                              batch_size=pseudo[2], batchnorm=pseudo[3], truth=ssl_sites[i].train_labels)
-            m = local.train_round(model, site, site_task, phase, dataclasses.replace(cfg, local_steps=steps[i]),
-                                  local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
-                                  contrast=contrast, joint=mixed, class_counts=prior_counts,
-                                  batchnorm=finetune_batchnorm if phase == names.PHASE_FINETUNE else names.SSL_BATCHNORM_ADAPT)
+            renorm = (FederationBatchNorm(model, batch_renorm[0], batch_renorm[1]) if batch_renorm and phase == names.PHASE_FINETUNE
+                      else contextlib.nullcontext())
+            with renorm:
+                m = local.train_round(model, site, site_task, phase, dataclasses.replace(cfg, local_steps=steps[i]),
+                                      local.round_seed(cfg.seed, phase, rnd), rnd, kept, drift, mu,
+                                      contrast=contrast, joint=mixed, class_counts=prior_counts,
+                                      batchnorm=finetune_batchnorm if phase == names.PHASE_FINETUNE else names.SSL_BATCHNORM_ADAPT)
+            if isinstance(renorm, FederationBatchNorm):
+                fed_moments[i] = (renorm.moments(), len(site.train_images))
             if isinstance(mixed, training.PseudoLabel):
                 confident[site.hospital] = {"share": mixed.confident / max(mixed.drawn, 1),
                                             "accuracy": mixed.correct / mixed.confident if mixed.confident else None,
@@ -578,6 +718,9 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
             if attack.active and site.hospital == attacker:
                 reply = misbehave(attack, reply, down)
             up, received = wire(reply, cfg.update_encoding)
+            if isinstance(renorm, FederationBatchNorm):  # the federation's statistics with this hospital's new moments
+                renorm_step()
+                up = {**up, **{k: v.astype(np.float32) for k, v in fed_stats.items() if k in up}}
             if cyclic:
                 baton = up
             arrived[site.hospital] = update_norm(up, down)
@@ -593,6 +736,8 @@ def federate(ssl_sites: list[HospitalData], ft_sites: list[HospitalData], test: 
         else:
             average = weighted_average(updates)
             new = optimizer.step({k: state[k].numpy() for k in average}, average, phase)
+        if batch_renorm and phase == names.PHASE_FINETUNE:
+            new = {**new, **{k: v.astype(np.float32) for k, v in fed_stats.items() if k in new}}
         arrived = {"hospitals": arrived, "global": update_norm(new, current)}
         facts = private.facts if private is not None else {}
         if facts:  # strategy=median-cosine: each hospital's cosine with the others' median update, who was left out
@@ -984,7 +1129,7 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
             steps_by_examples: bool = False, federation_prior: bool = False,
             finetune_batchnorm: str = names.SSL_BATCHNORM_ADAPT, feature_noise: float = 0.0,
             site_mixed_batchnorm: str = "site", site_prior: list[HospitalData] | None = None,
-            site_batchnorm: bool = False) -> dict:
+            site_batchnorm: bool = False, batch_renorm: tuple[float, float, float] | None = None) -> dict:
     arm, _, frac = spec.partition("@")
     fraction = float(frac) if frac else 1.0
     ssl_task = ssl_task or {"": names.SSL_SIMCLR}  # "" = every site without a task of its own
@@ -1037,7 +1182,11 @@ def run_arm(spec: str, seed: int, sites: list[HospitalData], vals: list[Hospital
                        attack, attacker, uniform_weights, tta, head_check, fedbn, fixed_head, moon, joint, pseudo,
                        relay_moments=relay_moments, steps_by_examples=steps_by_examples, federation_prior=federation_prior,
                        finetune_batchnorm=finetune_batchnorm, feature_noise=feature_noise, site_prior=site_prior,
-                       site_batchnorm=site_batchnorm)
+                       site_batchnorm=site_batchnorm, batch_renorm=batch_renorm)
+        if batch_renorm:
+            out["batch_renorm"] = {"method": "Batch Renormalization against the federation's statistics (FederationBatchNorm)",
+                                   "rmax": batch_renorm[0], "dmax": batch_renorm[1], "step": batch_renorm[2],
+                                   "calibration": {"images_per_site": CALIBRATION_IMAGES, "passes": CALIBRATION_PASSES}}
         if relay_moments:
             out["relay_moments"] = True
         if scaffold:
@@ -1155,7 +1304,7 @@ NOT_IN_COMMAND = ("data", "cache_dir", "out", "arms", "seeds")
 ONLY_WHEN_SET = ("label", "label_map", "class_names", "fedprox_mu", "moon_mu", "moon_temperature", "tail_average",
                  "attack", "attacker", "exclude_site", "aggregation_weights", "joint_ssl_weight", "joint_ssl_batch",
                  "joint_ssl_batchnorm", "pseudo_label_weight", "pseudo_label_threshold", "pseudo_label_batch",
-                 "pseudo_label_batchnorm", "feature_noise")
+                 "pseudo_label_batchnorm", "feature_noise", "batch_renorm")
 
 
 def rerun_command(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: str, seed: int, folders: bool) -> str:
@@ -1331,6 +1480,11 @@ def main() -> None:
     ap.add_argument("--feature-noise", type=float, default=0.0, metavar="P",
                     help="every arm that trains an encoder (all but probes): DSU feature-statistics noise after the encoder's "
                          "stem and stages with probability P per stage and training step, SSL steps too (FeatureStatisticsNoise; 0 = off)")
+    ap.add_argument("--batch-renorm", default="", metavar="RMAX,DMAX[,STEP]",
+                    help="federated arms: fine-tuning normalises every hospital's batches by the federation's BatchNorm "
+                         "statistics (Batch Renormalization with r clipped to [1/RMAX, RMAX] and d to [-DMAX, DMAX]; "
+                         "FederationBatchNorm), which the hospitals' per-visit moments move STEP of the way (default 1) "
+                         "toward what they measure; empty = off")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     try:
@@ -1355,6 +1509,17 @@ def main() -> None:
         raise SystemExit("--fedprox-mu must be >= 0")
     if args.site_batchnorm and not args.site_prior:
         raise SystemExit("--site-batchnorm scores beside --site-prior's adjustment: give --site-prior too")
+    batch_renorm = None
+    if args.batch_renorm:
+        try:
+            batch_renorm = tuple(float(v) for v in args.batch_renorm.split(","))
+            batch_renorm = batch_renorm + (1.0,) * (len(batch_renorm) == 2)
+            ok = len(batch_renorm) == 3 and batch_renorm[0] >= 1 and batch_renorm[1] >= 0 and 0 < batch_renorm[2] <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"--batch-renorm expects RMAX,DMAX[,STEP] with RMAX >= 1, DMAX >= 0 and STEP in (0, 1] "
+                             f"(e.g. 3,5,0.3), got {args.batch_renorm!r}")
     if not 0 <= args.feature_noise <= 1:
         raise SystemExit(f"--feature-noise is a probability per stage and step: expected 0 to 1, got {args.feature_noise}")
     if args.joint_ssl_weight < 0 or args.joint_ssl_batch < 2:
@@ -1468,7 +1633,7 @@ def main() -> None:
                         steps_by_examples=args.steps_by_examples, federation_prior=args.balanced_prior == "federation",
                         finetune_batchnorm=args.finetune_batchnorm, feature_noise=args.feature_noise,
                         site_mixed_batchnorm=args.site_mixed_batchnorm, site_prior=site_splits if args.site_prior else None,
-                        site_batchnorm=args.site_batchnorm)
+                        site_batchnorm=args.site_batchnorm, batch_renorm=batch_renorm)
             r["eval"], r["label"] = args.eval, args.label
             if args.feature_noise:
                 r["feature_noise"] = {"method": "DSU", "p": args.feature_noise}

@@ -855,3 +855,108 @@ def test_feature_noise_reaches_the_models_of_federated_pooled_site_batch_and_loc
     seen.clear()
     quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR)
     assert seen == [0] * 4
+
+
+def test_federation_batchnorm_normalises_training_batches_by_the_running_statistics_and_records_their_moments():
+    """--batch-renorm: in a training step every encoder BatchNorm layer's output is what eval mode
+    gives with the running statistics (Batch Renormalization, r and d unclipped here), the gradient
+    still reaches the stem, the running statistics stay as they are, and the step's moments are
+    each channel's batch mean and mean square at the layer's input; outside the context the layer
+    is the class's own again."""
+    from bench import quality
+    from fedssl_flower import training
+
+    sites, cfg = _two_tiny_sites()
+    model = quality.fresh_model(dataclasses.replace(cfg, pretrained=True), 3)
+    layers = training.encoder_batchnorms(model)
+    name = "encoder.blocks.1.0.bn2"
+    layer = layers[name]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0].detach())),
+             layer.register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach()))]
+    model.train()
+    with quality.FederationBatchNorm(model, 1e9, 1e9) as renorm:
+        model.encoder(training.normalize(sites[1].train_images, model.mean, model.std)).square().mean().backward()
+        moments = renorm.moments()
+    for h in hooks:
+        h.remove()
+    assert "forward" not in vars(layer)
+    x = seen["x"]
+    model.eval()
+    with torch.no_grad():  # the layer as eval mode runs it: the running statistics, then its activation
+        want = layer(x)
+    assert torch.allclose(seen["y"], want, atol=1e-4)
+    assert model.encoder.conv_stem.weight.grad.abs().sum() > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # statistics untouched
+    assert set(moments) == set(layers)
+    mean, square = moments[name]
+    assert torch.allclose(mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(square, x.square().mean((0, 2, 3)), atol=1e-4)
+
+
+def test_federation_batchnorm_combines_the_hospitals_moments_into_the_pooled_mean_and_variance():
+    """The federation's statistics from each hospital's moments and images are the pooled data's
+    mean and (biased) variance: the sites' own spread plus the spread of their means; a
+    hospital's calibration moments are those of its clean images at each layer's input in eval mode."""
+    from bench import quality
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 4, generator=g) * 2 + 5, torch.randn(10, 4, generator=g) - 3
+    moments = [({"encoder.x": (s.mean(0), s.square().mean(0))}, len(s)) for s in (a, b)]
+    stats = quality.FederationBatchNorm.combine(moments)
+    pooled = torch.cat([a, b])
+    assert np.allclose(stats["encoder.x.running_mean"], pooled.mean(0).numpy(), atol=1e-5)
+    assert np.allclose(stats["encoder.x.running_var"], pooled.var(0, correction=0).numpy(), atol=1e-4)
+    assert (stats["encoder.x.running_var"] > torch.stack([a.var(0, correction=0), b.var(0, correction=0)]).mean(0).numpy()).all()
+
+    sites, cfg = _two_tiny_sites()
+    model = quality.fresh_model(cfg, 3)
+    calibrated = quality.FederationBatchNorm.calibrate(model, sites[0].train_images, batch_size=5)
+    stem = {}
+    h = model.encoder.bn1.register_forward_pre_hook(lambda m, i: stem.__setitem__("x", i[0]))
+    model.eval()
+    with torch.no_grad():
+        from fedssl_flower import training
+        model.encoder(training.normalize(sites[0].train_images, model.mean, model.std))
+    h.remove()
+    assert torch.allclose(calibrated["encoder.bn1"][0], stem["x"].mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(calibrated["encoder.bn1"][1], stem["x"].square().mean((0, 2, 3)), atol=1e-4)
+
+
+def test_batch_renorm_in_the_relay_hands_each_visit_the_federations_statistics(monkeypatch):
+    """federate with batch_renorm: every fine-tuning visit trains under FederationBatchNorm and
+    starts from the statistics the calibration and the visits before it set (step 1: the
+    combination of every hospital's latest moments), which the scored model carries too."""
+    from bench import quality
+    from fedssl_core import names
+    from fedssl_flower import local, training
+
+    sites, cfg = _two_tiny_sites()
+    cfg = dataclasses.replace(cfg, strategy=names.STRATEGY_CYCLIC)
+    visits, real_train_round = [], local.train_round
+
+    def spy(model, *args, **kwargs):
+        layer = model.encoder.bn1
+        visits.append(("forward" in vars(layer), layer.running_mean.clone()))
+        out = real_train_round(model, *args, **kwargs)
+        assert torch.equal(layer.running_mean, visits[-1][1])  # training steps leave them alone
+        return out
+
+    monkeypatch.setattr(quality.local, "train_round", spy)
+    states = _global_states(monkeypatch, quality)
+    pooled = quality.pooled_data(sites)
+    quality.federate(sites, sites, pooled, pooled, cfg, names.SSL_SIMCLR, batch_renorm=(3.0, 5.0, 1.0))
+    assert len(visits) == 4 and all(patched for patched, _ in visits)
+    start = quality.fresh_model(cfg, 3)
+    assert not torch.equal(visits[0][1], start.encoder.bn1.running_mean)  # calibrated before the first visit
+    # the stem's input does not depend on any statistics: after calibration its mean is the pooled images'
+    stem = {}
+    h = start.encoder.bn1.register_forward_pre_hook(lambda m, i: stem.__setitem__("x", i[0]))
+    with torch.no_grad():
+        start.eval()
+        start.encoder(training.normalize(pooled.train_images, start.mean, start.std))
+    h.remove()
+    assert torch.allclose(visits[0][1], stem["x"].mean((0, 2, 3)), atol=1e-4)
+    assert all(not torch.equal(visits[i][1], visits[i + 1][1]) for i in range(3))  # each visit's moments move them
+    assert not torch.equal(states[-1]["encoder.bn1.running_mean"], visits[-1][1])  # the last visit's moved them once more
