@@ -83,6 +83,7 @@ import platform
 import shlex
 import statistics
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -428,7 +429,6 @@ class FederationBatchNorm:
         self.sums: dict[str, list] = {}
 
     def __enter__(self) -> "FederationBatchNorm":
-        import types
         self.sums = {}
         for name, layer in self.layers.items():
             layer.forward = types.MethodType(self._forward(name), layer)
