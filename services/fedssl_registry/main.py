@@ -21,6 +21,7 @@ from .core import errors
 from .core.config import Settings
 from .core.observability import Metrics, ObserveMiddleware, setup_logging
 from .core.transport import HttpProtocol
+from .inference import v2_datamodels
 from .inference.repository import ModelRepository, torch_thread
 from .service import Registry
 from .storage import ArtifactStore
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     def openapi_with_infer() -> dict:
         schema = openapi()
         schema["paths"].update(v2.openapi_paths())
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(v2_datamodels.openapi_components())
         # FastAPI declares a 422 with its own body on every route with a parameter; the
         # routes declare the 422s they can answer (errors.error_responses), with our body.
         for ops in schema["paths"].values():

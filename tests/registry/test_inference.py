@@ -385,3 +385,44 @@ def test_a_request_over_the_batch_cap_is_refused_naming_the_limit(shared_registr
             else:  # 64 rows, more than a forward takes (max_batch_size 32): split, and reassembled in order
                 out = {o["name"]: o for o in r.json()["outputs"]}
                 np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(64, 3), reference(weights_blob, x), atol=1e-5)
+
+
+def test_v2_json_answers_are_their_declared_models_and_the_openapi_schema_names_each_one(shared_registry):
+    """Every v2 JSON answer validates against the model its route declares
+    (`inference.v2_datamodels`, as KServe's v2_datamodels), the declaration drops nothing the
+    answer carried (metadata parameters, a request's id, the hospital served), and the OpenAPI
+    schema references each model, the plain-ASGI infer routes' JSON answer included."""
+    from fedssl_registry.inference import v2_datamodels as dm
+
+    x = pixels(2)
+    with shared_registry.client() as http:
+        answers = [(dm.ServerLiveResponse, http.get("/v2/health/live")), (dm.ServerReadyResponse, http.get("/v2/health/ready")),
+                   (dm.ServerMetadataResponse, http.get("/v2")), (dm.ModelMetadataResponse, http.get("/v2/models/clf-sites")),
+                   (dm.ModelMetadataResponse, http.get("/v2/models/clf/versions/1")),
+                   (dm.ModelReadyResponse, http.get("/v2/models/clf/ready")),
+                   (dm.ModelReadyResponse, http.get("/v2/models/clf/versions/1/ready")),
+                   (dm.InferenceResponse, http.post("/v2/models/clf-sites/infer", json={
+                       "id": "req-7", "parameters": {"hospital": "skinlab"},
+                       "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}))]
+        schema = http.get("/openapi.json").json()
+    for model, r in answers:
+        assert r.status_code == 200, (model.__name__, r.text)
+        assert model.model_validate(r.json()).model_dump(exclude_none=True) == r.json(), model.__name__
+    meta = answers[3][1].json()
+    assert set(meta["parameters"]) == {"task", "architecture", "class_names", "mean", "std", "max_batch_size", "test_time_augmentation"}
+    assert meta["versions"] == ["1"] and answers[5][1].json() == {"name": "clf", "version": "1", "ready": True}
+    inferred = answers[-1][1].json()
+    assert inferred["id"] == "req-7" and inferred["parameters"] == {"hospital": "skinlab"}
+    assert [(o["name"], o["shape"]) for o in inferred["outputs"]] == [("probabilities", [2, len(CLASSES)]), ("label", [2])]
+
+    def json_schema(path: str, method: str = "get") -> dict:
+        return schema["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+    for path, name in (("/v2/health/live", "ServerLiveResponse"), ("/v2", "ServerMetadataResponse"),
+                       ("/v2/models/{name}", "ModelMetadataResponse"), ("/v2/models/{name}/versions/{version}/ready", "ModelReadyResponse")):
+        assert json_schema(path) == {"$ref": f"#/components/schemas/{name}"}, path
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        assert json_schema(path, "post") == {"$ref": "#/components/schemas/InferenceResponse"}
+    components = schema["components"]["schemas"]
+    assert set(components["InferenceResponse"]["required"]) == {"model_name", "model_version", "outputs"}
+    assert components["InferenceResponse"]["properties"]["outputs"]["items"] == {"$ref": "#/components/schemas/ResponseOutput"}
+    assert set(components["ResponseOutput"]["required"]) == {"name", "datatype", "shape"}

@@ -15,6 +15,7 @@ from fedssl_core import label_shift, names
 from ... import __version__
 from ...core.errors import InvalidInput, error_responses
 from ...inference import v2 as protocol
+from ...inference import v2_datamodels as dm
 from ...schemas import DB_INT_MAX
 from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, check_token
 
@@ -24,18 +25,18 @@ VERSION_RE = re.compile(r"[0-9]{1,10}")
 VersionPath = Annotated[str, Path(description="a positive integer", examples=["1"])]
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=dm.ServerLiveResponse)
 def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_model=dm.ServerReadyResponse)
 def ready(request: Request, registry: RegistryDep) -> dict:
     registry.list_models()  # the database answers
     return {"ready": True}
 
 
-@router.get("", dependencies=[ReadAuth], responses=error_responses(401))
+@router.get("", response_model=dm.ServerMetadataResponse, dependencies=[ReadAuth], responses=error_responses(401))
 def server_metadata() -> dict:
     return {"name": "fedssl-registry", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
@@ -51,12 +52,14 @@ def _max_batch(task: str, settings) -> int:
     return settings.max_generate_count if task == names.TASK_GENERATION else settings.max_infer_batch
 
 
-@router.get("/models/{name}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
+@router.get("/models/{name}", response_model=dm.ModelMetadataResponse, dependencies=[ReadAuth],
+            responses=error_responses(400, 401, 404))
 def model_metadata(name: str, registry: RegistryDep, settings: SettingsDep) -> dict:
     return _metadata(registry, settings, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
+@router.get("/models/{name}/versions/{version}", response_model=dm.ModelMetadataResponse, dependencies=[ReadAuth],
+            responses=error_responses(400, 401, 404))
 def model_version_metadata(name: str, version: VersionPath, registry: RegistryDep, settings: SettingsDep) -> dict:
     return _metadata(registry, settings, name, _version(version))
 
@@ -66,12 +69,14 @@ async def _ready(name: str, version: int | None, repository) -> dict:
     return {"name": loaded.name, "version": str(loaded.version), "ready": True}
 
 
-@router.get("/models/{name}/ready", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 429, 503))
+@router.get("/models/{name}/ready", response_model=dm.ModelReadyResponse, dependencies=[ReadAuth],
+            responses=error_responses(400, 401, 404, 429, 503))
 async def model_ready(name: str, repository: RepositoryDep) -> dict:
     return await _ready(name, None, repository)
 
 
-@router.get("/models/{name}/versions/{version}/ready", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 429, 503))
+@router.get("/models/{name}/versions/{version}/ready", response_model=dm.ModelReadyResponse, dependencies=[ReadAuth],
+            responses=error_responses(400, 401, 404, 429, 503))
 async def model_version_ready(name: str, version: VersionPath, repository: RepositoryDep) -> dict:
     return await _ready(name, _version(version), repository)
 
@@ -189,8 +194,10 @@ def openapi_paths() -> dict:
                                          "'latent' for generation models (the model metadata lists them)"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
             f"v2 binary tensor extension: JSON header ({protocol.HEADER_LENGTH} bytes) then the tensor bytes"}}}}
-    ok = {"description": "v2 inference response (binary when the request asked for binary outputs)",
-          "content": {"application/json": {}, "application/octet-stream": {}}}
+    ok = {"description": "v2 inference response (binary when the request asked for binary outputs: the JSON header, "
+                         f"its length in {protocol.HEADER_LENGTH}, then the outputs' bytes)",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}},
+                      "application/octet-stream": {}}}
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": DB_INT_MAX}}
 
