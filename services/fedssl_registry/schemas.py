@@ -1,6 +1,9 @@
-"""Request bodies of the /v1 API (responses are plain dicts built in `service`), and the
-bounds every number and JSON value a client sends must keep: checked here, once, at the
-boundary, so nothing past it meets a value the database or the JSON encoder refuses."""
+"""Request bodies and answers of the /v1 API, and the bounds every number and JSON value a
+client sends must keep: checked here, once, at the boundary, so nothing past it meets a value
+the database or the JSON encoder refuses. The answers (`...Response`, built as dicts in
+`service`) are what the routes declare: FastAPI checks each answer against its model and the
+OpenAPI schema describes it. A run's and a round's answers carry every key their client sent
+(the aggregator's own fields), so those two allow keys beyond the ones declared."""
 
 from __future__ import annotations
 
@@ -182,3 +185,82 @@ class RoundCreate(Body):
     duration_seconds: float | None = Field(None, ge=0)
     bytes_sent: Count | None = None
     bytes_received: Count | None = None
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+class ModelResponse(BaseModel):
+    name: str
+    description: str
+    task: str
+    architecture: str
+    input_spec: dict[str, Any]
+    latest_version: int | None = Field(description="null until the first version is uploaded")
+    versions: int = Field(description="how many versions the model has")
+    aliases: dict[str, int] = Field(description="alias -> version")
+    created_at: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelResponse]
+
+
+class VersionResponse(BaseModel):
+    model: str
+    version: int
+    sha256: str
+    size_bytes: int
+    created_at: str
+    tags: dict[str, str]
+    lineage: dict[str, Any] = Field(description="run, round, phase, hospitals, metrics, recipe: what made this version")
+    aliases: list[str]
+    data_source: str
+    synthetic_data: bool
+
+
+class VersionList(BaseModel):
+    versions: list[VersionResponse]
+
+
+class PredictResponse(BaseModel):
+    """A classifier's answer (label, probabilities; hospital when one was named) or an
+    encoder's (embedding): only the keys of the model's task are present."""
+
+    model: str
+    version: int
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    hospital: str | None = Field(None, description="the hospital the image was served as (?hospital=)")
+    embedding: list[float] | None = None
+
+
+class RunResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    run_id: str
+    status: str
+    rounds_done: dict[str, int] = Field(description="phase -> the highest round posted")
+    rounds_total: int
+    created_at: str
+    updated_at: str
+
+
+class RunList(BaseModel):
+    runs: list[RunResponse]
+
+
+class RoundResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    phase: str
+    round: int
+    aggregated: dict[str, Any]
+    hospitals: dict[str, dict[str, Any]]
+
+
+class PostedRound(RoundResponse):
+    run_id: str
+
+
+class RoundList(BaseModel):
+    run_id: str
+    rounds: list[RoundResponse]

@@ -182,3 +182,51 @@ def test_refuses_to_start_without_a_token(tmp_path):
     r = P.registry_start_refused(tmp_path, timeout=60)
     assert r.returncode == 2
     assert "FEDSSL_REGISTRY_TOKEN is not set: the registry refuses to start without a write token" in r.stderr
+
+
+def test_v1_answers_are_their_declared_models_and_keep_every_key(registry, weights_blob):
+    """Every /v1 JSON answer validates against the model its route declares (`schemas.*Response`),
+    dumps back to exactly what was sent (a declaration drops nothing: a run's and a round's keys
+    beyond the declared ones included; a classifier's answer has no encoder keys), and the
+    OpenAPI schema references each model."""
+    import io
+
+    from PIL import Image
+
+    from fedssl_registry import schemas as S
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 120, 90)).save(jpeg, "JPEG")
+    with registry.client() as http:
+        answers = [(S.ModelResponse, http.post("/v1/models", json=model_body())),
+                   (S.VersionResponse, upload(http, "clf", weights_blob, {"tags": {"phase": "finetune"},
+                                                                         "lineage": {"run_id": "r1", "round": 2}})),
+                   (S.ModelResponse, http.put("/v1/models/clf/aliases/production", json={"version": 1})),
+                   (S.ModelList, http.get("/v1/models")), (S.ModelResponse, http.get("/v1/models/clf")),
+                   (S.VersionList, http.get("/v1/models/clf/versions")), (S.VersionResponse, http.get("/v1/models/clf/versions/1")),
+                   (S.PredictResponse, http.post("/v1/models/clf:predict", files={"file": ("a.jpg", jpeg.getvalue(), "image/jpeg")})),
+                   (S.RunResponse, http.put("/v1/runs/r1", json={"status": "running", "planned_rounds": {"finetune": 2},
+                                                                  "aggregator_note": "kept"})),
+                   (S.PostedRound, http.post("/v1/runs/r1/rounds", json={"phase": "finetune", "round": 1,
+                                                                         "aggregated": {"balanced_accuracy": 0.5}, "extra": [1, 2]})),
+                   (S.RunList, http.get("/v1/runs")), (S.RunResponse, http.get("/v1/runs/r1")),
+                   (S.RoundList, http.get("/v1/runs/r1/rounds"))]
+        schema = http.get("/openapi.json").json()
+    for model, r in answers:
+        assert r.status_code in (200, 201), (model.__name__, r.text)
+        assert model.model_validate(r.json()).model_dump(exclude_unset=True) == r.json(), model.__name__
+    predicted = answers[7][1].json()
+    assert set(predicted) == {"model", "version", "label", "probabilities"}  # no hospital named, no embedding
+    run = answers[-2][1].json()
+    assert run["aggregator_note"] == "kept" and run["rounds_done"] == {"finetune": 1} and run["rounds_total"] == 1
+    assert answers[-1][1].json()["rounds"][0]["extra"] == [1, 2] and answers[9][1].json()["run_id"] == "r1"
+
+    def declared(path: str, method: str, status: str = "200") -> dict:
+        return schema["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+    for path, method, status, name in (("/v1/models", "get", "200", "ModelList"), ("/v1/models", "post", "201", "ModelResponse"),
+                                       ("/v1/models/{name}/versions/{version}", "get", "200", "VersionResponse"),
+                                       ("/v1/models/{name}:predict", "post", "200", "PredictResponse"),
+                                       ("/v1/runs/{run_id}", "put", "200", "RunResponse"),
+                                       ("/v1/runs/{run_id}/rounds", "get", "200", "RoundList")):
+        assert declared(path, method, status) == {"$ref": f"#/components/schemas/{name}"}, (path, method)
+    assert schema["components"]["schemas"]["RunResponse"]["additionalProperties"] is True

@@ -18,7 +18,8 @@ from fedssl_core.preprocessing import ImageDecodeError
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_responses
 from ...inference import generate as gen
 from ...inference.repository import GENERATION_TASKS, IMAGE_TASKS
-from ...schemas import DB_INT_MAX, MAX_JSON_DEPTH, AliasSet, GenerateRequest, ModelCreate, VersionMetadata
+from ...schemas import (DB_INT_MAX, MAX_JSON_DEPTH, AliasSet, GenerateRequest, ModelCreate, ModelList, ModelResponse,
+                        PredictResponse, VersionList, VersionMetadata, VersionResponse)
 from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, WriteAuth
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -36,27 +37,28 @@ def _require_multipart(request: Request) -> None:
         raise UnsupportedMediaType(f"expected a multipart/form-data upload with a 'file' field, got {ctype or 'no content type'}")
 
 
-@router.get("", dependencies=[ReadAuth], responses=error_responses(401))
+@router.get("", response_model=ModelList, dependencies=[ReadAuth], responses=error_responses(401))
 def list_models(registry: RegistryDep) -> dict:
     return {"models": registry.list_models()}
 
 
-@router.post("", status_code=201, dependencies=[WriteAuth], responses=error_responses(400, 401, 409, 413, 422))
+@router.post("", status_code=201, response_model=ModelResponse, dependencies=[WriteAuth],
+             responses=error_responses(400, 401, 409, 413, 422))
 def create_model(body: ModelCreate, registry: RegistryDep) -> dict:
     return registry.create_model(body)
 
 
-@router.get("/{name}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
+@router.get("/{name}", response_model=ModelResponse, dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
 def get_model(name: str, registry: RegistryDep) -> dict:
     return registry.get_model(name)
 
 
-@router.get("/{name}/versions", dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
+@router.get("/{name}/versions", response_model=VersionList, dependencies=[ReadAuth], responses=error_responses(400, 401, 404))
 def list_versions(name: str, registry: RegistryDep) -> dict:
     return {"versions": registry.list_versions(name)}
 
 
-@router.post("/{name}/versions", status_code=201, dependencies=[WriteAuth],
+@router.post("/{name}/versions", status_code=201, response_model=VersionResponse, dependencies=[WriteAuth],
              responses=error_responses(400, 401, 404, 409, 413, 415, 422))
 async def upload_version(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
                          file: UploadFile = File(...), metadata: str | None = Form(None)) -> dict:
@@ -93,7 +95,8 @@ async def upload_version(name: str, request: Request, registry: RegistryDep, set
     return await run_in_threadpool(registry.create_version, name, temp, meta)
 
 
-@router.get("/{name}/versions/{version}", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 422))
+@router.get("/{name}/versions/{version}", response_model=VersionResponse, dependencies=[ReadAuth],
+            responses=error_responses(400, 401, 404, 422))
 def get_version(name: str, version: VersionPath, registry: RegistryDep) -> dict:
     return registry.get_version(name, version)
 
@@ -111,7 +114,8 @@ def delete_version(name: str, version: VersionPath, registry: RegistryDep) -> No
     registry.delete_version(name, version)  # the model repository unloads it on the version_deleted event
 
 
-@router.put("/{name}/aliases/{alias}", dependencies=[WriteAuth], responses=error_responses(400, 401, 404, 413, 422))
+@router.put("/{name}/aliases/{alias}", response_model=ModelResponse, dependencies=[WriteAuth],
+            responses=error_responses(400, 401, 404, 413, 422))
 def set_alias(name: str, alias: str, body: AliasSet, registry: RegistryDep) -> dict:
     return registry.set_alias(name, alias, body.version)
 
@@ -121,7 +125,8 @@ def delete_alias(name: str, alias: str, registry: RegistryDep) -> None:
     registry.delete_alias(name, alias)
 
 
-@router.post("/{name}:predict", dependencies=[ReadAuth], responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503))
+@router.post("/{name}:predict", response_model=PredictResponse, response_model_exclude_unset=True, dependencies=[ReadAuth],
+             responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503))
 async def predict(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep,
                   file: UploadFile = File(...), version: VersionQuery = None, alias: str | None = None,
                   hospital: str | None = None) -> dict:
