@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
@@ -28,8 +30,8 @@ from fedssl_core.preprocessing import normalize
 
 from . import db
 from .core.errors import Conflict, InvalidInput, ModelNotFound
-from .schemas import NAME_RE, ModelCreate, RoundCreate, RunUpsert, VersionMetadata
-from .storage import ArtifactStore
+from .schemas import MAX_JSON_DEPTH, NAME_RE, ModelCreate, RoundCreate, RunUpsert, VersionMetadata
+from .storage import ArtifactStore, Upload
 
 log = logging.getLogger("fedssl.registry")
 
@@ -190,6 +192,22 @@ def generation_spec(body: ModelCreate) -> dict:
     return spec.model_dump(include={"image_size", "channels", "class_names", "z_dim"})
 
 
+def version_metadata(form_value: str | None) -> VersionMetadata:
+    """An upload's `metadata` form field (JSON) as VersionMetadata; none is empty metadata.
+    InvalidInput names what is wrong."""
+    if not form_value:
+        return VersionMetadata()
+    try:
+        return VersionMetadata.model_validate(json.loads(form_value))
+    except RecursionError:
+        raise InvalidInput(f"metadata is not valid: it nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays") from None
+    except ValidationError as exc:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"metadata is not valid: {msg}") from None
+    except ValueError as exc:
+        raise InvalidInput(f"metadata is not valid: {exc}") from None
+
+
 def check_name(name: str, what: str = "model name") -> str:
     if not NAME_RE.match(name or ""):
         raise InvalidInput(f"invalid {what} {name!r}: expected ^[a-z0-9][a-z0-9._-]{{0,62}}$")
@@ -285,19 +303,20 @@ class Registry:
         except FedSSLError as exc:
             raise InvalidInput(f"weights rejected for {m['name']!r} ({m['task']}, {m['architecture']}): {exc}") from exc
 
-    def create_version(self, name: str, temp: Path, meta: VersionMetadata) -> dict:
-        """Turn an uploaded temp file into the next version: validate, store, then one
-        transaction; concurrent uploads get distinct, gap-free numbers, and a number is never
-        given twice, even after its version was deleted."""
+    def create_version(self, name: str, upload: Upload, meta: VersionMetadata) -> dict:
+        """Turn a received upload (`ArtifactStore.receive`) into the next version: validate,
+        store, then one transaction; concurrent uploads get distinct, gap-free numbers, and a
+        number is never given twice, even after its version was deleted."""
         try:
             model = self.get_model(name)
             if self.torch_executor is not None:
-                self.torch_executor.submit(self._validate_weights, model, temp).result()
+                self.torch_executor.submit(self._validate_weights, model, upload.path).result()
             else:
-                self._validate_weights(model, temp)
-            sha, size = self.store.commit(temp)
+                self._validate_weights(model, upload.path)
+            self.store.commit(upload)
         finally:
-            temp.unlink(missing_ok=True)
+            upload.path.unlink(missing_ok=True)
+        sha, size = upload.sha256, upload.size
         for _ in range(5):
             with self._version_lock:
                 try:

@@ -4,7 +4,7 @@ A second thread calling torch brings a second OpenMP team; with more OpenMP thre
 cores libgomp sleeps at barriers and every later forward gets slower.
 """
 
-import os
+import asyncio
 import threading
 
 import torch
@@ -37,10 +37,11 @@ def test_uploads_are_validated_on_the_torch_thread(tmp_path):
         registry.create_model(ModelCreate(name="clf", task="classification",
                                           input_spec=InputSpec(image_size=32, class_names=["a", "b"])))
         state = select_groups(FedSSLModel(names.ARCH_RESNET18, num_classes=2).state_dict(), TASK_GROUPS[names.TASK_CLASSIFICATION])
-        fd, temp = registry.store.new_temp()
-        with os.fdopen(fd, "wb") as f:
-            f.write(weights.to_bytes(state, {}))
-        version = registry.create_version("clf", temp, VersionMetadata())
+        async def body():
+            yield weights.to_bytes(state, {})
+
+        upload = asyncio.run(registry.store.receive(body(), 1 << 30))
+        version = registry.create_version("clf", upload, VersionMetadata())
         assert version["version"] == 1
         assert len(registry.validated_on) == 1 and registry.validated_on[0].startswith("fedssl-torch")
         # The torch thread got the requested intra-op threads.

@@ -4,13 +4,13 @@ and image generation."""
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
-from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from fedssl_core import label_shift, names
 from fedssl_core.preprocessing import ImageDecodeError
@@ -18,8 +18,9 @@ from fedssl_core.preprocessing import ImageDecodeError
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_responses
 from ...inference import generate as gen
 from ...inference.repository import GENERATION_TASKS, IMAGE_TASKS
-from ...schemas import (DB_INT_MAX, MAX_JSON_DEPTH, AliasSet, GenerateRequest, ModelCreate, ModelList, ModelResponse,
-                        PredictResponse, VersionList, VersionMetadata, VersionResponse)
+from ...schemas import (DB_INT_MAX, AliasSet, GenerateRequest, ModelCreate, ModelList, ModelResponse,
+                        PredictResponse, VersionList, VersionResponse)
+from ...service import version_metadata
 from ..deps import ReadAuth, RegistryDep, RepositoryDep, SettingsDep, WriteAuth
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -66,33 +67,14 @@ async def upload_version(name: str, request: Request, registry: RegistryDep, set
     registry.get_model(name)  # 404 before reading a large body into the store
     if (file.content_type or "") not in SAFETENSORS_TYPES:
         raise UnsupportedMediaType(f"weights must be a safetensors file sent as application/octet-stream, got {file.content_type}")
-    try:
-        meta = VersionMetadata.model_validate(json.loads(metadata)) if metadata else VersionMetadata()
-    except RecursionError:
-        raise InvalidInput(f"metadata is not valid: it nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays") from None
-    except ValueError as exc:
-        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
-        raise InvalidInput(f"metadata is not valid: {msg}") from None
-    fd, temp = registry.store.new_temp()
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := await file.read(1 << 20):
-                size += len(chunk)
-                if size > settings.max_upload_bytes:
-                    raise PayloadTooLarge(f"weights file exceeds {settings.max_upload_bytes} bytes")
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    if size == 0:
-        temp.unlink(missing_ok=True)
-        raise InvalidInput("the uploaded weights file is empty")
-    from starlette.concurrency import run_in_threadpool
+    meta = version_metadata(metadata)
+    upload = await registry.store.receive(_chunks(file), settings.max_upload_bytes)
+    return await run_in_threadpool(registry.create_version, name, upload, meta)
 
-    return await run_in_threadpool(registry.create_version, name, temp, meta)
+
+async def _chunks(file: UploadFile, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    while chunk := await file.read(size):
+        yield chunk
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionResponse, dependencies=[ReadAuth],
