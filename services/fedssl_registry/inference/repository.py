@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedssl_core import generative, hospital_batchnorm, names, weights
+from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
 from fedssl_core import models as core_models
 from fedssl_core.errors import FedSSLError
 from fedssl_core.preprocessing import MAX_IMAGE_PIXELS, load_image, normalize
@@ -84,6 +84,16 @@ class LoadedModel:
         ratio = self.label_ratio(hospital)
         assert self.batcher is not None
         return (self.hospital_batchers.get(hospital, self.batcher) if hospital is not None else self.batcher), ratio
+
+    async def infer(self, x: np.ndarray, hospital: str | None = None) -> np.ndarray:
+        """The one inference path of an image model, behind `:predict` and v2 `infer` alike:
+        normalised float32 (N, 3, S, S) → probabilities or embeddings (N, D), batched with
+        other requests (`DynamicBatcher`), checked finite, and for a request that names its
+        `hospital`, served by that hospital's BatchNorm statistics where this version
+        carries them and adjusted to its label mix (`for_hospital`)."""
+        batcher, ratio = self.for_hospital(hospital)
+        out = self.check_finite(await batcher.submit(x))
+        return out if ratio is None else label_shift.adjust(out, ratio)
 
     def label_ratio(self, hospital: str | None) -> np.ndarray | None:
         """The prior ratio that serves `hospital` its own label mix (`fedssl_core.label_shift`),

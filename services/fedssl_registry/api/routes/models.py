@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from fedssl_core import label_shift, names
+from fedssl_core import names
 from fedssl_core.preprocessing import ImageDecodeError
 
 from ...core.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_responses
@@ -123,19 +123,16 @@ async def predict(name: str, request: Request, repository: RepositoryDep, settin
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(f"image exceeds {settings.max_image_bytes} bytes")
     model = await repository.get(name, version, alias, tasks=IMAGE_TASKS, call=":predict")
-    batcher, ratio = model.for_hospital(hospital)  # before any work: an unknown hospital is a 400
+    model.label_ratio(hospital)  # before any work: an unknown hospital is a 400
     try:
         x = await repository.decoder.run(model.preprocess, data, settings.max_image_pixels)
     except ImageDecodeError as exc:
         raise InvalidInput(str(exc)) from None
-    out = model.check_finite((await batcher.submit(x))[0])
+    out = (await model.infer(x, hospital))[0]
     if model.task == names.TASK_CLASSIFICATION:
-        if ratio is not None:
-            out = label_shift.adjust(out[None], ratio)[0]
-        probs = out.tolist()
         best = int(out.argmax())
         return {"model": model.name, "version": model.version, "label": model.class_names[best],
-                "probabilities": dict(zip(model.class_names, probs)), **({"hospital": hospital} if ratio is not None else {})}
+                "probabilities": dict(zip(model.class_names, out.tolist())), **({"hospital": hospital} if hospital is not None else {})}
     return {"model": model.name, "version": model.version, "embedding": out.tolist()}
 
 

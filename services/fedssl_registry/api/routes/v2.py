@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
-from fedssl_core import label_shift, names
+from fedssl_core import names
 
 from ... import __version__
 from ...core.errors import InvalidInput, error_responses
@@ -117,10 +117,7 @@ class _InferEndpoint:
         with model.batcher.incoming():
             req = await _parse(state, headers, await read_body(receive), protocol.parse_request,
                                model.image_size, model.mean, model.std, state.settings.max_infer_batch)
-        batcher, ratio = model.for_hospital(req.hospital)  # before the forward pass: an unknown hospital is a 400
-        out = model.check_finite(await batcher.submit(req.array))
-        if ratio is not None:
-            out = label_shift.adjust(out, ratio)
+        out = await model.infer(req.array, req.hospital)
         payload, extra = protocol.build_response(model.name, model.version, model.task, model.class_names, out, req)
         await _respond(send, payload, extra)
 
