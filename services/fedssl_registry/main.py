@@ -77,8 +77,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(dashboard.router)
     openapi = app.openapi
+    built: list[dict] = []
 
     def openapi_with_infer() -> dict:
+        """FastAPI's schema plus the plain-ASGI infer routes, built once (as FastAPI caches its own)."""
+        if built:
+            return built[0]
         schema = openapi()
         schema["paths"].update(v2.openapi_paths())
         schema.setdefault("components", {}).setdefault("schemas", {}).update(v2_datamodels.openapi_components())
@@ -91,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
                     del op["responses"]["422"]
         for unused in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        built.append(schema)
         return schema
 
     app.openapi = openapi_with_infer  # type: ignore[method-assign]
