@@ -198,6 +198,21 @@ def pooled_data(parts: list[HospitalData], name: str = "pooled") -> HospitalData
 
 
 # ---------------------------------------------------------------------------- scores
+def shades_of_gray(images: torch.Tensor, power: float, chunk: int = 512) -> torch.Tensor:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004; for dermoscopy Barata et al.
+    2015, power 6 in ISIC 2019's winning entry, Gessert et al. 2020) of uint8 (N, 3, S, S)
+    images: each image's illuminant is estimated as the Minkowski `power`-mean of each channel
+    and divided out (gains normalised so a grey illuminant leaves the image as it is), so every
+    site's dermoscope light looks alike. Returns uint8, rounded and clipped to [0, 255]."""
+    out = torch.empty_like(images)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].float()
+        illuminant = x.pow(power).mean(dim=(2, 3)).pow(1.0 / power).clamp_min(1e-3)  # (n, 3)
+        gain = illuminant.norm(dim=1, keepdim=True) / (illuminant * 3 ** 0.5)
+        out[i:i + chunk] = (x * gain[:, :, None, None]).clamp(0, 255).round().to(torch.uint8)
+    return out
+
+
 def fit_temperature(view_logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature minimising validation NLL on a log grid (what hospitals can report as an
     NLL-per-temperature curve for the aggregator to sum); `view_logits` (V, N, K) as
@@ -1331,6 +1346,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the federated arm; the first one for the others")
     ap.add_argument("--eval", default="test", choices=("test", "val"), help="score on the pooled test or validation split")
     ap.add_argument("--val-fraction", type=float, default=0.15, help="validation lesions carved from each site's training split")
+    ap.add_argument("--colour-constancy", type=float, default=0.0, metavar="POWER",
+                    help="Shades of Gray colour constancy of every image (train, validation and test, every site) with "
+                         "this Minkowski power (6 as in ISIC 2019's winners; 0 = off): the sites' illuminants divided out")
     ap.add_argument("--arch", default=names.ARCH_EFFICIENTNET_LITE0, choices=names.ARCHITECTURES)
     ap.add_argument("--pretrained", default="true", choices=("true", "false"), help="start from ImageNet weights")
     ap.add_argument("--image-size", type=int, default=64)
@@ -1597,6 +1615,13 @@ def main() -> None:
         full = load_sites(args)
     except FedSSLError as exc:  # a label mismatch or an empty folder: the message says what to change
         raise SystemExit(f"error: {exc}") from None
+    if args.colour_constancy:
+        if args.colour_constancy < 1:
+            raise SystemExit(f"--colour-constancy must be 0 (off) or a Minkowski power >= 1, got {args.colour_constancy}")
+        for site in full:
+            site.train_images = shades_of_gray(site.train_images, args.colour_constancy)
+            site.test_images = shades_of_gray(site.test_images, args.colour_constancy)
+        print(f"Shades of Gray colour constancy, power {args.colour_constancy:g}, on every image", flush=True)
     if attack.active and args.attacker not in [s.hospital for s in full]:
         raise SystemExit(f"--attacker {args.attacker!r} is not one of the hospitals: {', '.join(s.hospital for s in full)}")
     carved = [carve_validation(s, args.val_fraction) for s in full]
@@ -1637,6 +1662,8 @@ def main() -> None:
             r["eval"], r["label"] = args.eval, args.label
             if args.feature_noise:
                 r["feature_noise"] = {"method": "DSU", "p": args.feature_noise}
+            if args.colour_constancy:
+                r["colour_constancy"] = {"method": "shades-of-gray", "power": args.colour_constancy}
             if args.exclude_site:
                 r["excluded_site"] = args.exclude_site
             if args.shuffle_sites:

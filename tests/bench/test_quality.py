@@ -960,3 +960,22 @@ def test_batch_renorm_in_the_relay_hands_each_visit_the_federations_statistics(m
     assert torch.allclose(visits[0][1], stem["x"].mean((0, 2, 3)), atol=1e-4)
     assert all(not torch.equal(visits[i][1], visits[i + 1][1]) for i in range(3))  # each visit's moments move them
     assert not torch.equal(states[-1]["encoder.bn1.running_mean"], visits[-1][1])  # the last visit's moved them once more
+
+
+def test_shades_of_gray_divides_out_each_images_illuminant():
+    from bench.quality import shades_of_gray
+
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(4, 1, 24, 24, generator=g) * 150 + 50
+    lights = torch.tensor([[1.25, 1.0, 0.75], [0.8, 1.0, 1.2], [1.0, 1.0, 1.0], [1.0, 0.7, 0.9]])
+    lit = (grey * lights[:, :, None, None]).round().to(torch.uint8)
+    out = shades_of_gray(lit, 6)
+    assert out.dtype == torch.uint8 and out.shape == lit.shape
+    means = out.float().mean(dim=(2, 3))  # every image grey again, whatever its light
+    assert (means.max(dim=1).values - means.min(dim=1).values).max() < 1.5
+    assert (lit[[0, 1, 3]].float().mean(dim=(2, 3)).std(dim=1) > 15).all()  # ... where the tinted ones were not
+    # An image under a grey light keeps its pixels; a black one stays black, with no NaN.
+    assert (out[2].int() - lit[2].int()).abs().max() <= 1
+    assert shades_of_gray(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 6).eq(0).all()
+    # Per image: one image's light does not change another's correction (chunks included).
+    assert torch.equal(shades_of_gray(lit[:1], 6), out[:1]) and torch.equal(shades_of_gray(lit, 6, chunk=3), out)
