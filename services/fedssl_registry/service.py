@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedssl_core import generative, hospital_batchnorm, label_shift, names, weights
